@@ -1,0 +1,933 @@
+//! [`Runtime`] on containerd, through its own gRPC API (`containerd-client`), no `ctr`.
+//!
+//! Owns the containerd call sequence: content writes and GC labels, unpacking through the
+//! Snapshots and Diff services, image records. Every call is scoped to one namespace
+//! (`k8s.io` by default, what kubelet uses); work in progress is held by a lease named after
+//! the load session, so containerd's garbage collector cannot take a blob between upload and
+//! import, and an abandoned load disappears when the lease expires.
+//!
+//! containerd 1.6 has no Transfer service, so this uses the lower-level services the way
+//! containerd's own unpacker does: Prepare a snapshot on the parent chain ID, Apply the layer
+//! into its mounts, check the diffID, Commit it under its chain ID.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use containerd_client::services::v1::snapshots::{
+    CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
+};
+use containerd_client::services::v1::{
+    content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
+    leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
+    version_client::VersionClient, AbortRequest, AddResourceRequest, ApplyRequest,
+    CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
+    GetImageRequest, Image, Info as ContentInfo, InfoRequest as ContentInfoRequest,
+    ListImagesRequest, ReadContentRequest, Resource, StatusRequest, UpdateImageRequest,
+    UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
+};
+use containerd_client::types::Descriptor as CtrDescriptor;
+use futures::stream::{BoxStream, StreamExt};
+use lade_proto::{
+    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    InfoResponse, PutBlobResponse, RefStatus,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use tonic::{Code, Request};
+use tracing::{debug, info, instrument, warn};
+
+use super::{node_platform, validate_session, Runtime};
+use crate::error::Error;
+use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
+
+const RUNTIME: &str = "containerd";
+/// Label containerd's unpacker sets on a layer blob once its diffID was verified by applying it.
+const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
+/// Lease label after which containerd's GC drops the lease and what only it held.
+const LABEL_EXPIRE: &str = "containerd.io/gc.expire";
+const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+
+/// How to reach and use the node's containerd.
+#[derive(Clone, Debug)]
+pub struct ContainerdConfig {
+    pub socket: PathBuf,
+    pub namespace: String,
+    pub snapshotter: String,
+    /// Lifetime of a load session's lease: an abandoned load is collected after this.
+    pub lease_ttl: Duration,
+    pub node_name: String,
+}
+
+/// A connection to one containerd, scoped to one namespace and snapshotter.
+pub struct Containerd {
+    channel: Channel,
+    cfg: ContainerdConfig,
+}
+
+impl Containerd {
+    /// Connects lazily: the agent starts (and reports not-ready) even while containerd is down.
+    pub fn new(cfg: ContainerdConfig) -> Result<Self, Error> {
+        let socket = cfg.socket.clone();
+        let channel = tonic::transport::Endpoint::try_from("http://[::]")
+            .map_err(|e| Error::Connect {
+                runtime: RUNTIME,
+                socket: cfg.socket.display().to_string(),
+                reason: e.to_string(),
+            })?
+            .connect_with_connector_lazy(tower_service(socket));
+        Ok(Self { channel, cfg })
+    }
+
+    /// A request in this runtime's namespace, optionally on behalf of a lease.
+    fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
+        let mut req = Request::new(msg);
+        let md = req.metadata_mut();
+        // Both values were validated when configured / built from a checked session id.
+        if let Ok(ns) = self.cfg.namespace.parse() {
+            md.insert("containerd-namespace", ns);
+        }
+        if let Some(lease) = lease.and_then(|l| l.parse().ok()) {
+            md.insert("containerd-lease", lease);
+        }
+        req
+    }
+
+    fn content(&self) -> ContentClient<Channel> {
+        // Blobs up to the chunk size plus framing pass in one message.
+        ContentClient::new(self.channel.clone()).max_decoding_message_size(16 << 20)
+    }
+
+    fn lease_id(session: &str) -> String {
+        format!("lade-{session}")
+    }
+
+    /// Creates the session's lease if it does not exist yet; returns its id.
+    async fn ensure_lease(&self, session: &str) -> Result<String, Error> {
+        validate_session(session)?;
+        let id = Self::lease_id(session);
+        let expire = humantime::format_rfc3339_seconds(SystemTime::now() + self.cfg.lease_ttl);
+        let labels = HashMap::from([(LABEL_EXPIRE.to_string(), expire.to_string())]);
+        let res = LeasesClient::new(self.channel.clone())
+            .create(self.req(
+                CreateLeaseRequest {
+                    id: id.clone(),
+                    labels,
+                },
+                None,
+            ))
+            .await;
+        match res {
+            Ok(_) => Ok(id),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(id),
+            Err(s) => Err(Error::runtime(RUNTIME, "Leases.Create")(s)),
+        }
+    }
+
+    async fn content_info(&self, digest: &str) -> Result<Option<ContentInfo>, Error> {
+        match self
+            .content()
+            .info(self.req(
+                ContentInfoRequest {
+                    digest: digest.to_string(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => Ok(r.into_inner().info),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Content.Info {digest}"))(s)),
+        }
+    }
+
+    /// Holds an existing blob for the session, so GC cannot take it before import.
+    async fn hold(&self, lease: &str, digest: &str) -> Result<(), Error> {
+        LeasesClient::new(self.channel.clone())
+            .add_resource(self.req(
+                AddResourceRequest {
+                    id: lease.to_string(),
+                    resource: Some(Resource {
+                        id: digest.to_string(),
+                        r#type: "content".to_string(),
+                    }),
+                },
+                None,
+            ))
+            .await
+            .map_err(Error::runtime(
+                RUNTIME,
+                format!("Leases.AddResource {digest}"),
+            ))?;
+        Ok(())
+    }
+
+    /// Bytes of an interrupted upload of `digest` still held in containerd's ingest area.
+    async fn partial_offset(&self, digest: &str) -> Result<u64, Error> {
+        match self
+            .content()
+            .status(self.req(
+                StatusRequest {
+                    r#ref: ingest_ref(digest),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => Ok(r
+                .into_inner()
+                .status
+                .map(|s| s.offset.max(0) as u64)
+                .unwrap_or(0)),
+            Err(s) if s.code() == Code::NotFound => Ok(0),
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Content.Status {digest}"))(
+                s,
+            )),
+        }
+    }
+
+    /// Reads a small metadata blob (manifest or config) whole.
+    async fn read_small(&self, image: &str, desc: &oci::Descriptor) -> Result<Vec<u8>, Error> {
+        if desc.size > MAX_METADATA_BYTES {
+            return Err(Error::BadManifest {
+                digest: desc.digest.clone(),
+                reason: format!(
+                    "{} bytes is more than the {MAX_METADATA_BYTES} a manifest or config may have",
+                    desc.size
+                ),
+            });
+        }
+        let mut stream = match self
+            .content()
+            .read(self.req(
+                ReadContentRequest {
+                    digest: desc.digest.clone(),
+                    offset: 0,
+                    size: 0,
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(Error::MissingBlob {
+                    image: image.to_string(),
+                    digest: desc.digest.clone(),
+                })
+            }
+            Err(s) => {
+                return Err(Error::runtime(
+                    RUNTIME,
+                    format!("Content.Read {}", desc.digest),
+                )(s))
+            }
+        };
+        let mut out = Vec::with_capacity(desc.size as usize);
+        while let Some(msg) = stream.message().await.map_err(Error::runtime(
+            RUNTIME,
+            format!("Content.Read {}", desc.digest),
+        ))? {
+            out.extend_from_slice(&msg.data);
+            if out.len() as u64 > MAX_METADATA_BYTES {
+                break;
+            }
+        }
+        if out.len() as u64 != desc.size {
+            return Err(Error::SizeMismatch {
+                digest: desc.digest.clone(),
+                expected: desc.size,
+                received: out.len() as u64,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Sets labels on a blob, touching only the named keys.
+    async fn set_labels(&self, digest: &str, labels: HashMap<String, String>) -> Result<(), Error> {
+        let paths = labels.keys().map(|k| format!("labels.{k}")).collect();
+        self.content()
+            .update(self.req(
+                ContentUpdateRequest {
+                    info: Some(ContentInfo {
+                        digest: digest.to_string(),
+                        labels,
+                        ..Default::default()
+                    }),
+                    update_mask: Some(prost_types::FieldMask { paths }),
+                },
+                None,
+            ))
+            .await
+            .map_err(Error::runtime(RUNTIME, format!("Content.Update {digest}")))?;
+        Ok(())
+    }
+
+    async fn snapshot_exists(&self, key: &str) -> Result<bool, Error> {
+        match SnapshotsClient::new(self.channel.clone())
+            .stat(self.req(
+                StatSnapshotRequest {
+                    snapshotter: self.cfg.snapshotter.clone(),
+                    key: key.to_string(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(s) if s.code() == Code::NotFound => Ok(false),
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Snapshots.Stat {key}"))(s)),
+        }
+    }
+
+    /// Applies one layer on top of `parent` and commits it as `chain_id`.
+    #[instrument(skip_all, fields(image, layer = %layer.digest))]
+    async fn unpack_layer(
+        &self,
+        lease: &str,
+        image: &str,
+        layer: &oci::Descriptor,
+        diff_id: &str,
+        parent: Option<&str>,
+        chain_id: &str,
+    ) -> Result<(), Error> {
+        let mut snapshots = SnapshotsClient::new(self.channel.clone());
+        let key = format!("extract-{} {chain_id}", uuid::Uuid::new_v4().simple());
+        let labels = HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), chain_id.to_string())]);
+        let mounts = snapshots
+            .prepare(self.req(
+                PrepareSnapshotRequest {
+                    snapshotter: self.cfg.snapshotter.clone(),
+                    key: key.clone(),
+                    parent: parent.unwrap_or_default().to_string(),
+                    labels: labels.clone(),
+                },
+                Some(lease),
+            ))
+            .await
+            .map_err(Error::runtime(
+                RUNTIME,
+                format!("Snapshots.Prepare {chain_id}"),
+            ))?
+            .into_inner()
+            .mounts;
+
+        let applied = DiffClient::new(self.channel.clone())
+            .apply(self.req(
+                ApplyRequest {
+                    diff: Some(CtrDescriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size as i64,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts,
+                    ..Default::default()
+                },
+                Some(lease),
+            ))
+            .await
+            .map(|r| r.into_inner().applied.map(|d| d.digest).unwrap_or_default());
+
+        let result = match applied {
+            Err(s) => Err(Error::runtime(
+                RUNTIME,
+                format!("Diff.Apply {}", layer.digest),
+            )(s)),
+            Ok(actual) if actual != diff_id => Err(Error::DiffIdMismatch {
+                image: image.to_string(),
+                layer: layer.digest.clone(),
+                expected: diff_id.to_string(),
+                actual,
+            }),
+            Ok(_) => {
+                match snapshots
+                    .commit(self.req(
+                        CommitSnapshotRequest {
+                            snapshotter: self.cfg.snapshotter.clone(),
+                            name: chain_id.to_string(),
+                            key: key.clone(),
+                            labels,
+                        },
+                        Some(lease),
+                    ))
+                    .await
+                {
+                    Ok(_) => return Ok(()),
+                    // Another import committed the same chain meanwhile: same content.
+                    Err(s) if s.code() == Code::AlreadyExists => Ok(()),
+                    Err(s) => Err(Error::runtime(
+                        RUNTIME,
+                        format!("Snapshots.Commit {chain_id}"),
+                    )(s)),
+                }
+            }
+        };
+        // The active snapshot is useless now; remove it rather than leave it to the lease.
+        if let Err(s) = snapshots
+            .remove(self.req(
+                RemoveSnapshotRequest {
+                    snapshotter: self.cfg.snapshotter.clone(),
+                    key: key.clone(),
+                },
+                Some(lease),
+            ))
+            .await
+        {
+            warn!(%key, error = %s, "could not remove active snapshot");
+        }
+        result
+    }
+
+    /// Imports one image: every layer unpacked, GC labels set, then (only then) its names.
+    #[instrument(skip_all, fields(image = %spec.source))]
+    async fn import_one(
+        &self,
+        lease: &str,
+        spec: &ImageSpec,
+        events: &mpsc::Sender<ImportEvent>,
+    ) -> Result<Vec<String>, Error> {
+        let image = spec.source.as_str();
+        let mdesc = spec.manifest.as_ref().ok_or_else(|| {
+            Error::InvalidRequest(format!("image {image}: no manifest descriptor"))
+        })?;
+        oci::validate_digest(&mdesc.digest).map_err(|r| Error::BadManifest {
+            digest: mdesc.digest.clone(),
+            reason: r.to_string(),
+        })?;
+        if spec.names.is_empty() {
+            return Err(Error::InvalidRequest(format!(
+                "image {image}: no names to create"
+            )));
+        }
+        let mref = oci::Descriptor {
+            media_type: mdesc.media_type.clone(),
+            digest: mdesc.digest.clone(),
+            size: mdesc.size,
+        };
+        let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, &mref).await?)?;
+        let config_bytes = self.read_small(image, &manifest.config).await?;
+        let diff_ids = ImageConfig::diff_ids(&manifest.config.digest, &config_bytes)?;
+        if diff_ids.len() != manifest.layers.len() {
+            return Err(Error::BadManifest {
+                digest: mdesc.digest.clone(),
+                reason: format!(
+                    "{} layers but its config {} lists {} diffIDs",
+                    manifest.layers.len(),
+                    manifest.config.digest,
+                    diff_ids.len()
+                ),
+            });
+        }
+        for layer in &manifest.layers {
+            if self.content_info(&layer.digest).await?.is_none() {
+                return Err(Error::MissingBlob {
+                    image: image.to_string(),
+                    digest: layer.digest.clone(),
+                });
+            }
+        }
+
+        let chains = chain_ids(&diff_ids);
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            let phase = if self.snapshot_exists(&chains[i]).await? {
+                ImportPhase::LayerPresent
+            } else {
+                let parent = i.checked_sub(1).map(|p| chains[p].as_str());
+                self.unpack_layer(lease, image, layer, &diff_ids[i], parent, &chains[i])
+                    .await?;
+                ImportPhase::LayerUnpacked
+            };
+            self.set_labels(
+                &layer.digest,
+                HashMap::from([(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone())]),
+            )
+            .await?;
+            let _ = events
+                .send(ImportEvent {
+                    image: image.to_string(),
+                    phase: phase as i32,
+                    layer_digest: layer.digest.clone(),
+                    ..Default::default()
+                })
+                .await;
+        }
+
+        // GC references as containerd's own importer and unpacker set them: image record ->
+        // manifest -> config and layers; config -> the top snapshot (which holds its parents).
+        let mut refs = HashMap::from([(
+            "containerd.io/gc.ref.content.config".to_string(),
+            manifest.config.digest.clone(),
+        )]);
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            refs.insert(
+                format!("containerd.io/gc.ref.content.l.{i}"),
+                layer.digest.clone(),
+            );
+        }
+        self.set_labels(&mdesc.digest, refs).await?;
+        if let Some(top) = chains.last() {
+            self.set_labels(
+                &manifest.config.digest,
+                HashMap::from([(
+                    format!("containerd.io/gc.ref.snapshot.{}", self.cfg.snapshotter),
+                    top.clone(),
+                )]),
+            )
+            .await?;
+        }
+
+        let target = CtrDescriptor {
+            media_type: if mdesc.media_type.is_empty() {
+                manifest
+                    .media_type
+                    .clone()
+                    .unwrap_or_else(|| oci::MEDIA_TYPE_OCI_MANIFEST.to_string())
+            } else {
+                mdesc.media_type.clone()
+            },
+            digest: mdesc.digest.clone(),
+            size: mdesc.size as i64,
+            annotations: HashMap::new(),
+        };
+        for name in &spec.names {
+            self.put_image(name, &target).await?;
+        }
+        Ok(spec.names.clone())
+    }
+
+    /// Creates image `name` pointing at `target`, or moves an existing one there.
+    async fn put_image(&self, name: &str, target: &CtrDescriptor) -> Result<(), Error> {
+        let image = Image {
+            name: name.to_string(),
+            target: Some(target.clone()),
+            ..Default::default()
+        };
+        let mut images = ImagesClient::new(self.channel.clone());
+        let created = images
+            .create(self.req(
+                CreateImageRequest {
+                    image: Some(image.clone()),
+                    ..Default::default()
+                },
+                None,
+            ))
+            .await;
+        match created {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::AlreadyExists => {
+                // Only the target moves: labels others put on the record (CRI's) stay.
+                images
+                    .update(self.req(
+                        UpdateImageRequest {
+                            image: Some(image),
+                            update_mask: Some(prost_types::FieldMask {
+                                paths: vec!["target".to_string()],
+                            }),
+                            ..Default::default()
+                        },
+                        None,
+                    ))
+                    .await
+                    .map_err(Error::runtime(RUNTIME, format!("Images.Update {name}")))?;
+                Ok(())
+            }
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Images.Create {name}"))(s)),
+        }
+    }
+
+    async fn blob_state(&self, lease: &str, d: &Descriptor) -> Result<BlobState, Error> {
+        oci::validate_digest(&d.digest)
+            .map_err(|r| Error::InvalidRequest(format!("{}: {r}", d.digest)))?;
+        let present = self.content_info(&d.digest).await?.is_some();
+        let offset = if present {
+            self.hold(lease, &d.digest).await?;
+            0
+        } else {
+            self.partial_offset(&d.digest).await?
+        };
+        Ok(BlobState {
+            digest: d.digest.clone(),
+            present,
+            offset,
+        })
+    }
+
+    async fn verify_one(&self, name: &str) -> Result<RefStatus, Error> {
+        let mut status = RefStatus {
+            r#ref: name.to_string(),
+            ..Default::default()
+        };
+        let image = match ImagesClient::new(self.channel.clone())
+            .get(self.req(
+                GetImageRequest {
+                    name: name.to_string(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => r.into_inner().image,
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => return Err(Error::runtime(RUNTIME, format!("Images.Get {name}"))(s)),
+        };
+        let Some(target) = image.and_then(|i| i.target) else {
+            status.problem = "no such image".to_string();
+            return Ok(status);
+        };
+        status.manifest_digest = target.digest.clone();
+        let mref = oci::Descriptor {
+            media_type: target.media_type,
+            digest: target.digest,
+            size: target.size.max(0) as u64,
+        };
+        // A broken record is a finding to report, not a failure of the Verify call.
+        let checked = async {
+            let manifest = Manifest::parse(&mref.digest, &self.read_small(name, &mref).await?)?;
+            let config = self.read_small(name, &manifest.config).await?;
+            let diff_ids = ImageConfig::diff_ids(&manifest.config.digest, &config)?;
+            for layer in &manifest.layers {
+                if self.content_info(&layer.digest).await?.is_none() {
+                    return Err(Error::MissingBlob {
+                        image: name.to_string(),
+                        digest: layer.digest.clone(),
+                    });
+                }
+            }
+            let unpacked = match chain_ids(&diff_ids).last() {
+                Some(top) => self.snapshot_exists(top).await?,
+                None => true,
+            };
+            Ok::<_, Error>((manifest.config.digest, unpacked))
+        }
+        .await;
+        match checked {
+            Ok((config, true)) => {
+                status.image_id = config;
+                status.ok = true;
+            }
+            Ok((config, false)) => {
+                status.image_id = config;
+                status.problem =
+                    format!("not unpacked into the {} snapshotter", self.cfg.snapshotter);
+            }
+            Err(e) => status.problem = e.to_string(),
+        }
+        Ok(status)
+    }
+}
+
+/// Ingest ref under which lade writes a blob: stable per digest, so an interrupted upload
+/// can be resumed by the next attempt.
+fn ingest_ref(digest: &str) -> String {
+    format!("lade-{digest}")
+}
+
+fn tower_service(
+    socket: PathBuf,
+) -> impl tower::Service<
+    tonic::transport::Uri,
+    Response = hyper_util::rt::TokioIo<tokio::net::UnixStream>,
+    Error = std::io::Error,
+    Future = impl Send,
+> + Clone {
+    tower::service_fn(move |_| {
+        let socket = socket.clone();
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::UnixStream::connect(socket).await?,
+            ))
+        }
+    })
+}
+
+impl Runtime for Containerd {
+    async fn info(&self) -> Result<InfoResponse, Error> {
+        let version = VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(Error::runtime(RUNTIME, "Version"))?
+            .into_inner();
+        Ok(InfoResponse {
+            node_name: self.cfg.node_name.clone(),
+            runtime: RUNTIME.to_string(),
+            runtime_version: version.version,
+            namespace: self.cfg.namespace.clone(),
+            snapshotter: self.cfg.snapshotter.clone(),
+            platform: node_platform(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    async fn ready(&self) -> Result<(), Error> {
+        VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(Error::runtime(RUNTIME, "Version"))?;
+        Ok(())
+    }
+
+    async fn have(&self, session: &str, blobs: &[Descriptor]) -> Result<Vec<BlobState>, Error> {
+        let lease = self.ensure_lease(session).await?;
+        let mut out = Vec::with_capacity(blobs.len());
+        // Small concurrent batches: each answer is a local round trip to containerd.
+        for batch in blobs.chunks(16) {
+            let states =
+                futures::future::try_join_all(batch.iter().map(|d| self.blob_state(&lease, d)))
+                    .await?;
+            out.extend(states);
+        }
+        Ok(out)
+    }
+
+    #[instrument(skip_all, fields(digest = header.blob.as_ref().map(|b| b.digest.as_str()).unwrap_or("")))]
+    async fn put_blob(
+        &self,
+        header: BlobHeader,
+        mut chunks: BoxStream<'static, Result<Bytes, Error>>,
+    ) -> Result<PutBlobResponse, Error> {
+        let blob = header
+            .blob
+            .ok_or_else(|| Error::InvalidRequest("PutBlob header has no descriptor".into()))?;
+        let digest = blob.digest.clone();
+        oci::validate_digest(&digest)
+            .map_err(|r| Error::InvalidRequest(format!("{digest}: {r}")))?;
+        let lease = self.ensure_lease(&header.session).await?;
+        let present = |received| PutBlobResponse {
+            digest: digest.clone(),
+            received,
+            already_present: true,
+        };
+        if self.content_info(&digest).await?.is_some() {
+            self.hold(&lease, &digest).await?;
+            return Ok(present(0));
+        }
+
+        let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
+        let ref_ = ingest_ref(&digest);
+        // containerd answers the first message before the stream's response headers, so it
+        // must be queued before the call is awaited.
+        tx.send(WriteContentRequest {
+            action: WriteAction::Stat as i32,
+            r#ref: ref_.clone(),
+            total: blob.size as i64,
+            expected: digest.clone(),
+            ..Default::default()
+        })
+        .await
+        .map_err(|_| Error::InvalidRequest("write stream closed".into()))?;
+        let mut responses = match self
+            .content()
+            .write(self.req(ReceiverStream::new(rx), Some(&lease)))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(present(0)),
+            Err(s) => {
+                return Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
+                    s,
+                ))
+            }
+        };
+        let held = match responses.message().await {
+            Ok(Some(stat)) => stat.offset.max(0) as u64,
+            Ok(None) => 0,
+            Err(s) if s.code() == Code::AlreadyExists => return Ok(present(0)),
+            Err(s) => {
+                return Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
+                    s,
+                ))
+            }
+        };
+        // containerd can restart an ingest from zero or continue where it stopped, nothing else.
+        let mut offset = match header.offset {
+            0 => 0,
+            o if o == held => o,
+            requested => {
+                return Err(Error::ResumeOffset {
+                    digest,
+                    requested,
+                    held,
+                })
+            }
+        };
+        debug!(held, offset, "writing blob");
+
+        // containerd answers every message; read the answers as they come so its sends never
+        // stall on flow control while we are still sending data.
+        let drain = tokio::spawn(async move {
+            let mut last = None;
+            while let Some(msg) = responses.message().await? {
+                last = Some(msg);
+            }
+            Ok::<_, tonic::Status>(last)
+        });
+
+        let mut received = 0u64;
+        let mut failed = None;
+        while let Some(chunk) = chunks.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => {
+                    failed = Some(e);
+                    break;
+                }
+            };
+            if offset + chunk.len() as u64 > blob.size {
+                failed = Some(Error::SizeMismatch {
+                    digest: digest.clone(),
+                    expected: blob.size,
+                    received: offset + chunk.len() as u64,
+                });
+                break;
+            }
+            let len = chunk.len() as u64;
+            let sent = tx
+                .send(WriteContentRequest {
+                    action: WriteAction::Write as i32,
+                    // containerd truncates a write at offset 0 and rejects any other offset
+                    // than its own, so every message carries the running offset.
+                    offset: offset as i64,
+                    data: chunk.to_vec(),
+                    ..Default::default()
+                })
+                .await;
+            if sent.is_err() {
+                break; // containerd ended the stream; its status comes from `drain`.
+            }
+            offset += len;
+            received += len;
+        }
+        if failed.is_none() && offset == blob.size {
+            let _ = tx
+                .send(WriteContentRequest {
+                    action: WriteAction::Commit as i32,
+                    offset: offset as i64,
+                    total: blob.size as i64,
+                    expected: digest.clone(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        drop(tx);
+        let outcome = drain
+            .await
+            .map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        match outcome {
+            Ok(Some(last)) if last.action == WriteAction::Commit as i32 => {
+                if last.digest != digest {
+                    return Err(Error::DigestMismatch {
+                        digest,
+                        detail: format!("containerd committed {}", last.digest),
+                    });
+                }
+                info!(bytes = received, "blob committed");
+                Ok(PutBlobResponse {
+                    digest,
+                    received,
+                    already_present: false,
+                })
+            }
+            Ok(_) => Err(Error::SizeMismatch {
+                digest,
+                expected: blob.size,
+                received: offset,
+            }),
+            Err(s) if s.code() == Code::AlreadyExists => Ok(present(received)),
+            Err(s) if s.code() == Code::FailedPrecondition => {
+                // A commit refused for size or digest: the bytes were wrong. Drop them so a
+                // retry starts clean instead of resuming corrupt data.
+                let _ = self
+                    .content()
+                    .abort(self.req(AbortRequest { r#ref: ref_ }, None))
+                    .await;
+                Err(Error::DigestMismatch {
+                    digest,
+                    detail: s.message().to_string(),
+                })
+            }
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
+                s,
+            )),
+        }
+    }
+
+    async fn import(
+        &self,
+        session: &str,
+        images: Vec<ImageSpec>,
+        events: mpsc::Sender<ImportEvent>,
+    ) -> Result<(), Error> {
+        let lease = self.ensure_lease(session).await?;
+        let mut failures = 0usize;
+        for spec in &images {
+            let event = match self.import_one(&lease, spec, &events).await {
+                Ok(names) => ImportEvent {
+                    image: spec.source.clone(),
+                    phase: ImportPhase::ImageDone as i32,
+                    names,
+                    ..Default::default()
+                },
+                Err(e) => {
+                    failures += 1;
+                    warn!(image = %spec.source, error = %e, "import failed");
+                    ImportEvent {
+                        image: spec.source.clone(),
+                        phase: ImportPhase::ImageFailed as i32,
+                        message: e.to_string(),
+                        ..Default::default()
+                    }
+                }
+            };
+            let _ = events.send(event).await;
+        }
+        if failures == 0 {
+            // Everything is referenced by image records now; the lease has done its job. On
+            // failure it stays, so a retry finds the uploaded blobs, until it expires.
+            LeasesClient::new(self.channel.clone())
+                .delete(self.req(
+                    DeleteLeaseRequest {
+                        id: lease,
+                        sync: false,
+                    },
+                    None,
+                ))
+                .await
+                .map_err(Error::runtime(RUNTIME, "Leases.Delete"))?;
+        }
+        Ok(())
+    }
+
+    async fn verify(&self, refs: &[String]) -> Result<Vec<RefStatus>, Error> {
+        let mut out = Vec::with_capacity(refs.len());
+        for r in refs {
+            out.push(self.verify_one(r).await?);
+        }
+        Ok(out)
+    }
+
+    async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
+        let images = ImagesClient::new(self.channel.clone())
+            .list(self.req(ListImagesRequest { filters: vec![] }, None))
+            .await
+            .map_err(Error::runtime(RUNTIME, "Images.List"))?
+            .into_inner()
+            .images;
+        Ok(images
+            .into_iter()
+            .map(|i| ImageRecord {
+                name: i.name,
+                target: i.target.map(|t| Descriptor {
+                    digest: t.digest,
+                    size: t.size.max(0) as u64,
+                    media_type: t.media_type,
+                }),
+            })
+            .collect())
+    }
+}

@@ -1,0 +1,318 @@
+//! Reads an offline bundle (or a bare images archive) without extracting it.
+//!
+//! Owns the bundle's *index*: which images it holds, which content-addressed blobs make them
+//! up, and the byte range of the file each blob is stored at. Blobs are read straight from
+//! those ranges ([`Bundle::read_blob`]) and their digests verified while they stream. Image
+//! naming policy (normalising, retagging) is not here: see [`crate::reference`].
+//!
+//! Accepted layouts of the image archive, detected from its members, not its name:
+//! - docker-archive as go-containerregistry writes it (`sha256:<hex>` configs, `<hex>.tar.gz`
+//!   layers, `manifest.json` last) and as `docker save`/skopeo write it (`<id>/layer.tar`,
+//!   symlinked shared layers, `repositories`): see [`docker`];
+//! - OCI image layout (`oci-layout`, `index.json`, `blobs/sha256/...`), which includes
+//!   `docker save` of Docker 25 and later: see [`oci`].
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use sha2::{Digest as _, Sha256};
+
+mod docker;
+mod oci;
+mod read;
+pub mod tarindex;
+
+pub use read::BlobReader;
+use tarindex::TarIndex;
+
+pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Largest manifest, config, index or hints file read into memory. Real ones are KiBs; the
+/// bound keeps a hostile archive from driving an allocation by a size field.
+pub const MAX_METADATA_BYTES: u64 = 4 << 20;
+
+/// Everything that can be wrong with a bundle, naming the file, member, image or blob.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    #[error("{}: {what}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{archive}: {reason}")]
+    BadArchive { archive: String, reason: String },
+    #[error("{archive}: image {image}: {reason}")]
+    BadImage {
+        archive: String,
+        image: String,
+        reason: String,
+    },
+    #[error(
+        "{archive}: member {member} ({role}) has digest {actual}, but the archive says {expected}; the bundle is corrupt or was altered"
+    )]
+    DigestMismatch {
+        archive: String,
+        member: String,
+        role: String,
+        expected: String,
+        actual: String,
+    },
+}
+
+/// Which kind of file was opened.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum BundleKind {
+    /// A bundle tar holding `images.tar`, `hints.yaml` and `original-chart/`.
+    Bundle,
+    /// A bare image archive.
+    ImageArchive,
+}
+
+/// Layout of the image archive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ArchiveFormat {
+    DockerArchive,
+    OciLayout,
+}
+
+/// Where a blob's bytes come from.
+#[derive(Clone, Debug)]
+pub enum BlobSource {
+    /// A byte range of the bundle file: the data of member `member`.
+    Member { member: String, offset: u64 },
+    /// Bytes lade made (the manifest of a docker-archive image, which has none of its own).
+    Inline(Arc<Vec<u8>>),
+}
+
+/// One content-addressed blob of the bundle.
+#[derive(Clone, Debug)]
+pub struct Blob {
+    pub digest: String,
+    pub size: u64,
+    pub media_type: String,
+    pub source: BlobSource,
+    /// What the blob is, for messages: `layer 2 of release.daocloud.io/x:v1`.
+    pub role: String,
+}
+
+/// One image of the bundle.
+#[derive(Clone, Debug)]
+pub struct Image {
+    /// Names as the archive gives them (not normalised).
+    pub names: Vec<String>,
+    /// Digest of the image manifest.
+    pub manifest: String,
+    pub config: String,
+    /// Layer blob digests, base first.
+    pub layers: Vec<String>,
+    /// Uncompressed layer digests from the config, base first.
+    pub diff_ids: Vec<String>,
+}
+
+impl Image {
+    /// How messages name the image.
+    pub fn label(&self) -> &str {
+        self.names
+            .first()
+            .map(String::as_str)
+            .unwrap_or(self.manifest.as_str())
+    }
+}
+
+/// An indexed bundle.
+#[derive(Debug)]
+pub struct Bundle {
+    pub path: PathBuf,
+    pub kind: BundleKind,
+    pub format: ArchiveFormat,
+    /// Text of `hints.yaml`, if the bundle has one.
+    pub hints: Option<String>,
+    /// Files under `original-chart/` (names relative to it).
+    pub chart_files: Vec<String>,
+    pub images: Vec<Image>,
+    /// Every blob by digest (manifests, configs, layers), each once.
+    pub blobs: BTreeMap<String, Blob>,
+    /// Label of the image archive, for messages.
+    pub archive_label: String,
+}
+
+/// What a format parser hands back.
+pub(crate) struct Parsed {
+    pub format: ArchiveFormat,
+    pub images: Vec<Image>,
+    pub blobs: BTreeMap<String, Blob>,
+}
+
+pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
+}
+
+/// Whether `s` is 64 lowercase hex digits.
+pub(crate) fn is_hex64(s: &str) -> bool {
+    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
+}
+
+/// Where `name` sits inside the bundle part `part` (a file or folder name): `Some("")` for the
+/// part itself, `Some(rest)` for a file under it. Parts are found at the top or one folder
+/// down, since bundles are sometimes packed with a leading folder.
+fn within_part<'a>(name: &'a str, part: &str) -> Option<&'a str> {
+    let at = |n: &'a str| {
+        if n == part {
+            Some("")
+        } else {
+            n.strip_prefix(part).and_then(|r| r.strip_prefix('/'))
+        }
+    };
+    at(name).or_else(|| at(name.split_once('/')?.1))
+}
+
+fn find_part<'a>(index: &'a TarIndex, name: &str) -> Option<&'a tarindex::Member> {
+    index
+        .members()
+        .find(|m| within_part(&m.name, name) == Some(""))
+}
+
+impl Bundle {
+    /// Indexes the file at `path`: a bundle tar or a bare image archive.
+    pub fn open(path: &Path) -> Result<Bundle, BundleError> {
+        let label = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| path.display().to_string());
+        let len = std::fs::metadata(path)
+            .map_err(|e| BundleError::Io {
+                path: path.to_path_buf(),
+                what: "opening the bundle".into(),
+                source: e,
+            })?
+            .len();
+        let outer = TarIndex::build(path, &label, 0, len).map_err(|e| match e {
+            BundleError::BadArchive { archive, reason } => BundleError::BadArchive {
+                archive,
+                reason: format!(
+                    "{reason} (a bundle must be an uncompressed tar; decompress .tar.gz first)"
+                ),
+            },
+            e => e,
+        })?;
+
+        let inner = match find_part(&outer, "images.tar") {
+            Some(m) => {
+                let m = outer.resolve(&m.name)?;
+                let inner_label = format!("{label}:{}", m.name);
+                Some(TarIndex::build(path, &inner_label, m.offset, m.size)?)
+            }
+            None => None,
+        };
+        let kind = match inner {
+            Some(_) => BundleKind::Bundle,
+            None => BundleKind::ImageArchive,
+        };
+        let archive = inner.as_ref().unwrap_or(&outer);
+
+        let parsed = if archive.get("index.json").is_some() {
+            oci::parse(archive)?
+        } else if archive.get("manifest.json").is_some() {
+            docker::parse(archive)?
+        } else {
+            return Err(BundleError::BadArchive {
+                archive: archive.label.clone(),
+                reason: "neither a bundle (no images.tar member) nor an image archive (no manifest.json or index.json)".into(),
+            });
+        };
+
+        let (hints, chart_files) = match kind {
+            BundleKind::Bundle => {
+                let hints = match find_part(&outer, "hints.yaml") {
+                    Some(m) => {
+                        let bytes = outer.read_small(&m.name, MAX_METADATA_BYTES)?;
+                        Some(
+                            String::from_utf8(bytes).map_err(|_| BundleError::BadArchive {
+                                archive: label.clone(),
+                                reason: "hints.yaml is not UTF-8 text".into(),
+                            })?,
+                        )
+                    }
+                    None => None,
+                };
+                let chart = outer
+                    .members()
+                    .filter_map(|m| within_part(&m.name, "original-chart"))
+                    .filter(|rest| !rest.is_empty())
+                    .map(str::to_string)
+                    .collect();
+                (hints, chart)
+            }
+            BundleKind::ImageArchive => (None, Vec::new()),
+        };
+
+        Ok(Bundle {
+            path: path.to_path_buf(),
+            kind,
+            format: parsed.format,
+            hints,
+            chart_files,
+            images: parsed.images,
+            blobs: parsed.blobs,
+            archive_label: archive.label.clone(),
+        })
+    }
+
+    /// Opens a reader over blob `digest` from byte `from`, which verifies the whole blob's
+    /// digest (hashing the skipped prefix too) before it reports the end.
+    pub fn read_blob(&self, digest: &str, from: u64) -> Result<BlobReader, BundleError> {
+        let blob = self
+            .blobs
+            .get(digest)
+            .ok_or_else(|| BundleError::BadArchive {
+                archive: self.archive_label.clone(),
+                reason: format!("no blob {digest} in the archive"),
+            })?;
+        BlobReader::open(&self.path, &self.archive_label, blob, from)
+    }
+
+    /// Total bytes of all unique blobs.
+    pub fn total_bytes(&self) -> u64 {
+        self.blobs.values().map(|b| b.size).sum()
+    }
+}
+
+/// Media type for a layer whose stored bytes start with `head`: compression is detected by
+/// magic bytes, never by member name. `oci` picks OCI media types over Docker's.
+pub(crate) fn layer_media_type(head: &[u8], oci: bool) -> &'static str {
+    match (Compression::sniff(head), oci) {
+        (Compression::Gzip, false) => "application/vnd.docker.image.rootfs.diff.tar.gzip",
+        (Compression::None, false) => "application/vnd.docker.image.rootfs.diff.tar",
+        (Compression::Gzip, true) => "application/vnd.oci.image.layer.v1.tar+gzip",
+        (Compression::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
+        (Compression::None, true) => "application/vnd.oci.image.layer.v1.tar",
+    }
+}
+
+/// How a layer's bytes are compressed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Compression {
+    None,
+    Gzip,
+    Zstd,
+}
+
+impl Compression {
+    pub fn sniff(head: &[u8]) -> Compression {
+        if head.starts_with(&[0x1f, 0x8b]) {
+            Compression::Gzip
+        } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
+            Compression::Zstd
+        } else {
+            Compression::None
+        }
+    }
+}

@@ -1,0 +1,412 @@
+//! `lade load`: get every image of a bundle onto every node, named consistently.
+//!
+//! Owns the per-node procedure (Info, Have, PutBlob for what is missing, Import, Verify) and
+//! running it on all nodes at once, bounded. One node's failure is recorded in its own
+//! [`NodeReport`] and never stops the others. Rendering progress and the summary is
+//! [`crate::progress`]'s job; naming rules are [`crate::reference`]'s.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lade_proto::{
+    put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, HaveRequest, ImageSpec,
+    ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, VerifyRequest, CHUNK_SIZE,
+};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+use tracing::{info, instrument, warn};
+
+use crate::bundle::{Bundle, BundleError};
+use crate::progress::Progress;
+use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
+
+/// What can stop a node's load. Bundle errors name the member; agent errors the call.
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("cannot reach agent {agent}: {reason}")]
+    Connect { agent: String, reason: String },
+    #[error("agent {agent}: {call} failed: {status}")]
+    Agent {
+        agent: String,
+        call: &'static str,
+        status: tonic::Status,
+    },
+    #[error(transparent)]
+    Bundle(#[from] BundleError),
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+}
+
+/// How a load runs.
+#[derive(Clone, Debug)]
+pub struct LoadOptions {
+    /// Agent addresses, `host:port`.
+    pub agents: Vec<String>,
+    pub rules: Vec<RetagRule>,
+    pub keep_original: bool,
+    /// Nodes loaded at the same time.
+    pub parallel: usize,
+    pub connect_timeout: Duration,
+}
+
+/// One image of the bundle and every name it gets on the nodes.
+#[derive(Clone, Debug, Serialize)]
+pub struct PlannedImage {
+    pub source: String,
+    pub manifest: String,
+    pub names: Vec<String>,
+}
+
+/// Names every image of the bundle gets, the same on every node. Fails before anything is
+/// sent if a name in the bundle or a retag result is not a valid reference.
+pub fn plan_names(
+    bundle: &Bundle,
+    rules: &[RetagRule],
+    keep_original: bool,
+) -> Result<Vec<PlannedImage>, ReferenceError> {
+    bundle
+        .images
+        .iter()
+        .map(|image| {
+            let mut names = Vec::new();
+            for raw in &image.names {
+                let original = Reference::parse(raw)?;
+                for target in target_names(&original, rules, keep_original)? {
+                    let target = target.to_string();
+                    if !names.contains(&target) {
+                        names.push(target);
+                    }
+                }
+            }
+            Ok(PlannedImage {
+                source: image.label().to_string(),
+                manifest: image.manifest.clone(),
+                names,
+            })
+        })
+        .collect()
+}
+
+/// What happened on one node.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct NodeReport {
+    pub agent: String,
+    /// Node name the agent reported (empty if it could not be reached).
+    pub node: String,
+    pub runtime: String,
+    pub images: usize,
+    pub images_loaded: usize,
+    pub blobs_sent: usize,
+    pub bytes_sent: u64,
+    pub blobs_skipped: usize,
+    /// Bytes the node already had (whole blobs, plus resumed prefixes of partial uploads).
+    pub bytes_skipped: u64,
+    pub seconds: f64,
+    pub ok: bool,
+    /// Why the node failed as a whole, if it did.
+    pub error: Option<String>,
+    /// Images that failed on this node, with the reason.
+    pub failed_images: Vec<FailedImage>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FailedImage {
+    pub image: String,
+    pub reason: String,
+}
+
+/// Loads the bundle onto every agent of `opts`; returns one report per agent, in order.
+pub async fn load(
+    bundle: Arc<Bundle>,
+    plan: Arc<Vec<PlannedImage>>,
+    opts: &LoadOptions,
+    progress: Arc<dyn Progress>,
+) -> Vec<NodeReport> {
+    // One session id for the whole load, so every node's lease is named alike.
+    let session = format!("load-{}", uuid::Uuid::new_v4().simple());
+    let mut reports: Vec<(usize, NodeReport)> =
+        futures::stream::iter(opts.agents.iter().enumerate())
+            .map(|(i, agent)| {
+                let (bundle, plan, progress, session) = (
+                    bundle.clone(),
+                    plan.clone(),
+                    progress.clone(),
+                    session.clone(),
+                );
+                let timeout = opts.connect_timeout;
+                async move {
+                    let mut report = NodeReport {
+                        agent: agent.clone(),
+                        images: plan.len(),
+                        ..Default::default()
+                    };
+                    let started = Instant::now();
+                    progress.node_started(agent);
+                    let result = load_node(
+                        &bundle,
+                        &plan,
+                        &session,
+                        agent,
+                        timeout,
+                        &*progress,
+                        &mut report,
+                    )
+                    .await;
+                    report.seconds = started.elapsed().as_secs_f64();
+                    if let Err(e) = result {
+                        warn!(%agent, error = %e, "node failed");
+                        report.error = Some(e.to_string());
+                    }
+                    report.ok = report.error.is_none() && report.failed_images.is_empty();
+                    progress.node_finished(&report);
+                    (i, report)
+                }
+            })
+            .buffer_unordered(opts.parallel.max(1))
+            .collect()
+            .await;
+    reports.sort_by_key(|(i, _)| *i);
+    reports.into_iter().map(|(_, r)| r).collect()
+}
+
+/// Connects to an agent. Plain TCP here; authentication is the transport's concern.
+pub async fn connect(agent: &str, timeout: Duration) -> Result<AgentClient<Channel>, LoadError> {
+    let err = |reason: String| LoadError::Connect {
+        agent: agent.to_string(),
+        reason,
+    };
+    let endpoint = Endpoint::from_shared(format!("http://{agent}"))
+        .map_err(|e| err(format!("not a host:port address ({e})")))?
+        .connect_timeout(timeout)
+        .tcp_nodelay(true)
+        .http2_keep_alive_interval(Duration::from_secs(30));
+    let channel = endpoint.connect().await.map_err(|e| {
+        let mut reason = e.to_string();
+        let mut source = std::error::Error::source(&e);
+        while let Some(s) = source {
+            reason = format!("{reason}: {s}");
+            source = s.source();
+        }
+        err(reason)
+    })?;
+    Ok(AgentClient::new(channel)
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20))
+}
+
+#[instrument(skip_all, fields(agent))]
+async fn load_node(
+    bundle: &Arc<Bundle>,
+    plan: &[PlannedImage],
+    session: &str,
+    agent: &str,
+    timeout: Duration,
+    progress: &dyn Progress,
+    report: &mut NodeReport,
+) -> Result<(), LoadError> {
+    let call_err = |call: &'static str| {
+        move |status: tonic::Status| LoadError::Agent {
+            agent: agent.to_string(),
+            call,
+            status,
+        }
+    };
+    let mut client = connect(agent, timeout).await?;
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .map_err(call_err("Info"))?
+        .into_inner();
+    report.node = info.node_name.clone();
+    report.runtime = format!("{} {}", info.runtime, info.runtime_version);
+    progress.node_identified(agent, &info.node_name);
+
+    let blobs: Vec<Descriptor> = bundle
+        .blobs
+        .values()
+        .map(|b| Descriptor {
+            digest: b.digest.clone(),
+            size: b.size,
+            media_type: b.media_type.clone(),
+        })
+        .collect();
+    let have = client
+        .have(HaveRequest {
+            session: session.to_string(),
+            blobs,
+        })
+        .await
+        .map_err(call_err("Have"))?
+        .into_inner();
+
+    let mut missing = Vec::new();
+    for state in have.blobs {
+        let Some(blob) = bundle.blobs.get(&state.digest) else {
+            continue;
+        };
+        if state.present {
+            report.blobs_skipped += 1;
+            report.bytes_skipped += blob.size;
+        } else {
+            let offset = state.offset.min(blob.size);
+            report.bytes_skipped += offset;
+            missing.push((blob.digest.clone(), offset));
+        }
+    }
+    let to_send: u64 = missing
+        .iter()
+        .map(|(d, off)| bundle.blobs[d].size - off)
+        .sum();
+    progress.sending(agent, to_send, report.bytes_skipped);
+    info!(
+        missing = missing.len(),
+        bytes = to_send,
+        "sending missing blobs"
+    );
+
+    for (digest, offset) in missing {
+        let sent = put_blob(
+            &mut client,
+            bundle,
+            session,
+            &digest,
+            offset,
+            agent,
+            progress,
+        )
+        .await?;
+        report.blobs_sent += 1;
+        report.bytes_sent += sent;
+    }
+
+    progress.phase(agent, "importing");
+    let images = plan
+        .iter()
+        .map(|p| {
+            let blob = &bundle.blobs[&p.manifest];
+            ImageSpec {
+                manifest: Some(Descriptor {
+                    digest: blob.digest.clone(),
+                    size: blob.size,
+                    media_type: blob.media_type.clone(),
+                }),
+                names: p.names.clone(),
+                source: p.source.clone(),
+            }
+        })
+        .collect();
+    let mut events = client
+        .import(ImportRequest {
+            session: session.to_string(),
+            images,
+        })
+        .await
+        .map_err(call_err("Import"))?
+        .into_inner();
+    while let Some(event) = events.message().await.map_err(call_err("Import"))? {
+        match ImportPhase::try_from(event.phase) {
+            Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
+            Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
+                image: event.image,
+                reason: event.message,
+            }),
+            _ => {}
+        }
+    }
+
+    progress.phase(agent, "verifying");
+    let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
+    let verified = client
+        .verify(VerifyRequest { refs })
+        .await
+        .map_err(call_err("Verify"))?
+        .into_inner();
+    for r in verified.refs.into_iter().filter(|r| !r.ok) {
+        // An image that already failed import is reported once, with the import's reason.
+        if !report.failed_images.iter().any(|f| {
+            plan.iter()
+                .any(|p| p.source == f.image && p.names.contains(&r.r#ref))
+        }) {
+            report.failed_images.push(FailedImage {
+                image: r.r#ref,
+                reason: format!("verification: {}", r.problem),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle
+/// withholds the last chunk, so the node never commits corrupt content.
+async fn put_blob(
+    client: &mut AgentClient<Channel>,
+    bundle: &Arc<Bundle>,
+    session: &str,
+    digest: &str,
+    offset: u64,
+    agent: &str,
+    progress: &dyn Progress,
+) -> Result<u64, LoadError> {
+    let blob = &bundle.blobs[digest];
+    let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
+    let header = PutBlobRequest {
+        msg: Some(Msg::Header(BlobHeader {
+            session: session.to_string(),
+            blob: Some(Descriptor {
+                digest: blob.digest.clone(),
+                size: blob.size,
+                media_type: blob.media_type.clone(),
+            }),
+            offset,
+        })),
+    };
+    tx.send(header)
+        .await
+        .expect("receiver is alive until the call starts");
+
+    // Reading and hashing are blocking file work: keep them off the async workers.
+    let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
+    let reader = {
+        let bundle = bundle.clone();
+        let digest = digest.to_string();
+        tokio::task::spawn_blocking(move || -> Result<u64, BundleError> {
+            let mut reader = bundle.read_blob(&digest, offset)?;
+            let mut sent = 0u64;
+            while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
+                let n = chunk.len() as u64;
+                let msg = PutBlobRequest {
+                    msg: Some(Msg::Chunk(chunk.into())),
+                };
+                if tx.blocking_send(msg).is_err() {
+                    break; // The call ended; its status says why.
+                }
+                sent += n;
+                let _ = count_tx.send(n);
+            }
+            Ok(sent)
+        })
+    };
+    let call = client.put_blob(ReceiverStream::new(rx));
+    tokio::pin!(call);
+    let response = loop {
+        tokio::select! {
+            res = &mut call => break res,
+            Some(n) = count_rx.recv() => progress.sent(agent, n),
+        }
+    };
+    while let Ok(n) = count_rx.try_recv() {
+        progress.sent(agent, n);
+    }
+    let read = reader.await.expect("blob reader task panicked");
+    // The bundle's own error explains a refused upload better than the agent's view of it.
+    let sent = read?;
+    response.map_err(|status| LoadError::Agent {
+        agent: agent.to_string(),
+        call: "PutBlob",
+        status,
+    })?;
+    Ok(sent)
+}

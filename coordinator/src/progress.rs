@@ -1,0 +1,286 @@
+//! How a load shows itself to the admin: live progress while it runs (bars per node on a
+//! terminal, plain lines otherwise) and the per-node summary at the end (a table, or JSON).
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+
+use crate::load::NodeReport;
+
+/// Receives a load's progress. Called concurrently from every node's task.
+pub trait Progress: Send + Sync {
+    fn node_started(&self, agent: &str);
+    fn node_identified(&self, agent: &str, node: &str);
+    /// `bytes` will be sent; `skipped` bytes the node already holds.
+    fn sending(&self, agent: &str, bytes: u64, skipped: u64);
+    fn sent(&self, agent: &str, bytes: u64);
+    fn phase(&self, agent: &str, phase: &str);
+    fn node_finished(&self, report: &NodeReport);
+}
+
+/// One progress bar per node: bytes, rate and ETA.
+pub struct Bars {
+    multi: MultiProgress,
+    bars: Mutex<HashMap<String, ProgressBar>>,
+}
+
+impl Bars {
+    pub fn new() -> Bars {
+        Bars {
+            multi: MultiProgress::with_draw_target(ProgressDrawTarget::stderr()),
+            bars: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn bar(&self, agent: &str) -> ProgressBar {
+        let mut bars = self.bars.lock().expect("progress lock");
+        bars.entry(agent.to_string())
+            .or_insert_with(|| {
+                let bar = self.multi.add(ProgressBar::new(0));
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{prefix:<24} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
+                    )
+                    .expect("valid template")
+                    .progress_chars("=> "),
+                );
+                bar.set_prefix(agent.to_string());
+                bar.enable_steady_tick(Duration::from_millis(200));
+                bar
+            })
+            .clone()
+    }
+}
+
+impl Default for Bars {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Progress for Bars {
+    fn node_started(&self, agent: &str) {
+        self.bar(agent).set_message("connecting");
+    }
+    fn node_identified(&self, agent: &str, node: &str) {
+        self.bar(agent).set_prefix(format!("{node} ({agent})"));
+    }
+    fn sending(&self, agent: &str, bytes: u64, skipped: u64) {
+        let bar = self.bar(agent);
+        bar.set_length(bytes);
+        bar.set_message(format!("sending ({} already there)", HumanBytes(skipped)));
+    }
+    fn sent(&self, agent: &str, bytes: u64) {
+        self.bar(agent).inc(bytes);
+    }
+    fn phase(&self, agent: &str, phase: &str) {
+        self.bar(agent).set_message(phase.to_string());
+    }
+    fn node_finished(&self, report: &NodeReport) {
+        let bar = self.bar(&report.agent);
+        let msg = if report.ok {
+            "done".to_string()
+        } else {
+            "FAILED".to_string()
+        };
+        bar.finish_with_message(msg);
+    }
+}
+
+/// Plain lines on stderr, for logs and pipes: one per phase and per 25% of bytes.
+#[derive(Default)]
+pub struct Lines {
+    state: Mutex<HashMap<String, (u64, u64, u8)>>,
+}
+
+impl Lines {
+    fn line(&self, agent: &str, text: &str) {
+        let _ = writeln!(std::io::stderr(), "[{agent}] {text}");
+    }
+}
+
+impl Progress for Lines {
+    fn node_started(&self, agent: &str) {
+        self.line(agent, "connecting");
+    }
+    fn node_identified(&self, agent: &str, node: &str) {
+        self.line(agent, &format!("node {node}"));
+    }
+    fn sending(&self, agent: &str, bytes: u64, skipped: u64) {
+        self.state
+            .lock()
+            .expect("progress lock")
+            .insert(agent.to_string(), (bytes, 0, 0));
+        self.line(
+            agent,
+            &format!(
+                "sending {} ({} already on the node)",
+                HumanBytes(bytes),
+                HumanBytes(skipped)
+            ),
+        );
+    }
+    fn sent(&self, agent: &str, bytes: u64) {
+        let quarter = {
+            let mut state = self.state.lock().expect("progress lock");
+            let Some((total, done, shown)) = state.get_mut(agent) else {
+                return;
+            };
+            *done += bytes;
+            let q = (*done * 4).checked_div(*total).unwrap_or(4).min(4) as u8;
+            (q > *shown).then(|| {
+                *shown = q;
+                (*done, *total)
+            })
+        };
+        if let Some((done, total)) = quarter {
+            self.line(
+                agent,
+                &format!("sent {} of {}", HumanBytes(done), HumanBytes(total)),
+            );
+        }
+    }
+    fn phase(&self, agent: &str, phase: &str) {
+        self.line(agent, phase);
+    }
+    fn node_finished(&self, report: &NodeReport) {
+        let result = if report.ok { "done" } else { "FAILED" };
+        self.line(&report.agent, result);
+    }
+}
+
+/// The summary table: one row per node, then the reasons of every failure.
+pub fn summary_table(reports: &[NodeReport]) -> String {
+    let mut out = String::new();
+    let rows: Vec<[String; 7]> = reports
+        .iter()
+        .map(|r| {
+            [
+                if r.node.is_empty() {
+                    "?".into()
+                } else {
+                    r.node.clone()
+                },
+                r.agent.clone(),
+                format!("{}/{}", r.images_loaded, r.images),
+                format!("{} ({} blobs)", HumanBytes(r.bytes_sent), r.blobs_sent),
+                format!(
+                    "{} ({} blobs)",
+                    HumanBytes(r.bytes_skipped),
+                    r.blobs_skipped
+                ),
+                format!("{:.1}s", r.seconds),
+                if r.ok { "ok".into() } else { "FAILED".into() },
+            ]
+        })
+        .collect();
+    let header = [
+        "NODE",
+        "AGENT",
+        "IMAGES",
+        "SENT",
+        "ALREADY THERE",
+        "TIME",
+        "RESULT",
+    ];
+    let mut widths = header.map(str::len);
+    for row in &rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let fmt_row = |cells: &[String]| {
+        cells
+            .iter()
+            .zip(widths)
+            .map(|(c, w)| format!("{c:<w$}"))
+            .collect::<Vec<_>>()
+            .join("  ")
+            .trim_end()
+            .to_string()
+    };
+    out.push_str(&fmt_row(&header.map(String::from)));
+    out.push('\n');
+    for row in &rows {
+        out.push_str(&fmt_row(row));
+        out.push('\n');
+    }
+    for r in reports.iter().filter(|r| !r.ok) {
+        let who = if r.node.is_empty() {
+            r.agent.clone()
+        } else {
+            format!("{} ({})", r.node, r.agent)
+        };
+        if let Some(e) = &r.error {
+            out.push_str(&format!("\n{who}: {e}"));
+        }
+        for f in &r.failed_images {
+            out.push_str(&format!("\n{who}: image {}: {}", f.image, f.reason));
+        }
+    }
+    let failed: Vec<&str> = reports
+        .iter()
+        .filter(|r| !r.ok)
+        .map(|r| r.agent.as_str())
+        .collect();
+    if !failed.is_empty() {
+        out.push_str(&format!(
+            "\n\n{} of {} nodes failed; re-run with only those to retry (what they already hold is not sent again): {}\n",
+            failed.len(),
+            reports.len(),
+            failed.iter().map(|a| format!("--agent {a}")).collect::<Vec<_>>().join(" ")
+        ));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::load::FailedImage;
+
+    #[test]
+    fn table_names_failed_nodes_and_reasons() {
+        let ok = NodeReport {
+            agent: "10.0.0.1:7700".into(),
+            node: "node-a".into(),
+            images: 3,
+            images_loaded: 3,
+            ok: true,
+            ..Default::default()
+        };
+        let down = NodeReport {
+            agent: "10.0.0.2:7700".into(),
+            images: 3,
+            error: Some("cannot reach agent 10.0.0.2:7700: connection refused".into()),
+            ..Default::default()
+        };
+        let partial = NodeReport {
+            agent: "10.0.0.3:7700".into(),
+            node: "node-c".into(),
+            images: 3,
+            images_loaded: 2,
+            failed_images: vec![FailedImage {
+                image: "busybox".into(),
+                reason: "layer diffID mismatch".into(),
+            }],
+            ..Default::default()
+        };
+        let table = summary_table(&[ok, down, partial]);
+        assert!(table.starts_with("NODE"), "{table}");
+        assert!(table.contains("node-a") && table.contains("ok"), "{table}");
+        assert!(table.contains("connection refused"), "{table}");
+        assert!(
+            table.contains("node-c (10.0.0.3:7700): image busybox: layer diffID mismatch"),
+            "{table}"
+        );
+        assert!(table.contains("2 of 3 nodes failed"), "{table}");
+        assert!(
+            table.contains("--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"),
+            "{table}"
+        );
+    }
+}

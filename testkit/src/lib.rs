@@ -1,0 +1,8 @@
+//! Shared by lade's integration tests, `lade-demo` and the benchmark: deterministic generated
+//! test images in every archive form lade reads ([`fixtures`]), and real daemons started
+//! privately per simulated node ([`harness`], [`cri`]). Nothing here is used by the product.
+
+pub mod cri;
+pub mod fixtures;
+pub mod harness;
+pub mod nodes;
