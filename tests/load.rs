@@ -11,7 +11,7 @@ use lade_testkit::cri;
 use lade_testkit::fixtures::{ArchiveFormat, Compression, APP_HELLO};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::{images, write_sample_bundle};
+use lade_tests::{images, write_images_tar, write_sample_bundle};
 use serde_json::Value;
 
 const APP: &str = "release.daocloud.io/demo/app:v1";
@@ -152,5 +152,301 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         assert_eq!(u64_of(report, "blobs_sent"), 0, "{report}");
         assert_eq!(u64_of(report, "bytes_skipped"), unique_bytes, "{report}");
     }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_archive_form_loads_and_runs() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let imgs = images()?;
+    let forms = [
+        (ArchiveFormat::DockerSave, Compression::None),
+        (ArchiveFormat::Oci, Compression::Zstd),
+        (ArchiveFormat::Docker25, Compression::Gzip),
+        (ArchiveFormat::Gcr, Compression::None),
+    ];
+    for (i, (format, compression)) in forms.into_iter().enumerate() {
+        let dir = tempfile::tempdir()?;
+        // A bare images.tar, as `docker save` or `skopeo` leave it.
+        let (archive, _) = write_images_tar(dir.path(), &imgs, format, compression)?;
+        let expected = Bundle::open(&archive)?;
+        let node = Node::start(&format!("form-{i}")).await?;
+        let (code, reports, stderr) = load(&archive, &[&node], &[])?;
+        ensure!(
+            code == 0,
+            "{format:?}/{compression:?}: {reports:#?}\n{stderr}"
+        );
+        assert_eq!(u64_of(&reports[0], "images_loaded"), 3, "{format:?}");
+        // Each name points at the manifest lade derived from this very archive.
+        let listing = node.containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"])?;
+        for image in &expected.images {
+            let name = lade::reference::Reference::parse(&image.names[0])?.to_string();
+            let line = listing
+                .lines()
+                .find(|l| l.starts_with(&format!("{name} ")))
+                .with_context(|| format!("{format:?}: {name} missing:\n{listing}"))?;
+            assert!(line.contains(&image.manifest), "{format:?}: {line}");
+        }
+        let out = node.run_container(BUSYBOX, &format!("run-{i}"), &["/bin/echo", "ok"])?;
+        assert_eq!(out.trim(), "ok", "{format:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn altered_layer_is_refused_by_name_and_no_image_appears() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle_path, written) = write_sample_bundle(
+        dir.path(),
+        "bad.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    // Damage the app image's own layer inside the nested images.tar.
+    let layer = &written.images[0].layers[1];
+    let bundle = Bundle::open(&bundle_path)?;
+    let lade::bundle::BlobSource::Member { member, offset } =
+        bundle.blobs[&layer.digest].source.clone()
+    else {
+        panic!("layers are members");
+    };
+    let mut bytes = std::fs::read(&bundle_path)?;
+    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
+    std::fs::write(&bundle_path, bytes)?;
+
+    let node = Node::start("victim").await?;
+    let (code, reports, stderr) = load(&bundle_path, &[&node], &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let error = reports[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&member), "{error}");
+    assert!(
+        error.contains("layer 2 of release.daocloud.io/demo/app:v1"),
+        "{error}"
+    );
+    assert!(error.contains("altered"), "{error}");
+    // Nothing half-done is visible: no name at all, and the damaged blob was never committed.
+    assert_eq!(node.image_names()?, Vec::<String>::new());
+    let content = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    assert!(!content.contains(&layer.digest), "{content}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_down_agent_fails_alone_and_is_named() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle, _) = write_sample_bundle(
+        dir.path(),
+        "demo.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let mut nodes = start_nodes(&["up-1", "down", "up-2"]).await?;
+    nodes[1].kill_agent();
+    let down = nodes[1].addr();
+    let refs: Vec<&Node> = nodes.iter().collect();
+
+    let (code, reports, stderr) = load(&bundle, &refs, &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["ok"], true, "{}", reports[0]);
+    assert_eq!(reports[2]["ok"], true, "{}", reports[2]);
+    assert_eq!(reports[1]["ok"], false);
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&down) && error.contains("cannot reach agent"),
+        "{error}"
+    );
+    assert_eq!(
+        nodes[0]
+            .image_names()?
+            .iter()
+            .filter(|n| !n.starts_with("sha256:"))
+            .count(),
+        3
+    );
+
+    // The human summary says which node to retry and why.
+    let mut args = vec![
+        "load".to_string(),
+        bundle.display().to_string(),
+        "--progress".into(),
+        "none".into(),
+    ];
+    for n in &nodes {
+        args.extend(["--agent".to_string(), n.addr()]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_lade(&argv)?;
+    assert_eq!(out.status.code(), Some(1));
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("FAILED") && table.contains(&format!("--agent {down}")),
+        "{table}"
+    );
+    assert!(table.contains("1 of 3 nodes failed"), "{table}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_holding_half_the_layers_receives_only_the_rest() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    // First only busybox (the base layer all three share), as an older bundle would have it.
+    let (small, _) = write_sample_bundle(
+        dir.path(),
+        "old.bundle.tar",
+        &imgs[2..],
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let (full, _) = write_sample_bundle(
+        dir.path(),
+        "new.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let node = Node::start("half").await?;
+    let (code, reports, stderr) = load(&small, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+
+    let held = Bundle::open(&small)?;
+    let all = Bundle::open(&full)?;
+    let expected_sent: u64 = all
+        .blobs
+        .values()
+        .filter(|b| !held.blobs.contains_key(&b.digest))
+        .map(|b| b.size)
+        .sum();
+    let already: u64 = all
+        .blobs
+        .values()
+        .filter(|b| held.blobs.contains_key(&b.digest))
+        .map(|b| b.size)
+        .sum();
+    assert!(already > 0 && expected_sent > 0);
+    let (code, reports, stderr) = load(&full, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(
+        u64_of(&reports[0], "bytes_sent"),
+        expected_sent,
+        "{}",
+        reports[0]
+    );
+    assert_eq!(
+        u64_of(&reports[0], "bytes_skipped"),
+        already,
+        "{}",
+        reports[0]
+    );
+    assert_eq!(u64_of(&reports[0], "images_loaded"), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<()> {
+    use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest};
+    use lade_testkit::fixtures::{random_layer, ImageFixture};
+
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut imgs = images()?;
+    // A layer of a few MiB, so an upload can stop after its first chunk.
+    let base = imgs[2].layers[0].clone();
+    imgs.push(ImageFixture::new(
+        "release.daocloud.io/demo/big:v1",
+        vec![base, random_layer(7, 3 << 20, 0.0)],
+        &["/bin/sh"],
+    ));
+    let (bundle_path, written) = write_sample_bundle(
+        dir.path(),
+        "big.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::None,
+    )?;
+    let bundle = Bundle::open(&bundle_path)?;
+    let big = written.images[3].layers[1].clone();
+    assert!(big.size > 2 * lade_proto::CHUNK_SIZE as u64);
+    let node = Node::start("resume").await?;
+
+    // Send the header and one chunk, then hang up, as a coordinator that died would.
+    let mut client = lade::load::connect(&node.addr(), std::time::Duration::from_secs(5)).await?;
+    let desc = Descriptor {
+        digest: big.digest.clone(),
+        size: big.size,
+        media_type: big.media_type.clone(),
+    };
+    let mut reader = bundle.read_blob(&big.digest, 0)?;
+    let first = reader
+        .next_chunk(lade_proto::CHUNK_SIZE)?
+        .expect("a first chunk");
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(PutBlobRequest {
+        msg: Some(Msg::Header(BlobHeader {
+            session: "resume-test".into(),
+            blob: Some(desc.clone()),
+            offset: 0,
+        })),
+    })
+    .await?;
+    tx.send(PutBlobRequest {
+        msg: Some(Msg::Chunk(first.into())),
+    })
+    .await?;
+    drop(tx);
+    let interrupted = client
+        .put_blob(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    let status = interrupted.expect_err("an incomplete blob must not be accepted");
+    assert_eq!(status.code(), tonic::Code::DataLoss, "{status}");
+
+    let have = client
+        .have(HaveRequest {
+            session: "resume-test".into(),
+            blobs: vec![desc],
+        })
+        .await?
+        .into_inner();
+    assert!(!have.blobs[0].present);
+    assert_eq!(have.blobs[0].offset, lade_proto::CHUNK_SIZE as u64);
+
+    // The next load sends the rest of that blob only, and the image is whole.
+    let (code, reports, stderr) = load(&bundle_path, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(
+        u64_of(&reports[0], "bytes_skipped"),
+        lade_proto::CHUNK_SIZE as u64
+    );
+    assert_eq!(
+        u64_of(&reports[0], "bytes_sent"),
+        bundle.total_bytes() - lade_proto::CHUNK_SIZE as u64
+    );
+    assert_eq!(u64_of(&reports[0], "images_loaded"), 4);
+    let check = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "check"])?;
+    assert!(
+        check.lines().skip(1).all(|l| l.contains("complete")),
+        "{check}"
+    );
     Ok(())
 }
