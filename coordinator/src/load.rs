@@ -5,6 +5,7 @@
 //! [`NodeReport`] and never stops the others. Rendering progress and the summary is
 //! [`crate::progress`]'s job; naming rules are [`crate::reference`]'s.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -60,34 +61,62 @@ pub struct PlannedImage {
     pub names: Vec<String>,
 }
 
+/// Why the bundle's images cannot be named as asked.
+#[derive(Debug, thiserror::Error)]
+pub enum PlanError {
+    #[error(transparent)]
+    Reference(#[from] ReferenceError),
+    #[error(
+        "name {name} would be given to two different images ({first} and {second}); adjust the --retag rules"
+    )]
+    NameClash {
+        name: String,
+        first: String,
+        second: String,
+    },
+}
+
 /// Names every image of the bundle gets, the same on every node. Fails before anything is
-/// sent if a name in the bundle or a retag result is not a valid reference.
+/// sent if a name in the bundle or a retag result is not a valid reference, or if two
+/// different images would end up under one name (the last import would silently win).
 pub fn plan_names(
     bundle: &Bundle,
     rules: &[RetagRule],
     keep_original: bool,
-) -> Result<Vec<PlannedImage>, ReferenceError> {
-    bundle
-        .images
-        .iter()
-        .map(|image| {
-            let mut names = Vec::new();
-            for raw in &image.names {
-                let original = Reference::parse(raw)?;
-                for target in target_names(&original, rules, keep_original)? {
-                    let target = target.to_string();
-                    if !names.contains(&target) {
-                        names.push(target);
+) -> Result<Vec<PlannedImage>, PlanError> {
+    let mut owner: HashMap<String, (String, String)> = HashMap::new();
+    let mut plan = Vec::with_capacity(bundle.images.len());
+    for image in &bundle.images {
+        let mut names = Vec::new();
+        for raw in &image.names {
+            let original = Reference::parse(raw)?;
+            for target in target_names(&original, rules, keep_original)? {
+                let target = target.to_string();
+                if let Some((manifest, first)) = owner.get(&target) {
+                    if *manifest != image.manifest {
+                        return Err(PlanError::NameClash {
+                            name: target,
+                            first: first.clone(),
+                            second: image.label().to_string(),
+                        });
                     }
                 }
+                owner.insert(
+                    target.clone(),
+                    (image.manifest.clone(), image.label().to_string()),
+                );
+                if !names.contains(&target) {
+                    names.push(target);
+                }
             }
-            Ok(PlannedImage {
-                source: image.label().to_string(),
-                manifest: image.manifest.clone(),
-                names,
-            })
-        })
-        .collect()
+        }
+        plan.push(PlannedImage {
+            source: image.label().to_string(),
+            manifest: image.manifest.clone(),
+            names,
+        });
+    }
+    Ok(plan)
 }
 
 /// What happened on one node.

@@ -208,6 +208,20 @@ pub fn summary_table(reports: &[NodeReport]) -> String {
         out.push_str(&fmt_row(row));
         out.push('\n');
     }
+    let sent: u64 = reports.iter().map(|r| r.bytes_sent).sum();
+    let skipped: u64 = reports.iter().map(|r| r.bytes_skipped).sum();
+    if sent == 0 && reports.iter().all(|r| r.ok) {
+        out.push_str(&format!(
+            "\nnothing sent: every node already held every blob ({} in all)\n",
+            HumanBytes(skipped)
+        ));
+    } else {
+        out.push_str(&format!(
+            "\nsent {} in all; {} was already on the nodes\n",
+            HumanBytes(sent),
+            HumanBytes(skipped)
+        ));
+    }
     for r in reports.iter().filter(|r| !r.ok) {
         let who = if r.node.is_empty() {
             r.agent.clone()
@@ -280,6 +294,22 @@ mod tests {
         assert!(table.contains("2 of 3 nodes failed"), "{table}");
         assert!(
             table.contains("--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn table_says_when_nothing_was_sent() {
+        let again = NodeReport {
+            agent: "10.0.0.1:7700".into(),
+            node: "node-a".into(),
+            bytes_skipped: 3 << 20,
+            ok: true,
+            ..Default::default()
+        };
+        let table = summary_table(&[again]);
+        assert!(
+            table.contains("nothing sent: every node already held every blob (3.00 MiB in all)"),
             "{table}"
         );
     }

@@ -136,3 +136,26 @@ fn help_matches_snapshots() {
         check_snapshot(name, &String::from_utf8_lossy(&out.stdout));
     }
 }
+
+#[test]
+fn retag_rules_that_merge_two_images_under_one_name_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    // Two repositories mapped onto one: app:v1 and sidecar:v1 would both be one/…:v1.
+    let out = lade(&[
+        "load",
+        bundle.to_str().unwrap(),
+        "--agent",
+        "127.0.0.1:1",
+        "--retag",
+        "release.daocloud.io/demo/app=10.0.0.1/demo/one",
+        "--retag",
+        "release.daocloud.io/demo/sidecar=10.0.0.1/demo/one",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("10.0.0.1/demo/one:v1") && err.contains("two different images"),
+        "{err}"
+    );
+}
