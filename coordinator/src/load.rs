@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
-use tracing::{info, instrument, warn};
+use tracing::{info, instrument};
 
 use crate::bundle::{Bundle, BundleError};
 use crate::progress::Progress;
@@ -186,7 +186,8 @@ pub async fn load(
                     .await;
                     report.seconds = started.elapsed().as_secs_f64();
                     if let Err(e) = result {
-                        warn!(%agent, error = %e, "node failed");
+                        // The summary reports it; a warning would tear through the bars.
+                        info!(%agent, error = %e, "node failed");
                         report.error = Some(e.to_string());
                     }
                     report.ok = report.error.is_none() && report.failed_images.is_empty();
@@ -212,18 +213,25 @@ pub async fn connect(agent: &str, timeout: Duration) -> Result<AgentClient<Chann
         .connect_timeout(timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
-    let channel = endpoint.connect().await.map_err(|e| {
-        let mut reason = e.to_string();
-        let mut source = std::error::Error::source(&e);
-        while let Some(s) = source {
-            reason = format!("{reason}: {s}");
-            source = s.source();
-        }
-        err(reason)
-    })?;
+    let channel = endpoint.connect().await.map_err(|e| err(error_chain(&e)))?;
     Ok(AgentClient::new(channel)
         .max_decoding_message_size(8 << 20)
         .max_encoding_message_size(8 << 20))
+}
+
+/// An error and its sources as one line, skipping a source whose text its parent already
+/// says (transport errors repeat themselves).
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
 }
 
 #[instrument(skip_all, fields(agent))]
@@ -438,4 +446,40 @@ async fn put_blob(
         status,
     })?;
     Ok(sent)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[derive(Debug)]
+    struct E(&'static str, Option<Box<E>>);
+    impl std::fmt::Display for E {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str(self.0)
+        }
+    }
+    impl std::error::Error for E {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            self.1.as_deref().map(|e| e as _)
+        }
+    }
+
+    #[test]
+    fn error_chain_drops_repeated_sources() {
+        let e = E(
+            "transport error",
+            Some(Box::new(E(
+                "tcp connect error",
+                Some(Box::new(E(
+                    "tcp connect error",
+                    Some(Box::new(E("Connection refused", None))),
+                ))),
+            ))),
+        );
+        assert_eq!(
+            error_chain(&e),
+            "transport error: tcp connect error: Connection refused"
+        );
+    }
 }

@@ -39,13 +39,11 @@ impl Bars {
         let mut bars = self.bars.lock().expect("progress lock");
         bars.entry(agent.to_string())
             .or_insert_with(|| {
-                let bar = self.multi.add(ProgressBar::new(0));
+                // A spinner until the node says how much it lacks; then a byte bar.
+                let bar = self.multi.add(ProgressBar::new_spinner());
                 bar.set_style(
-                    ProgressStyle::with_template(
-                        "{prefix:<24} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
-                    )
-                    .expect("valid template")
-                    .progress_chars("=> "),
+                    ProgressStyle::with_template("{prefix:<32} {spinner} {msg}")
+                        .expect("valid template"),
                 );
                 bar.set_prefix(agent.to_string());
                 bar.enable_steady_tick(Duration::from_millis(200));
@@ -70,6 +68,13 @@ impl Progress for Bars {
     }
     fn sending(&self, agent: &str, bytes: u64, skipped: u64) {
         let bar = self.bar(agent);
+        bar.set_style(
+            ProgressStyle::with_template(
+                "{prefix:<32} [{bar:30}] {bytes:>10}/{total_bytes:<10} {binary_bytes_per_sec:>12} eta {eta:>4} {msg}",
+            )
+            .expect("valid template")
+            .progress_chars("=> "),
+        );
         bar.set_length(bytes);
         bar.set_message(format!("sending ({} already there)", HumanBytes(skipped)));
     }

@@ -33,8 +33,10 @@ pub fn workspace_bin(name: &str) -> Result<PathBuf> {
 /// One simulated node: its own containerd and a `lade-agent` serving it.
 pub struct Node {
     pub name: String,
-    pub containerd: Containerd,
+    // Declared before `containerd` so it is dropped first: a live agent names the socket on
+    // its command line and would look like a leftover shim to containerd's cleanup.
     agent: Option<ChildGuard>,
+    pub containerd: Containerd,
     pub port: u16,
 }
 
