@@ -39,10 +39,14 @@ fn read_whole(bundle: &Bundle, digest: &str, from: u64) -> Result<Vec<u8>, Bundl
     Ok(out)
 }
 
-/// Which (format, compression) pairs real producers write. `docker save` writes plain
-/// layers only; the others take any.
+/// (format, compression) pairs to read. `docker save` writes plain layers; its gzip case
+/// stands for hand-made archives whose `<id>/layer.tar` names claim no digest, so the
+/// reader must hash them while indexing.
 fn cases() -> Vec<(ArchiveFormat, Compression)> {
-    let mut v = vec![(ArchiveFormat::DockerSave, Compression::None)];
+    let mut v = vec![
+        (ArchiveFormat::DockerSave, Compression::None),
+        (ArchiveFormat::DockerSave, Compression::Gzip),
+    ];
     for f in [
         ArchiveFormat::Gcr,
         ArchiveFormat::Oci,

@@ -14,8 +14,8 @@ use serde_json::json;
 
 use super::tarindex::TarIndex;
 use super::{
-    is_hex64, layer_media_type, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError,
-    Compression, Image, Parsed, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_MANIFEST,
+    config_diff_ids, is_hex64, layer_media_type, sha256_digest, ArchiveFormat, Blob, BlobSource,
+    BundleError, Compression, Image, Parsed, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_MANIFEST,
 };
 
@@ -27,17 +27,6 @@ struct Entry {
     repo_tags: Option<Vec<String>>,
     #[serde(rename = "Layers")]
     layers: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct ConfigDoc {
-    rootfs: RootFs,
 }
 
 /// The digest a member's name claims for its bytes: `<hex>.tar.gz`, `<hex>.tar`, `<hex>`,
@@ -100,13 +89,12 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 });
             }
         }
-        let config: ConfigDoc = serde_json::from_slice(&config_bytes).map_err(|e| {
+        let diff_ids = config_diff_ids(&config_bytes).map_err(|e| {
             bad_image(format!(
                 "config {} is not an image config: {e}",
                 entry.config
             ))
         })?;
-        let diff_ids = config.rootfs.diff_ids;
         if diff_ids.len() != entry.layers.len() {
             return Err(bad_image(format!(
                 "manifest.json lists {} layers but its config lists {} diffIDs",
@@ -205,31 +193,14 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
 
 /// Hashes a member whose name claims no digest (compressed `<id>/layer.tar`, rare).
 fn hash_member(archive: &TarIndex, name: &str, size: u64) -> Result<String, BundleError> {
-    use sha2::{Digest as _, Sha256};
-    use std::io::Read;
     let member = archive.resolve(name)?;
-    let mut section =
-        super::tarindex::Section::open(&archive.file, member.offset, size).map_err(|e| {
-            BundleError::Io {
-                path: archive.file.clone(),
-                what: format!("reading {name} in {}", archive.label),
-                source: e,
-            }
-        })?;
-    let mut hasher = Sha256::new();
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = section.read(&mut buf).map_err(|e| BundleError::Io {
+    super::tarindex::Section::open(&archive.file, member.offset, size)
+        .and_then(super::read::sha256_of)
+        .map_err(|e| BundleError::Io {
             path: archive.file.clone(),
             what: format!("reading {name} in {}", archive.label),
             source: e,
-        })?;
-        if n == 0 {
-            break;
-        }
-        hasher.update(&buf[..n]);
-    }
-    Ok(format!("sha256:{}", hex::encode(hasher.finalize())))
+        })
 }
 
 #[cfg(test)]

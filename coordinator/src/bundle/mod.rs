@@ -155,6 +155,20 @@ pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
+/// The diffIDs an image config lists (`rootfs.diff_ids`), base layer first.
+pub(crate) fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+    #[derive(serde::Deserialize)]
+    struct RootFs {
+        #[serde(default)]
+        diff_ids: Vec<String>,
+    }
+    #[derive(serde::Deserialize)]
+    struct Config {
+        rootfs: RootFs,
+    }
+    serde_json::from_slice::<Config>(bytes).map(|c| c.rootfs.diff_ids)
+}
+
 /// Whether `s` is 64 lowercase hex digits.
 pub(crate) fn is_hex64(s: &str) -> bool {
     s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))

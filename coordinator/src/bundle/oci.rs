@@ -8,8 +8,8 @@ use serde::Deserialize;
 
 use super::tarindex::TarIndex;
 use super::{
-    sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed, MAX_METADATA_BYTES,
-    MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX,
+    config_diff_ids, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
+    MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX,
 };
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -48,17 +48,6 @@ struct Manifest {
     media_type: String,
     config: Descriptor,
     layers: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct RootFs {
-    #[serde(default)]
-    diff_ids: Vec<String>,
-}
-
-#[derive(Deserialize)]
-struct ConfigDoc {
-    rootfs: RootFs,
 }
 
 #[derive(Deserialize)]
@@ -228,23 +217,22 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             })?;
         let (cblob, cbytes) =
             layout.read_verified(&manifest.config, &format!("config of {label}"))?;
-        let config: ConfigDoc =
-            serde_json::from_slice(&cbytes).map_err(|e| BundleError::BadImage {
-                archive: archive.label.clone(),
-                image: label.clone(),
-                reason: format!(
-                    "config {} is not an image config: {e}",
-                    manifest.config.digest
-                ),
-            })?;
-        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+        let diff_ids = config_diff_ids(&cbytes).map_err(|e| BundleError::BadImage {
+            archive: archive.label.clone(),
+            image: label.clone(),
+            reason: format!(
+                "config {} is not an image config: {e}",
+                manifest.config.digest
+            ),
+        })?;
+        if diff_ids.len() != manifest.layers.len() {
             return Err(BundleError::BadImage {
                 archive: archive.label.clone(),
                 image: label,
                 reason: format!(
                     "manifest lists {} layers but its config lists {} diffIDs",
                     manifest.layers.len(),
-                    config.rootfs.diff_ids.len()
+                    diff_ids.len()
                 ),
             });
         }
@@ -276,7 +264,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             manifest: mblob.digest.clone(),
             config: cblob.digest.clone(),
             layers,
-            diff_ids: config.rootfs.diff_ids,
+            diff_ids,
         });
         blobs.entry(mblob.digest.clone()).or_insert(mblob);
         blobs.entry(cblob.digest.clone()).or_insert(cblob);

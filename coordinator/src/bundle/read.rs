@@ -130,3 +130,16 @@ impl BlobReader {
         Ok(Some(buf))
     }
 }
+
+/// sha256 digest (`sha256:<hex>`) of everything `reader` yields.
+pub(crate) fn sha256_of(mut reader: impl Read) -> io::Result<String> {
+    let mut hasher = Sha256::new();
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = reader.read(&mut buf)?;
+        if n == 0 {
+            return Ok(format!("sha256:{}", hex::encode(hasher.finalize())));
+        }
+        hasher.update(&buf[..n]);
+    }
+}
