@@ -92,6 +92,11 @@ impl Node {
         Ok(())
     }
 
+    /// Process id of the running agent.
+    pub fn agent_pid(&self) -> Option<u32> {
+        self.agent.as_ref().map(ChildGuard::pid)
+    }
+
     /// Kills the agent process (SIGKILL), leaving containerd running.
     pub fn kill_agent(&mut self) {
         if let Some(mut a) = self.agent.take() {
