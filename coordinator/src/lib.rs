@@ -1,6 +1,8 @@
 //! The `lade` coordinator: reads an offline bundle without extracting it ([`bundle`]), plans
 //! per node what is missing, streams blobs to every node's `lade-agent`, has the agents
-//! import and name the images, verifies the result and reports per node ([`load`]).
+//! import and name the images, verifies the result and reports per node ([`load`]), then
+//! upgrades the module's helm release, once it has proved that every node holds every image
+//! the chart will pull ([`upgrade`]).
 //!
 //! `main.rs` only parses the command line and wires these parts.
 
@@ -10,3 +12,4 @@ pub mod inspect;
 pub mod load;
 pub mod progress;
 pub mod reference;
+pub mod upgrade;

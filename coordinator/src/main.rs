@@ -12,8 +12,11 @@ use lade::bundle::Bundle;
 use lade::load::{load, plan_names, LoadOptions};
 use lade::progress::{summary_table, Bars, Lines, Progress};
 use lade::reference::{check_rules, RetagRule};
+use lade::upgrade::helm::Helm;
+use lade::upgrade::values::SetValue;
+use lade::upgrade::{upgrade, ChartSource, UpgradeOptions};
 
-/// Load an offline bundle's images onto every node of a cluster.
+/// Load an offline bundle's images onto every node of a cluster, then upgrade its helm release.
 #[derive(Debug, Parser)]
 #[command(name = "lade", version)]
 struct Cli {
@@ -55,6 +58,8 @@ enum ProgressMode {
 enum Command {
     /// Load every image of BUNDLE onto every agent's node, sending only what each lacks.
     Load(LoadArgs),
+    /// Upgrade or install BUNDLE's helm release, once every node is proved to hold its images.
+    Upgrade(UpgradeArgs),
     /// Show what BUNDLE holds: images, sizes, shared layers, hints.
     Inspect {
         /// Bundle tar or bare images archive.
@@ -65,6 +70,7 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(mut_group("UpgradeFlags", |g| g.requires("then_upgrade")))]
 struct LoadArgs {
     /// Bundle tar (hints.yaml, original-chart/, images.tar) or a bare images archive.
     bundle: PathBuf,
@@ -95,6 +101,126 @@ struct LoadArgs {
     /// Live progress on stderr.
     #[arg(long, value_enum, default_value = "auto")]
     progress: ProgressMode,
+    /// After every node loaded every image, run `lade upgrade` on the release (needs
+    /// --release and --namespace); nothing is upgraded when a node failed.
+    #[arg(long, requires_all = ["release", "namespace"], help_heading = UPGRADE_HEADING)]
+    then_upgrade: bool,
+    /// Helm release to upgrade (with --then-upgrade).
+    #[arg(long, requires = "then_upgrade", help_heading = UPGRADE_HEADING)]
+    release: Option<String>,
+    /// Namespace of the release (with --then-upgrade).
+    #[arg(short, long, requires = "then_upgrade", help_heading = UPGRADE_HEADING)]
+    namespace: Option<String>,
+    #[command(flatten, next_help_heading = UPGRADE_HEADING)]
+    upgrade: UpgradeFlags,
+}
+
+const UPGRADE_HEADING: &str = "Upgrade after loading (with --then-upgrade)";
+
+#[derive(Debug, Args)]
+struct UpgradeArgs {
+    /// Bundle tar whose original-chart/ and hints.yaml are used.
+    bundle: PathBuf,
+    /// Helm release to upgrade, or to install if it does not exist.
+    #[arg(long)]
+    release: String,
+    /// Namespace of the release (created if missing).
+    #[arg(short, long)]
+    namespace: String,
+    /// Agent address host:port of every node the chart's pods may run on; the preflight asks
+    /// each whether it holds every image.
+    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
+    agents: Vec<String>,
+    /// The --retag rules the images were loaded with; when they all rename to one registry
+    /// host, that host is the default --image-registry.
+    #[arg(long = "retag", env = "LADE_RETAG", value_delimiter = ',')]
+    retag: Vec<RetagRule>,
+    /// Agents asked at the same time.
+    #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
+    parallel: usize,
+    /// Give up connecting to an agent after this long.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    connect_timeout: Duration,
+    #[command(flatten)]
+    upgrade: UpgradeFlags,
+}
+
+/// How the release is upgraded; shared by `upgrade` and `load --then-upgrade`. No environment
+/// variables here: one set would make every plain `lade load` ask for --then-upgrade.
+#[derive(Debug, Args)]
+struct UpgradeFlags {
+    /// Value of global.imageRegistry, the registry the images were tagged for. Default: the
+    /// one registry host the --retag rules rename to; required when there is none and the
+    /// chart's values have global.imageRegistry.
+    #[arg(long)]
+    image_registry: Option<String>,
+    /// Chart to install: "bundle" (the bundle's original-chart/, offline) or REPO/CHART from a
+    /// helm repository.
+    #[arg(long, default_value = "bundle")]
+    chart: ChartSource,
+    /// URL for `helm repo add REPO URL`, run only when helm does not know REPO.
+    #[arg(long)]
+    repo_url: Option<String>,
+    /// Chart version (REPO/CHART: default the newest release; bundle: must match the chart).
+    #[arg(long)]
+    version: Option<String>,
+    /// Values file merged over the release's current values; repeatable, later wins.
+    #[arg(short = 'f', long = "values")]
+    values: Vec<PathBuf>,
+    /// Value KEY.PATH=VALUE set after the --values files; repeatable (no list syntax).
+    #[arg(long = "set")]
+    set: Vec<SetValue>,
+    /// Upgrade without proving that every node holds every image the chart will pull.
+    #[arg(long)]
+    skip_preflight: bool,
+    /// Print the helm upgrade command, the backup path and the preflight table instead of
+    /// upgrading; only helm's read-only steps run.
+    #[arg(long)]
+    dry_run: bool,
+    /// helm binary.
+    #[arg(long, default_value = "helm")]
+    helm: PathBuf,
+    /// Kubeconfig helm uses (default: helm's own, $KUBECONFIG or ~/.kube/config).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context helm uses.
+    #[arg(long)]
+    kube_context: Option<String>,
+}
+
+impl UpgradeFlags {
+    /// The options of an upgrade of `release` in `namespace`, asking `agents`.
+    fn options(
+        self,
+        release: String,
+        namespace: String,
+        agents: Vec<String>,
+        rules: Vec<RetagRule>,
+        parallel: usize,
+        connect_timeout: Duration,
+    ) -> UpgradeOptions {
+        UpgradeOptions {
+            release,
+            namespace,
+            chart: self.chart,
+            repo_url: self.repo_url,
+            version: self.version,
+            values_files: self.values,
+            set: self.set,
+            image_registry: self.image_registry,
+            rules,
+            agents,
+            connect_timeout,
+            parallel,
+            skip_preflight: self.skip_preflight,
+            dry_run: self.dry_run,
+            helm: Helm {
+                program: self.helm,
+                kubeconfig: self.kubeconfig,
+                kube_context: self.kube_context,
+            },
+        }
+    }
 }
 
 fn main() -> ExitCode {
@@ -132,6 +258,35 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             runtime.block_on(run_load(args))
         }
+        Command::Upgrade(args) => {
+            check_rules(&args.retag)?;
+            let bundle = Bundle::open(&args.bundle)?;
+            let opts = args.upgrade.options(
+                args.release,
+                args.namespace,
+                args.agents,
+                args.retag,
+                args.parallel,
+                args.connect_timeout,
+            );
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            Ok(runtime.block_on(run_upgrade(&bundle, &opts, &mut std::io::stdout())))
+        }
+    }
+}
+
+/// Runs an upgrade; its error, if any, is printed here, since it picks the exit code.
+async fn run_upgrade(
+    bundle: &Bundle,
+    opts: &UpgradeOptions,
+    out: &mut (dyn std::io::Write + Send),
+) -> ExitCode {
+    match upgrade(bundle, opts, out).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(e.exit_code())
+        }
     }
 }
 
@@ -153,15 +308,36 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         parallel: args.parallel,
         connect_timeout: args.connect_timeout,
     };
-    let reports = load(Arc::new(bundle), Arc::new(plan), &opts, progress).await;
+    let bundle = Arc::new(bundle);
+    let reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
     match args.output {
         Output::Text => print!("{}", summary_table(&reports)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
     }
-    Ok(if reports.iter().all(|r| r.ok) {
-        ExitCode::SUCCESS
-    } else {
-        ExitCode::FAILURE
+    if !reports.iter().all(|r| r.ok) {
+        if args.then_upgrade {
+            eprintln!("upgrade not started: not every node holds every image");
+        }
+        return Ok(ExitCode::FAILURE);
+    }
+    let (Some(release), Some(namespace)) = (args.release, args.namespace) else {
+        return Ok(ExitCode::SUCCESS);
+    };
+    let upgrade = args.upgrade.options(
+        release,
+        namespace,
+        opts.agents,
+        opts.rules,
+        opts.parallel,
+        opts.connect_timeout,
+    );
+    // The JSON summary owns stdout; the upgrade's report then goes to stderr.
+    Ok(match args.output {
+        Output::Text => {
+            println!();
+            run_upgrade(&bundle, &upgrade, &mut std::io::stdout()).await
+        }
+        Output::Json => run_upgrade(&bundle, &upgrade, &mut std::io::stderr()).await,
     })
 }
 

@@ -129,6 +129,7 @@ fn help_matches_snapshots() {
     for (args, name) in [
         (&["--help"][..], "help.txt"),
         (&["load", "--help"][..], "load-help.txt"),
+        (&["upgrade", "--help"][..], "upgrade-help.txt"),
         (&["inspect", "--help"][..], "inspect-help.txt"),
     ] {
         let out = lade(args);

@@ -1,8 +1,10 @@
 //! Shared by lade's integration tests, `lade-demo` and the benchmark: deterministic generated
 //! test images in every archive form lade reads ([`fixtures`]), and real daemons started
-//! privately per simulated node ([`harness`], [`cri`]). Nothing here is used by the product.
+//! privately per simulated node ([`harness`], [`cri`]), and a recording stand-in for the
+//! `helm` CLI ([`helm`]). Nothing here is used by the product.
 
 pub mod cri;
 pub mod fixtures;
 pub mod harness;
+pub mod helm;
 pub mod nodes;

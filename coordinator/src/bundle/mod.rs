@@ -297,6 +297,113 @@ impl Bundle {
     pub fn total_bytes(&self) -> u64 {
         self.blobs.values().map(|b| b.size).sum()
     }
+
+    /// Copies the files of `original-chart/` to `dest` (which must exist), keeping their paths
+    /// relative to `original-chart/`, and returns how many were written.
+    ///
+    /// The one exception to "never extract": helm reads a chart only from disk. A chart is a
+    /// few small text files, copied from their byte ranges; images are never extracted.
+    pub fn extract_chart(&self, dest: &Path) -> Result<usize, BundleError> {
+        if self.chart_files.is_empty() {
+            return Err(BundleError::BadArchive {
+                archive: self.path.display().to_string(),
+                reason: "the bundle has no original-chart/ to install".into(),
+            });
+        }
+        // Only the outer headers are read again: a handful of members, images.tar being one.
+        let label = self.path.display().to_string();
+        let len = std::fs::metadata(&self.path)
+            .map_err(|e| BundleError::Io {
+                path: self.path.clone(),
+                what: "opening the bundle".into(),
+                source: e,
+            })?
+            .len();
+        let outer = TarIndex::build(&self.path, &label, 0, len)?;
+        let mut written = 0;
+        for member in outer.members() {
+            let Some(rest) = within_part(&member.name, "original-chart").filter(|r| !r.is_empty())
+            else {
+                continue;
+            };
+            // Member names are normalised by the index (no `..`, not absolute), so `target`
+            // stays under `dest`; links are resolved inside the archive, never on disk.
+            let source = outer.resolve(&member.name)?;
+            let target = dest.join(rest);
+            let io_err = |what: String| {
+                let target = target.clone();
+                move |e| BundleError::Io {
+                    path: target,
+                    what,
+                    source: e,
+                }
+            };
+            if let Some(parent) = target.parent() {
+                std::fs::create_dir_all(parent)
+                    .map_err(io_err("creating the chart directory".into()))?;
+            }
+            let mut reader = tarindex::Section::open(&self.path, source.offset, source.size)
+                .map_err(|e| BundleError::Io {
+                    path: self.path.clone(),
+                    what: format!("reading {}", member.name),
+                    source: e,
+                })?;
+            let mut file = std::fs::File::create(&target)
+                .map_err(io_err(format!("writing chart file {rest}")))?;
+            std::io::copy(&mut reader, &mut file)
+                .map_err(io_err(format!("writing chart file {rest}")))?;
+            written += 1;
+        }
+        Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use lade_testkit::fixtures::{sample_chart, write_bundle_from_reader};
+
+    fn bundle_with_chart(dir: &Path, chart: &[(String, Vec<u8>)]) -> Bundle {
+        let images = b"not read by extract_chart";
+        let path = dir.join("b.tar");
+        let mut out = Vec::new();
+        write_bundle_from_reader(&images[..], images.len() as u64, "", chart, &mut out).unwrap();
+        std::fs::write(&path, out).unwrap();
+        // The images.tar above is no archive, so index the chart by hand as open() would.
+        Bundle {
+            path,
+            kind: BundleKind::Bundle,
+            format: ArchiveFormat::DockerArchive,
+            hints: None,
+            chart_files: chart.iter().map(|(p, _)| p.clone()).collect(),
+            images: Vec::new(),
+            blobs: BTreeMap::new(),
+            archive_label: "b.tar".into(),
+        }
+    }
+
+    #[test]
+    fn extract_chart_writes_the_chart_files_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut chart = sample_chart();
+        chart.push(("charts/sub/values.yaml".into(), b"tag: v2\n".to_vec()));
+        let bundle = bundle_with_chart(dir.path(), &chart);
+        let dest = dir.path().join("out");
+        std::fs::create_dir(&dest).unwrap();
+        assert_eq!(bundle.extract_chart(&dest).unwrap(), 3);
+        for (path, data) in &chart {
+            assert_eq!(&std::fs::read(dest.join(path)).unwrap(), data, "{path}");
+        }
+        assert!(!dest.join("images.tar").exists() && !dest.join("hints.yaml").exists());
+    }
+
+    #[test]
+    fn extract_chart_refuses_a_bundle_without_a_chart() {
+        let dir = tempfile::tempdir().unwrap();
+        let bundle = bundle_with_chart(dir.path(), &[]);
+        let err = bundle.extract_chart(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("no original-chart/"), "{err}");
+    }
 }
 
 /// Media type for a layer whose stored bytes start with `head`: compression is detected by

@@ -1,0 +1,364 @@
+//! The preflight: before helm runs, prove that every image the chart will pull is on every
+//! node, as kubelet would find it.
+//!
+//! This module owns deriving the images (rendering `hints.yaml` against the values tree helm
+//! will compute, and normalising each result as the CRI plugin does), asking every agent
+//! (`Info`, then `Verify` with all the references), and the reference × node table. It does
+//! not own computing the values tree ([`super::values`]) or what happens after a verdict.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::time::Duration;
+
+use futures::StreamExt;
+use lade_proto::{InfoRequest, RefStatus, VerifyRequest};
+use serde_yaml::Value;
+use tracing::instrument;
+
+use super::UpgradeError;
+use crate::hints::Hints;
+use crate::load::connect;
+use crate::reference::Reference;
+
+/// Renders every template of `hints` against `values` and normalises the results, in order
+/// and without repeats. Every template that cannot be rendered, or renders to something that
+/// is not an image reference, is reported, not only the first.
+pub fn derive_images(hints: &Hints, values: &Value) -> Result<Vec<String>, UpgradeError> {
+    let mut images = Vec::new();
+    let mut problems = Vec::new();
+    for template in &hints.templates {
+        match template.render(values) {
+            Ok(text) => match Reference::parse(&text) {
+                Ok(reference) => {
+                    let reference = reference.to_string();
+                    if !images.contains(&reference) {
+                        images.push(reference);
+                    }
+                }
+                Err(e) => problems.push(format!("template {:?}: {e}", template.text())),
+            },
+            Err(e) => problems.push(e.to_string()),
+        }
+    }
+    if problems.is_empty() {
+        Ok(images)
+    } else {
+        Err(UpgradeError::PreflightHints { problems })
+    }
+}
+
+/// What one agent answered.
+#[derive(Debug)]
+pub struct NodeAnswer {
+    pub agent: String,
+    /// Node name the agent reported; empty when it could not be reached.
+    pub node: String,
+    /// Status per reference, or why the agent could not answer.
+    pub result: Result<HashMap<String, RefStatus>, String>,
+}
+
+impl NodeAnswer {
+    fn label(&self) -> String {
+        if self.node.is_empty() {
+            self.agent.clone()
+        } else {
+            format!("{} ({})", self.node, self.agent)
+        }
+    }
+
+    fn has(&self, image: &str) -> bool {
+        matches!(&self.result, Ok(found) if found.get(image).is_some_and(|s| s.ok))
+    }
+}
+
+/// The preflight's findings: every image against every node.
+#[derive(Debug)]
+pub struct Report {
+    pub images: Vec<String>,
+    pub nodes: Vec<NodeAnswer>,
+}
+
+/// Asks every agent, `parallel` at a time, about every image.
+pub async fn check(
+    images: &[String],
+    agents: &[String],
+    timeout: Duration,
+    parallel: usize,
+) -> Report {
+    let mut nodes: Vec<(usize, NodeAnswer)> = futures::stream::iter(agents.iter().enumerate())
+        .map(|(i, agent)| async move { (i, ask(agent, images, timeout).await) })
+        .buffer_unordered(parallel.max(1))
+        .collect()
+        .await;
+    nodes.sort_by_key(|(i, _)| *i);
+    Report {
+        images: images.to_vec(),
+        nodes: nodes.into_iter().map(|(_, n)| n).collect(),
+    }
+}
+
+#[instrument(skip_all, fields(agent))]
+async fn ask(agent: &str, images: &[String], timeout: Duration) -> NodeAnswer {
+    let mut answer = NodeAnswer {
+        agent: agent.to_string(),
+        node: String::new(),
+        result: Err(String::new()),
+    };
+    let mut client = match connect(agent, timeout).await {
+        Ok(client) => client,
+        Err(e) => {
+            answer.result = Err(e.to_string());
+            return answer;
+        }
+    };
+    match client.info(InfoRequest {}).await {
+        Ok(info) => answer.node = info.into_inner().node_name,
+        Err(status) => {
+            answer.result = Err(format!("agent {agent}: Info failed: {status}"));
+            return answer;
+        }
+    }
+    answer.result = client
+        .verify(VerifyRequest {
+            refs: images.to_vec(),
+        })
+        .await
+        .map(|r| {
+            r.into_inner()
+                .refs
+                .into_iter()
+                .map(|s| (s.r#ref.clone(), s))
+                .collect()
+        })
+        .map_err(|status| format!("agent {agent}: Verify failed: {status}"));
+    answer
+}
+
+impl Report {
+    /// Why the upgrade must not start, or `None` when every node holds every image.
+    pub fn failure(&self) -> Option<String> {
+        let missing = self
+            .images
+            .iter()
+            .filter(|i| self.nodes.iter().any(|n| !n.has(i)))
+            .count();
+        let failing: Vec<&NodeAnswer> = self
+            .nodes
+            .iter()
+            .filter(|n| self.images.iter().any(|i| !n.has(i)))
+            .collect();
+        if failing.is_empty() {
+            return None;
+        }
+        let retry: Vec<String> = failing
+            .iter()
+            .map(|n| format!("--agent {}", n.agent))
+            .collect();
+        Some(format!(
+            "{missing} of {} not on {} of {}; load the bundle onto them (lade load BUNDLE {}) \
+             or fix the values",
+            count(self.images.len(), "image"),
+            failing.len(),
+            count(self.nodes.len(), "node"),
+            retry.join(" ")
+        ))
+    }
+
+    /// The table (image × node: `ok`, `MISSING`, or `?` for a node that did not answer),
+    /// then every problem, then the verdict.
+    pub fn to_text(&self) -> String {
+        let mut header = vec!["IMAGE (from hints.yaml)".to_string()];
+        header.extend(self.nodes.iter().map(|n| {
+            if n.node.is_empty() {
+                n.agent.clone()
+            } else {
+                n.node.clone()
+            }
+        }));
+        let mut rows = vec![header];
+        for image in &self.images {
+            let mut row = vec![image.clone()];
+            row.extend(self.nodes.iter().map(|n| match &n.result {
+                Err(_) => "?".to_string(),
+                Ok(_) if n.has(image) => "ok".to_string(),
+                Ok(_) => "MISSING".to_string(),
+            }));
+            rows.push(row);
+        }
+        let mut widths = vec![0; rows[0].len()];
+        for row in &rows {
+            for (w, cell) in widths.iter_mut().zip(row) {
+                *w = (*w).max(cell.chars().count());
+            }
+        }
+        let mut out = format!(
+            "preflight: {} the chart will pull, on {}\n",
+            count(self.images.len(), "image"),
+            count(self.nodes.len(), "node")
+        );
+        for row in &rows {
+            let line: Vec<String> = row
+                .iter()
+                .zip(&widths)
+                .map(|(cell, w)| format!("{cell:<w$}"))
+                .collect();
+            let _ = writeln!(out, "{}", line.join("  ").trim_end());
+        }
+        let mut problems = String::new();
+        for node in &self.nodes {
+            match &node.result {
+                Err(reason) => {
+                    let _ = writeln!(problems, "{}: {reason}", node.label());
+                }
+                Ok(found) => {
+                    for image in self.images.iter().filter(|i| !node.has(i)) {
+                        let problem = found
+                            .get(image)
+                            .map(|s| s.problem.as_str())
+                            .filter(|p| !p.is_empty())
+                            .unwrap_or("not reported by the agent");
+                        let _ = writeln!(problems, "{}: {image}: {problem}", node.label());
+                    }
+                }
+            }
+        }
+        if !problems.is_empty() {
+            out.push('\n');
+            out.push_str(&problems);
+        }
+        match self.failure() {
+            None => {
+                let _ = writeln!(
+                    out,
+                    "preflight passed: every node holds every image the chart will pull"
+                );
+            }
+            Some(summary) => {
+                let _ = writeln!(out, "preflight FAILED: {summary}");
+            }
+        }
+        out
+    }
+}
+
+/// `1 image`, `2 images`.
+fn count(n: usize, thing: &str) -> String {
+    if n == 1 {
+        format!("1 {thing}")
+    } else {
+        format!("{n} {thing}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn status(r: &str, ok: bool) -> (String, RefStatus) {
+        (
+            r.to_string(),
+            RefStatus {
+                r#ref: r.to_string(),
+                ok,
+                problem: if ok { "" } else { "no such image" }.to_string(),
+                ..Default::default()
+            },
+        )
+    }
+
+    #[test]
+    fn hints_render_to_normalised_references_once_each() {
+        let hints = Hints::parse(
+            "- \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}\"\n\
+             - \"{{ .sidecar-agent.image }}\"\n\
+             - \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}\"\n",
+        )
+        .unwrap();
+        let values: Value = serde_yaml::from_str(
+            "global: {imageRegistry: 10.0.0.1}\napp: {tag: v1}\nsidecar-agent: {image: busybox}\n",
+        )
+        .unwrap();
+        assert_eq!(
+            derive_images(&hints, &values).unwrap(),
+            ["10.0.0.1/demo/app:v1", "docker.io/library/busybox:latest"]
+        );
+    }
+
+    #[test]
+    fn every_unrenderable_template_is_reported() {
+        let hints =
+            Hints::parse("- \"{{ .a.missing }}\"\n- \"{{ .b }}/X:1\"\n- \"{{ .b }}/ok:1\"\n")
+                .unwrap();
+        let values: Value = serde_yaml::from_str("a: {}\nb: r.io\n").unwrap();
+        let UpgradeError::PreflightHints { problems } = derive_images(&hints, &values).unwrap_err()
+        else {
+            panic!("wrong error");
+        };
+        assert_eq!(problems.len(), 2, "{problems:?}");
+        assert!(
+            problems[0].contains(".a.missing is not set"),
+            "{problems:?}"
+        );
+        assert!(problems[1].contains("must be lowercase"), "{problems:?}");
+    }
+
+    #[test]
+    fn table_marks_missing_images_and_silent_nodes() {
+        let images = vec!["r.io/a:1".to_string(), "r.io/b:1".to_string()];
+        let report = Report {
+            images: images.clone(),
+            nodes: vec![
+                NodeAnswer {
+                    agent: "10.0.0.1:7700".into(),
+                    node: "node-a".into(),
+                    result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
+                },
+                NodeAnswer {
+                    agent: "10.0.0.2:7700".into(),
+                    node: "node-b".into(),
+                    result: Ok([status("r.io/a:1", true), status("r.io/b:1", false)].into()),
+                },
+                NodeAnswer {
+                    agent: "10.0.0.3:7700".into(),
+                    node: String::new(),
+                    result: Err("cannot reach agent 10.0.0.3:7700: refused".into()),
+                },
+            ],
+        };
+        let text = report.to_text();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines[1..4],
+            [
+                "IMAGE (from hints.yaml)  node-a  node-b   10.0.0.3:7700",
+                "r.io/a:1                 ok      ok       ?",
+                "r.io/b:1                 ok      MISSING  ?",
+            ]
+        );
+        assert!(
+            text.contains("node-b (10.0.0.2:7700): r.io/b:1: no such image"),
+            "{text}"
+        );
+        assert!(
+            text.contains("10.0.0.3:7700: cannot reach agent 10.0.0.3:7700: refused"),
+            "{text}"
+        );
+        let failure = report.failure().unwrap();
+        assert!(
+            failure.starts_with("2 of 2 images not on 2 of 3 nodes")
+                && failure.contains("--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"),
+            "{failure}"
+        );
+
+        let all_there = Report {
+            images,
+            nodes: vec![NodeAnswer {
+                agent: "a:1".into(),
+                node: "n".into(),
+                result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
+            }],
+        };
+        assert_eq!(all_there.failure(), None);
+        assert!(all_there.to_text().contains("preflight passed"));
+    }
+}

@@ -1,0 +1,185 @@
+//! `lade load --then-upgrade` and `lade upgrade` end to end: the real `lade` and `lade-agent`
+//! binaries against private containerd instances, one per simulated node, with the recording
+//! stand-in `helm` (lade-testkit's `FakeHelm`) on PATH, since no helm binary or API server is
+//! available. The preflight asks the real agents, so it sees what kubelet would. Needs what
+//! tests/load.rs needs; LADE_SKIP_DAEMON_TESTS=1 skips it explicitly.
+
+use std::fs::File;
+use std::io::BufWriter;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{ensure, Context, Result};
+use lade_testkit::fixtures::{sample_chart, write_bundle, ArchiveFormat, Compression};
+use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::helm::{FakeHelm, HelmCall, Reply};
+use lade_testkit::nodes::{workspace_bin, Node};
+use lade_tests::{images, write_images_tar};
+
+/// Every image of the sample chart, named through global.imageRegistry (the sidecar through a
+/// dashed, subchart-style key), as the chart would pull them.
+const HINTS: &str = "\
+- \"{{ .global.imageRegistry }}/demo/app:{{ .app.image.tag }}\"
+- \"{{ .global.imageRegistry }}/demo/sidecar:{{ .sidecar-agent.image.tag }}\"
+- \"{{ .global.imageRegistry }}/library/busybox:latest\"
+";
+const RETAG: [&str; 4] = [
+    "--retag",
+    "release.daocloud.io/demo=10.16.10.111/demo",
+    "--retag",
+    "docker.io/library=10.16.10.111/library",
+];
+const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
+const CURRENT_VALUES: &str = "replicas: 2\nglobal:\n  imageRegistry: release.daocloud.io\n";
+
+fn write_hinted_bundle(dir: &Path) -> Result<PathBuf> {
+    let parts = dir.join("parts");
+    std::fs::create_dir(&parts)?;
+    let (images_tar, _) =
+        write_images_tar(&parts, &images()?, ArchiveFormat::Gcr, Compression::Gzip)?;
+    let path = dir.join("demo.bundle.tar");
+    let mut out = BufWriter::new(File::create(&path)?);
+    write_bundle(&images_tar, HINTS, &sample_chart(), &mut out)?;
+    out.into_inner()?.sync_all()?;
+    Ok(path)
+}
+
+/// Runs the real `lade` with the stand-in helm first on PATH; (exit code, stdout, stderr).
+fn lade(helm: &FakeHelm, args: &[String]) -> Result<(i32, String, String)> {
+    let out = Command::new(workspace_bin("lade")?)
+        .args(args)
+        .env("PATH", helm.path_env()?)
+        .env("RUST_LOG", "warn")
+        .output()
+        .context("running lade")?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
+fn args(command: &str, bundle: &Path, nodes: &[&Node], extra: &[&str]) -> Vec<String> {
+    let mut all = vec![command.to_string(), bundle.display().to_string()];
+    for node in nodes {
+        all.extend(["--agent".to_string(), node.addr()]);
+    }
+    all.extend(RETAG.iter().chain(extra).map(|s| s.to_string()));
+    all.extend(
+        ["--release", "demo", "-n", "demo-system"]
+            .iter()
+            .map(|s| s.to_string()),
+    );
+    all
+}
+
+fn subcommands(calls: &[HelmCall]) -> Vec<String> {
+    calls.iter().map(HelmCall::subcommand).collect()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn load_then_upgrade_runs_helm_once_every_node_holds_every_image() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let bundle = write_hinted_bundle(dir.path())?;
+    let a = Node::start("up-a").await?;
+    let b = Node::start("up-b").await?;
+    let helm = FakeHelm::new()?;
+    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
+    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
+    helm.reply(
+        "upgrade",
+        Reply::ok("Release \"demo\" has been upgraded.\n"),
+    )?;
+
+    // Load and upgrade in one run; the registry comes from the retag rules.
+    let load = args(
+        "load",
+        &bundle,
+        &[&a, &b],
+        &["--progress", "none", "--then-upgrade"],
+    );
+    let (code, stdout, stderr) = lade(&helm, &load)?;
+    ensure!(code == 0, "load --then-upgrade failed:\n{stdout}\n{stderr}");
+    for node in [&a, &b] {
+        ensure!(
+            node.image_names()?.contains(&SIDECAR_RETAGGED.to_string()),
+            "{} lacks {SIDECAR_RETAGGED}",
+            node.name
+        );
+    }
+    let table: Vec<&str> = stdout
+        .lines()
+        .skip_while(|l| !l.starts_with("IMAGE"))
+        .take(4)
+        .collect();
+    assert_eq!(
+        table,
+        [
+            "IMAGE (from hints.yaml)              up-a  up-b",
+            "10.16.10.111/demo/app:v1             ok    ok",
+            "10.16.10.111/demo/sidecar:v1         ok    ok",
+            "10.16.10.111/library/busybox:latest  ok    ok",
+        ],
+        "{stdout}"
+    );
+    let calls = helm.calls()?;
+    assert_eq!(subcommands(&calls), ["get values", "status", "upgrade"]);
+    let upgrade = &calls[2];
+    assert_eq!(
+        upgrade.argv[..3],
+        ["upgrade", "--install", "demo"].map(String::from)
+    );
+    assert!(upgrade.argv[3].ends_with("/original-chart"), "{upgrade:?}");
+    assert_eq!(
+        upgrade.values,
+        [Some(
+            "replicas: 2\nglobal:\n  imageRegistry: 10.16.10.111\n".to_string()
+        )]
+    );
+    assert!(
+        stdout.contains("to return to revision 5: helm rollback demo 5 -n demo-system"),
+        "{stdout}"
+    );
+
+    // An image name lost on one node: the preflight (real Verify) stops the next upgrade.
+    b.containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "rm", SIDECAR_RETAGGED])?;
+    let (code, stdout, stderr) = lade(&helm, &args("upgrade", &bundle, &[&a, &b], &[]))?;
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    assert!(
+        stdout.contains("10.16.10.111/demo/sidecar:v1         ok    MISSING"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(&format!(
+            "up-b ({}): 10.16.10.111/demo/sidecar:v1: ",
+            b.addr()
+        )),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains(&format!("lade load BUNDLE --agent {}", b.addr())),
+        "{stderr}"
+    );
+    assert_eq!(subcommands(&helm.calls()?).len(), 5, "no new upgrade ran");
+
+    // Loading again puts the name back (its content never left), and the upgrade goes on.
+    let (code, stdout, stderr) = lade(&helm, &load)?;
+    ensure!(
+        code == 0,
+        "second load --then-upgrade failed:\n{stdout}\n{stderr}"
+    );
+    assert!(
+        stdout.contains("nothing sent: every node already held every blob"),
+        "{stdout}"
+    );
+    let calls = helm.calls()?;
+    assert_eq!(
+        subcommands(&calls[5..]),
+        ["get values", "status", "upgrade"]
+    );
+    Ok(())
+}
