@@ -394,6 +394,7 @@ async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<
         digest: big.digest.clone(),
         size: big.size,
         media_type: big.media_type.clone(),
+        ..Default::default()
     };
     let mut reader = bundle.read_blob(&big.digest, 0)?;
     let first = reader

@@ -35,6 +35,11 @@ pub enum Error {
     },
     #[error("image {image}: blob {digest} is not on this node; upload it first")]
     MissingBlob { image: String, digest: String },
+    #[error(
+        "image {image}: Docker holds layer {digest} only on another base, so it was not sent; \
+         load again: the node now asks for it"
+    )]
+    LayerOnOtherBase { image: String, digest: String },
     #[error("manifest {digest}: {reason}")]
     BadManifest { digest: String, reason: String },
     #[error("config {digest}: {reason}")]
@@ -50,9 +55,53 @@ pub enum Error {
     },
     #[error("upload of {digest} was cancelled by the sender")]
     Cancelled { digest: String },
+    #[error("node {node}: dockerd call {op} failed: {source}")]
+    Docker {
+        node: String,
+        op: String,
+        #[source]
+        source: Box<bollard::errors::Error>,
+    },
+    #[error("image {image} on node {node}: dockerd refused {op}: {source}")]
+    DockerImage {
+        image: String,
+        node: String,
+        op: String,
+        #[source]
+        source: Box<bollard::errors::Error>,
+    },
+    #[error(
+        "image {image} on node {node}: dockerd loaded image {actual}, but the config digest is {expected}"
+    )]
+    LoadedOtherImage {
+        image: String,
+        node: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("blob cache {path}: {op} failed: {source}")]
+    Cache {
+        path: String,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("no container runtime answers: containerd at {containerd}: {containerd_error}; docker at {docker}: {docker_error}")]
+    NoRuntime {
+        containerd: String,
+        containerd_error: String,
+        docker: String,
+        docker_error: String,
+    },
 }
 
 impl Error {
+    /// Wraps a blob cache file operation's failure, naming the file.
+    pub fn cache(path: &std::path::Path, op: &'static str) -> impl FnOnce(std::io::Error) -> Error {
+        let path = path.display().to_string();
+        move |source| Error::Cache { path, op, source }
+    }
+
     /// Wraps a runtime call's status, naming the call.
     pub fn runtime(runtime: &'static str, op: impl Into<String>) -> impl FnOnce(Status) -> Error {
         let op = op.into();
@@ -83,9 +132,38 @@ impl From<Error> for Status {
             Error::SizeMismatch { .. }
             | Error::DigestMismatch { .. }
             | Error::DiffIdMismatch { .. } => Code::DataLoss,
-            Error::ResumeOffset { .. } | Error::MissingBlob { .. } => Code::FailedPrecondition,
+            Error::ResumeOffset { .. }
+            | Error::MissingBlob { .. }
+            | Error::LayerOnOtherBase { .. } => Code::FailedPrecondition,
             Error::Cancelled { .. } => Code::Cancelled,
+            Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
+            Error::LoadedOtherImage { .. } => Code::Internal,
+            Error::Cache { source, .. } => match source.kind() {
+                std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
+                _ => Code::Internal,
+            },
+            Error::NoRuntime { .. } => Code::Unavailable,
         };
         Status::new(code, e.to_string())
+    }
+}
+
+/// The gRPC code for a failed dockerd call: what the caller can act on, as for containerd.
+fn docker_code(e: &bollard::errors::Error) -> Code {
+    use bollard::errors::Error as E;
+    match e {
+        E::DockerResponseServerError { status_code, .. } => match status_code {
+            404 => Code::NotFound,
+            409 => Code::AlreadyExists,
+            400 => Code::InvalidArgument,
+            _ => Code::Internal,
+        },
+        E::RequestTimeoutError => Code::DeadlineExceeded,
+        // The daemon is down or went away mid-call.
+        E::SocketNotFoundError(_)
+        | E::IOError { .. }
+        | E::HyperResponseError { .. }
+        | E::HyperLegacyError { .. } => Code::Unavailable,
+        _ => Code::Internal,
     }
 }

@@ -6,13 +6,23 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Parser, ValueEnum};
+use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig};
+use lade_agent::runtime::docker::{Docker, DockerConfig};
+use lade_agent::runtime::{detect, Runtime, RuntimeKind};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
     Text,
     Json,
+}
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum RuntimeChoice {
+    Containerd,
+    Docker,
+    /// containerd if it answers with its CRI plugin enabled, else Docker if it answers.
+    Auto,
 }
 
 /// Per-node agent of lade: writes verified image blobs into the node's container runtime.
@@ -22,6 +32,9 @@ struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "LADE_LISTEN", default_value = "0.0.0.0:7700")]
     listen: SocketAddr,
+    /// Container runtime to load into.
+    #[arg(long, env = "LADE_RUNTIME", value_enum, default_value = "containerd")]
+    runtime: RuntimeChoice,
     /// containerd's gRPC socket.
     #[arg(
         long,
@@ -35,10 +48,27 @@ struct Config {
     /// Snapshotter to unpack into; must be the one the CRI plugin uses.
     #[arg(long, env = "LADE_SNAPSHOTTER", default_value = "overlayfs")]
     snapshotter: String,
+    /// dockerd's API socket.
+    #[arg(
+        long,
+        env = "LADE_DOCKER_SOCKET",
+        default_value = "/var/run/docker.sock"
+    )]
+    docker_socket: PathBuf,
+    /// Directory where blobs wait for Docker to load them (keep it across agent restarts).
+    #[arg(
+        long,
+        env = "LADE_DOCKER_CACHE_DIR",
+        default_value = "/var/lib/lade/docker-cache"
+    )]
+    docker_cache_dir: PathBuf,
+    /// Delete cached layer blobs once Docker holds them (`false` keeps them).
+    #[arg(long, env = "LADE_DOCKER_CLEAN_CACHE", default_value_t = true, action = ArgAction::Set)]
+    docker_clean_cache: bool,
     /// Node name reported to the coordinator (the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
-    /// How long an unfinished load's uploads are kept before containerd collects them.
+    /// How long an unfinished load's uploads are kept (containerd's lease; Docker's cache).
     #[arg(long, env = "LADE_LEASE_TTL", default_value = "6h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
     /// Log format.
@@ -61,16 +91,37 @@ async fn main() -> anyhow::Result<()> {
         Some(n) => n,
         None => hostname()?,
     };
-    let runtime = Containerd::new(ContainerdConfig {
+    let containerd = ContainerdConfig {
         socket: cfg.containerd_socket,
         namespace: cfg.namespace,
         snapshotter: cfg.snapshotter,
         lease_ttl: cfg.lease_ttl,
+        node_name: node_name.clone(),
+    };
+    let docker = DockerConfig {
+        socket: cfg.docker_socket,
+        cache_dir: cfg.docker_cache_dir,
+        clean_cache: cfg.docker_clean_cache,
+        lease_ttl: cfg.lease_ttl,
         node_name,
-    })?;
-    let listener = tokio::net::TcpListener::bind(cfg.listen)
+    };
+    match cfg.runtime {
+        RuntimeChoice::Containerd => serve(cfg.listen, Containerd::new(containerd)?).await,
+        RuntimeChoice::Docker => serve(cfg.listen, Docker::new(docker)).await,
+        RuntimeChoice::Auto => {
+            let (containerd, docker) = (Containerd::new(containerd)?, Docker::new(docker));
+            match detect(&containerd, &docker).await? {
+                RuntimeKind::Containerd => serve(cfg.listen, containerd).await,
+                RuntimeKind::Docker => serve(cfg.listen, docker).await,
+            }
+        }
+    }
+}
+
+async fn serve(listen: SocketAddr, runtime: impl Runtime) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(listen)
         .await
-        .with_context(|| format!("binding {}", cfg.listen))?;
+        .with_context(|| format!("binding {listen}"))?;
     lade_agent::server::run(listener, Arc::new(runtime), shutdown_signal()).await
 }
 

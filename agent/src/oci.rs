@@ -69,6 +69,44 @@ impl Manifest {
     }
 }
 
+impl Manifest {
+    /// The diffIDs of this manifest's layers, from its config blob: parses the config and checks
+    /// it lists exactly one diffID per layer. `manifest_digest` names this manifest in errors.
+    pub fn layer_diff_ids(
+        &self,
+        manifest_digest: &str,
+        config: &[u8],
+    ) -> Result<Vec<String>, Error> {
+        let diff_ids = ImageConfig::diff_ids(&self.config.digest, config)?;
+        if diff_ids.len() != self.layers.len() {
+            return Err(Error::BadManifest {
+                digest: manifest_digest.to_string(),
+                reason: format!(
+                    "{} layers but its config {} lists {} diffIDs",
+                    self.layers.len(),
+                    self.config.digest,
+                    diff_ids.len()
+                ),
+            });
+        }
+        Ok(diff_ids)
+    }
+}
+
+/// Refuses to read a manifest or config larger than [`MAX_METADATA_BYTES`] into memory.
+pub fn check_metadata_size(desc: &Descriptor) -> Result<(), Error> {
+    if desc.size > MAX_METADATA_BYTES {
+        return Err(Error::BadManifest {
+            digest: desc.digest.clone(),
+            reason: format!(
+                "{} bytes is more than the {MAX_METADATA_BYTES} a manifest or config may have",
+                desc.size
+            ),
+        });
+    }
+    Ok(())
+}
+
 impl ImageConfig {
     /// Parses a config blob named `digest` and returns its layer diffIDs.
     pub fn diff_ids(digest: &str, bytes: &[u8]) -> Result<Vec<String>, Error> {
@@ -156,6 +194,25 @@ mod tests {
             ImageConfig::diff_ids("c", doc.as_bytes()).unwrap(),
             vec![A, B]
         );
+    }
+
+    #[test]
+    fn a_config_with_another_number_of_layers_is_refused_naming_the_manifest() {
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{A}","size":1}},
+               "layers":[{{"mediaType":"y","digest":"{B}","size":2}}]}}"#
+        );
+        let manifest = Manifest::parse("sha256:m", manifest.as_bytes()).unwrap();
+        let one = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{A}"]}}}}"#);
+        assert_eq!(
+            manifest.layer_diff_ids("sha256:m", one.as_bytes()).unwrap(),
+            vec![A]
+        );
+        let two = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{A}","{B}"]}}}}"#);
+        let err = manifest
+            .layer_diff_ids("sha256:m", two.as_bytes())
+            .unwrap_err();
+        assert!(err.to_string().contains("sha256:m"), "{err}");
     }
 
     #[test]

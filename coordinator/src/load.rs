@@ -202,6 +202,30 @@ pub async fn load(
     reports.into_iter().map(|(_, r)| r).collect()
 }
 
+/// Every blob of the bundle as each node is asked about it (`Have`), layers with their diffID
+/// so runtimes that store layers uncompressed (Docker) can recognise the ones they hold.
+fn have_descriptors(bundle: &Bundle) -> Vec<Descriptor> {
+    let diff_ids: HashMap<&str, &str> = bundle
+        .images
+        .iter()
+        .flat_map(|i| i.layers.iter().zip(&i.diff_ids))
+        .map(|(layer, diff_id)| (layer.as_str(), diff_id.as_str()))
+        .collect();
+    bundle
+        .blobs
+        .values()
+        .map(|b| Descriptor {
+            digest: b.digest.clone(),
+            size: b.size,
+            media_type: b.media_type.clone(),
+            diff_id: diff_ids
+                .get(b.digest.as_str())
+                .map(|d| d.to_string())
+                .unwrap_or_default(),
+        })
+        .collect()
+}
+
 /// Connects to an agent. Plain TCP here; authentication is the transport's concern.
 pub async fn connect(agent: &str, timeout: Duration) -> Result<AgentClient<Channel>, LoadError> {
     let err = |reason: String| LoadError::Connect {
@@ -261,19 +285,10 @@ async fn load_node(
     report.runtime = format!("{} {}", info.runtime, info.runtime_version);
     progress.node_identified(agent, &info.node_name);
 
-    let blobs: Vec<Descriptor> = bundle
-        .blobs
-        .values()
-        .map(|b| Descriptor {
-            digest: b.digest.clone(),
-            size: b.size,
-            media_type: b.media_type.clone(),
-        })
-        .collect();
     let have = client
         .have(HaveRequest {
             session: session.to_string(),
-            blobs,
+            blobs: have_descriptors(bundle),
         })
         .await
         .map_err(call_err("Have"))?
@@ -329,6 +344,7 @@ async fn load_node(
                     digest: blob.digest.clone(),
                     size: blob.size,
                     media_type: blob.media_type.clone(),
+                    diff_id: String::new(),
                 }),
                 names: p.names.clone(),
                 source: p.source.clone(),
@@ -396,6 +412,7 @@ async fn put_blob(
                 digest: blob.digest.clone(),
                 size: blob.size,
                 media_type: blob.media_type.clone(),
+                diff_id: String::new(),
             }),
             offset,
         })),

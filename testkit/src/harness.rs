@@ -3,13 +3,14 @@
 //! This module owns process lifetime and host hygiene: [`Containerd`] starts a containerd whose
 //! every path (sockets, root, state, opt, CNI dirs, runc root) lives in its own short temp dir
 //! and tears all of it down again on drop (daemon, leftover shims and their containers, their
-//! cgroups, mounts, the dir); [`ChildGuard`] does the same for any other process a test spawns (the agent).
+//! cgroups, mounts, the dir); [`Dockerd`] does the same for a dockerd on top of its own
+//! private containerd; [`ChildGuard`] does the same for any other process a test spawns (the agent).
 //! [`require_binary`] and [`daemon_tests_enabled`] decide whether daemon tests run at all: they
 //! fail loudly when the daemons are missing and skip only when explicitly told to.
 //!
 //! The building blocks are free functions on purpose (short temp dir, process scans and
-//! reaping, cgroup removal, unmounting, log tail) so a later `Dockerd` — dockerd on top of one of these containerds — can reuse
-//! them instead of growing a second copy.
+//! reaping, cgroup removal, unmounting, log tail) so [`Containerd`] and [`Dockerd`] share them
+//! instead of growing a second copy.
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
@@ -30,6 +31,9 @@ pub const SKIP_ENV: &str = "LADE_SKIP_DAEMON_TESTS";
 
 /// How long [`Containerd::start`] and [`Containerd::restart`] wait for gRPC *and* CRI to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
+
+/// How long [`Dockerd::start`] waits for the Docker API to answer.
+const DOCKERD_READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// How long a SIGTERM'd daemon gets to exit before it is SIGKILLed.
 const STOP_GRACE: Duration = Duration::from_secs(5);
@@ -563,6 +567,245 @@ impl Drop for Containerd {
     }
 }
 
+/// A private dockerd for one simulated Docker node, on top of its own private [`Containerd`].
+///
+/// Every path dockerd would take from the host lives under [`Dockerd::dir`] (a short dir in
+/// `/tmp`): data root, exec root (container state, network namespaces), pidfile, API socket,
+/// config file and the trust key it would otherwise write to `/etc/docker`. Its containers get
+/// the cgroup parent [`Dockerd::cgroup_parent`]; it touches no iptables, bridge or sysctl. The
+/// `docker` CLI is run with `-H` this socket and a private `DOCKER_CONFIG`.
+///
+/// dockerd 20.10 always creates the (empty) legacy plugin dir `/run/docker/plugins`, which no
+/// flag moves; it is shared and left alone.
+///
+/// Dropping it stops dockerd (which stops its containers), then its containerd (whose guard
+/// deletes any container left, in Docker's namespace `moby` too), removes the cgroups,
+/// unmounts what is still mounted under the dir and deletes the dir.
+#[derive(Debug)]
+pub struct Dockerd {
+    name: String,
+    dir: PathBuf,
+    tempdir: Option<TempDir>,
+    dockerd_bin: PathBuf,
+    docker_bin: PathBuf,
+    process: Option<ChildGuard>,
+    /// `Option` so `Drop` can stop it after dockerd and before removing cgroups and mounts.
+    containerd: Option<Containerd>,
+}
+
+impl Dockerd {
+    /// Starts a private containerd, then dockerd on it; returns once the Docker API answers
+    /// (up to 30 s; on timeout the error carries the tail of the daemon log).
+    ///
+    /// `name` labels the temp dirs and messages (cut to 16 safe characters).
+    pub async fn start(name: &str) -> Result<Dockerd> {
+        let dockerd_bin = require_binary("dockerd")?;
+        let docker_bin = require_binary("docker")?;
+        let containerd = Containerd::start(name).await?;
+        let (tempdir, dir) = short_tempdir(&format!("d-{name}"))?;
+        let mut node = Dockerd {
+            name: name.to_string(),
+            dir,
+            tempdir: Some(tempdir),
+            dockerd_bin,
+            docker_bin,
+            process: None,
+            containerd: Some(containerd),
+        };
+        // From here on `node` owns both dirs: any early return drops it and cleans up.
+        for sub in ["data", "exec", "cli"] {
+            fs::create_dir_all(node.dir.join(sub))
+                .with_context(|| format!("create {}", node.dir.join(sub).display()))?;
+        }
+        // The trust key can only be moved by the config file (its flag is gone in 20.10).
+        let config = serde_json::json!({ "deprecated-key-path": node.dir.join("key.json") });
+        fs::write(node.config_path(), config.to_string())
+            .with_context(|| format!("write {}", node.config_path().display()))?;
+        node.spawn_and_wait().await?;
+        Ok(node)
+    }
+
+    /// The Docker API socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("docker.sock")
+    }
+
+    /// `unix://<socket>`, as `docker -H` and `DOCKER_HOST` take it.
+    pub fn host(&self) -> String {
+        format!("unix://{}", self.socket().display())
+    }
+
+    /// The private temp dir that holds everything of this dockerd (its containerd has its own).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The containerd this dockerd runs its containers on.
+    pub fn containerd(&self) -> &Containerd {
+        self.containerd
+            .as_ref()
+            .expect("containerd lives as long as the Dockerd")
+    }
+
+    /// The daemon log (stdout+stderr).
+    pub fn log_path(&self) -> PathBuf {
+        self.dir.join("dockerd.log")
+    }
+
+    /// The last lines of the daemon log, for error messages.
+    pub fn log_tail(&self) -> String {
+        tail_file(&self.log_path(), LOG_TAIL_LINES)
+    }
+
+    /// The cgroup (`/lade-d-<name>-XXXXXX`) dockerd puts its containers under; the drop guard
+    /// removes it in every hierarchy.
+    pub fn cgroup_parent(&self) -> String {
+        let base = self.dir.file_name().unwrap_or_default().to_string_lossy();
+        format!("/{base}")
+    }
+
+    /// The name given to [`Dockerd::start`].
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `docker -H <socket> <args>` and returns its output, whatever the exit status.
+    ///
+    /// Panics only if `docker` cannot be executed at all (it was found by `start`).
+    pub fn docker(&self, args: &[&str]) -> Output {
+        Command::new(&self.docker_bin)
+            .arg("-H")
+            .arg(self.host())
+            .args(args)
+            // The host's ~/.docker (contexts, credentials) must not redirect or leak into tests.
+            .env("DOCKER_CONFIG", self.dir.join("cli"))
+            .env_remove("DOCKER_HOST")
+            .env_remove("DOCKER_CONTEXT")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("cannot run {}: {e}", self.docker_bin.display()))
+    }
+
+    /// Like [`Dockerd::docker`] but fails unless docker exits 0; returns its stdout.
+    pub fn docker_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.docker(args);
+        if !out.status.success() {
+            bail!(
+                "`docker {}` on dockerd `{}` failed ({}): {}",
+                args.join(" "),
+                self.name,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    fn config_path(&self) -> PathBuf {
+        self.dir.join("daemon.json")
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<()> {
+        let d = &self.dir;
+        let mut cmd = Command::new(&self.dockerd_bin);
+        cmd.arg("--config-file")
+            .arg(self.config_path())
+            .arg("--data-root")
+            .arg(d.join("data"))
+            .arg("--exec-root")
+            .arg(d.join("exec"))
+            .arg("--pidfile")
+            .arg(d.join("docker.pid"))
+            .arg("--host")
+            .arg(self.host())
+            .arg("--containerd")
+            .arg(self.containerd().socket())
+            .arg("--cgroup-parent")
+            .arg(self.cgroup_parent())
+            .args([
+                "--exec-opt",
+                "native.cgroupdriver=cgroupfs",
+                "--storage-driver",
+                "overlay2",
+                // No host networking state: no bridge, no NAT rules, no forwarding sysctl.
+                "--bridge=none",
+                "--iptables=false",
+                "--ip-masq=false",
+                "--ip-forward=false",
+                "--userland-proxy=false",
+                // Containers get little time to stop: the drop guard kills what is left.
+                "--shutdown-timeout=2",
+            ]);
+        self.process = Some(ChildGuard::spawn(cmd, &self.log_path())?);
+        let started = Instant::now();
+        loop {
+            if let Some(p) = &mut self.process {
+                if let Some(status) = p.try_exited() {
+                    bail!(
+                        "dockerd `{}` exited during startup ({status}); log tail:\n{}",
+                        self.name,
+                        self.log_tail()
+                    );
+                }
+            }
+            let last_error = match docker_ping(&self.socket()).await {
+                Ok(()) => return Ok(()),
+                Err(e) => e,
+            };
+            if started.elapsed() > DOCKERD_READY_TIMEOUT {
+                bail!(
+                    "dockerd `{}` not ready after {DOCKERD_READY_TIMEOUT:?} (last error: \
+                     {last_error:#}); log tail:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+impl Drop for Dockerd {
+    fn drop(&mut self) {
+        if let Some(mut p) = self.process.take() {
+            p.terminate(STOP_GRACE);
+        }
+        // Containers dockerd could not stop are tasks of its containerd; its guard deletes them.
+        drop(self.containerd.take());
+        kill_processes_with_arg(&self.dir);
+        remove_cgroups(&self.cgroup_parent());
+        unmount_all_under(&self.dir);
+        if let Some(tempdir) = self.tempdir.take() {
+            if let Err(e) = tempdir.close() {
+                eprintln!(
+                    "warning: could not remove dockerd dir {}: {e}",
+                    self.dir.display()
+                );
+            }
+        }
+    }
+}
+
+/// `GET /_ping` on a Docker API socket: Ok once dockerd serves its API.
+async fn docker_ping(socket: &Path) -> Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::UnixStream::connect(socket)
+        .await
+        .with_context(|| format!("connect {}", socket.display()))?;
+    stream
+        .write_all(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+        .await?;
+    let mut answer = Vec::new();
+    stream.read_to_end(&mut answer).await?;
+    let answer = String::from_utf8_lossy(&answer);
+    let status = answer.lines().next().unwrap_or_default();
+    if status.contains(" 200 ") {
+        Ok(())
+    } else {
+        bail!("ping answered {status:?}")
+    }
+}
+
 /// Creates `/tmp/lade-<name>-XXXXXX` and returns it with its canonical path.
 ///
 /// `/tmp` rather than `$TMPDIR`: socket paths must stay under 108 bytes and `$TMPDIR` can be
@@ -1061,6 +1304,72 @@ pub(crate) mod tests {
         let dir = node.dir().to_path_buf();
         drop(node);
         assert_gone(&dir);
+    }
+
+    /// A dockerd runs on its own containerd, loads and runs an image, and leaves nothing behind:
+    /// not its dir, not its containerd's, no cgroup, no process.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn dockerd_on_a_private_containerd_runs_a_container_and_cleans_up() {
+        if !daemon_tests_enabled() {
+            return;
+        }
+        let node = Dockerd::start("docker")
+            .await
+            .unwrap_or_else(|e| panic!("start dockerd: {e:#}"));
+        let version = node
+            .docker_ok(&["version", "--format", "{{.Server.APIVersion}}"])
+            .unwrap();
+        assert!(version.trim().starts_with("1."), "{version}");
+        assert!(node.socket().starts_with(node.dir()));
+
+        let busybox = fs::read("/bin/busybox")
+            .expect("/bin/busybox (a static busybox) is needed: apt-get install -y busybox-static");
+        let archive = node.dir().join("probe.tar");
+        fs::write(
+            &archive,
+            tiny_docker_archive("lade-harness-probe:v1", &[("bin/busybox", &busybox, 0o755)]),
+        )
+        .unwrap();
+        node.docker_ok(&["load", "-i", archive.to_str().unwrap()])
+            .unwrap();
+        let out = node
+            .docker_ok(&[
+                "run",
+                "--rm",
+                "--network",
+                "none",
+                "lade-harness-probe:v1",
+                "/bin/busybox",
+                "echo",
+                "ok",
+            ])
+            .unwrap();
+        assert_eq!(out.trim(), "ok");
+        // A container still running at drop time is the guard's job.
+        node.docker_ok(&[
+            "run",
+            "-d",
+            "--network",
+            "none",
+            "lade-harness-probe:v1",
+            "/bin/busybox",
+            "sleep",
+            "1000",
+        ])
+        .unwrap();
+        assert!(!cgroup_dirs(&node.cgroup_parent()).is_empty());
+
+        let dirs = [
+            node.dir().to_path_buf(),
+            node.containerd().dir().to_path_buf(),
+        ];
+        let cgroup_parent = node.cgroup_parent();
+        drop(node);
+        for dir in &dirs {
+            assert_gone(dir);
+        }
+        let cgroups = cgroup_dirs(&cgroup_parent);
+        assert!(cgroups.is_empty(), "cgroups left behind: {cgroups:?}");
     }
 
     /// Imports a busybox image into `node` and `ctr run`s `sleep 1000` as task `lade/probe`,

@@ -1,13 +1,16 @@
-//! Simulated cluster nodes: a private containerd plus a real `lade-agent` process on a
-//! 127.0.0.1 port, and helpers to run the real `lade` binary against them.
+//! Simulated cluster nodes: a private containerd ([`Node`]) or a private dockerd on its own
+//! containerd ([`DockerNode`]), plus a real `lade-agent` process on a 127.0.0.1 port, and
+//! helpers to run the real `lade` binary against them.
 
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::harness::{free_port, ChildGuard, Containerd};
+use crate::fixtures::normalize_ref;
+use crate::harness::{free_port, ChildGuard, Containerd, Dockerd};
 
 /// Path of a binary of this workspace, built by `cargo test --workspace` / `cargo build`
 /// next to the test executable (`target/<profile>/`).
@@ -65,30 +68,9 @@ impl Node {
 
     /// (Re)starts the agent process on the same port.
     pub async fn start_agent(&mut self) -> Result<()> {
-        let mut cmd = Command::new(workspace_bin("lade-agent")?);
-        cmd.arg("--listen")
-            .arg(self.addr())
-            .arg("--containerd-socket")
-            .arg(self.containerd.socket())
-            .arg("--node-name")
-            .arg(&self.name)
-            .env("RUST_LOG", "info,lade_agent=debug");
-        let mut child = ChildGuard::spawn(cmd, &self.agent_log())?;
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if tokio::net::TcpStream::connect(self.addr()).await.is_ok() {
-                break;
-            }
-            if !child.is_running() || Instant::now() > deadline {
-                bail!(
-                    "lade-agent for {} did not come up; log:\n{}",
-                    self.name,
-                    std::fs::read_to_string(self.agent_log()).unwrap_or_default()
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        self.agent = Some(child);
+        let socket = self.containerd.socket();
+        let args = [OsStr::new("--containerd-socket"), socket.as_os_str()];
+        self.agent = Some(spawn_agent(&self.name, self.port, &args, &self.agent_log()).await?);
         Ok(())
     }
 
@@ -136,6 +118,116 @@ impl Node {
         ];
         args.extend_from_slice(cmd);
         self.containerd.ctr_ok(&args)
+    }
+}
+
+/// One simulated Docker node: a dockerd (on its own containerd) and a `lade-agent` serving it
+/// with `--runtime docker`, its blob cache in the dockerd's dir.
+pub struct DockerNode {
+    pub name: String,
+    pub dockerd: Dockerd,
+    agent: Option<ChildGuard>,
+    pub port: u16,
+}
+
+impl DockerNode {
+    /// Starts dockerd and an agent for it; returns once the agent accepts connections.
+    pub async fn start(name: &str) -> Result<DockerNode> {
+        let dockerd = Dockerd::start(name).await?;
+        let mut node = DockerNode {
+            name: name.to_string(),
+            dockerd,
+            agent: None,
+            port: free_port(),
+        };
+        node.start_agent().await?;
+        Ok(node)
+    }
+
+    /// `127.0.0.1:<port>` of the agent.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn agent_log(&self) -> PathBuf {
+        self.dockerd.dir().join("agent.log")
+    }
+
+    /// The agent's blob cache (`--docker-cache-dir`).
+    pub fn cache_dir(&self) -> PathBuf {
+        self.dockerd.dir().join("lade-cache")
+    }
+
+    /// (Re)starts the agent process on the same port.
+    pub async fn start_agent(&mut self) -> Result<()> {
+        let (socket, cache) = (self.dockerd.socket(), self.cache_dir());
+        let args = [
+            OsStr::new("--runtime"),
+            OsStr::new("docker"),
+            OsStr::new("--docker-socket"),
+            socket.as_os_str(),
+            OsStr::new("--docker-cache-dir"),
+            cache.as_os_str(),
+        ];
+        self.agent = Some(spawn_agent(&self.name, self.port, &args, &self.agent_log()).await?);
+        Ok(())
+    }
+
+    /// Kills the agent process (SIGKILL), leaving dockerd running.
+    pub fn kill_agent(&mut self) {
+        if let Some(mut a) = self.agent.take() {
+            a.kill_9();
+        }
+    }
+
+    /// Every tagged name `docker images` shows, in full form
+    /// (`busybox:latest` -> `docker.io/library/busybox:latest`), sorted.
+    pub fn docker_image_names(&self) -> Result<Vec<String>> {
+        let out = self
+            .dockerd
+            .docker_ok(&["images", "--format", "{{.Repository}}:{{.Tag}}"])?;
+        let mut names: Vec<String> = out
+            .lines()
+            .filter(|l| !l.contains("<none>"))
+            .map(normalize_ref)
+            .collect();
+        names.sort();
+        Ok(names)
+    }
+
+    /// Runs `cmd` in a new container of `image` with `docker run --rm --network none`,
+    /// returning its stdout.
+    pub fn docker_run(&self, image: &str, cmd: &[&str]) -> Result<String> {
+        let mut args = vec!["run", "--rm", "--network", "none", image];
+        args.extend_from_slice(cmd);
+        self.dockerd.docker_ok(&args)
+    }
+}
+
+/// Starts `lade-agent` for node `name` on 127.0.0.1:`port` with the runtime flags `args`,
+/// logging to `log`; returns once it accepts connections.
+pub async fn spawn_agent(name: &str, port: u16, args: &[&OsStr], log: &Path) -> Result<ChildGuard> {
+    let addr = format!("127.0.0.1:{port}");
+    let mut cmd = Command::new(workspace_bin("lade-agent")?);
+    cmd.arg("--listen")
+        .arg(&addr)
+        .args(args)
+        .arg("--node-name")
+        .arg(name)
+        .env("RUST_LOG", "info,lade_agent=debug");
+    let mut child = ChildGuard::spawn(cmd, log)?;
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        if tokio::net::TcpStream::connect(&addr).await.is_ok() {
+            return Ok(child);
+        }
+        if !child.is_running() || Instant::now() > deadline {
+            bail!(
+                "lade-agent for {name} did not come up; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -20,12 +20,13 @@ use containerd_client::services::v1::snapshots::{
 };
 use containerd_client::services::v1::{
     content_client::ContentClient, diff_client::DiffClient, images_client::ImagesClient,
-    leases_client::LeasesClient, snapshots::snapshots_client::SnapshotsClient,
-    version_client::VersionClient, AbortRequest, AddResourceRequest, ApplyRequest,
-    CreateImageRequest, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
-    GetImageRequest, Image, Info as ContentInfo, InfoRequest as ContentInfoRequest,
-    ListImagesRequest, ReadContentRequest, Resource, StatusRequest, UpdateImageRequest,
-    UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
+    introspection_client::IntrospectionClient, leases_client::LeasesClient,
+    snapshots::snapshots_client::SnapshotsClient, version_client::VersionClient, AbortRequest,
+    AddResourceRequest, ApplyRequest, CreateImageRequest, CreateRequest as CreateLeaseRequest,
+    DeleteRequest as DeleteLeaseRequest, GetImageRequest, Image, Info as ContentInfo,
+    InfoRequest as ContentInfoRequest, ListImagesRequest, PluginsRequest, ReadContentRequest,
+    Resource, StatusRequest, UpdateImageRequest, UpdateRequest as ContentUpdateRequest,
+    WriteAction, WriteContentRequest,
 };
 use containerd_client::types::Descriptor as CtrDescriptor;
 use futures::stream::{BoxStream, StreamExt};
@@ -39,7 +40,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tracing::{debug, info, instrument, warn};
 
-use super::{node_platform, validate_session, Runtime};
+use super::{finished_event, manifest_descriptor, node_platform, validate_session, Runtime};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -79,6 +80,28 @@ impl Containerd {
             })?
             .connect_with_connector_lazy(tower_service(socket));
         Ok(Self { channel, cfg })
+    }
+
+    /// The socket this connects to.
+    pub fn socket(&self) -> &std::path::Path {
+        &self.cfg.socket
+    }
+
+    /// Whether containerd answers and serves the CRI plugin, i.e. could be kubelet's runtime
+    /// (for `--runtime auto`). A containerd that runs only under Docker has CRI disabled.
+    pub async fn serves_cri(&self) -> Result<bool, Error> {
+        let plugins = IntrospectionClient::new(self.channel.clone())
+            .plugins(self.req(
+                PluginsRequest {
+                    filters: vec!["type==io.containerd.grpc.v1,id==cri".to_string()],
+                },
+                None,
+            ))
+            .await
+            .map_err(Error::runtime(RUNTIME, "Introspection.Plugins"))?
+            .into_inner()
+            .plugins;
+        Ok(plugins.iter().any(|p| p.init_err.is_none()))
     }
 
     /// A request in this runtime's namespace, optionally on behalf of a lease.
@@ -190,15 +213,7 @@ impl Containerd {
 
     /// Reads a small metadata blob (manifest or config) whole.
     async fn read_small(&self, image: &str, desc: &oci::Descriptor) -> Result<Vec<u8>, Error> {
-        if desc.size > MAX_METADATA_BYTES {
-            return Err(Error::BadManifest {
-                digest: desc.digest.clone(),
-                reason: format!(
-                    "{} bytes is more than the {MAX_METADATA_BYTES} a manifest or config may have",
-                    desc.size
-                ),
-            });
-        }
+        oci::check_metadata_size(desc)?;
         let mut stream = match self
             .content()
             .read(self.req(
@@ -390,37 +405,10 @@ impl Containerd {
         events: &mpsc::Sender<ImportEvent>,
     ) -> Result<Vec<String>, Error> {
         let image = spec.source.as_str();
-        let mdesc = spec.manifest.as_ref().ok_or_else(|| {
-            Error::InvalidRequest(format!("image {image}: no manifest descriptor"))
-        })?;
-        oci::validate_digest(&mdesc.digest).map_err(|r| Error::BadManifest {
-            digest: mdesc.digest.clone(),
-            reason: r.to_string(),
-        })?;
-        if spec.names.is_empty() {
-            return Err(Error::InvalidRequest(format!(
-                "image {image}: no names to create"
-            )));
-        }
-        let mref = oci::Descriptor {
-            media_type: mdesc.media_type.clone(),
-            digest: mdesc.digest.clone(),
-            size: mdesc.size,
-        };
-        let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, &mref).await?)?;
+        let mdesc = manifest_descriptor(spec)?;
+        let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, &mdesc).await?)?;
         let config_bytes = self.read_small(image, &manifest.config).await?;
-        let diff_ids = ImageConfig::diff_ids(&manifest.config.digest, &config_bytes)?;
-        if diff_ids.len() != manifest.layers.len() {
-            return Err(Error::BadManifest {
-                digest: mdesc.digest.clone(),
-                reason: format!(
-                    "{} layers but its config {} lists {} diffIDs",
-                    manifest.layers.len(),
-                    manifest.config.digest,
-                    diff_ids.len()
-                ),
-            });
-        }
+        let diff_ids = manifest.layer_diff_ids(&mdesc.digest, &config_bytes)?;
         for layer in &manifest.layers {
             if self.content_info(&layer.digest).await?.is_none() {
                 return Err(Error::MissingBlob {
@@ -866,25 +854,9 @@ impl Runtime for Containerd {
         let lease = self.ensure_lease(session).await?;
         let mut failures = 0usize;
         for spec in &images {
-            let event = match self.import_one(&lease, spec, &events).await {
-                Ok(names) => ImportEvent {
-                    image: spec.source.clone(),
-                    phase: ImportPhase::ImageDone as i32,
-                    names,
-                    ..Default::default()
-                },
-                Err(e) => {
-                    failures += 1;
-                    warn!(image = %spec.source, error = %e, "import failed");
-                    ImportEvent {
-                        image: spec.source.clone(),
-                        phase: ImportPhase::ImageFailed as i32,
-                        message: e.to_string(),
-                        ..Default::default()
-                    }
-                }
-            };
-            let _ = events.send(event).await;
+            let outcome = self.import_one(&lease, spec, &events).await;
+            failures += usize::from(outcome.is_err());
+            let _ = events.send(finished_event(spec, outcome)).await;
         }
         if failures == 0 {
             // Everything is referenced by image records now; the lease has done its job. On
@@ -926,6 +898,7 @@ impl Runtime for Containerd {
                     digest: t.digest,
                     size: t.size.max(0) as u64,
                     media_type: t.media_type,
+                    ..Default::default()
                 }),
             })
             .collect())

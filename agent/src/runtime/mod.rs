@@ -1,22 +1,26 @@
 //! The seam between the gRPC service and a node's container runtime.
 //!
 //! [`Runtime`] is what every runtime implementation offers: the service only calls this
-//! trait, so the wire protocol and the runtime API never meet. The containerd
-//! implementation lives in [`containerd`].
+//! trait, so the wire protocol and the runtime API never meet. The implementations live in
+//! [`containerd`] and [`docker`]; what both need (image spec checks, the per-image outcome
+//! event, session ids, choosing a runtime on `auto`) lives here once.
 
 use std::future::Future;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use lade_proto::{
-    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, InfoResponse,
-    PutBlobResponse, RefStatus,
+    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    InfoResponse, PutBlobResponse, RefStatus,
 };
 use tokio::sync::mpsc;
+use tracing::{info, warn};
 
 use crate::error::Error;
+use crate::oci;
 
 pub mod containerd;
+pub mod docker;
 
 /// A node's container runtime, as the agent uses it. All methods are idempotent.
 pub trait Runtime: Send + Sync + 'static {
@@ -84,5 +88,87 @@ pub fn validate_session(session: &str) -> Result<(), Error> {
         Err(Error::InvalidRequest(format!(
             "session id {session:?} must be 1-64 characters of [A-Za-z0-9._-]"
         )))
+    }
+}
+
+/// The manifest descriptor of an import request's image, checked: present, a valid digest, and
+/// at least one name to give the image (a nameless image would only be garbage).
+pub fn manifest_descriptor(spec: &ImageSpec) -> Result<oci::Descriptor, Error> {
+    let image = spec.source.as_str();
+    let mdesc = spec
+        .manifest
+        .as_ref()
+        .ok_or_else(|| Error::InvalidRequest(format!("image {image}: no manifest descriptor")))?;
+    oci::validate_digest(&mdesc.digest).map_err(|r| Error::BadManifest {
+        digest: mdesc.digest.clone(),
+        reason: r.to_string(),
+    })?;
+    if spec.names.is_empty() {
+        return Err(Error::InvalidRequest(format!(
+            "image {image}: no names to create"
+        )));
+    }
+    Ok(oci::Descriptor {
+        media_type: mdesc.media_type.clone(),
+        digest: mdesc.digest.clone(),
+        size: mdesc.size,
+    })
+}
+
+/// The final event of one image's import: done with its names, or failed with the reason.
+pub fn finished_event(spec: &ImageSpec, outcome: Result<Vec<String>, Error>) -> ImportEvent {
+    match outcome {
+        Ok(names) => ImportEvent {
+            image: spec.source.clone(),
+            phase: ImportPhase::ImageDone as i32,
+            names,
+            ..Default::default()
+        },
+        Err(e) => {
+            warn!(image = %spec.source, error = %e, "import failed");
+            ImportEvent {
+                image: spec.source.clone(),
+                phase: ImportPhase::ImageFailed as i32,
+                message: e.to_string(),
+                ..Default::default()
+            }
+        }
+    }
+}
+
+/// Which runtime the agent serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RuntimeKind {
+    Containerd,
+    Docker,
+}
+
+/// Picks the runtime for `--runtime auto`: containerd when it answers and serves the CRI
+/// plugin (it is what kubelet uses), else Docker when it answers. A stock Docker install runs
+/// a containerd too, with CRI disabled, which must not win: images loaded there would be
+/// invisible to Docker and kubelet alike.
+pub async fn detect(
+    containerd: &containerd::Containerd,
+    docker: &docker::Docker,
+) -> Result<RuntimeKind, Error> {
+    let containerd_error = match containerd.serves_cri().await {
+        Ok(true) => {
+            info!(socket = %containerd.socket().display(), "auto: using containerd");
+            return Ok(RuntimeKind::Containerd);
+        }
+        Ok(false) => "it answers, but its CRI plugin is disabled".to_string(),
+        Err(e) => e.to_string(),
+    };
+    match docker.ready().await {
+        Ok(()) => {
+            info!(socket = %docker.socket().display(), %containerd_error, "auto: using docker");
+            Ok(RuntimeKind::Docker)
+        }
+        Err(e) => Err(Error::NoRuntime {
+            containerd: containerd.socket().display().to_string(),
+            containerd_error,
+            docker: docker.socket().display().to_string(),
+            docker_error: e.to_string(),
+        }),
     }
 }

@@ -124,7 +124,10 @@ fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
         return Ok((images_tar, bundle));
     }
     std::fs::create_dir_all(&dir)?;
-    eprintln!("generating version {version} ({} MiB, {} images)...", args.size_mib, args.images);
+    eprintln!(
+        "generating version {version} ({} MiB, {} images)...",
+        args.size_mib, args.images
+    );
     let images = generate(args, version);
     let mut out = BufWriter::new(File::create(&images_tar)?);
     ArchiveFormat::Gcr.write(&images, Compression::Gzip, &mut out)?;
@@ -190,7 +193,12 @@ fn measure(cmd: Command) -> Result<(f64, f64, f64, Vec<u8>)> {
         .filter_map(|v| v.parse().ok())
         .collect();
     ensure!(nums.len() == 4, "unexpected /usr/bin/time output: {text}");
-    Ok((nums[0], nums[1] + nums[2], nums[3] / 1024.0, std::fs::read(out_file.path())?))
+    Ok((
+        nums[0],
+        nums[1] + nums[2],
+        nums[3] / 1024.0,
+        std::fs::read(out_file.path())?,
+    ))
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -236,9 +244,14 @@ impl Tool {
             }
             Tool::Lade => {
                 let mut c = Command::new(workspace_bin("lade")?);
-                c.arg("load")
-                    .arg(&bundle_path)
-                    .args(["--agent", &node.addr(), "--progress", "none", "-o", "json"]);
+                c.arg("load").arg(&bundle_path).args([
+                    "--agent",
+                    &node.addr(),
+                    "--progress",
+                    "none",
+                    "-o",
+                    "json",
+                ]);
                 c
             }
         };
@@ -294,7 +307,11 @@ async fn run_one(scenario: &str, tool: &Tool, args: &Args, round: usize) -> Resu
 
 fn stats(values: &mut [f64]) -> (f64, f64, f64) {
     values.sort_by(|a, b| a.total_cmp(b));
-    (values[0], values[values.len() / 2], values[values.len() - 1])
+    (
+        values[0],
+        values[values.len() / 2],
+        values[values.len() - 1],
+    )
 }
 
 fn markdown(samples: &[Sample], args: &Args, bundle_bytes: u64) -> String {
@@ -355,7 +372,11 @@ fn containerd_version() -> String {
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
-        .and_then(|v| v.split_whitespace().nth(2).map(|v| format!("containerd {v}")))
+        .and_then(|v| {
+            v.split_whitespace()
+                .nth(2)
+                .map(|v| format!("containerd {v}"))
+        })
         .unwrap_or_else(|| "containerd ?".into())
 }
 

@@ -1,0 +1,770 @@
+//! [`Runtime`] on Docker, through dockerd's HTTP API on its unix socket (`bollard`).
+//!
+//! Owns the Docker call sequence. dockerd cannot receive single blobs, so uploads land in a
+//! local digest-verified [`cache`]; an import streams a docker-archive synthesised from it
+//! ([`archive`]) to the image load endpoint, loads it by ID only, checks the loaded image ID
+//! is the config digest, and only then tags the target names, so a failed load leaves no new
+//! name. The API version is negotiated on first use, so Docker 20.10 (API 1.41) and newer
+//! all work.
+//!
+//! What dockerd holds counts as present: an image ID is its config digest, and a layer is
+//! known by its diffID (the coordinator sends it with every layer descriptor). dockerd stores
+//! layers per chain ID, so the same layer on a different base is another layer to it; where
+//! the request's configs are at hand (cached from an earlier load) the layer's chain IDs
+//! decide, otherwise its diffID does.
+//!
+//! Sessions stand in for containerd's leases: blobs a load was told about or sent are not
+//! cleaned from the cache by another load's import until the session imported them or
+//! outlived the lease TTL.
+
+mod archive;
+mod cache;
+
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bollard::errors::Error as DockerError;
+use bollard::query_parameters::{
+    ImportImageOptionsBuilder, ListImagesOptionsBuilder, RemoveImageOptionsBuilder,
+    TagImageOptionsBuilder,
+};
+use bytes::Bytes;
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
+use lade_proto::{
+    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    InfoResponse, PutBlobResponse, RefStatus,
+};
+use tokio::sync::{mpsc, OnceCell};
+use tracing::{debug, info, instrument, warn};
+
+use self::archive::{Archive, Layer};
+use self::cache::BlobCache;
+use super::{finished_event, manifest_descriptor, node_platform, validate_session, Runtime};
+use crate::error::Error;
+use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
+
+const RUNTIME: &str = "docker";
+/// Timeout of ordinary dockerd calls (bollard's default).
+const CALL_TIMEOUT: Duration = Duration::from_secs(120);
+/// dockerd answers a load only after it has read and unpacked the whole archive, which for a
+/// big image on a slow disk takes a while.
+const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
+/// Concurrent image inspections while taking stock of what dockerd holds.
+const INSPECT_CONCURRENCY: usize = 8;
+/// What [`Runtime::list`] reports as the target of a Docker image: its config (Docker keeps no
+/// manifest of a loaded image).
+const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+
+/// How to reach and use the node's dockerd.
+#[derive(Clone, Debug)]
+pub struct DockerConfig {
+    pub socket: PathBuf,
+    /// Directory of the blob cache (a hostPath in the chart, so uploads survive restarts).
+    pub cache_dir: PathBuf,
+    /// Delete cached layer blobs once an import has put them into dockerd.
+    pub clean_cache: bool,
+    /// How long a load session's blobs are kept from cleaning, and an interrupted upload kept.
+    pub lease_ttl: Duration,
+    pub node_name: String,
+}
+
+/// A dockerd, its blob cache and the load sessions in flight.
+pub struct Docker {
+    cfg: DockerConfig,
+    /// Made on first use: the agent starts (and reports not-ready) while dockerd is down.
+    client: OnceCell<bollard::Docker>,
+    cache: BlobCache,
+    sessions: Mutex<HashMap<String, Session>>,
+}
+
+/// Cached blobs a load session was told about or sent.
+struct Session {
+    started: Instant,
+    digests: HashSet<String>,
+}
+
+/// What dockerd holds: image IDs (config digests), and the diffIDs and chain IDs of their
+/// layers.
+#[derive(Default)]
+struct Holdings {
+    images: HashSet<String>,
+    diff_ids: HashSet<String>,
+    chains: HashSet<String>,
+}
+
+impl Holdings {
+    fn add(&mut self, image_id: String, diff_ids: Vec<String>) {
+        self.chains.extend(chain_ids(&diff_ids));
+        self.diff_ids.extend(diff_ids);
+        self.images.insert(image_id);
+    }
+
+    /// Whether dockerd already has what blob `d` would give it. `needed` maps a diffID to the
+    /// chain IDs the request's known configs use it under.
+    fn covers(&self, d: &Descriptor, needed: &HashMap<String, Vec<String>>) -> bool {
+        self.images.contains(&d.digest)
+            || (!d.diff_id.is_empty()
+                && self.diff_ids.contains(&d.diff_id)
+                && needed
+                    .get(&d.diff_id)
+                    .is_none_or(|chains| chains.iter().all(|c| self.chains.contains(c))))
+    }
+}
+
+/// A target name as Docker's tag endpoint takes it.
+struct Tag {
+    name: String,
+    repo: String,
+    tag: String,
+}
+
+impl Tag {
+    /// Splits a normalised reference into repository and tag. Docker records digests only for
+    /// images it pulled, so a name with a digest cannot be created.
+    fn parse(image: &str, name: &str) -> Result<Tag, Error> {
+        if name.contains('@') {
+            return Err(Error::InvalidRequest(format!(
+                "image {image}: Docker cannot create the name {name}: it has a digest, and \
+                 Docker records digests only for images it pulled"
+            )));
+        }
+        let path_start = name.rfind('/').map_or(0, |i| i + 1);
+        let (repo, tag) = match name[path_start..].rfind(':') {
+            Some(i) => (&name[..path_start + i], &name[path_start + i + 1..]),
+            None => (name, "latest"),
+        };
+        Ok(Tag {
+            name: name.to_string(),
+            repo: repo.to_string(),
+            tag: tag.to_string(),
+        })
+    }
+}
+
+impl Docker {
+    /// Nothing is touched until first use: neither dockerd nor the cache directory.
+    pub fn new(cfg: DockerConfig) -> Self {
+        let cache = BlobCache::new(cfg.cache_dir.clone());
+        Self {
+            cfg,
+            client: OnceCell::new(),
+            cache,
+            sessions: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The socket this connects to.
+    pub fn socket(&self) -> &Path {
+        &self.cfg.socket
+    }
+
+    /// The client, connected and version-negotiated on first use.
+    async fn client(&self) -> Result<&bollard::Docker, Error> {
+        let connect_err = |reason: String| Error::Connect {
+            runtime: RUNTIME,
+            socket: self.cfg.socket.display().to_string(),
+            reason,
+        };
+        self.client
+            .get_or_try_init(|| async {
+                let socket = self
+                    .cfg
+                    .socket
+                    .to_str()
+                    .ok_or_else(|| connect_err("the socket path is not UTF-8".into()))?;
+                let docker = bollard::Docker::connect_with_unix(
+                    socket,
+                    CALL_TIMEOUT.as_secs(),
+                    bollard::API_DEFAULT_VERSION,
+                )
+                .map_err(|e| connect_err(e.to_string()))?
+                .negotiate_version()
+                .await
+                .map_err(|e| connect_err(e.to_string()))?;
+                info!(api = %docker.client_version(), "connected to dockerd");
+                Ok(docker)
+            })
+            .await
+    }
+
+    fn call_err(&self, op: impl Into<String>) -> impl FnOnce(DockerError) -> Error {
+        let (node, op) = (self.cfg.node_name.clone(), op.into());
+        move |source| Error::Docker {
+            node,
+            op,
+            source: Box::new(source),
+        }
+    }
+
+    fn image_err(&self, image: &str, op: impl Into<String>) -> impl FnOnce(DockerError) -> Error {
+        let (node, image, op) = (self.cfg.node_name.clone(), image.to_string(), op.into());
+        move |source| Error::DockerImage {
+            image,
+            node,
+            op,
+            source: Box::new(source),
+        }
+    }
+
+    /// Takes stock of every image dockerd holds (intermediate and untagged ones included).
+    async fn holdings(&self, docker: &bollard::Docker) -> Result<Holdings, Error> {
+        let images = docker
+            .list_images(Some(ListImagesOptionsBuilder::default().all(true).build()))
+            .await
+            .map_err(self.call_err("list images"))?;
+        let inspected: Vec<Option<(String, Vec<String>)>> = futures::stream::iter(images)
+            .map(|summary| async move {
+                match docker.inspect_image(&summary.id).await {
+                    Ok(image) => Ok(Some((
+                        summary.id,
+                        image.root_fs.and_then(|r| r.layers).unwrap_or_default(),
+                    ))),
+                    // Removed since the listing: it holds nothing any more.
+                    Err(e) if is_not_found(&e) => Ok(None),
+                    Err(e) => Err(self.call_err(format!("inspect image {}", summary.id))(e)),
+                }
+            })
+            .buffer_unordered(INSPECT_CONCURRENCY)
+            .try_collect()
+            .await?;
+        let mut holdings = Holdings::default();
+        for (id, diff_ids) in inspected.into_iter().flatten() {
+            holdings.add(id, diff_ids);
+        }
+        Ok(holdings)
+    }
+
+    /// For each diffID the request's cached configs use (of images dockerd does not hold
+    /// yet), the chain IDs it must be present under.
+    async fn needed_chains(
+        &self,
+        blobs: &[Descriptor],
+        cached: &[bool],
+        holdings: &Holdings,
+    ) -> Result<HashMap<String, Vec<String>>, Error> {
+        let mut needed: HashMap<String, Vec<String>> = HashMap::new();
+        for (d, _) in blobs.iter().zip(cached).filter(|(d, cached)| {
+            **cached
+                && d.diff_id.is_empty()
+                && d.size <= MAX_METADATA_BYTES
+                && !holdings.images.contains(&d.digest)
+        }) {
+            let desc = oci::Descriptor {
+                media_type: d.media_type.clone(),
+                digest: d.digest.clone(),
+                size: d.size,
+            };
+            let bytes = self.cache.read_small(&d.digest, &desc).await?;
+            // Manifests are in the request too; only configs parse as one.
+            let Ok(diff_ids) = ImageConfig::diff_ids(&d.digest, &bytes) else {
+                continue;
+            };
+            for (diff_id, chain) in diff_ids.iter().zip(chain_ids(&diff_ids)) {
+                needed.entry(diff_id.clone()).or_default().push(chain);
+            }
+        }
+        Ok(needed)
+    }
+
+    /// Keeps `digests` from cache cleaning while `session` runs (at most the lease TTL).
+    fn hold<'a>(&self, session: &str, digests: impl IntoIterator<Item = &'a str>) {
+        let mut sessions = self.sessions.lock().expect("session map lock");
+        let ttl = self.cfg.lease_ttl;
+        sessions.retain(|_, s| s.started.elapsed() < ttl);
+        sessions
+            .entry(session.to_string())
+            .or_insert_with(|| Session {
+                started: Instant::now(),
+                digests: HashSet::new(),
+            })
+            .digests
+            .extend(digests.into_iter().map(str::to_string));
+    }
+
+    /// Ends `session` after a successful import and, if configured, deletes the cached layer
+    /// blobs its images used (dockerd holds them now) unless another session still needs
+    /// them, and interrupted uploads older than the lease TTL. Manifests and configs stay:
+    /// they are small, and with them the next load of the same images sends nothing.
+    async fn finish(&self, session: &str, layers: Vec<String>) {
+        let others: HashSet<String> = {
+            let mut sessions = self.sessions.lock().expect("session map lock");
+            sessions.remove(session);
+            sessions
+                .values()
+                .flat_map(|s| s.digests.iter().cloned())
+                .collect()
+        };
+        if !self.cfg.clean_cache {
+            return;
+        }
+        let unneeded: Vec<String> = layers.into_iter().filter(|d| !others.contains(d)).collect();
+        debug!(blobs = unneeded.len(), "cleaning the blob cache");
+        self.cache.remove(unneeded).await;
+        self.cache.remove_stale_ingests(self.cfg.lease_ttl).await;
+    }
+
+    /// Imports one image: load it by ID unless dockerd has it, then tag it. `used_layers`
+    /// collects the layer blobs the image consists of, for cleaning afterwards.
+    #[instrument(skip_all, fields(image = %spec.source))]
+    async fn import_one(
+        &self,
+        docker: &bollard::Docker,
+        holdings: &mut Holdings,
+        spec: &ImageSpec,
+        events: &mpsc::Sender<ImportEvent>,
+        used_layers: &mut Vec<String>,
+    ) -> Result<Vec<String>, Error> {
+        let image = spec.source.as_str();
+        let mdesc = manifest_descriptor(spec)?;
+        let tags = spec
+            .names
+            .iter()
+            .map(|n| Tag::parse(image, n))
+            .collect::<Result<Vec<_>, _>>()?;
+        let manifest =
+            Manifest::parse(&mdesc.digest, &self.cache.read_small(image, &mdesc).await?)?;
+        let config_digest = manifest.config.digest.clone();
+        used_layers.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+
+        let phases = if holdings.images.contains(&config_digest) {
+            vec![ImportPhase::LayerPresent; manifest.layers.len()]
+        } else {
+            let config = self.cache.read_small(image, &manifest.config).await?;
+            let diff_ids = manifest.layer_diff_ids(&mdesc.digest, &config)?;
+            let chains = chain_ids(&diff_ids);
+            let mut phases = Vec::with_capacity(diff_ids.len());
+            let mut layers = Vec::with_capacity(diff_ids.len());
+            for ((layer, diff_id), chain) in manifest.layers.iter().zip(&diff_ids).zip(&chains) {
+                let file = if holdings.chains.contains(chain) {
+                    phases.push(ImportPhase::LayerPresent);
+                    None
+                } else if self.cache.contains(&layer.digest).await? {
+                    phases.push(ImportPhase::LayerUnpacked);
+                    Some(self.cache.blob_path(&layer.digest))
+                } else if holdings.diff_ids.contains(diff_id) {
+                    // Have judged by diffID before this image's config was here; with the
+                    // config now cached, the next Have asks for the layer.
+                    return Err(Error::LayerOnOtherBase {
+                        image: image.to_string(),
+                        digest: layer.digest.clone(),
+                    });
+                } else {
+                    return Err(Error::MissingBlob {
+                        image: image.to_string(),
+                        digest: layer.digest.clone(),
+                    });
+                };
+                layers.push(Layer {
+                    digest: layer.digest.clone(),
+                    diff_id: diff_id.clone(),
+                    file,
+                });
+            }
+            self.load(
+                docker,
+                Archive {
+                    image: image.to_string(),
+                    config_digest: config_digest.clone(),
+                    config,
+                    layers,
+                },
+            )
+            .await?;
+            holdings.add(config_digest.clone(), diff_ids);
+            phases
+        };
+        for (layer, phase) in manifest.layers.iter().zip(phases) {
+            let _ = events
+                .send(ImportEvent {
+                    image: image.to_string(),
+                    phase: phase as i32,
+                    layer_digest: layer.digest.clone(),
+                    ..Default::default()
+                })
+                .await;
+        }
+        self.tag(docker, image, &config_digest, &tags).await?;
+        Ok(spec.names.clone())
+    }
+
+    /// Streams `archive` to dockerd's load endpoint and checks it loaded the expected image.
+    async fn load(&self, docker: &bollard::Docker, archive: Archive) -> Result<(), Error> {
+        let image = archive.image.clone();
+        let expected = archive.config_digest.clone();
+        let (body, producer) = archive.stream();
+        let loader = docker.clone().with_timeout(LOAD_TIMEOUT);
+        let mut responses = loader.import_image_stream(
+            ImportImageOptionsBuilder::default().quiet(true).build(),
+            body,
+            None,
+        );
+        let mut loaded = None;
+        let mut refused = None;
+        while let Some(response) = responses.next().await {
+            match response {
+                Ok(info) => {
+                    let line = info.stream.unwrap_or_default();
+                    if let Some(id) = line.trim().strip_prefix("Loaded image ID: ") {
+                        loaded = Some(id.to_string());
+                    }
+                }
+                Err(e) => {
+                    refused = Some(e);
+                    break;
+                }
+            }
+        }
+        drop(responses);
+        // The archive's own failure explains a refused load better than dockerd's view of it.
+        producer.await.map_err(|e| Error::Cache {
+            path: self.cache.root().display().to_string(),
+            op: "stream archive",
+            source: std::io::Error::other(e),
+        })??;
+        if let Some(e) = refused {
+            return Err(self.image_err(&image, "load")(e));
+        }
+        match loaded {
+            Some(id) if id == expected => {
+                info!(%image, %id, "image loaded");
+                Ok(())
+            }
+            other => Err(Error::LoadedOtherImage {
+                image,
+                node: self.cfg.node_name.clone(),
+                expected,
+                actual: other.unwrap_or_else(|| "nothing".to_string()),
+            }),
+        }
+    }
+
+    /// Points every tag at image `id`. If one fails, the tags this call created or moved are
+    /// put back as they were, so the image gains no name.
+    async fn tag(
+        &self,
+        docker: &bollard::Docker,
+        image: &str,
+        id: &str,
+        tags: &[Tag],
+    ) -> Result<(), Error> {
+        let mut done: Vec<(&Tag, Option<String>)> = Vec::new();
+        for tag in tags {
+            let result = async {
+                let before = match docker.inspect_image(&tag.name).await {
+                    Ok(i) => i.id,
+                    Err(e) if is_not_found(&e) => None,
+                    Err(e) => {
+                        return Err(self.image_err(image, format!("inspect {}", tag.name))(e))
+                    }
+                };
+                if before.as_deref() != Some(id) {
+                    docker
+                        .tag_image(id, Some(tag_options(tag)))
+                        .await
+                        .map_err(self.image_err(image, format!("tag {}", tag.name)))?;
+                }
+                Ok(before)
+            }
+            .await;
+            match result {
+                Ok(before) if before.as_deref() == Some(id) => {}
+                Ok(before) => done.push((tag, before)),
+                Err(e) => {
+                    self.untag(docker, &done).await;
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Undoes [`Docker::tag`]'s work: re-points moved names, removes created ones.
+    async fn untag(&self, docker: &bollard::Docker, done: &[(&Tag, Option<String>)]) {
+        for (tag, before) in done.iter().rev() {
+            let undone = match before {
+                Some(previous) => docker.tag_image(previous, Some(tag_options(tag))).await,
+                None => docker
+                    .remove_image(
+                        &tag.name,
+                        Some(RemoveImageOptionsBuilder::default().noprune(true).build()),
+                        None,
+                    )
+                    .await
+                    .map(drop),
+            };
+            if let Err(e) = undone {
+                warn!(name = %tag.name, error = %e, "cannot undo tag");
+            }
+        }
+    }
+}
+
+fn tag_options(tag: &Tag) -> bollard::query_parameters::TagImageOptions {
+    TagImageOptionsBuilder::default()
+        .repo(&tag.repo)
+        .tag(&tag.tag)
+        .build()
+}
+
+fn is_not_found(e: &DockerError) -> bool {
+    matches!(
+        e,
+        DockerError::DockerResponseServerError {
+            status_code: 404,
+            ..
+        }
+    )
+}
+
+/// The full name of a tag as Docker shows it (`busybox:latest` ->
+/// `docker.io/library/busybox:latest`), the form containerd and the coordinator use.
+fn canonical_name(name: &str) -> String {
+    let has_host = name.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    });
+    if has_host {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    }
+}
+
+impl Runtime for Docker {
+    async fn info(&self) -> Result<InfoResponse, Error> {
+        let docker = self.client().await?;
+        let version = docker.version().await.map_err(self.call_err("version"))?;
+        let info = docker.info().await.map_err(self.call_err("info"))?;
+        Ok(InfoResponse {
+            node_name: self.cfg.node_name.clone(),
+            runtime: RUNTIME.to_string(),
+            runtime_version: version.version.unwrap_or_default(),
+            namespace: String::new(),
+            snapshotter: info.driver.unwrap_or_default(),
+            platform: node_platform(),
+            agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        })
+    }
+
+    async fn ready(&self) -> Result<(), Error> {
+        self.client()
+            .await?
+            .ping()
+            .await
+            .map_err(self.call_err("ping"))?;
+        Ok(())
+    }
+
+    async fn have(&self, session: &str, blobs: &[Descriptor]) -> Result<Vec<BlobState>, Error> {
+        validate_session(session)?;
+        let mut cached = Vec::with_capacity(blobs.len());
+        for d in blobs {
+            oci::validate_digest(&d.digest)
+                .map_err(|r| Error::InvalidRequest(format!("{}: {r}", d.digest)))?;
+            cached.push(self.cache.contains(&d.digest).await?);
+        }
+        self.hold(
+            session,
+            blobs
+                .iter()
+                .zip(&cached)
+                .filter(|(_, c)| **c)
+                .map(|(d, _)| d.digest.as_str()),
+        );
+        // dockerd is asked only about what the cache cannot answer.
+        let (holdings, needed) = if cached.iter().all(|c| *c) {
+            (Holdings::default(), HashMap::new())
+        } else {
+            let holdings = self.holdings(self.client().await?).await?;
+            let needed = self.needed_chains(blobs, &cached, &holdings).await?;
+            (holdings, needed)
+        };
+        let mut out = Vec::with_capacity(blobs.len());
+        for (d, cached) in blobs.iter().zip(cached) {
+            let present = cached || holdings.covers(d, &needed);
+            let offset = if present {
+                0
+            } else {
+                self.cache.partial(&d.digest).await?
+            };
+            out.push(BlobState {
+                digest: d.digest.clone(),
+                present,
+                offset,
+            });
+        }
+        Ok(out)
+    }
+
+    #[instrument(skip_all, fields(digest = header.blob.as_ref().map(|b| b.digest.as_str()).unwrap_or("")))]
+    async fn put_blob(
+        &self,
+        header: BlobHeader,
+        chunks: BoxStream<'static, Result<Bytes, Error>>,
+    ) -> Result<PutBlobResponse, Error> {
+        let blob = header
+            .blob
+            .ok_or_else(|| Error::InvalidRequest("PutBlob header has no descriptor".into()))?;
+        oci::validate_digest(&blob.digest)
+            .map_err(|r| Error::InvalidRequest(format!("{}: {r}", blob.digest)))?;
+        validate_session(&header.session)?;
+        self.hold(&header.session, [blob.digest.as_str()]);
+        let written = self
+            .cache
+            .write(&blob.digest, blob.size, header.offset, chunks)
+            .await?;
+        if !written.already_present {
+            info!(bytes = written.received, "blob cached");
+        }
+        Ok(PutBlobResponse {
+            digest: blob.digest,
+            received: written.received,
+            already_present: written.already_present,
+        })
+    }
+
+    async fn import(
+        &self,
+        session: &str,
+        images: Vec<ImageSpec>,
+        events: mpsc::Sender<ImportEvent>,
+    ) -> Result<(), Error> {
+        validate_session(session)?;
+        let docker = self.client().await?;
+        let mut holdings = self.holdings(docker).await?;
+        let mut used_layers = Vec::new();
+        let mut failures = 0usize;
+        for spec in &images {
+            let outcome = self
+                .import_one(docker, &mut holdings, spec, &events, &mut used_layers)
+                .await;
+            failures += usize::from(outcome.is_err());
+            let _ = events.send(finished_event(spec, outcome)).await;
+        }
+        // After a failure the session keeps its blobs for the retry, until the lease TTL.
+        if failures == 0 {
+            self.finish(session, used_layers).await;
+        }
+        Ok(())
+    }
+
+    async fn verify(&self, refs: &[String]) -> Result<Vec<RefStatus>, Error> {
+        let docker = self.client().await?;
+        let mut out = Vec::with_capacity(refs.len());
+        for r in refs {
+            let mut status = RefStatus {
+                r#ref: r.clone(),
+                ..Default::default()
+            };
+            // dockerd has an image whole or not at all: found means every layer is there.
+            match docker.inspect_image(r).await {
+                Ok(image) => {
+                    status.ok = true;
+                    status.image_id = image.id.unwrap_or_default();
+                }
+                Err(e) if is_not_found(&e) => status.problem = "no such image".to_string(),
+                Err(e) => return Err(self.call_err(format!("inspect image {r}"))(e)),
+            }
+            out.push(status);
+        }
+        Ok(out)
+    }
+
+    async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
+        let images = self
+            .client()
+            .await?
+            .list_images(None::<bollard::query_parameters::ListImagesOptions>)
+            .await
+            .map_err(self.call_err("list images"))?;
+        Ok(images
+            .into_iter()
+            .flat_map(|image| {
+                let target = Descriptor {
+                    digest: image.id.clone(),
+                    size: image.size.max(0) as u64,
+                    media_type: MEDIA_TYPE_DOCKER_CONFIG.to_string(),
+                    ..Default::default()
+                };
+                image
+                    .repo_tags
+                    .into_iter()
+                    .filter(|t| t != "<none>:<none>")
+                    .map(move |t| ImageRecord {
+                        name: canonical_name(&t),
+                        target: Some(target.clone()),
+                    })
+            })
+            .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn docker_names_are_shown_in_full() {
+        assert_eq!(
+            canonical_name("busybox:latest"),
+            "docker.io/library/busybox:latest"
+        );
+        assert_eq!(
+            canonical_name("bitnami/redis:7"),
+            "docker.io/bitnami/redis:7"
+        );
+        assert_eq!(
+            canonical_name("10.16.10.111/demo/app:v1"),
+            "10.16.10.111/demo/app:v1"
+        );
+        assert_eq!(canonical_name("localhost/x:1"), "localhost/x:1");
+    }
+
+    #[test]
+    fn tags_split_at_the_last_colon_after_the_host_and_refuse_digests() {
+        let t = Tag::parse("i", "10.16.10.111:5000/demo/app:v1").unwrap();
+        assert_eq!(
+            (t.repo.as_str(), t.tag.as_str()),
+            ("10.16.10.111:5000/demo/app", "v1")
+        );
+        let t = Tag::parse("i", "localhost:5000/app").unwrap();
+        assert_eq!(
+            (t.repo.as_str(), t.tag.as_str()),
+            ("localhost:5000/app", "latest")
+        );
+        let err = Tag::parse("img", "docker.io/library/x@sha256:00")
+            .err()
+            .unwrap();
+        assert!(err.to_string().contains("img"), "{err}");
+    }
+
+    fn layer(digest: &str, diff_id: &str) -> Descriptor {
+        Descriptor {
+            digest: digest.into(),
+            diff_id: diff_id.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_layer_counts_as_held_by_diff_id_unless_a_known_config_needs_another_chain() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let mut holdings = Holdings::default();
+        holdings.add(d('c'), vec![d('a'), d('b')]);
+        let none = HashMap::new();
+        // An image dockerd has: its config is present.
+        assert!(holdings.covers(&layer(&d('c'), ""), &none));
+        assert!(holdings.covers(&layer(&d('1'), &d('b')), &none));
+        assert!(!holdings.covers(&layer(&d('2'), &d('e')), &none));
+        // A cached config stacks b directly on e: that chain is not in dockerd.
+        let other = chain_ids(&[d('e'), d('b')]);
+        let needed = HashMap::from([(d('b'), vec![other[1].clone()])]);
+        assert!(!holdings.covers(&layer(&d('1'), &d('b')), &needed));
+        let same = chain_ids(&[d('a'), d('b')]);
+        let needed = HashMap::from([(d('b'), vec![same[1].clone()])]);
+        assert!(holdings.covers(&layer(&d('1'), &d('b')), &needed));
+    }
+}

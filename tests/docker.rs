@@ -1,0 +1,387 @@
+//! Docker nodes end to end: the real `lade` and `lade-agent --runtime docker` against private
+//! dockerds (each on its own private containerd), next to containerd nodes. Needs docker.io,
+//! containerd, runc and busybox-static (`scripts/test` installs them); fails when they are
+//! missing unless LADE_SKIP_DAEMON_TESTS=1 says to skip.
+
+use std::ffi::{OsStr, OsString};
+use std::time::Duration;
+
+use anyhow::{ensure, Result};
+use lade::bundle::{BlobSource, Bundle};
+use lade_proto::InfoRequest;
+use lade_testkit::fixtures::{
+    blob_digest, image_config, layer_tar, ArchiveFormat, Compression, Entry, ImageFixture,
+    APP_HELLO, APP_IMAGE,
+};
+use lade_testkit::harness::{daemon_tests_enabled, free_port, Dockerd};
+use lade_testkit::nodes::{spawn_agent, DockerNode, Node};
+use lade_tests::{images, load_json, u64_of, write_images_tar, write_sample_bundle};
+
+const APP: &str = "release.daocloud.io/demo/app:v1";
+const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
+const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
+const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
+const BUSYBOX: &str = "docker.io/library/busybox:latest";
+const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
+const RETAG: [&str; 4] = [
+    "--retag",
+    "release.daocloud.io/demo=10.16.10.111/demo",
+    "--retag",
+    "docker.io/library=10.16.10.111/library",
+];
+
+/// The hex part of a digest: the file name of a blob in the agent's cache.
+fn hex(digest: &str) -> &str {
+    digest.trim_start_matches("sha256:")
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn docker_and_containerd_nodes_end_with_the_same_names_and_a_rerun_sends_nothing(
+) -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle, written) = write_sample_bundle(
+        dir.path(),
+        "demo.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let unique_bytes = Bundle::open(&bundle)?.total_bytes();
+    let docker = [
+        DockerNode::start("docker-1").await?,
+        DockerNode::start("docker-2").await?,
+    ];
+    let containerd = Node::start("ctr-1").await?;
+    let agents = vec![docker[0].addr(), docker[1].addr(), containerd.addr()];
+
+    let (code, reports, stderr) = load_json(&bundle, &agents, &RETAG)?;
+    ensure!(code == 0, "first load failed: {reports:#?}\n{stderr}");
+    let mut expected = vec![
+        APP,
+        APP_RETAGGED,
+        SIDECAR,
+        SIDECAR_RETAGGED,
+        BUSYBOX,
+        BUSYBOX_RETAGGED,
+    ];
+    expected.sort();
+    for (node, report) in docker.iter().zip(&reports) {
+        assert_eq!(report["node"], node.name.as_str());
+        assert!(
+            report["runtime"]
+                .as_str()
+                .unwrap_or_default()
+                .starts_with("docker "),
+            "{report}"
+        );
+        assert_eq!(u64_of(report, "images_loaded"), 3, "{report}");
+        assert_eq!(u64_of(report, "bytes_sent"), unique_bytes, "{report}");
+        assert_eq!(
+            node.docker_image_names()?,
+            expected,
+            "names on {}",
+            node.name
+        );
+        // Docker's image ID is the config digest, as kubelet reports it on containerd.
+        let id =
+            node.dockerd
+                .docker_ok(&["image", "inspect", "--format", "{{.Id}}", APP_RETAGGED])?;
+        assert_eq!(id.trim(), imgs[0].config_digest());
+        // Layers went into dockerd and out of the cache; manifests and configs stay (small).
+        for layer in written.unique_layers() {
+            let cached = node
+                .cache_dir()
+                .join("blobs/sha256")
+                .join(hex(&layer.digest));
+            assert!(!cached.exists(), "{} still cached", cached.display());
+        }
+        let config = node
+            .cache_dir()
+            .join("blobs/sha256")
+            .join(hex(&imgs[0].config_digest()));
+        assert!(config.exists(), "{} not cached", config.display());
+    }
+    let names: Vec<String> = containerd
+        .image_names()?
+        .into_iter()
+        .filter(|n| !n.starts_with("sha256:"))
+        .collect();
+    assert_eq!(names, expected, "names on {}", containerd.name);
+
+    // Loaded images run on Docker, with no network at all.
+    let out = docker[0].docker_run(BUSYBOX_RETAGGED, &["/bin/echo", "ok"])?;
+    assert_eq!(out.trim(), "ok");
+    let out = docker[1].docker_run(APP_RETAGGED, &["/bin/busybox", "cat", "/app/hello.txt"])?;
+    assert_eq!(out.as_bytes(), APP_HELLO);
+
+    // Second run: Docker nodes answer from their cache and from dockerd; nothing is sent.
+    let (code, reports, stderr) = load_json(&bundle, &agents, &RETAG)?;
+    ensure!(code == 0, "second load failed: {reports:#?}\n{stderr}");
+    for report in &reports {
+        assert_eq!(u64_of(report, "bytes_sent"), 0, "{report}");
+        assert_eq!(u64_of(report, "images_loaded"), 3, "{report}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn images_docker_already_holds_cost_no_layer_transfer() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (archive, _) = write_images_tar(
+        dir.path(),
+        &imgs,
+        ArchiveFormat::DockerSave,
+        Compression::None,
+    )?;
+    let node = DockerNode::start("preloaded").await?;
+    node.dockerd
+        .docker_ok(&["load", "-i", &archive.display().to_string()])?;
+
+    let bundle = Bundle::open(&archive)?;
+    // A `docker save` archive has no manifests: lade makes them, and only they travel.
+    let manifest_bytes: u64 = bundle
+        .images
+        .iter()
+        .map(|i| bundle.blobs[&i.manifest].size)
+        .sum();
+    let (code, reports, stderr) = load_json(&archive, &[node.addr()], &RETAG)?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(
+        u64_of(&reports[0], "bytes_sent"),
+        manifest_bytes,
+        "{}",
+        reports[0]
+    );
+    assert_eq!(u64_of(&reports[0], "blobs_sent"), 3, "{}", reports[0]);
+    let names = node.docker_image_names()?;
+    assert!(names.contains(&APP_RETAGGED.to_string()), "{names:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn oci_and_zstd_archives_load_into_docker_and_run() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let imgs = images()?;
+    // Docker 20.10 cannot read zstd layers: the agent decompresses them on the way.
+    for (i, (format, compression)) in [
+        (ArchiveFormat::Oci, Compression::Zstd),
+        (ArchiveFormat::Docker25, Compression::Gzip),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let dir = tempfile::tempdir()?;
+        let (archive, _) = write_images_tar(dir.path(), &imgs, format, compression)?;
+        let node = DockerNode::start(&format!("dform-{i}")).await?;
+        let (code, reports, stderr) = load_json(&archive, &[node.addr()], &[])?;
+        ensure!(
+            code == 0,
+            "{format:?}/{compression:?}: {reports:#?}\n{stderr}"
+        );
+        assert_eq!(u64_of(&reports[0], "images_loaded"), 3, "{format:?}");
+        let out = node.docker_run(APP, &["/bin/busybox", "cat", "/app/hello.txt"])?;
+        assert_eq!(out.as_bytes(), APP_HELLO, "{format:?}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_corrupted_layer_is_refused_and_no_tag_is_created() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle_path, written) = write_sample_bundle(
+        dir.path(),
+        "bad.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let layer = &written.images[0].layers[1];
+    let bundle = Bundle::open(&bundle_path)?;
+    let BlobSource::Member { member, offset } = bundle.blobs[&layer.digest].source.clone() else {
+        panic!("layers are members");
+    };
+    let mut bytes = std::fs::read(&bundle_path)?;
+    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
+    std::fs::write(&bundle_path, bytes)?;
+
+    let node = DockerNode::start("dvictim").await?;
+    let (code, reports, stderr) = load_json(&bundle_path, &[node.addr()], &RETAG)?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let error = reports[0]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&member), "{error}");
+    assert!(
+        error.contains(&format!("layer 2 of {APP_IMAGE}")),
+        "{error}"
+    );
+    // No name, no image, and the damaged bytes never became a cached blob.
+    assert_eq!(node.docker_image_names()?, Vec::<String>::new());
+    let all = node.dockerd.docker_ok(&["images", "-a", "-q"])?;
+    assert_eq!(all.trim(), "", "images left: {all}");
+    assert!(!node
+        .cache_dir()
+        .join("blobs/sha256")
+        .join(hex(&layer.digest))
+        .exists());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_load_dockerd_refuses_is_reported_by_image_and_node_and_leaves_no_tag() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let mut imgs = images()?;
+    // Blobs that match their digests, but a config that lies about the second layer's content:
+    // only unpacking finds out, and that is dockerd's job here.
+    let base = imgs[2].layers[0].clone();
+    let extra = layer_tar(&[Entry::file("lie.txt", 0o644, "x")]);
+    let diff_ids = vec![blob_digest(&base), blob_digest(b"not this layer")];
+    let liar = ImageFixture {
+        name: "release.daocloud.io/demo/liar:v1".into(),
+        layers: vec![base, extra],
+        config: image_config(&diff_ids, &["/bin/sh"]),
+    };
+    let liar_config = liar.config_digest();
+    imgs.push(liar);
+    let (bundle, _) = write_sample_bundle(
+        dir.path(),
+        "liar.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let node = DockerNode::start("drefuse").await?;
+    let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &RETAG)?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let report = &reports[0];
+    assert_eq!(u64_of(report, "images_loaded"), 3, "{report}");
+    let failed = report["failed_images"].as_array().expect("failed_images");
+    assert_eq!(failed.len(), 1, "{report}");
+    let reason = failed[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("release.daocloud.io/demo/liar:v1")
+            && reason.contains(&node.name)
+            && reason.contains("invalid diffID"),
+        "{reason}"
+    );
+    // The other images got their names; the refused one got none and is not in dockerd.
+    let names = node.docker_image_names()?;
+    assert!(names.contains(&APP_RETAGGED.to_string()), "{names:?}");
+    assert!(!names.iter().any(|n| n.contains("liar")), "{names:?}");
+    let inspect = node.dockerd.docker(&["image", "inspect", &liar_config]);
+    assert!(!inspect.status.success(), "the refused image exists");
+    Ok(())
+}
+
+/// `--runtime auto` takes containerd when it answers with CRI, else Docker.
+#[tokio::test(flavor = "multi_thread")]
+async fn auto_picks_containerd_with_cri_and_docker_otherwise() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dockerd = Dockerd::start("dauto").await?;
+    let absent = dockerd.dir().join("no-containerd.sock");
+    for (containerd, expected) in [
+        (dockerd.containerd().socket(), "containerd"),
+        (absent, "docker"),
+    ] {
+        let port = free_port();
+        let log = dockerd.dir().join(format!("agent-{expected}.log"));
+        let args: Vec<OsString> = vec![
+            "--runtime".into(),
+            "auto".into(),
+            "--containerd-socket".into(),
+            containerd.into(),
+            "--docker-socket".into(),
+            dockerd.socket().into(),
+            "--docker-cache-dir".into(),
+            dockerd.dir().join("cache").into(),
+        ];
+        let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
+        let _agent = spawn_agent("auto", port, &args, &log).await?;
+        let mut client =
+            lade::load::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(5)).await?;
+        let info = client.info(InfoRequest {}).await?.into_inner();
+        assert_eq!(info.runtime, expected);
+    }
+    Ok(())
+}
+
+/// dockerd keeps layers per chain: a layer it holds on one base is a new layer on another.
+/// The first load of such an image judges the layer by its diffID and fails with a reason;
+/// the next load sends exactly that layer, and the image loads.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_docker_holds_on_another_base_is_sent_by_the_next_load() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let shared = layer_tar(&[Entry::file("shared.txt", 0o644, "same bytes on two bases")]);
+    let first = ImageFixture::new(
+        "release.daocloud.io/demo/first:v1",
+        vec![layer_tar(&[Entry::file("one", 0o644, "1")]), shared.clone()],
+        &["/bin/sh"],
+    );
+    let second = ImageFixture::new(
+        "release.daocloud.io/demo/second:v1",
+        vec![layer_tar(&[Entry::file("two", 0o644, "2")]), shared],
+        &["/bin/sh"],
+    );
+    let (old, _) = write_sample_bundle(
+        dir.path(),
+        "old.bundle.tar",
+        &[first],
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let (new, written) = write_sample_bundle(
+        dir.path(),
+        "new.bundle.tar",
+        &[second],
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let node = DockerNode::start("dchain").await?;
+    let (code, reports, stderr) = load_json(&old, &[node.addr()], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+
+    let (code, reports, stderr) = load_json(&new, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let reason = reports[0]["failed_images"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(reason.contains("only on another base"), "{reason}");
+    assert!(!node
+        .docker_image_names()?
+        .iter()
+        .any(|n| n.contains("second")));
+
+    let (code, reports, stderr) = load_json(&new, &[node.addr()], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let shared_layer = &written.images[0].layers[1];
+    assert_eq!(
+        u64_of(&reports[0], "bytes_sent"),
+        shared_layer.size,
+        "{}",
+        reports[0]
+    );
+    assert!(node
+        .docker_image_names()?
+        .contains(&"release.daocloud.io/demo/second:v1".to_string()));
+    Ok(())
+}
