@@ -4,19 +4,16 @@
 //! idempotent Import, names only for complete images, Verify of what is missing).
 //! Needs the same daemons as the other end-to-end tests.
 
-use std::time::Duration;
-
 use anyhow::{ensure, Result};
 use lade::bundle::Bundle;
 use lade_proto::{
-    put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, HaveRequest, ImageSpec,
-    ImportPhase, ImportRequest, PutBlobRequest, PutBlobResponse, VerifyRequest, CHUNK_SIZE,
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, ImportPhase,
+    ImportRequest, PutBlobRequest, PutBlobResponse, VerifyRequest, CHUNK_SIZE,
 };
 use lade_testkit::fixtures::{random_layer, ArchiveFormat, Compression, ImageFixture};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{DockerNode, Node};
 use lade_tests::{images, load_json, write_sample_bundle};
-use tonic::transport::Channel;
 
 const BIG_IMAGE: &str = "release.daocloud.io/demo/big:v1";
 const MISSING_REF: &str = "docker.io/library/lade-never-loaded:v0";
@@ -41,7 +38,7 @@ async fn docker_runtime_conforms() -> Result<()> {
 
 /// Uploads `data` as blob `desc` from `offset` in one PutBlob call.
 async fn put(
-    client: &mut AgentClient<Channel>,
+    client: &mut lade::load::AgentConn,
     session: &str,
     desc: &Descriptor,
     offset: u64,
@@ -65,7 +62,7 @@ async fn put(
 
 /// The blob states `Have` reports for `blobs`, in order.
 async fn have(
-    client: &mut AgentClient<Channel>,
+    client: &mut lade::load::AgentConn,
     session: &str,
     blobs: &[Descriptor],
 ) -> Result<Vec<(bool, u64)>> {
@@ -82,7 +79,7 @@ async fn have(
 
 /// Runs Import for `images`; returns the final phase and message of each image, in order.
 async fn import(
-    client: &mut AgentClient<Channel>,
+    client: &mut lade::load::AgentConn,
     session: &str,
     images: Vec<ImageSpec>,
 ) -> Result<Vec<(ImportPhase, String)>> {
@@ -103,7 +100,7 @@ async fn import(
     Ok(out)
 }
 
-async fn verify(client: &mut AgentClient<Channel>, refs: &[&str]) -> Result<Vec<(bool, String)>> {
+async fn verify(client: &mut lade::load::AgentConn, refs: &[&str]) -> Result<Vec<(bool, String)>> {
     let refs = refs.iter().map(|r| r.to_string()).collect();
     let statuses = client
         .verify(VerifyRequest { refs })
@@ -154,7 +151,7 @@ async fn conformance(agent: &str) -> Result<()> {
     let big = written.images[3].layers[1].clone();
     let big_desc = descriptor(&bundle, &big.digest);
     let big_bytes = read_all(&bundle, &big.digest)?;
-    let mut client = lade::load::connect(agent, Duration::from_secs(5)).await?;
+    let mut client = lade::load::connect(agent, &lade_tests::dial()).await?;
     let session = "conformance";
 
     // Verify of a name never loaded: not ok, and says why; the call itself succeeds.

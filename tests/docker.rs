@@ -4,7 +4,6 @@
 //! missing unless LADE_SKIP_DAEMON_TESTS=1 says to skip.
 
 use std::ffi::{OsStr, OsString};
-use std::time::Duration;
 
 use anyhow::{ensure, Result};
 use lade::bundle::{BlobSource, Bundle};
@@ -313,9 +312,9 @@ async fn auto_picks_containerd_with_cri_and_docker_otherwise() -> Result<()> {
             dockerd.dir().join("cache").into(),
         ];
         let args: Vec<&OsStr> = args.iter().map(OsString::as_os_str).collect();
-        let _agent = spawn_agent("auto", port, &args, &log).await?;
+        let _agent = spawn_agent("auto", port, free_port(), &args, &log).await?;
         let mut client =
-            lade::load::connect(&format!("127.0.0.1:{port}"), Duration::from_secs(5)).await?;
+            lade::load::connect(&format!("127.0.0.1:{port}"), &lade_tests::dial()).await?;
         let info = client.info(InfoRequest {}).await?.into_inner();
         assert_eq!(info.runtime, expected);
     }

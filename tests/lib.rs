@@ -91,3 +91,12 @@ pub fn u64_of(report: &Value, key: &str) -> u64 {
         .as_u64()
         .unwrap_or_else(|| panic!("{key} missing in {report}"))
 }
+
+/// How tests reach the simulated agents: they all require the harness's token.
+pub fn dial() -> lade::load::Dial {
+    lade::load::Dial {
+        timeout: std::time::Duration::from_secs(5),
+        credentials: lade::load::Credentials::token(lade_testkit::nodes::TEST_TOKEN)
+            .expect("the test token is ASCII"),
+    }
+}

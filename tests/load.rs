@@ -389,7 +389,7 @@ async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<
     let node = Node::start("resume").await?;
 
     // Send the header and one chunk, then hang up, as a coordinator that died would.
-    let mut client = lade::load::connect(&node.addr(), std::time::Duration::from_secs(5)).await?;
+    let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
     let desc = Descriptor {
         digest: big.digest.clone(),
         size: big.size,

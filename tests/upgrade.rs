@@ -13,7 +13,7 @@ use anyhow::{ensure, Context, Result};
 use lade_testkit::fixtures::{sample_chart, write_bundle, ArchiveFormat, Compression};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::helm::{FakeHelm, HelmCall, Reply};
-use lade_testkit::nodes::{workspace_bin, Node};
+use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use lade_tests::{images, write_images_tar};
 
 /// Every image of the sample chart, named through global.imageRegistry (the sidecar through a
@@ -50,6 +50,7 @@ fn lade(helm: &FakeHelm, args: &[String]) -> Result<(i32, String, String)> {
         .args(args)
         .env("PATH", helm.path_env()?)
         .env("RUST_LOG", "warn")
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
         .output()
         .context("running lade")?;
     Ok((

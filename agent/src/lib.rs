@@ -5,7 +5,10 @@
 //! unpacks them and names images. It never pulls from anywhere and never runs containers.
 //! [`server::run`] owns the accept loop and graceful shutdown; `main.rs` only wires config.
 
+pub mod auth;
 pub mod error;
+pub mod http;
+pub mod metrics;
 pub mod oci;
 pub mod runtime;
 pub mod server;

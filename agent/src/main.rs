@@ -1,15 +1,18 @@
 //! `lade-agent` binary: parses configuration, builds the runtime, serves until SIGTERM.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgAction, Parser, ValueEnum};
+use lade_agent::auth::Auth;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
 use lade_agent::runtime::{detect, Runtime, RuntimeKind};
+use lade_agent::server::Serve;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -32,6 +35,26 @@ struct Config {
     /// Address to serve gRPC on.
     #[arg(long, env = "LADE_LISTEN", default_value = "0.0.0.0:7700")]
     listen: SocketAddr,
+    /// Address of the plain-HTTP side port: /metrics, /healthz, /readyz.
+    #[arg(long, env = "LADE_METRICS_LISTEN", default_value = "0.0.0.0:7701")]
+    metrics_listen: SocketAddr,
+    /// File holding the bearer token every call must present (the chart mounts it from a
+    /// Secret). Required unless --insecure-no-auth or client certificates (--tls-client-ca).
+    #[arg(long, env = "LADE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// Accept calls without any credential. Anyone who reaches the port can then write to
+    /// this node's container runtime: for disposable labs only.
+    #[arg(long, env = "LADE_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Serve TLS with this certificate (PEM); needs --tls-key.
+    #[arg(long, env = "LADE_TLS_CERT", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "LADE_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Require client certificates signed by this CA (PEM): mutual TLS. Needs --tls-cert.
+    #[arg(long, env = "LADE_TLS_CLIENT_CA", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
     /// Container runtime to load into.
     #[arg(long, env = "LADE_RUNTIME", value_enum, default_value = "containerd")]
     runtime: RuntimeChoice,
@@ -105,24 +128,67 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: cfg.lease_ttl,
         node_name,
     };
+    let serve = Serve {
+        grpc: bind(cfg.listen).await?,
+        http: bind(cfg.metrics_listen).await?,
+        auth: auth(
+            cfg.auth_token_file.as_deref(),
+            cfg.insecure_no_auth,
+            cfg.tls_client_ca.is_some(),
+        )?,
+        tls: tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)?,
+    };
     match cfg.runtime {
-        RuntimeChoice::Containerd => serve(cfg.listen, Containerd::new(containerd)?).await,
-        RuntimeChoice::Docker => serve(cfg.listen, Docker::new(docker)).await,
+        RuntimeChoice::Containerd => run(serve, Containerd::new(containerd)?).await,
+        RuntimeChoice::Docker => run(serve, Docker::new(docker)).await,
         RuntimeChoice::Auto => {
             let (containerd, docker) = (Containerd::new(containerd)?, Docker::new(docker));
             match detect(&containerd, &docker).await? {
-                RuntimeKind::Containerd => serve(cfg.listen, containerd).await,
-                RuntimeKind::Docker => serve(cfg.listen, docker).await,
+                RuntimeKind::Containerd => run(serve, containerd).await,
+                RuntimeKind::Docker => run(serve, docker).await,
             }
         }
     }
 }
 
-async fn serve(listen: SocketAddr, runtime: impl Runtime) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(listen)
+async fn run(serve: Serve, runtime: impl Runtime) -> anyhow::Result<()> {
+    lade_agent::server::run(serve, Arc::new(runtime), shutdown_signal()).await
+}
+
+async fn bind(addr: SocketAddr) -> anyhow::Result<tokio::net::TcpListener> {
+    tokio::net::TcpListener::bind(addr)
         .await
-        .with_context(|| format!("binding {listen}"))?;
-    lade_agent::server::run(listener, Arc::new(runtime), shutdown_signal()).await
+        .with_context(|| format!("binding {addr}"))
+}
+
+/// The agent refuses to start without a credential unless told, loudly, to run open.
+fn auth(token_file: Option<&Path>, insecure: bool, client_certs: bool) -> anyhow::Result<Auth> {
+    match (token_file, insecure, client_certs) {
+        (Some(path), _, _) => Auth::from_token_file(path)
+            .with_context(|| format!("reading the auth token from {}", path.display())),
+        // Client certificates are the credential; the token check is off.
+        (None, _, true) | (None, true, false) => Ok(Auth::Insecure),
+        (None, false, false) => anyhow::bail!(
+            "no credential configured: pass --auth-token-file (or --tls-client-ca for mutual TLS); \
+             --insecure-no-auth runs without any, for labs only"
+        ),
+    }
+}
+
+fn tls(
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    client_ca: Option<PathBuf>,
+) -> anyhow::Result<Option<ServerTlsConfig>> {
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(None);
+    };
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut config = ServerTlsConfig::new().identity(Identity::from_pem(read(&cert)?, read(&key)?));
+    if let Some(ca) = client_ca {
+        config = config.client_ca_root(Certificate::from_pem(read(&ca)?));
+    }
+    Ok(Some(config))
 }
 
 fn hostname() -> anyhow::Result<String> {

@@ -1,31 +1,90 @@
-//! Runs the agent's gRPC server on a listener until a shutdown signal.
+//! Runs the agent: the gRPC server (authenticated) and the plain-HTTP side port (metrics
+//! and probes), both until one shutdown signal, after which in-flight calls finish.
 
 use std::future::Future;
 use std::sync::Arc;
 
 use lade_proto::AgentServer;
+use prometheus::Registry;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use tokio_stream::wrappers::TcpListenerStream;
-use tracing::info;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::ServerTlsConfig;
+use tracing::{info, warn};
 
+use crate::auth::Auth;
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 use crate::service::AgentService;
 
-/// Serves `runtime` on `listener` until `shutdown` completes, then lets in-flight calls finish.
+/// Where and how the agent serves.
+pub struct Serve {
+    /// gRPC for the coordinator.
+    pub grpc: TcpListener,
+    /// `/metrics`, `/healthz`, `/readyz`.
+    pub http: TcpListener,
+    pub auth: Auth,
+    /// TLS, with client certificates when the config asks for them.
+    pub tls: Option<ServerTlsConfig>,
+}
+
+/// Serves `runtime` until `shutdown` completes.
 pub async fn run<R: Runtime>(
-    listener: TcpListener,
+    serve: Serve,
     runtime: Arc<R>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> anyhow::Result<()> {
-    let addr = listener.local_addr()?;
-    info!(%addr, "lade-agent listening");
-    let service = AgentServer::new(AgentService::new(runtime))
-        .max_decoding_message_size(8 << 20)
-        .max_encoding_message_size(8 << 20);
-    tonic::transport::Server::builder()
+    let registry = Registry::new();
+    let metrics = Metrics::new(&registry)?;
+    metrics
+        .build_info
+        .with_label_values(&[env!("CARGO_PKG_VERSION"), R::NAME])
+        .set(1);
+    if matches!(serve.auth, Auth::Insecure) && serve.tls.is_none() {
+        warn!("AUTHENTICATION IS OFF (--insecure-no-auth): anyone who reaches the gRPC port can write to this node's container runtime");
+    }
+
+    // One signal stops both servers.
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    let http = tokio::spawn(crate::http::run(
+        serve.http,
+        runtime.clone(),
+        registry,
+        stopped(stop_rx.clone()),
+    ));
+
+    info!(addr = %serve.grpc.local_addr()?, runtime = R::NAME, "lade-agent listening");
+    let auth = serve.auth;
+    let service = InterceptedService::new(
+        AgentServer::new(AgentService::new(runtime, metrics))
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20),
+        move |req| auth.check(req),
+    );
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = serve.tls {
+        builder = builder.tls_config(tls)?;
+    }
+    let grpc = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
-        .await?;
+        .serve_with_incoming_shutdown(TcpListenerStream::new(serve.grpc), stopped(stop_rx));
+    tokio::pin!(grpc);
+    tokio::pin!(shutdown);
+    let result = tokio::select! {
+        r = &mut grpc => r,
+        _ = &mut shutdown => {
+            let _ = stop_tx.send(true);
+            grpc.await
+        }
+    };
+    let _ = stop_tx.send(true);
+    http.await??;
+    result?;
     info!("lade-agent stopped");
     Ok(())
 }

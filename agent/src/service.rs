@@ -1,14 +1,16 @@
 //! The `lade.agent.v1.Agent` gRPC service: decodes requests, calls the [`Runtime`], encodes
-//! answers. Owns no runtime logic; errors become statuses through `From<Error> for Status`.
+//! answers, and counts what it saw in the [`Metrics`]. Owns no runtime logic; errors become
+//! statuses through `From<Error> for Status`.
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lade_proto::{
-    put_blob_request::Msg, HaveRequest, HaveResponse, ImportEvent, ImportRequest, InfoRequest,
-    InfoResponse, ListRequest, ListResponse, PutBlobRequest, PutBlobResponse, VerifyRequest,
-    VerifyResponse,
+    put_blob_request::Msg, HaveRequest, HaveResponse, ImportEvent, ImportPhase, ImportRequest,
+    InfoRequest, InfoResponse, ListRequest, ListResponse, PutBlobRequest, PutBlobResponse,
+    VerifyRequest, VerifyResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -16,31 +18,56 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::error::Error;
+use crate::metrics::Metrics;
 use crate::runtime::Runtime;
 
 /// Serves one runtime over gRPC.
 pub struct AgentService<R> {
     runtime: Arc<R>,
+    metrics: Metrics,
 }
 
 impl<R> AgentService<R> {
-    pub fn new(runtime: Arc<R>) -> Self {
-        Self { runtime }
+    pub fn new(runtime: Arc<R>, metrics: Metrics) -> Self {
+        Self { runtime, metrics }
+    }
+
+    /// Counts a failed call, then hands its status on.
+    fn fail(&self, e: impl Into<Status>) -> Status {
+        let status = e.into();
+        self.metrics.failed(&status);
+        status
     }
 }
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ImportEvent, Status>> + Send>>;
 
+/// Decrements the in-flight gauge however the upload ends.
+struct InFlight(prometheus::IntGauge);
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
+}
+
 #[tonic::async_trait]
 impl<R: Runtime> lade_proto::Agent for AgentService<R> {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        Ok(Response::new(self.runtime.info().await?))
+        let info = self.runtime.info().await.map_err(|e| self.fail(e))?;
+        Ok(Response::new(info))
     }
 
     #[instrument(skip_all, fields(session = %req.get_ref().session, blobs = req.get_ref().blobs.len()))]
     async fn have(&self, req: Request<HaveRequest>) -> Result<Response<HaveResponse>, Status> {
         let req = req.into_inner();
-        let blobs = self.runtime.have(&req.session, &req.blobs).await?;
+        let blobs = self
+            .runtime
+            .have(&req.session, &req.blobs)
+            .await
+            .map_err(|e| self.fail(e))?;
+        let present = blobs.iter().filter(|b| b.present).count();
+        self.metrics.blobs_present.inc_by(present as u64);
         Ok(Response::new(HaveResponse { blobs }))
     }
 
@@ -48,13 +75,17 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         &self,
         req: Request<Streaming<PutBlobRequest>>,
     ) -> Result<Response<PutBlobResponse>, Status> {
+        self.metrics.inflight_uploads.inc();
+        let _inflight = InFlight(self.metrics.inflight_uploads.clone());
         let mut stream = req.into_inner();
         let header = match stream.message().await? {
             Some(PutBlobRequest {
                 msg: Some(Msg::Header(h)),
             }) => h,
             _ => {
-                return Err(Error::InvalidRequest("PutBlob must start with a header".into()).into())
+                return Err(self.fail(Error::InvalidRequest(
+                    "PutBlob must start with a header".into(),
+                )))
             }
         };
         let digest = header
@@ -62,11 +93,15 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
             .as_ref()
             .map(|b| b.digest.clone())
             .unwrap_or_default();
+        let received = self.metrics.received_bytes.clone();
         let chunks = stream
             .map(move |m| match m {
                 Ok(PutBlobRequest {
                     msg: Some(Msg::Chunk(c)),
-                }) => Ok(c),
+                }) => {
+                    received.inc_by(c.len() as u64);
+                    Ok(c)
+                }
                 Ok(_) => Err(Error::InvalidRequest(format!(
                     "blob {digest}: only data chunks may follow the header"
                 ))),
@@ -75,7 +110,17 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
                 }),
             })
             .boxed();
-        Ok(Response::new(self.runtime.put_blob(header, chunks).await?))
+        let response = self
+            .runtime
+            .put_blob(header, chunks)
+            .await
+            .map_err(|e| self.fail(e))?;
+        if response.already_present {
+            self.metrics.blobs_present.inc();
+        } else {
+            self.metrics.blobs_committed.inc();
+        }
+        Ok(Response::new(response))
     }
 
     type ImportStream = EventStream;
@@ -95,11 +140,20 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
             let result = runtime.import(&req.session, req.images, tx).await;
             let _ = done_tx.send(result);
         });
-        let events = ReceiverStream::new(rx).map(Ok);
+        let metrics = self.metrics.clone();
+        let events = ReceiverStream::new(rx).map(move |event| {
+            observe(&metrics, &event);
+            Ok(event)
+        });
+        let metrics = self.metrics.clone();
         let tail = futures::stream::once(async move {
             match done_rx.await {
                 Ok(Ok(())) => None,
-                Ok(Err(e)) => Some(Err(Status::from(e))),
+                Ok(Err(e)) => {
+                    let status = Status::from(e);
+                    metrics.failed(&status);
+                    Some(Err(status))
+                }
                 Err(_) => Some(Err(Status::internal("import task ended without a result"))),
             }
         })
@@ -111,13 +165,39 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         &self,
         req: Request<VerifyRequest>,
     ) -> Result<Response<VerifyResponse>, Status> {
-        let refs = self.runtime.verify(&req.into_inner().refs).await?;
+        let refs = self
+            .runtime
+            .verify(&req.into_inner().refs)
+            .await
+            .map_err(|e| self.fail(e))?;
         Ok(Response::new(VerifyResponse { refs }))
     }
 
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
-        Ok(Response::new(ListResponse {
-            images: self.runtime.list().await?,
-        }))
+        let images = self.runtime.list().await.map_err(|e| self.fail(e))?;
+        Ok(Response::new(ListResponse { images }))
+    }
+}
+
+/// Records an import event's timing; a failed image counts as a failure.
+fn observe(metrics: &Metrics, event: &ImportEvent) {
+    let seconds = event
+        .duration_ms
+        .map(|ms| Duration::from_millis(ms).as_secs_f64());
+    match ImportPhase::try_from(event.phase) {
+        Ok(ImportPhase::LayerUnpacked) => {
+            if let Some(s) = seconds {
+                metrics.layer_unpack_seconds.observe(s);
+            }
+        }
+        Ok(ImportPhase::ImageDone) => {
+            if let Some(s) = seconds {
+                metrics.image_import_seconds.observe(s);
+            }
+        }
+        Ok(ImportPhase::ImageFailed) => {
+            metrics.failures.with_label_values(&["image_import"]).inc();
+        }
+        _ => {}
     }
 }

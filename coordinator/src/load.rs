@@ -17,7 +17,10 @@ use lade_proto::{
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
+use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, instrument};
 
 use crate::bundle::{Bundle, BundleError};
@@ -39,6 +42,8 @@ pub enum LoadError {
     Bundle(#[from] BundleError),
     #[error(transparent)]
     Reference(#[from] ReferenceError),
+    #[error("credentials: {0}")]
+    Credentials(String),
 }
 
 /// How a load runs.
@@ -50,8 +55,54 @@ pub struct LoadOptions {
     pub keep_original: bool,
     /// Nodes loaded at the same time.
     pub parallel: usize,
-    pub connect_timeout: Duration,
+    pub dial: Dial,
 }
+
+/// How the coordinator reaches agents: how long it waits, and how it proves who it is.
+#[derive(Clone, Debug)]
+pub struct Dial {
+    pub timeout: Duration,
+    pub credentials: Credentials,
+}
+
+/// What the coordinator presents to agents: the bearer token of the cluster's Secret and/or
+/// TLS (with a client certificate when agents require mutual TLS).
+#[derive(Clone, Debug, Default)]
+pub struct Credentials {
+    bearer: Option<MetadataValue<Ascii>>,
+    tls: Option<ClientTlsConfig>,
+}
+
+impl Credentials {
+    /// Presents `token` as `authorization: Bearer <token>` on every call.
+    pub fn token(token: &str) -> Result<Credentials, LoadError> {
+        let bearer = format!("Bearer {}", token.trim())
+            .parse()
+            .map_err(|_| LoadError::Credentials("the auth token must be printable ASCII".into()))?;
+        Ok(Credentials {
+            bearer: Some(bearer),
+            tls: None,
+        })
+    }
+
+    /// Connects with TLS as `tls` says.
+    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Credentials {
+        self.tls = Some(tls);
+        self
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(bearer) = &self.bearer {
+            req.metadata_mut().insert("authorization", bearer.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// A connected agent client that authenticates every call.
+pub type AgentConn = AgentClient<InterceptedService<Channel, Credentials>>;
 
 /// One image of the bundle and every name it gets on the nodes.
 #[derive(Clone, Debug, Serialize)]
@@ -165,7 +216,7 @@ pub async fn load(
                     progress.clone(),
                     session.clone(),
                 );
-                let timeout = opts.connect_timeout;
+                let dial = &opts.dial;
                 async move {
                     let mut report = NodeReport {
                         agent: agent.clone(),
@@ -179,7 +230,7 @@ pub async fn load(
                         &plan,
                         &session,
                         agent,
-                        timeout,
+                        dial,
                         &*progress,
                         &mut report,
                     )
@@ -226,21 +277,33 @@ fn have_descriptors(bundle: &Bundle) -> Vec<Descriptor> {
         .collect()
 }
 
-/// Connects to an agent. Plain TCP here; authentication is the transport's concern.
-pub async fn connect(agent: &str, timeout: Duration) -> Result<AgentClient<Channel>, LoadError> {
+/// Connects to an agent with the credentials of `dial`.
+pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
     let err = |reason: String| LoadError::Connect {
         agent: agent.to_string(),
         reason,
     };
-    let endpoint = Endpoint::from_shared(format!("http://{agent}"))
+    let scheme = if dial.credentials.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
         .map_err(|e| err(format!("not a host:port address ({e})")))?
-        .connect_timeout(timeout)
+        .connect_timeout(dial.timeout)
         .tcp_nodelay(true)
         .http2_keep_alive_interval(Duration::from_secs(30));
+    if let Some(tls) = &dial.credentials.tls {
+        endpoint = endpoint
+            .tls_config(tls.clone())
+            .map_err(|e| err(error_chain(&e)))?;
+    }
     let channel = endpoint.connect().await.map_err(|e| err(error_chain(&e)))?;
-    Ok(AgentClient::new(channel)
-        .max_decoding_message_size(8 << 20)
-        .max_encoding_message_size(8 << 20))
+    Ok(
+        AgentClient::with_interceptor(channel, dial.credentials.clone())
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20),
+    )
 }
 
 /// An error and its sources as one line, skipping a source whose text its parent already
@@ -264,7 +327,7 @@ async fn load_node(
     plan: &[PlannedImage],
     session: &str,
     agent: &str,
-    timeout: Duration,
+    dial: &Dial,
     progress: &dyn Progress,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
@@ -275,7 +338,7 @@ async fn load_node(
             status,
         }
     };
-    let mut client = connect(agent, timeout).await?;
+    let mut client = connect(agent, dial).await?;
     let info = client
         .info(InfoRequest {})
         .await
@@ -395,7 +458,7 @@ async fn load_node(
 /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle
 /// withholds the last chunk, so the node never commits corrupt content.
 async fn put_blob(
-    client: &mut AgentClient<Channel>,
+    client: &mut AgentConn,
     bundle: &Arc<Bundle>,
     session: &str,
     digest: &str,

@@ -9,12 +9,13 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use lade::bundle::Bundle;
-use lade::load::{load, plan_names, LoadOptions};
+use lade::load::{load, plan_names, Credentials, Dial, LoadOptions};
 use lade::progress::{summary_table, Bars, Lines, Progress};
 use lade::reference::{check_rules, RetagRule};
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
 use lade::upgrade::{upgrade, ChartSource, UpgradeOptions};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// Load an offline bundle's images onto every node of a cluster, then upgrade its helm release.
 #[derive(Debug, Parser)]
@@ -92,9 +93,8 @@ struct LoadArgs {
     /// Nodes loaded at the same time.
     #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
     parallel: usize,
-    /// Give up connecting to an agent after this long.
-    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
-    connect_timeout: Duration,
+    #[command(flatten)]
+    connect: ConnectArgs,
     /// Summary format on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
@@ -138,11 +138,74 @@ struct UpgradeArgs {
     /// Agents asked at the same time.
     #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
     parallel: usize,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(flatten)]
+    upgrade: UpgradeFlags,
+}
+
+/// How to reach agents and prove to them who is calling; shared by `load` and `upgrade`.
+#[derive(Debug, Args)]
+struct ConnectArgs {
     /// Give up connecting to an agent after this long.
     #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
     connect_timeout: Duration,
-    #[command(flatten)]
-    upgrade: UpgradeFlags,
+    /// File holding the agents' bearer token (the chart's lade-auth Secret).
+    #[arg(long, env = "LADE_AUTH_TOKEN_FILE")]
+    auth_token_file: Option<PathBuf>,
+    /// The bearer token itself. Prefer the environment variable or --auth-token-file: a
+    /// command line is visible to every user of the machine.
+    #[arg(
+        long,
+        env = "LADE_AUTH_TOKEN",
+        hide_env_values = true,
+        conflicts_with = "auth_token_file"
+    )]
+    auth_token: Option<String>,
+    /// CA certificate (PEM) of the agents' TLS certificates; connect with TLS.
+    #[arg(long, env = "LADE_TLS_CA")]
+    tls_ca: Option<PathBuf>,
+    /// Client certificate (PEM) for agents that require mutual TLS.
+    #[arg(long, env = "LADE_CLIENT_TLS_CERT", requires_all = ["tls_key", "tls_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "LADE_CLIENT_TLS_KEY", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// Name the agents' certificates are checked against (default: the --agent host).
+    #[arg(long, env = "LADE_TLS_SERVER_NAME", requires = "tls_ca")]
+    tls_server_name: Option<String>,
+}
+
+impl ConnectArgs {
+    fn dial(&self) -> anyhow::Result<Dial> {
+        let token = match (&self.auth_token_file, &self.auth_token) {
+            (Some(path), _) => Some(
+                std::fs::read_to_string(path)
+                    .with_context(|| format!("reading the auth token from {}", path.display()))?,
+            ),
+            (None, token) => token.clone(),
+        };
+        let mut credentials = match token {
+            Some(t) => Credentials::token(&t)?,
+            None => Credentials::default(),
+        };
+        if let Some(ca) = &self.tls_ca {
+            let read =
+                |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+            let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(read(ca)?));
+            if let (Some(cert), Some(key)) = (&self.tls_cert, &self.tls_key) {
+                tls = tls.identity(Identity::from_pem(read(cert)?, read(key)?));
+            }
+            if let Some(name) = &self.tls_server_name {
+                tls = tls.domain_name(name.clone());
+            }
+            credentials = credentials.with_tls(tls);
+        }
+        Ok(Dial {
+            timeout: self.connect_timeout,
+            credentials,
+        })
+    }
 }
 
 /// How the release is upgraded; shared by `upgrade` and `load --then-upgrade`. No environment
@@ -197,7 +260,7 @@ impl UpgradeFlags {
         agents: Vec<String>,
         rules: Vec<RetagRule>,
         parallel: usize,
-        connect_timeout: Duration,
+        dial: Dial,
     ) -> UpgradeOptions {
         UpgradeOptions {
             release,
@@ -210,7 +273,7 @@ impl UpgradeFlags {
             image_registry: self.image_registry,
             rules,
             agents,
-            connect_timeout,
+            dial,
             parallel,
             skip_preflight: self.skip_preflight,
             dry_run: self.dry_run,
@@ -267,7 +330,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 args.agents,
                 args.retag,
                 args.parallel,
-                args.connect_timeout,
+                args.connect.dial()?,
             );
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
             Ok(runtime.block_on(run_upgrade(&bundle, &opts, &mut std::io::stdout())))
@@ -306,7 +369,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         rules: args.retag,
         keep_original: !args.no_keep_original,
         parallel: args.parallel,
-        connect_timeout: args.connect_timeout,
+        dial: args.connect.dial()?,
     };
     let bundle = Arc::new(bundle);
     let reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
@@ -329,7 +392,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         opts.agents,
         opts.rules,
         opts.parallel,
-        opts.connect_timeout,
+        opts.dial,
     );
     // The JSON summary owns stdout; the upgrade's report then goes to stderr.
     Ok(match args.output {

@@ -12,6 +12,9 @@ use anyhow::{bail, Context, Result};
 use crate::fixtures::normalize_ref;
 use crate::harness::{free_port, ChildGuard, Containerd, Dockerd};
 
+/// The bearer token every simulated agent requires (a cluster's agents share one Secret).
+pub const TEST_TOKEN: &str = "lade-test-token-0123456789";
+
 /// Path of a binary of this workspace, built by `cargo test --workspace` / `cargo build`
 /// next to the test executable (`target/<profile>/`).
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
@@ -41,6 +44,8 @@ pub struct Node {
     agent: Option<ChildGuard>,
     pub containerd: Containerd,
     pub port: u16,
+    /// Port of the agent's /metrics, /healthz, /readyz.
+    pub metrics_port: u16,
 }
 
 impl Node {
@@ -52,6 +57,7 @@ impl Node {
             containerd,
             agent: None,
             port: free_port(),
+            metrics_port: free_port(),
         };
         node.start_agent().await?;
         Ok(node)
@@ -70,7 +76,16 @@ impl Node {
     pub async fn start_agent(&mut self) -> Result<()> {
         let socket = self.containerd.socket();
         let args = [OsStr::new("--containerd-socket"), socket.as_os_str()];
-        self.agent = Some(spawn_agent(&self.name, self.port, &args, &self.agent_log()).await?);
+        self.agent = Some(
+            spawn_agent(
+                &self.name,
+                self.port,
+                self.metrics_port,
+                &args,
+                &self.agent_log(),
+            )
+            .await?,
+        );
         Ok(())
     }
 
@@ -125,9 +140,12 @@ impl Node {
 /// with `--runtime docker`, its blob cache in the dockerd's dir.
 pub struct DockerNode {
     pub name: String,
-    pub dockerd: Dockerd,
+    // Dropped before `dockerd`, like `Node::agent`.
     agent: Option<ChildGuard>,
+    pub dockerd: Dockerd,
     pub port: u16,
+    /// Port of the agent's /metrics, /healthz, /readyz.
+    pub metrics_port: u16,
 }
 
 impl DockerNode {
@@ -139,6 +157,7 @@ impl DockerNode {
             dockerd,
             agent: None,
             port: free_port(),
+            metrics_port: free_port(),
         };
         node.start_agent().await?;
         Ok(node)
@@ -169,7 +188,16 @@ impl DockerNode {
             OsStr::new("--docker-cache-dir"),
             cache.as_os_str(),
         ];
-        self.agent = Some(spawn_agent(&self.name, self.port, &args, &self.agent_log()).await?);
+        self.agent = Some(
+            spawn_agent(
+                &self.name,
+                self.port,
+                self.metrics_port,
+                &args,
+                &self.agent_log(),
+            )
+            .await?,
+        );
         Ok(())
     }
 
@@ -204,13 +232,26 @@ impl DockerNode {
     }
 }
 
-/// Starts `lade-agent` for node `name` on 127.0.0.1:`port` with the runtime flags `args`,
-/// logging to `log`; returns once it accepts connections.
-pub async fn spawn_agent(name: &str, port: u16, args: &[&OsStr], log: &Path) -> Result<ChildGuard> {
+/// Starts `lade-agent` for node `name` on 127.0.0.1:`port` (metrics on `metrics_port`) with
+/// the runtime flags `args`, requiring [`TEST_TOKEN`], logging to `log`; returns once it
+/// accepts connections.
+pub async fn spawn_agent(
+    name: &str,
+    port: u16,
+    metrics_port: u16,
+    args: &[&OsStr],
+    log: &Path,
+) -> Result<ChildGuard> {
     let addr = format!("127.0.0.1:{port}");
+    let token = log.with_file_name(format!("agent-{port}.token"));
+    std::fs::write(&token, TEST_TOKEN).context("writing the agent's token file")?;
     let mut cmd = Command::new(workspace_bin("lade-agent")?);
     cmd.arg("--listen")
         .arg(&addr)
+        .arg("--metrics-listen")
+        .arg(format!("127.0.0.1:{metrics_port}"))
+        .arg("--auth-token-file")
+        .arg(&token)
         .args(args)
         .arg("--node-name")
         .arg(name)
@@ -236,6 +277,7 @@ pub fn run_lade(args: &[&str]) -> Result<Output> {
     let out = Command::new(workspace_bin("lade")?)
         .args(args)
         .env("RUST_LOG", "warn")
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
         .output()
         .context("running lade")?;
     Ok(out)

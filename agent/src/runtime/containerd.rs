@@ -420,6 +420,7 @@ impl Containerd {
 
         let chains = chain_ids(&diff_ids);
         for (i, layer) in manifest.layers.iter().enumerate() {
+            let started = std::time::Instant::now();
             let phase = if self.snapshot_exists(&chains[i]).await? {
                 ImportPhase::LayerPresent
             } else {
@@ -438,6 +439,7 @@ impl Containerd {
                     image: image.to_string(),
                     phase: phase as i32,
                     layer_digest: layer.digest.clone(),
+                    duration_ms: Some(started.elapsed().as_millis() as u64),
                     ..Default::default()
                 })
                 .await;
@@ -632,6 +634,8 @@ fn tower_service(
 }
 
 impl Runtime for Containerd {
+    const NAME: &'static str = RUNTIME;
+
     async fn info(&self) -> Result<InfoResponse, Error> {
         let version = VersionClient::new(self.channel.clone())
             .version(())
@@ -854,9 +858,10 @@ impl Runtime for Containerd {
         let lease = self.ensure_lease(session).await?;
         let mut failures = 0usize;
         for spec in &images {
+            let started = std::time::Instant::now();
             let outcome = self.import_one(&lease, spec, &events).await;
             failures += usize::from(outcome.is_err());
-            let _ = events.send(finished_event(spec, outcome)).await;
+            let _ = events.send(finished_event(spec, started, outcome)).await;
         }
         if failures == 0 {
             // Everything is referenced by image records now; the lease has done its job. On

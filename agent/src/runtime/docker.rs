@@ -534,6 +534,8 @@ fn canonical_name(name: &str) -> String {
 }
 
 impl Runtime for Docker {
+    const NAME: &'static str = RUNTIME;
+
     async fn info(&self) -> Result<InfoResponse, Error> {
         let docker = self.client().await?;
         let version = docker.version().await.map_err(self.call_err("version"))?;
@@ -638,11 +640,12 @@ impl Runtime for Docker {
         let mut used_layers = Vec::new();
         let mut failures = 0usize;
         for spec in &images {
+            let started = std::time::Instant::now();
             let outcome = self
                 .import_one(docker, &mut holdings, spec, &events, &mut used_layers)
                 .await;
             failures += usize::from(outcome.is_err());
-            let _ = events.send(finished_event(spec, outcome)).await;
+            let _ = events.send(finished_event(spec, started, outcome)).await;
         }
         // After a failure the session keeps its blobs for the retry, until the lease TTL.
         if failures == 0 {

@@ -24,6 +24,9 @@ pub mod docker;
 
 /// A node's container runtime, as the agent uses it. All methods are idempotent.
 pub trait Runtime: Send + Sync + 'static {
+    /// `containerd` or `docker`, as Info reports it.
+    const NAME: &'static str;
+
     /// Node and runtime identity.
     fn info(&self) -> impl Future<Output = Result<InfoResponse, Error>> + Send;
 
@@ -116,12 +119,18 @@ pub fn manifest_descriptor(spec: &ImageSpec) -> Result<oci::Descriptor, Error> {
 }
 
 /// The final event of one image's import: done with its names, or failed with the reason.
-pub fn finished_event(spec: &ImageSpec, outcome: Result<Vec<String>, Error>) -> ImportEvent {
+pub fn finished_event(
+    spec: &ImageSpec,
+    started: std::time::Instant,
+    outcome: Result<Vec<String>, Error>,
+) -> ImportEvent {
+    let duration_ms = started.elapsed().as_millis() as u64;
     match outcome {
         Ok(names) => ImportEvent {
             image: spec.source.clone(),
             phase: ImportPhase::ImageDone as i32,
             names,
+            duration_ms: Some(duration_ms),
             ..Default::default()
         },
         Err(e) => {
@@ -130,6 +139,7 @@ pub fn finished_event(spec: &ImageSpec, outcome: Result<Vec<String>, Error>) -> 
                 image: spec.source.clone(),
                 phase: ImportPhase::ImageFailed as i32,
                 message: e.to_string(),
+                duration_ms: Some(duration_ms),
                 ..Default::default()
             }
         }

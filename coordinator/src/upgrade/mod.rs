@@ -40,12 +40,13 @@ pub mod values;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use serde_yaml::Value;
 
 use crate::bundle::{Bundle, BundleError};
 use crate::hints::{Hints, HintsError};
+use crate::load::Dial;
 use crate::reference::RetagRule;
 
 use chart::Chart;
@@ -233,7 +234,8 @@ pub struct UpgradeOptions {
     pub rules: Vec<RetagRule>,
     /// Agents the preflight asks; without any, the preflight cannot run.
     pub agents: Vec<String>,
-    pub connect_timeout: Duration,
+    /// How to reach and authenticate to the agents.
+    pub dial: Dial,
     /// Agents asked at the same time.
     pub parallel: usize,
     pub skip_preflight: bool,
@@ -360,8 +362,7 @@ pub async fn upgrade(
         Some(hints) => {
             let tree = values::coalesce(&chart.defaults, &user);
             let images = preflight::derive_images(&hints, &tree)?;
-            let report =
-                preflight::check(&images, &opts.agents, opts.connect_timeout, opts.parallel).await;
+            let report = preflight::check(&images, &opts.agents, &opts.dial, opts.parallel).await;
             say(out, report.to_text());
             report.failure()
         }

@@ -8,7 +8,6 @@
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::time::Duration;
 
 use futures::StreamExt;
 use lade_proto::{InfoRequest, RefStatus, VerifyRequest};
@@ -17,7 +16,7 @@ use tracing::instrument;
 
 use super::UpgradeError;
 use crate::hints::Hints;
-use crate::load::connect;
+use crate::load::{connect, Dial};
 use crate::reference::Reference;
 
 /// Renders every template of `hints` against `values` and normalises the results, in order
@@ -79,14 +78,9 @@ pub struct Report {
 }
 
 /// Asks every agent, `parallel` at a time, about every image.
-pub async fn check(
-    images: &[String],
-    agents: &[String],
-    timeout: Duration,
-    parallel: usize,
-) -> Report {
+pub async fn check(images: &[String], agents: &[String], dial: &Dial, parallel: usize) -> Report {
     let mut nodes: Vec<(usize, NodeAnswer)> = futures::stream::iter(agents.iter().enumerate())
-        .map(|(i, agent)| async move { (i, ask(agent, images, timeout).await) })
+        .map(|(i, agent)| async move { (i, ask(agent, images, dial).await) })
         .buffer_unordered(parallel.max(1))
         .collect()
         .await;
@@ -98,13 +92,13 @@ pub async fn check(
 }
 
 #[instrument(skip_all, fields(agent))]
-async fn ask(agent: &str, images: &[String], timeout: Duration) -> NodeAnswer {
+async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
     let mut answer = NodeAnswer {
         agent: agent.to_string(),
         node: String::new(),
         result: Err(String::new()),
     };
-    let mut client = match connect(agent, timeout).await {
+    let mut client = match connect(agent, dial).await {
         Ok(client) => client,
         Err(e) => {
             answer.result = Err(e.to_string());

@@ -22,7 +22,7 @@ use lade_testkit::fixtures::{
     random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
     ImageFixture,
 };
-use lade_testkit::nodes::{workspace_bin, Node};
+use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use serde::Serialize;
 
 struct Args {
@@ -244,6 +244,7 @@ impl Tool {
             }
             Tool::Lade => {
                 let mut c = Command::new(workspace_bin("lade")?);
+                c.env("LADE_AUTH_TOKEN", TEST_TOKEN);
                 c.arg("load").arg(&bundle_path).args([
                     "--agent",
                     &node.addr(),

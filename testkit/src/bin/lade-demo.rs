@@ -22,7 +22,7 @@ use lade_testkit::fixtures::{
     APP_HELLO,
 };
 use lade_testkit::harness::require_binary;
-use lade_testkit::nodes::{workspace_bin, Node};
+use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use serde_json::Value;
 use tempfile::TempDir;
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -206,7 +206,7 @@ impl Session {
             .map(|n| format!(" --agent {}", n.addr()))
             .collect();
         println!(
-            "  load again         {} load {}{agents} --retag {RETAG}",
+            "  load again         LADE_AUTH_TOKEN={TEST_TOKEN} {} load {}{agents} --retag {RETAG}",
             self.lade.display(),
             self.bundle.display()
         );
@@ -474,6 +474,8 @@ async fn run_lade(
     let mut cmd = tokio::process::Command::new(lade);
     cmd.args(args)
         .env("RUST_LOG", "warn")
+        // The demo's agents, like a cluster's, require the token of their Secret.
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
         .stdin(Stdio::null())
         .stderr(Stdio::inherit())
         .kill_on_drop(true);
