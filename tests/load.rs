@@ -108,6 +108,9 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         let mut configs: Vec<String> = imgs.iter().map(|i| i.config_digest()).collect();
         configs.sort();
         assert_eq!(ids, configs, "CRI image ids on {}", node.name);
+        // The load's lease was released: the image records hold everything now.
+        let leases = node.containerd.ctr_ok(&["-n", "k8s.io", "leases", "ls"])?;
+        assert!(!leases.contains("lade-"), "{}: {leases}", node.name);
         // containerd itself finds all content of every image present.
         let check = node
             .containerd
@@ -231,6 +234,9 @@ async fn altered_layer_is_refused_by_name_and_no_image_appears() -> Result<()> {
         "{error}"
     );
     assert!(error.contains("altered"), "{error}");
+    // The session's lease stays, holding the intact uploads for a retry until it expires.
+    let leases = node.containerd.ctr_ok(&["-n", "k8s.io", "leases", "ls"])?;
+    assert!(leases.contains("lade-load-"), "{leases}");
     // Nothing half-done is visible: no name at all, and the damaged blob was never committed.
     assert_eq!(node.image_names()?, Vec::<String>::new());
     let content = node

@@ -66,7 +66,12 @@ pub async fn run<R: Runtime>(
             .max_encoding_message_size(8 << 20),
         move |req| auth.check(req),
     );
-    let mut builder = tonic::transport::Server::builder();
+    // HTTP/2's default 64 KiB windows hold an upload to one window per round trip; blobs
+    // stream in 1 MiB chunks, so give a stream room for several in flight.
+    let mut builder = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .initial_stream_window_size(Some(8 << 20))
+        .initial_connection_window_size(Some(16 << 20));
     if let Some(tls) = serve.tls {
         builder = builder.tls_config(tls)?;
     }

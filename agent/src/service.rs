@@ -8,9 +8,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lade_proto::{
-    put_blob_request::Msg, HaveRequest, HaveResponse, ImportEvent, ImportPhase, ImportRequest,
-    InfoRequest, InfoResponse, ListRequest, ListResponse, PutBlobRequest, PutBlobResponse,
-    VerifyRequest, VerifyResponse,
+    put_blob_request::Msg, EndSessionRequest, EndSessionResponse, HaveRequest, HaveResponse,
+    ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse,
+    PutBlobRequest, PutBlobResponse, VerifyRequest, VerifyResponse,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -159,6 +159,17 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         })
         .filter_map(|x| async move { x });
         Ok(Response::new(Box::pin(events.chain(tail))))
+    }
+
+    async fn end_session(
+        &self,
+        req: Request<EndSessionRequest>,
+    ) -> Result<Response<EndSessionResponse>, Status> {
+        self.runtime
+            .end_session(&req.into_inner().session)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(EndSessionResponse {}))
     }
 
     async fn verify(

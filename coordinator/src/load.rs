@@ -11,8 +11,9 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, HaveRequest, ImageSpec,
-    ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, VerifyRequest, CHUNK_SIZE,
+    put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
+    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, VerifyRequest,
+    CHUNK_SIZE,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -292,6 +293,9 @@ pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
         .map_err(|e| err(format!("not a host:port address ({e})")))?
         .connect_timeout(dial.timeout)
         .tcp_nodelay(true)
+        // Room for several 1 MiB chunks in flight (HTTP/2's default window is 64 KiB).
+        .initial_stream_window_size(8 << 20)
+        .initial_connection_window_size(16 << 20)
         .http2_keep_alive_interval(Duration::from_secs(30));
     if let Some(tls) = &dial.credentials.tls {
         endpoint = endpoint
@@ -357,7 +361,7 @@ async fn load_node(
         .map_err(call_err("Have"))?
         .into_inner();
 
-    let mut missing = Vec::new();
+    let mut missing: HashMap<String, u64> = HashMap::new();
     for state in have.blobs {
         let Some(blob) = bundle.blobs.get(&state.digest) else {
             continue;
@@ -368,7 +372,7 @@ async fn load_node(
         } else {
             let offset = state.offset.min(blob.size);
             report.bytes_skipped += offset;
-            missing.push((blob.digest.clone(), offset));
+            missing.insert(blob.digest.clone(), offset);
         }
     }
     let to_send: u64 = missing
@@ -382,54 +386,56 @@ async fn load_node(
         "sending missing blobs"
     );
 
-    for (digest, offset) in missing {
-        let sent = put_blob(
-            &mut client,
-            bundle,
-            session,
-            &digest,
-            offset,
-            agent,
-            progress,
-        )
-        .await?;
-        report.blobs_sent += 1;
-        report.bytes_sent += sent;
-    }
-
-    progress.phase(agent, "importing");
-    let images = plan
-        .iter()
-        .map(|p| {
-            let blob = &bundle.blobs[&p.manifest];
-            ImageSpec {
-                manifest: Some(Descriptor {
-                    digest: blob.digest.clone(),
-                    size: blob.size,
-                    media_type: blob.media_type.clone(),
-                    diff_id: String::new(),
-                }),
-                names: p.names.clone(),
-                source: p.source.clone(),
+    // Pipelined: blobs go in the order the images need them, and each image is imported as
+    // soon as all of its own are on the node, while the next image's blobs stream.
+    let mut imports = tokio::task::JoinSet::new();
+    for (image, planned) in bundle.images.iter().zip(plan) {
+        let blobs = std::iter::once(&image.manifest)
+            .chain(std::iter::once(&image.config))
+            .chain(&image.layers);
+        for digest in blobs {
+            if let Some(offset) = missing.remove(digest) {
+                let sent = put_blob(
+                    &mut client,
+                    bundle,
+                    session,
+                    digest,
+                    offset,
+                    agent,
+                    progress,
+                )
+                .await?;
+                report.blobs_sent += 1;
+                report.bytes_sent += sent;
             }
-        })
-        .collect();
-    let mut events = client
-        .import(ImportRequest {
-            session: session.to_string(),
-            images,
-        })
-        .await
-        .map_err(call_err("Import"))?
-        .into_inner();
-    while let Some(event) = events.message().await.map_err(call_err("Import"))? {
-        match ImportPhase::try_from(event.phase) {
-            Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
-            Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
-                image: event.image,
-                reason: event.message,
+        }
+        let blob = &bundle.blobs[&planned.manifest];
+        let spec = ImageSpec {
+            manifest: Some(Descriptor {
+                digest: blob.digest.clone(),
+                size: blob.size,
+                media_type: blob.media_type.clone(),
+                diff_id: String::new(),
             }),
-            _ => {}
+            names: planned.names.clone(),
+            source: planned.source.clone(),
+        };
+        imports.spawn(import(client.clone(), session.to_string(), spec));
+    }
+    progress.phase(agent, "importing");
+    while let Some(joined) = imports.join_next().await {
+        let events = joined
+            .expect("import task panicked")
+            .map_err(call_err("Import"))?;
+        for event in events {
+            match ImportPhase::try_from(event.phase) {
+                Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
+                Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
+                    image: event.image,
+                    reason: event.message,
+                }),
+                _ => {}
+            }
         }
     }
 
@@ -452,7 +458,37 @@ async fn load_node(
             });
         }
     }
+    // Only a complete load releases the node's hold on its uploads; after a failure they stay
+    // for the retry until the hold expires.
+    if report.failed_images.is_empty() {
+        client
+            .end_session(EndSessionRequest {
+                session: session.to_string(),
+            })
+            .await
+            .map_err(call_err("EndSession"))?;
+    }
     Ok(())
+}
+
+/// Imports one image; returns its events.
+async fn import(
+    mut client: AgentConn,
+    session: String,
+    spec: ImageSpec,
+) -> Result<Vec<ImportEvent>, tonic::Status> {
+    let mut stream = client
+        .import(ImportRequest {
+            session,
+            images: vec![spec],
+        })
+        .await?
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(event) = stream.message().await? {
+        events.push(event);
+    }
+    Ok(events)
 }
 
 /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle

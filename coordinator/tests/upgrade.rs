@@ -13,9 +13,9 @@ use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use lade_proto::{
-    Agent, AgentServer, HaveRequest, HaveResponse, ImportEvent, ImportRequest, InfoRequest,
-    InfoResponse, ListRequest, ListResponse, PutBlobRequest, PutBlobResponse, RefStatus,
-    VerifyRequest, VerifyResponse,
+    Agent, AgentServer, EndSessionRequest, EndSessionResponse, HaveRequest, HaveResponse,
+    ImportEvent, ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse,
+    PutBlobRequest, PutBlobResponse, RefStatus, VerifyRequest, VerifyResponse,
 };
 use lade_testkit::fixtures::{
     sample_chart, sample_images_from_bytes, write_bundle, ArchiveFormat, Compression,
@@ -68,6 +68,12 @@ impl Agent for FakeAgent {
     }
     type ImportStream = Events;
     async fn import(&self, _: Request<ImportRequest>) -> Result<Response<Events>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+    async fn end_session(
+        &self,
+        _: Request<EndSessionRequest>,
+    ) -> Result<Response<EndSessionResponse>, Status> {
         Err(Status::unimplemented("fake agent"))
     }
     async fn verify(

@@ -12,6 +12,7 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -34,7 +35,7 @@ use lade_proto::{
     BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
     InfoResponse, PutBlobResponse, RefStatus,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use tonic::{Code, Request};
@@ -66,6 +67,12 @@ pub struct ContainerdConfig {
 pub struct Containerd {
     channel: Channel,
     cfg: ContainerdConfig,
+    /// One lock per chain ID being unpacked: concurrent imports that share a base layer
+    /// unpack it once, the others wait and find it committed.
+    chains: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// Layers applied at once: applying is CPU work (decompression) in containerd, so more
+    /// than the cores only adds contention.
+    unpack_slots: Arc<Semaphore>,
 }
 
 impl Containerd {
@@ -79,7 +86,13 @@ impl Containerd {
                 reason: e.to_string(),
             })?
             .connect_with_connector_lazy(tower_service(socket));
-        Ok(Self { channel, cfg })
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        Ok(Self {
+            channel,
+            cfg,
+            chains: std::sync::Mutex::new(HashMap::new()),
+            unpack_slots: Arc::new(Semaphore::new(cores)),
+        })
     }
 
     /// The socket this connects to.
@@ -421,14 +434,23 @@ impl Containerd {
         let chains = chain_ids(&diff_ids);
         for (i, layer) in manifest.layers.iter().enumerate() {
             let started = std::time::Instant::now();
+            let chain_lock = self.chain_lock(&chains[i]);
+            let held = chain_lock.lock().await;
             let phase = if self.snapshot_exists(&chains[i]).await? {
                 ImportPhase::LayerPresent
             } else {
+                let _slot = self
+                    .unpack_slots
+                    .acquire()
+                    .await
+                    .expect("the unpack semaphore is never closed");
                 let parent = i.checked_sub(1).map(|p| chains[p].as_str());
                 self.unpack_layer(lease, image, layer, &diff_ids[i], parent, &chains[i])
                     .await?;
                 ImportPhase::LayerUnpacked
             };
+            drop(held);
+            self.release_chain_lock(&chains[i], chain_lock);
             self.set_labels(
                 &layer.digest,
                 HashMap::from([(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone())]),
@@ -543,6 +565,20 @@ impl Containerd {
             present,
             offset,
         })
+    }
+
+    fn chain_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut chains = self.chains.lock().expect("chain lock map");
+        chains.entry(chain_id.to_string()).or_default().clone()
+    }
+
+    /// Drops the map's entry once nobody else waits on it, so the map stays small.
+    fn release_chain_lock(&self, chain_id: &str, lock: Arc<tokio::sync::Mutex<()>>) {
+        let mut chains = self.chains.lock().expect("chain lock map");
+        // Two references left: the map's and `lock`.
+        if Arc::strong_count(&lock) == 2 {
+            chains.remove(chain_id);
+        }
     }
 
     async fn verify_one(&self, name: &str) -> Result<RefStatus, Error> {
@@ -856,28 +892,32 @@ impl Runtime for Containerd {
         events: mpsc::Sender<ImportEvent>,
     ) -> Result<(), Error> {
         let lease = self.ensure_lease(session).await?;
-        let mut failures = 0usize;
         for spec in &images {
             let started = std::time::Instant::now();
             let outcome = self.import_one(&lease, spec, &events).await;
-            failures += usize::from(outcome.is_err());
             let _ = events.send(finished_event(spec, started, outcome)).await;
         }
-        if failures == 0 {
-            // Everything is referenced by image records now; the lease has done its job. On
-            // failure it stays, so a retry finds the uploaded blobs, until it expires.
-            LeasesClient::new(self.channel.clone())
-                .delete(self.req(
-                    DeleteLeaseRequest {
-                        id: lease,
-                        sync: false,
-                    },
-                    None,
-                ))
-                .await
-                .map_err(Error::runtime(RUNTIME, "Leases.Delete"))?;
-        }
         Ok(())
+    }
+
+    async fn end_session(&self, session: &str) -> Result<(), Error> {
+        validate_session(session)?;
+        // Everything the session loaded is referenced by image records now; the lease has
+        // done its job. A session that never ends keeps its uploads until the lease expires.
+        match LeasesClient::new(self.channel.clone())
+            .delete(self.req(
+                DeleteLeaseRequest {
+                    id: Self::lease_id(session),
+                    sync: false,
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(s) if s.code() == Code::NotFound => Ok(()),
+            Err(s) => Err(Error::runtime(RUNTIME, "Leases.Delete")(s)),
+        }
     }
 
     async fn verify(&self, refs: &[String]) -> Result<Vec<RefStatus>, Error> {

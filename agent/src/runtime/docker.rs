@@ -79,10 +79,12 @@ pub struct Docker {
     sessions: Mutex<HashMap<String, Session>>,
 }
 
-/// Cached blobs a load session was told about or sent.
+/// Cached blobs a load session was told about or sent, and the layer blobs of the images it
+/// imported (cleaned from the cache when the session ends).
 struct Session {
     started: Instant,
     digests: HashSet<String>,
+    imported_layers: Vec<String>,
 }
 
 /// What dockerd holds: image IDs (config digests), and the diffIDs and chain IDs of their
@@ -278,23 +280,28 @@ impl Docker {
             .or_insert_with(|| Session {
                 started: Instant::now(),
                 digests: HashSet::new(),
+                imported_layers: Vec::new(),
             })
             .digests
             .extend(digests.into_iter().map(str::to_string));
     }
 
-    /// Ends `session` after a successful import and, if configured, deletes the cached layer
+    /// Ends `session` after a successful load and, if configured, deletes the cached layer
     /// blobs its images used (dockerd holds them now) unless another session still needs
     /// them, and interrupted uploads older than the lease TTL. Manifests and configs stay:
     /// they are small, and with them the next load of the same images sends nothing.
-    async fn finish(&self, session: &str, layers: Vec<String>) {
-        let others: HashSet<String> = {
+    async fn finish(&self, session: &str) {
+        let (layers, others): (Vec<String>, HashSet<String>) = {
             let mut sessions = self.sessions.lock().expect("session map lock");
-            sessions.remove(session);
-            sessions
+            let layers = sessions
+                .remove(session)
+                .map(|s| s.imported_layers)
+                .unwrap_or_default();
+            let others = sessions
                 .values()
                 .flat_map(|s| s.digests.iter().cloned())
-                .collect()
+                .collect();
+            (layers, others)
         };
         if !self.cfg.clean_cache {
             return;
@@ -638,19 +645,30 @@ impl Runtime for Docker {
         let docker = self.client().await?;
         let mut holdings = self.holdings(docker).await?;
         let mut used_layers = Vec::new();
-        let mut failures = 0usize;
         for spec in &images {
             let started = std::time::Instant::now();
             let outcome = self
                 .import_one(docker, &mut holdings, spec, &events, &mut used_layers)
                 .await;
-            failures += usize::from(outcome.is_err());
             let _ = events.send(finished_event(spec, started, outcome)).await;
         }
-        // After a failure the session keeps its blobs for the retry, until the lease TTL.
-        if failures == 0 {
-            self.finish(session, used_layers).await;
+        // Cleaned when the session ends; a session that never ends (a failed load) keeps its
+        // blobs for the retry, until the lease TTL.
+        self.hold(session, std::iter::empty());
+        if let Some(s) = self
+            .sessions
+            .lock()
+            .expect("session map lock")
+            .get_mut(session)
+        {
+            s.imported_layers.extend(used_layers);
         }
+        Ok(())
+    }
+
+    async fn end_session(&self, session: &str) -> Result<(), Error> {
+        validate_session(session)?;
+        self.finish(session).await;
         Ok(())
     }
 

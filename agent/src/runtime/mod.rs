@@ -58,6 +58,9 @@ pub trait Runtime: Send + Sync + 'static {
         events: mpsc::Sender<ImportEvent>,
     ) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Releases what `session` held: every image it loaded is named now.
+    fn end_session(&self, session: &str) -> impl Future<Output = Result<(), Error>> + Send;
+
     /// What kubelet would find for each reference.
     fn verify(&self, refs: &[String])
         -> impl Future<Output = Result<Vec<RefStatus>, Error>> + Send;
