@@ -428,7 +428,7 @@ def test_notes_give_the_next_commands() -> None:
     notes = render().notes
     assert f"kubectl -n {NAMESPACE} get secret lade-auth -o jsonpath='{{.data.token}}' | base64 -d > lade-token" in notes
     assert (
-        f"lade load BUNDLE --discover -n {NAMESPACE} --selector "
+        f"lade load BUNDLE --discover --discover-namespace {NAMESPACE} --selector "
         f"app.kubernetes.io/name=lade,app.kubernetes.io/instance={RELEASE} --auth-token-file lade-token"
     ) in notes
     assert "-o wide" in notes and "--agent" in notes

@@ -2,11 +2,13 @@
 //! per node what is missing, streams blobs to every node's `lade-agent`, has the agents
 //! import and name the images, verifies the result and reports per node ([`load`]), then
 //! upgrades the module's helm release, once it has proved that every node holds every image
-//! the chart will pull ([`upgrade`]).
+//! the chart will pull ([`upgrade`]). The agents are given by address, or found through the
+//! Kubernetes API as the pods of the lade chart ([`discover`]).
 //!
 //! `main.rs` only parses the command line and wires these parts.
 
 pub mod bundle;
+pub mod discover;
 pub mod hints;
 pub mod inspect;
 pub mod load;

@@ -312,7 +312,7 @@ pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
 
 /// An error and its sources as one line, skipping a source whose text its parent already
 /// says (transport errors repeat themselves).
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

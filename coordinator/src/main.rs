@@ -7,14 +7,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
 use lade::bundle::Bundle;
+use lade::discover::{
+    discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
+};
 use lade::load::{load, plan_names, Credentials, Dial, LoadOptions};
-use lade::progress::{summary_table, Bars, Lines, Progress};
+use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
 use lade::reference::{check_rules, RetagRule};
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
-use lade::upgrade::{upgrade, ChartSource, UpgradeOptions};
+use lade::upgrade::{upgrade, ChartSource, UpgradeError, UpgradeOptions};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// Load an offline bundle's images onto every node of a cluster, then upgrade its helm release.
@@ -71,17 +74,16 @@ enum Command {
 }
 
 #[derive(Debug, Args)]
+#[command(group(ArgGroup::new("targets").args(["agents", "discover"]).required(true)))]
+// The kubeconfig serves discovery and helm: it needs one of them.
+#[command(group(ArgGroup::new("kube_users").args(["discover", "then_upgrade"]).multiple(true)))]
+#[command(mut_group("KubeArgs", |g| g.requires("kube_users")))]
 #[command(mut_group("UpgradeFlags", |g| g.requires("then_upgrade")))]
 struct LoadArgs {
     /// Bundle tar (hints.yaml, original-chart/, images.tar) or a bare images archive.
     bundle: PathBuf,
-    /// Agent address host:port; repeat for every node.
-    #[arg(
-        long = "agent",
-        env = "LADE_AGENTS",
-        value_delimiter = ',',
-        required = true
-    )]
+    /// Agent address host:port; repeat for every node (or find them with --discover).
+    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
     agents: Vec<String>,
     /// Rename rule FROM=TO over repository prefixes, e.g.
     /// release.daocloud.io/mspider=10.16.10.111/mspider; repeatable, longest FROM wins.
@@ -113,9 +115,15 @@ struct LoadArgs {
     namespace: Option<String>,
     #[command(flatten, next_help_heading = UPGRADE_HEADING)]
     upgrade: UpgradeFlags,
+    #[command(flatten, next_help_heading = DISCOVER_HEADING)]
+    discover: DiscoverArgs,
+    #[command(flatten, next_help_heading = KUBE_HEADING)]
+    kube: KubeArgs,
 }
 
 const UPGRADE_HEADING: &str = "Upgrade after loading (with --then-upgrade)";
+const DISCOVER_HEADING: &str = "Find the agents through the Kubernetes API (instead of --agent)";
+const KUBE_HEADING: &str = "Cluster access (with --discover or --then-upgrade)";
 
 #[derive(Debug, Args)]
 struct UpgradeArgs {
@@ -141,7 +149,72 @@ struct UpgradeArgs {
     #[command(flatten)]
     connect: ConnectArgs,
     #[command(flatten)]
+    discover: DiscoverArgs,
+    #[command(flatten)]
     upgrade: UpgradeFlags,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// `--discover`: the agents are the lade chart's pods, found through the Kubernetes API;
+/// shared by `load` and `upgrade`. Every flag of it conflicts with --agent itself: a conflict
+/// waives clap's `requires` of the conflicting arg. No environment variables here, as for
+/// [`UpgradeFlags`]: one set would make every `--agent` run ask for --discover.
+#[derive(Debug, Args)]
+struct DiscoverArgs {
+    /// Find the agents through the Kubernetes API: the lade chart's pods, one per node,
+    /// reached at their pod IPs. A node whose agent pod is not ready counts as failed.
+    #[arg(long, conflicts_with = "agents")]
+    discover: bool,
+    /// Namespace of the agent pods (with --discover).
+    #[arg(long, default_value = DEFAULT_NAMESPACE, requires = "discover", conflicts_with = "agents")]
+    discover_namespace: String,
+    /// Label selector of the agent pods (with --discover).
+    #[arg(long, default_value = DEFAULT_SELECTOR, requires = "discover", conflicts_with = "agents")]
+    selector: String,
+    /// Only the agent of node NAME; repeatable. Fails when NAME has no agent pod (with
+    /// --discover).
+    #[arg(
+        long = "node",
+        value_name = "NAME",
+        requires = "discover",
+        conflicts_with = "agents"
+    )]
+    nodes: Vec<String>,
+}
+
+impl DiscoverArgs {
+    /// Finds the agents when --discover was given, and says what was found on stderr.
+    async fn run(&self, kube: &KubeArgs) -> anyhow::Result<Option<Discovery>> {
+        if !self.discover {
+            return Ok(None);
+        }
+        let discovery = discover(&DiscoverOptions {
+            namespace: self.discover_namespace.clone(),
+            selector: self.selector.clone(),
+            kubeconfig: kube.kubeconfig.clone(),
+            context: kube.kube_context.clone(),
+            nodes: self.nodes.clone(),
+        })
+        .await?;
+        eprint!(
+            "{}",
+            discovery.to_text(&self.discover_namespace, &self.selector)
+        );
+        Ok(Some(discovery))
+    }
+}
+
+/// Which cluster: the kubeconfig helm and --discover use; shared by `load` and `upgrade`.
+#[derive(Debug, Args)]
+struct KubeArgs {
+    /// Kubeconfig helm and --discover use (default: $KUBECONFIG or ~/.kube/config; without
+    /// one, --discover inside a pod uses the pod's service account).
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context helm and --discover use.
+    #[arg(long)]
+    kube_context: Option<String>,
 }
 
 /// How to reach agents and prove to them who is calling; shared by `load` and `upgrade`.
@@ -243,24 +316,26 @@ struct UpgradeFlags {
     /// helm binary.
     #[arg(long, default_value = "helm")]
     helm: PathBuf,
-    /// Kubeconfig helm uses (default: helm's own, $KUBECONFIG or ~/.kube/config).
-    #[arg(long)]
-    kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context helm uses.
-    #[arg(long)]
-    kube_context: Option<String>,
+}
+
+/// The agents an upgrade's preflight asks, and how.
+struct Asked {
+    agents: Vec<String>,
+    parallel: usize,
+    dial: Dial,
+    /// Set when the agents were discovered: what to do when their pod IPs are out of reach.
+    unreachable_hint: Option<String>,
 }
 
 impl UpgradeFlags {
-    /// The options of an upgrade of `release` in `namespace`, asking `agents`.
+    /// The options of an upgrade of `release` in `namespace`, with helm on `kube`'s cluster.
     fn options(
         self,
         release: String,
         namespace: String,
-        agents: Vec<String>,
         rules: Vec<RetagRule>,
-        parallel: usize,
-        dial: Dial,
+        asked: Asked,
+        kube: KubeArgs,
     ) -> UpgradeOptions {
         UpgradeOptions {
             release,
@@ -272,15 +347,16 @@ impl UpgradeFlags {
             set: self.set,
             image_registry: self.image_registry,
             rules,
-            agents,
-            dial,
-            parallel,
+            agents: asked.agents,
+            dial: asked.dial,
+            parallel: asked.parallel,
+            unreachable_hint: asked.unreachable_hint,
             skip_preflight: self.skip_preflight,
             dry_run: self.dry_run,
             helm: Helm {
                 program: self.helm,
-                kubeconfig: self.kubeconfig,
-                kube_context: self.kube_context,
+                kubeconfig: kube.kubeconfig,
+                kube_context: kube.kube_context,
             },
         }
     }
@@ -324,18 +400,50 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Upgrade(args) => {
             check_rules(&args.retag)?;
             let bundle = Bundle::open(&args.bundle)?;
-            let opts = args.upgrade.options(
-                args.release,
-                args.namespace,
-                args.agents,
-                args.retag,
-                args.parallel,
-                args.connect.dial()?,
-            );
+            let dial = args.connect.dial()?;
             let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            // A skipped preflight asks no agent: there is nothing to discover.
+            let discovery = match args.upgrade.skip_preflight {
+                true => None,
+                false => runtime.block_on(args.discover.run(&args.kube))?,
+            };
+            let (agents, unreachable_hint) = match discovery {
+                None => (args.agents, None),
+                Some(discovery) => {
+                    if let Some(reason) = unready_nodes(&discovery) {
+                        let e = UpgradeError::PreflightCannotCheck { reason };
+                        eprintln!("error: {e}");
+                        return Ok(ExitCode::from(e.exit_code()));
+                    }
+                    let hint = pod_network_hint(&args.discover.discover_namespace);
+                    (discovery.addresses(), Some(hint))
+                }
+            };
+            let asked = Asked {
+                agents,
+                parallel: args.parallel,
+                dial,
+                unreachable_hint,
+            };
+            let opts =
+                args.upgrade
+                    .options(args.release, args.namespace, args.retag, asked, args.kube);
             Ok(runtime.block_on(run_upgrade(&bundle, &opts, &mut std::io::stdout())))
         }
     }
+}
+
+/// Why the preflight cannot check every discovered node, if some agent pod is not ready.
+fn unready_nodes(discovery: &Discovery) -> Option<String> {
+    if discovery.unready.is_empty() {
+        return None;
+    }
+    let nodes: Vec<String> = discovery
+        .unready
+        .iter()
+        .map(|u| format!("node {}: agent pod {} is {}", u.node, u.pod, u.reason))
+        .collect();
+    Some(nodes.join("; "))
 }
 
 /// Runs an upgrade; its error, if any, is printed here, since it picks the exit code.
@@ -364,18 +472,34 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         ProgressMode::Auto | ProgressMode::Lines => Arc::new(Lines::default()),
         ProgressMode::None => Arc::new(Silent),
     };
+    let dial = args.connect.dial()?;
+    let images = plan.len();
+    let discovery = args.discover.run(&args.kube).await?;
     let opts = LoadOptions {
-        agents: args.agents,
+        agents: match &discovery {
+            Some(discovery) => discovery.addresses(),
+            None => args.agents,
+        },
         rules: args.retag,
         keep_original: !args.no_keep_original,
         parallel: args.parallel,
-        dial: args.connect.dial()?,
+        dial,
     };
     let bundle = Arc::new(bundle);
-    let reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
+    let mut reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
+    let (retry, unreachable) = match &discovery {
+        Some(discovery) => (Retry::ByNode, discovery.complete(&mut reports, images)),
+        None => (Retry::ByAgent, false),
+    };
     match args.output {
-        Output::Text => print!("{}", summary_table(&reports)),
+        Output::Text => print!("{}", summary_table(&reports, retry)),
         Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+    }
+    let hint = discovery
+        .is_some()
+        .then(|| pod_network_hint(&args.discover.discover_namespace));
+    if let (Some(hint), true) = (&hint, unreachable) {
+        eprintln!("\n{hint}");
     }
     if !reports.iter().all(|r| r.ok) {
         if args.then_upgrade {
@@ -386,14 +510,15 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let (Some(release), Some(namespace)) = (args.release, args.namespace) else {
         return Ok(ExitCode::SUCCESS);
     };
-    let upgrade = args.upgrade.options(
-        release,
-        namespace,
-        opts.agents,
-        opts.rules,
-        opts.parallel,
-        opts.dial,
-    );
+    let asked = Asked {
+        agents: opts.agents,
+        parallel: opts.parallel,
+        dial: opts.dial,
+        unreachable_hint: hint,
+    };
+    let upgrade = args
+        .upgrade
+        .options(release, namespace, opts.rules, asked, args.kube);
     // The JSON summary owns stdout; the upgrade's report then goes to stderr.
     Ok(match args.output {
         Output::Text => {

@@ -157,8 +157,19 @@ impl Progress for Lines {
     }
 }
 
-/// The summary table: one row per node, then the reasons of every failure.
-pub fn summary_table(reports: &[NodeReport]) -> String {
+/// How the summary says which flags retry only the failed nodes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Retry {
+    /// `--agent ADDRESS` for each failed node.
+    ByAgent,
+    /// `--discover --node NAME` for each failed node: the agents were discovered, and a
+    /// restarted pod comes back with a new IP.
+    ByNode,
+}
+
+/// The summary table: one row per node, then the reasons of every failure and the flags that
+/// retry only the failed nodes.
+pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
     let mut out = String::new();
     let rows: Vec<[String; 7]> = reports
         .iter()
@@ -240,17 +251,25 @@ pub fn summary_table(reports: &[NodeReport]) -> String {
             out.push_str(&format!("\n{who}: image {}: {}", f.image, f.reason));
         }
     }
-    let failed: Vec<&str> = reports
+    let failed: Vec<String> = reports
         .iter()
         .filter(|r| !r.ok)
-        .map(|r| r.agent.as_str())
+        .map(|r| match retry {
+            Retry::ByAgent => format!("--agent {}", r.agent),
+            Retry::ByNode => format!("--node {}", r.node),
+        })
         .collect();
     if !failed.is_empty() {
+        let discover = if retry == Retry::ByNode {
+            "--discover "
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "\n\n{} of {} nodes failed; re-run with only those to retry (what they already hold is not sent again): {}\n",
+            "\n\n{} of {} nodes failed; re-run with only those to retry (what they already hold is not sent again): {discover}{}\n",
             failed.len(),
             reports.len(),
-            failed.iter().map(|a| format!("--agent {a}")).collect::<Vec<_>>().join(" ")
+            failed.join(" ")
         ));
     }
     out
@@ -288,7 +307,7 @@ mod tests {
             }],
             ..Default::default()
         };
-        let table = summary_table(&[ok, down, partial]);
+        let table = summary_table(&[ok.clone(), down.clone(), partial.clone()], Retry::ByAgent);
         assert!(table.starts_with("NODE"), "{table}");
         assert!(table.contains("node-a") && table.contains("ok"), "{table}");
         assert!(table.contains("connection refused"), "{table}");
@@ -299,6 +318,16 @@ mod tests {
         assert!(table.contains("2 of 3 nodes failed"), "{table}");
         assert!(
             table.contains("--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"),
+            "{table}"
+        );
+
+        let down = NodeReport {
+            node: "node-b".into(),
+            ..down
+        };
+        let table = summary_table(&[ok, down, partial], Retry::ByNode);
+        assert!(
+            table.contains("re-run with only those to retry (what they already hold is not sent again): --discover --node node-b --node node-c\n"),
             "{table}"
         );
     }
@@ -312,7 +341,7 @@ mod tests {
             ok: true,
             ..Default::default()
         };
-        let table = summary_table(&[again]);
+        let table = summary_table(&[again], Retry::ByAgent);
         assert!(
             table.contains("nothing sent: every node already held every blob (3.00 MiB in all)"),
             "{table}"

@@ -1,19 +1,31 @@
-//! The `lade` binary's command line: `inspect` output, exit codes on bad input, and `--help`
-//! snapshots (set LADE_UPDATE_SNAPSHOTS=1 to rewrite them after an intended change).
+//! The `lade` binary's command line: `inspect` output, exit codes on bad input, `--discover`
+//! against a stand-in API server, and `--help` snapshots (set LADE_UPDATE_SNAPSHOTS=1 to
+//! rewrite them after an intended change).
 
 use std::fs::File;
-use std::io::{BufWriter, Write};
-use std::path::Path;
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
+use std::sync::{Arc, Mutex};
 
 use lade_testkit::fixtures::{
     sample_chart, sample_hints, sample_images_from_bytes, write_bundle, ArchiveFormat, Compression,
 };
 
 fn lade(args: &[&str]) -> Output {
+    lade_with_env(args, &[])
+}
+
+/// Runs lade with `env` set, and outside any cluster: no in-cluster API to fall back to.
+fn lade_with_env(args: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_lade"))
         .args(args)
         .env("NO_COLOR", "1")
+        .env_remove("KUBERNETES_SERVICE_HOST")
+        .env_remove("KUBECONFIG")
+        .env_remove("LADE_AGENTS")
+        .envs(env.iter().copied())
         .output()
         .expect("running lade")
 }
@@ -157,6 +169,288 @@ fn retag_rules_that_merge_two_images_under_one_name_are_refused() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
         err.contains("10.0.0.1/demo/one:v1") && err.contains("two different images"),
+        "{err}"
+    );
+}
+
+#[test]
+fn discover_and_agent_are_one_or_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    let bundle = bundle.to_str().unwrap();
+    let out = lade(&["load", bundle, "--agent", "127.0.0.1:1", "--discover"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot be used with"), "{err}");
+
+    let out = lade(&["load", bundle]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("<--agent <AGENTS>|--discover>"), "{err}");
+
+    // Discovery's own flags are refused with --agent, and without --discover.
+    let out = lade(&["load", bundle, "--agent", "127.0.0.1:1", "--node", "node-1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let out = lade(&[
+        "upgrade",
+        bundle,
+        "--release",
+        "r",
+        "-n",
+        "ns",
+        "--selector",
+        "a=b",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--discover"), "{err}");
+
+    // The kubeconfig is for discovery or helm: a plain --agent load has no use for it.
+    let out = lade(&[
+        "load",
+        bundle,
+        "--agent",
+        "127.0.0.1:1",
+        "--kubeconfig",
+        "/k",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("<--discover|--then-upgrade>"), "{err}");
+}
+
+#[test]
+fn discover_without_a_kubeconfig_says_so_and_touches_no_node() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    let bundle = bundle.to_str().unwrap();
+    let out = lade_with_env(
+        &["load", bundle, "--discover"],
+        &[("KUBECONFIG", "/nonexistent")],
+    );
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--discover needs the Kubernetes API")
+            && err.contains("kubeconfig $KUBECONFIG (/nonexistent)")
+            && err.contains("No such file")
+            && err.contains("not running in a pod")
+            && err.contains("--kubeconfig FILE")
+            && err.contains("--agent HOST:PORT"),
+        "{err}"
+    );
+
+    let out = lade(&[
+        "load",
+        bundle,
+        "--discover",
+        "--kubeconfig",
+        "/nonexistent/config",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("--discover: kubeconfig --kubeconfig /nonexistent/config:"),
+        "{err}"
+    );
+}
+
+/// A stand-in for the Kubernetes API server: answers every request with `body` (JSON) and
+/// keeps the request lines. Its thread ends with the test process.
+struct StubApi {
+    url: String,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+fn stub_api(body: String) -> StubApi {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let requests = Arc::new(Mutex::new(Vec::new()));
+    let seen = requests.clone();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut stream) = stream else { continue };
+            let mut reader = BufReader::new(stream.try_clone().unwrap());
+            let mut line = String::new();
+            let _ = reader.read_line(&mut line);
+            seen.lock().unwrap().push(line.trim_end().to_string());
+            // The rest of the request: headers up to the blank line (a GET has no body).
+            loop {
+                let mut header = String::new();
+                if reader.read_line(&mut header).unwrap_or(0) == 0 || header == "\r\n" {
+                    break;
+                }
+            }
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    StubApi { url, requests }
+}
+
+/// A kubeconfig whose current context points at nothing (port 1) and whose context `stub`
+/// points at `server`: discovery must follow --kube-context.
+fn kubeconfig(dir: &Path, server: &str) -> PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1
+kind: Config
+clusters:
+- name: nowhere
+  cluster: {{server: 'https://127.0.0.1:1'}}
+- name: stub
+  cluster: {{server: '{server}'}}
+users:
+- name: admin
+  user: {{token: not-a-real-token}}
+contexts:
+- name: nowhere
+  context: {{cluster: nowhere, user: admin}}
+- name: stub
+  context: {{cluster: stub, user: admin}}
+current-context: nowhere
+"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// The recorded pods of `fixture`, moved to loopback addresses where nothing listens (the
+/// pod network of the fixture is not reachable here either, but may time out instead).
+fn pods_on_loopback(fixture: &str) -> String {
+    let closed = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(fixture);
+    let mut list: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    for (i, pod) in list["items"].as_array_mut().unwrap().iter_mut().enumerate() {
+        pod["status"]["podIP"] = format!("127.0.0.{}", i + 2).into();
+        pod["spec"]["containers"][0]["ports"][0]["containerPort"] = closed.into();
+    }
+    list.to_string()
+}
+
+#[test]
+fn discovered_agents_are_loaded_by_node_and_unreachable_ones_get_the_options() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    let api = stub_api(pods_on_loopback("pods-crashloop.json"));
+    let config = kubeconfig(dir.path(), &api.url);
+    let out = lade(&[
+        "load",
+        bundle.to_str().unwrap(),
+        "--discover",
+        "--kubeconfig",
+        config.to_str().unwrap(),
+        "--kube-context",
+        "stub",
+        "--connect-timeout",
+        "2s",
+        "--progress",
+        "none",
+    ]);
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
+    // One list call, for the chart's pods in the chart's namespace, through context `stub`.
+    let requests = api.requests.lock().unwrap().clone();
+    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert!(
+        requests[0].starts_with("GET /api/v1/namespaces/lade-system/pods?")
+            && requests[0].contains("labelSelector=app.kubernetes.io%2Fname%3Dlade"),
+        "{requests:?}"
+    );
+    // What was found, before anything is sent.
+    assert!(
+        stderr.contains(
+            "discovered 3 nodes with an agent pod in namespace lade-system (app.kubernetes.io/name=lade):\n"
+        ),
+        "{stderr}"
+    );
+    assert!(stderr.contains("  node-1  127.0.0.2:"), "{stderr}");
+    let node_3 = stderr.lines().find(|l| l.starts_with("  node-3")).unwrap();
+    assert!(
+        node_3.contains("NOT READY") && node_3.ends_with("pod lade-hw8rc: not ready: container agent is waiting (CrashLoopBackOff), restarted 7 times"),
+        "{stderr}"
+    );
+    // Every node in the summary, named even when its agent could not be reached.
+    let rows: Vec<&str> = stdout.lines().skip(1).take(3).collect();
+    assert!(rows[0].starts_with("node-1  127.0.0.2:"), "{stdout}");
+    assert!(rows[1].starts_with("node-2  127.0.0.3:"), "{stdout}");
+    assert!(
+        rows[2].starts_with("node-3  pod/lade-hw8rc") && rows[2].ends_with("FAILED"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "node-3 (pod/lade-hw8rc): agent pod lade-hw8rc is not ready: container agent is waiting \
+             (CrashLoopBackOff), restarted 7 times; nothing was loaded on this node"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains(
+            "(the IP of pod lade-b9q4m: this machine may not reach the pod network; see below)"
+        ),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("3 of 3 nodes failed; re-run with only those to retry (what they already hold is not sent again): --discover --node node-1 --node node-2 --node node-3"),
+        "{stdout}"
+    );
+    // The ways out, once.
+    assert_eq!(
+        stderr.matches("note: --discover connects").count(),
+        1,
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("--set hostNetwork=true")
+            && stderr.contains("kubectl -n lade-system port-forward pod/POD PORT:7700"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn upgrade_discover_refuses_when_a_node_cannot_be_checked() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    let api = stub_api(pods_on_loopback("pods-crashloop.json"));
+    let config = kubeconfig(dir.path(), &api.url);
+    let out = lade(&[
+        "upgrade",
+        bundle.to_str().unwrap(),
+        "--release",
+        "demo",
+        "-n",
+        "demo",
+        "--discover",
+        "--kubeconfig",
+        config.to_str().unwrap(),
+        "--kube-context",
+        "stub",
+        "--helm",
+        "/nonexistent/helm",
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(
+            "error: the preflight cannot check the nodes: node node-3: agent pod lade-hw8rc is not ready:"
+        ) && err.contains("pass --skip-preflight"),
         "{err}"
     );
 }

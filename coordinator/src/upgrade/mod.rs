@@ -238,6 +238,9 @@ pub struct UpgradeOptions {
     pub dial: Dial,
     /// Agents asked at the same time.
     pub parallel: usize,
+    /// Said after the preflight's table when an agent could not be reached at all (set for
+    /// discovered agents: their pod IPs may not be routable from here).
+    pub unreachable_hint: Option<String>,
     pub skip_preflight: bool,
     pub dry_run: bool,
     pub helm: Helm,
@@ -364,6 +367,9 @@ pub async fn upgrade(
             let images = preflight::derive_images(&hints, &tree)?;
             let report = preflight::check(&images, &opts.agents, &opts.dial, opts.parallel).await;
             say(out, report.to_text());
+            if let (Some(hint), true) = (&opts.unreachable_hint, report.unreachable()) {
+                say(out, hint.clone());
+            }
             report.failure()
         }
         None => {

@@ -15,6 +15,7 @@ use serde_yaml::Value;
 use tracing::instrument;
 
 use super::UpgradeError;
+use crate::discover::could_not_connect;
 use crate::hints::Hints;
 use crate::load::{connect, Dial};
 use crate::reference::Reference;
@@ -129,6 +130,13 @@ async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
 }
 
 impl Report {
+    /// Whether some agent could not be connected to at all.
+    pub fn unreachable(&self) -> bool {
+        self.nodes
+            .iter()
+            .any(|n| matches!(&n.result, Err(e) if could_not_connect(e, &n.agent)))
+    }
+
     /// Why the upgrade must not start, or `None` when every node holds every image.
     pub fn failure(&self) -> Option<String> {
         let missing = self
@@ -354,5 +362,10 @@ mod tests {
         };
         assert_eq!(all_there.failure(), None);
         assert!(all_there.to_text().contains("preflight passed"));
+        assert!(
+            report.unreachable(),
+            "10.0.0.3:7700 could not be connected to"
+        );
+        assert!(!all_there.unreachable());
     }
 }
