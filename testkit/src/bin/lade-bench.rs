@@ -178,12 +178,17 @@ fn measure(cmd: Command) -> Result<(f64, f64, f64, Vec<u8>)> {
         .arg(report.path())
         .arg(cmd.get_program())
         .args(cmd.get_args())
+        .envs(cmd.get_envs().filter_map(|(k, v)| Some((k, v?))))
         .stdout(out_file.reopen()?)
         .stderr(std::process::Stdio::inherit());
     let status = timed
         .status()
         .with_context(|| format!("running {cmd:?} under /usr/bin/time (apt-get install time)"))?;
-    ensure!(status.success(), "{cmd:?} failed: {status}");
+    ensure!(
+        status.success(),
+        "{cmd:?} failed: {status}; it printed: {}",
+        String::from_utf8_lossy(&std::fs::read(out_file.path())?)
+    );
     let text = std::fs::read_to_string(report.path())?;
     let nums: Vec<f64> = text
         .lines()
