@@ -325,7 +325,7 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
-#[instrument(skip_all, fields(agent))]
+#[instrument(skip_all, fields(agent = %agent))]
 async fn load_node(
     bundle: &Arc<Bundle>,
     plan: &[PlannedImage],
@@ -493,6 +493,7 @@ async fn import(
 
 /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle
 /// withholds the last chunk, so the node never commits corrupt content.
+#[instrument(skip_all, fields(digest = %digest, offset = offset))]
 async fn put_blob(
     client: &mut AgentConn,
     bundle: &Arc<Bundle>,

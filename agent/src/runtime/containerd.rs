@@ -311,7 +311,7 @@ impl Containerd {
     }
 
     /// Applies one layer on top of `parent` and commits it as `chain_id`.
-    #[instrument(skip_all, fields(image, layer = %layer.digest))]
+    #[instrument(skip_all, fields(image = %image, layer = %layer.digest))]
     async fn unpack_layer(
         &self,
         lease: &str,

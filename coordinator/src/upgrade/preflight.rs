@@ -92,7 +92,7 @@ pub async fn check(images: &[String], agents: &[String], dial: &Dial, parallel: 
     }
 }
 
-#[instrument(skip_all, fields(agent))]
+#[instrument(skip_all, fields(agent = %agent))]
 async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
     let mut answer = NodeAnswer {
         agent: agent.to_string(),
