@@ -11,7 +11,7 @@ use lade_testkit::cri;
 use lade_testkit::fixtures::{ArchiveFormat, Compression, APP_HELLO};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::{images, write_images_tar, write_sample_bundle};
+use lade_tests::{images, load_json, u64_of, write_images_tar, write_sample_bundle};
 use serde_json::Value;
 
 const APP: &str = "release.daocloud.io/demo/app:v1";
@@ -23,37 +23,11 @@ const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
 const RETAG_DEMO: &str = "release.daocloud.io/demo=10.16.10.111/demo";
 const RETAG_LIBRARY: &str = "docker.io/library=10.16.10.111/library";
 
-/// Runs `lade load` with JSON output; returns (exit code, per-node reports, stderr).
+/// Runs `lade load` with JSON output against `nodes`; returns (exit code, per-node reports,
+/// stderr).
 fn load(bundle: &Path, nodes: &[&Node], extra: &[&str]) -> Result<(i32, Vec<Value>, String)> {
-    let mut args = vec![
-        "load".to_string(),
-        bundle.display().to_string(),
-        "-o".into(),
-        "json".into(),
-        "--progress".into(),
-        "lines".into(),
-    ];
-    for n in nodes {
-        args.push("--agent".into());
-        args.push(n.addr());
-    }
-    args.extend(extra.iter().map(|s| s.to_string()));
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let out = run_lade(&argv)?;
-    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    let reports: Vec<Value> = serde_json::from_slice(&out.stdout).with_context(|| {
-        format!(
-            "lade printed no JSON summary; stdout: {} stderr: {stderr}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })?;
-    Ok((out.status.code().unwrap_or(-1), reports, stderr))
-}
-
-fn u64_of(report: &Value, key: &str) -> u64 {
-    report[key]
-        .as_u64()
-        .unwrap_or_else(|| panic!("{key} missing in {report}"))
+    let agents: Vec<String> = nodes.iter().map(|n| n.addr()).collect();
+    load_json(bundle, &agents, extra)
 }
 
 async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
