@@ -82,6 +82,22 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         let mut configs: Vec<String> = imgs.iter().map(|i| i.config_digest()).collect();
         configs.sort();
         assert_eq!(ids, configs, "CRI image ids on {}", node.name);
+        // Where the content came from, per registry, as `ctr pull` records it (for mirrors).
+        let content = node.containerd.ctr_ok(&["-n", "k8s.io", "content", "ls"])?;
+        let manifest_line = content
+            .lines()
+            .find(|l| l.contains("containerd.io/gc.ref.content.config") && l.contains("demo/app"))
+            .with_context(|| format!("no labelled app manifest on {}:\n{content}", node.name))?;
+        assert!(
+            manifest_line.contains("containerd.io/distribution.source.10.16.10.111=demo/app")
+                && manifest_line
+                    .contains("containerd.io/distribution.source.release.daocloud.io=demo/app"),
+            "{manifest_line}"
+        );
+        // containerd 1.6 predates the CRI pin label: not set, and the report says so.
+        assert_eq!(report["images_pinned"], false);
+        let listing = node.containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"])?;
+        assert!(!listing.contains("io.cri-containerd.pinned"), "{listing}");
         // The load's lease was released: the image records hold everything now.
         let leases = node.containerd.ctr_ok(&["-n", "k8s.io", "leases", "ls"])?;
         assert!(!leases.contains("lade-"), "{}: {leases}", node.name);

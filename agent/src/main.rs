@@ -71,6 +71,10 @@ struct Config {
     /// Snapshotter to unpack into; must be the one the CRI plugin uses.
     #[arg(long, env = "LADE_SNAPSHOTTER", default_value = "overlayfs")]
     snapshotter: String,
+    /// Do not put the CRI pin label on loaded images (containerd 1.7.3+): kubelet's image
+    /// garbage collection may then delete them under disk pressure.
+    #[arg(long, env = "LADE_NO_PIN_IMAGES")]
+    no_pin_images: bool,
     /// dockerd's API socket.
     #[arg(
         long,
@@ -120,6 +124,7 @@ async fn main() -> anyhow::Result<()> {
         snapshotter: cfg.snapshotter,
         lease_ttl: cfg.lease_ttl,
         node_name: node_name.clone(),
+        pin_images: !cfg.no_pin_images,
     };
     let docker = DockerConfig {
         socket: cfg.docker_socket,

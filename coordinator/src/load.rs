@@ -178,6 +178,8 @@ pub struct NodeReport {
     /// Node name the agent reported (empty if it could not be reached).
     pub node: String,
     pub runtime: String,
+    /// Loaded images are pinned against kubelet's image garbage collection.
+    pub images_pinned: bool,
     pub images: usize,
     pub images_loaded: usize,
     pub blobs_sent: usize,
@@ -350,6 +352,7 @@ async fn load_node(
         .into_inner();
     report.node = info.node_name.clone();
     report.runtime = format!("{} {}", info.runtime, info.runtime_version);
+    report.images_pinned = info.images_pinned;
     progress.node_identified(agent, &info.node_name);
 
     let have = client

@@ -1,5 +1,7 @@
 //! How a load shows itself to the admin: live progress while it runs (bars per node on a
 //! terminal, plain lines otherwise) and the per-node summary at the end (a table, or JSON).
+//! A push ([`crate::push`]) shows its live progress the same way, the registry being its one
+//! "node"; its summary is its own.
 
 use std::collections::HashMap;
 use std::io::Write;
@@ -10,7 +12,7 @@ use indicatif::{HumanBytes, MultiProgress, ProgressBar, ProgressDrawTarget, Prog
 
 use crate::load::NodeReport;
 
-/// Receives a load's progress. Called concurrently from every node's task.
+/// Receives a load's (or a push's) progress. Called concurrently from every node's task.
 pub trait Progress: Send + Sync {
     fn node_started(&self, agent: &str);
     fn node_identified(&self, agent: &str, node: &str);
@@ -122,7 +124,7 @@ impl Progress for Lines {
         self.line(
             agent,
             &format!(
-                "sending {} ({} already on the node)",
+                "sending {} ({} already there)",
                 HumanBytes(bytes),
                 HumanBytes(skipped)
             ),
@@ -238,6 +240,18 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
             HumanBytes(skipped)
         ));
     }
+    let unpinned: Vec<&str> = reports
+        .iter()
+        .filter(|r| r.ok && !r.images_pinned && r.runtime.starts_with("containerd"))
+        .map(|r| r.node.as_str())
+        .collect();
+    if !unpinned.is_empty() {
+        out.push_str(&format!(
+            "note: images on {} are not pinned (the CRI pin label needs containerd 1.7.3 or later): \
+             kubelet's image garbage collection may delete them under disk pressure\n",
+            unpinned.join(", ")
+        ));
+    }
     for r in reports.iter().filter(|r| !r.ok) {
         let who = if r.node.is_empty() {
             r.agent.clone()
@@ -346,5 +360,30 @@ mod tests {
             table.contains("nothing sent: every node already held every blob (3.00 MiB in all)"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn table_says_which_nodes_cannot_pin_images() {
+        let old = NodeReport {
+            agent: "10.0.0.1:7700".into(),
+            node: "node-old".into(),
+            runtime: "containerd 1.6.20".into(),
+            ok: true,
+            ..Default::default()
+        };
+        let new = NodeReport {
+            agent: "10.0.0.2:7700".into(),
+            node: "node-new".into(),
+            runtime: "containerd 1.7.13".into(),
+            images_pinned: true,
+            ok: true,
+            ..Default::default()
+        };
+        let table = summary_table(&[old, new], Retry::ByAgent);
+        assert!(
+            table.contains("note: images on node-old are not pinned"),
+            "{table}"
+        );
+        assert!(!table.contains("node-new are not pinned"), "{table}");
     }
 }

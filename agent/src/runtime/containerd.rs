@@ -51,6 +51,61 @@ const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
 /// Lease label after which containerd's GC drops the lease and what only it held.
 const LABEL_EXPIRE: &str = "containerd.io/gc.expire";
 const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
+/// CRI's image label that kubelet's image garbage collection respects (containerd >= 1.7.3).
+const LABEL_PINNED: &str = "io.cri-containerd.pinned";
+/// Where content came from, per registry, as `ctr pull` records it: lets a registry mirror on
+/// the node (spegel, for one) serve the loaded images to other nodes.
+const LABEL_SOURCE_PREFIX: &str = "containerd.io/distribution.source.";
+
+/// Whether containerd `version` (as its Version service reports it, e.g. `1.6.20~ds1` or
+/// `v1.7.13`) honours the CRI pin label, added in 1.7.3.
+pub fn pins_images(version: &str) -> bool {
+    let numbers: Vec<u64> = version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect();
+    match numbers.as_slice() {
+        [major, minor, patch, ..] => (*major, *minor, *patch) >= (1, 7, 3),
+        _ => false,
+    }
+}
+
+/// `containerd.io/distribution.source.<registry>` labels for content named by `names`
+/// (normalised references), merged with the repositories `existing` labels already list.
+fn source_labels(
+    names: &[String],
+    existing: Option<&HashMap<String, String>>,
+) -> HashMap<String, String> {
+    let mut repos: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    for name in names {
+        let Some((registry, rest)) = name.split_once('/') else {
+            continue;
+        };
+        let rest = rest.split_once('@').map_or(rest, |(r, _)| r);
+        // A tag follows the last ':' after the last '/'.
+        let repo = match rest.rsplit_once(':') {
+            Some((r, tag)) if !tag.contains('/') => r,
+            _ => rest,
+        };
+        repos
+            .entry(registry.to_string())
+            .or_default()
+            .insert(repo.to_string());
+    }
+    repos
+        .into_iter()
+        .map(|(registry, mut set)| {
+            let key = format!("{LABEL_SOURCE_PREFIX}{registry}");
+            if let Some(old) = existing.and_then(|l| l.get(&key)) {
+                set.extend(old.split(',').filter(|r| !r.is_empty()).map(str::to_string));
+            }
+            (key, set.into_iter().collect::<Vec<_>>().join(","))
+        })
+        .collect()
+}
 
 /// How to reach and use the node's containerd.
 #[derive(Clone, Debug)]
@@ -61,6 +116,8 @@ pub struct ContainerdConfig {
     /// Lifetime of a load session's lease: an abandoned load is collected after this.
     pub lease_ttl: Duration,
     pub node_name: String,
+    /// Put the CRI pin label on loaded images (containerd 1.7.3 and later honour it).
+    pub pin_images: bool,
 }
 
 /// A connection to one containerd, scoped to one namespace and snapshotter.
@@ -422,13 +479,15 @@ impl Containerd {
         let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, &mdesc).await?)?;
         let config_bytes = self.read_small(image, &manifest.config).await?;
         let diff_ids = manifest.layer_diff_ids(&mdesc.digest, &config_bytes)?;
+        let mut layer_labels = Vec::with_capacity(manifest.layers.len());
         for layer in &manifest.layers {
-            if self.content_info(&layer.digest).await?.is_none() {
+            let Some(info) = self.content_info(&layer.digest).await? else {
                 return Err(Error::MissingBlob {
                     image: image.to_string(),
                     digest: layer.digest.clone(),
                 });
-            }
+            };
+            layer_labels.push(source_labels(&spec.names, Some(&info.labels)));
         }
 
         let chains = chain_ids(&diff_ids);
@@ -451,11 +510,9 @@ impl Containerd {
             };
             drop(held);
             self.release_chain_lock(&chains[i], chain_lock);
-            self.set_labels(
-                &layer.digest,
-                HashMap::from([(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone())]),
-            )
-            .await?;
+            let mut labels = std::mem::take(&mut layer_labels[i]);
+            labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone());
+            self.set_labels(&layer.digest, labels).await?;
             let _ = events
                 .send(ImportEvent {
                     image: image.to_string(),
@@ -469,10 +526,14 @@ impl Containerd {
 
         // GC references as containerd's own importer and unpacker set them: image record ->
         // manifest -> config and layers; config -> the top snapshot (which holds its parents).
-        let mut refs = HashMap::from([(
+        let existing = |digest: String| async move {
+            Ok::<_, Error>(self.content_info(&digest).await?.map(|i| i.labels))
+        };
+        let mut refs = source_labels(&spec.names, existing(mdesc.digest.clone()).await?.as_ref());
+        refs.insert(
             "containerd.io/gc.ref.content.config".to_string(),
             manifest.config.digest.clone(),
-        )]);
+        );
         for (i, layer) in manifest.layers.iter().enumerate() {
             refs.insert(
                 format!("containerd.io/gc.ref.content.l.{i}"),
@@ -480,16 +541,18 @@ impl Containerd {
             );
         }
         self.set_labels(&mdesc.digest, refs).await?;
+        let mut config_labels = source_labels(
+            &spec.names,
+            existing(manifest.config.digest.clone()).await?.as_ref(),
+        );
         if let Some(top) = chains.last() {
-            self.set_labels(
-                &manifest.config.digest,
-                HashMap::from([(
-                    format!("containerd.io/gc.ref.snapshot.{}", self.cfg.snapshotter),
-                    top.clone(),
-                )]),
-            )
-            .await?;
+            config_labels.insert(
+                format!("containerd.io/gc.ref.snapshot.{}", self.cfg.snapshotter),
+                top.clone(),
+            );
         }
+        self.set_labels(&manifest.config.digest, config_labels)
+            .await?;
 
         let target = CtrDescriptor {
             media_type: if mdesc.media_type.is_empty() {
@@ -504,17 +567,26 @@ impl Containerd {
             size: mdesc.size as i64,
             annotations: HashMap::new(),
         };
+        let pin = self.pins().await?;
         for name in &spec.names {
-            self.put_image(name, &target).await?;
+            self.put_image(name, &target, pin).await?;
         }
         Ok(spec.names.clone())
     }
 
     /// Creates image `name` pointing at `target`, or moves an existing one there.
-    async fn put_image(&self, name: &str, target: &CtrDescriptor) -> Result<(), Error> {
+    async fn put_image(&self, name: &str, target: &CtrDescriptor, pin: bool) -> Result<(), Error> {
+        let labels = if pin {
+            HashMap::from([(LABEL_PINNED.to_string(), "pinned".to_string())])
+        } else {
+            HashMap::new()
+        };
+        let mut paths = vec!["target".to_string()];
+        paths.extend(labels.keys().map(|k| format!("labels.{k}")));
         let image = Image {
             name: name.to_string(),
             target: Some(target.clone()),
+            labels,
             ..Default::default()
         };
         let mut images = ImagesClient::new(self.channel.clone());
@@ -530,14 +602,13 @@ impl Containerd {
         match created {
             Ok(_) => Ok(()),
             Err(s) if s.code() == Code::AlreadyExists => {
-                // Only the target moves: labels others put on the record (CRI's) stay.
+                // Only the target (and the pin) change: labels others put on the record
+                // (CRI's) stay.
                 images
                     .update(self.req(
                         UpdateImageRequest {
                             image: Some(image),
-                            update_mask: Some(prost_types::FieldMask {
-                                paths: vec!["target".to_string()],
-                            }),
+                            update_mask: Some(prost_types::FieldMask { paths }),
                             ..Default::default()
                         },
                         None,
@@ -565,6 +636,21 @@ impl Containerd {
             present,
             offset,
         })
+    }
+
+    /// Whether loaded images get the CRI pin label: asked for, and honoured by this
+    /// containerd (1.7.3 and later).
+    async fn pins(&self) -> Result<bool, Error> {
+        if !self.cfg.pin_images {
+            return Ok(false);
+        }
+        let version = VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(Error::runtime(RUNTIME, "Version"))?
+            .into_inner()
+            .version;
+        Ok(pins_images(&version))
     }
 
     fn chain_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -678,14 +764,16 @@ impl Runtime for Containerd {
             .await
             .map_err(Error::runtime(RUNTIME, "Version"))?
             .into_inner();
+        let runtime_version = version.version;
         Ok(InfoResponse {
             node_name: self.cfg.node_name.clone(),
             runtime: RUNTIME.to_string(),
-            runtime_version: version.version,
+            runtime_version: runtime_version.clone(),
             namespace: self.cfg.namespace.clone(),
             snapshotter: self.cfg.snapshotter.clone(),
             platform: node_platform(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            images_pinned: self.cfg.pin_images && pins_images(&runtime_version),
         })
     }
 
@@ -947,5 +1035,53 @@ impl Runtime for Containerd {
                 }),
             })
             .collect())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pin_label_needs_containerd_1_7_3() {
+        for (version, pins) in [
+            ("1.6.20~ds1", false),
+            ("v1.7.2", false),
+            ("1.7.3", true),
+            ("v1.7.13", true),
+            ("2.0.0-rc.1", true),
+            ("", false),
+            ("garbage", false),
+        ] {
+            assert_eq!(pins_images(version), pins, "{version}");
+        }
+    }
+
+    #[test]
+    fn source_labels_group_repositories_by_registry_and_keep_old_ones() {
+        let names = [
+            "10.16.10.111/demo/app:v1".to_string(),
+            "10.16.10.111/demo/app-extra:v1".to_string(),
+            "docker.io/library/busybox:latest".to_string(),
+            "localhost:5000/x/y@sha256:0000000000000000000000000000000000000000000000000000000000000000".to_string(),
+        ];
+        let existing = HashMap::from([(
+            "containerd.io/distribution.source.docker.io".to_string(),
+            "library/alpine".to_string(),
+        )]);
+        let labels = source_labels(&names, Some(&existing));
+        assert_eq!(
+            labels["containerd.io/distribution.source.10.16.10.111"],
+            "demo/app,demo/app-extra"
+        );
+        assert_eq!(
+            labels["containerd.io/distribution.source.docker.io"],
+            "library/alpine,library/busybox"
+        );
+        assert_eq!(
+            labels["containerd.io/distribution.source.localhost:5000"],
+            "x/y"
+        );
+        assert_eq!(labels.len(), 3);
     }
 }

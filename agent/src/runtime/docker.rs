@@ -555,6 +555,8 @@ impl Runtime for Docker {
             snapshotter: info.driver.unwrap_or_default(),
             platform: node_platform(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
+            // Docker has no pin label: kubelet (through cri-dockerd) may collect these images.
+            images_pinned: false,
         })
     }
 
