@@ -447,3 +447,69 @@ async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_comes_up_late_is_retried_and_completes() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = write_sample_bundle(
+        dir.path(),
+        "b.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let mut node = Node::start("late").await?;
+    node.kill_agent();
+    let agents = [node.addr()];
+    let load = std::thread::spawn({
+        let bundle = bundle.clone();
+        move || load_json(&bundle, &agents, &["--retries", "4"])
+    });
+    // Down for the first attempt (and maybe the second); up before the retries run out.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    node.start_agent().await?;
+    let (code, reports, stderr) = load.join().expect("load thread")?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert!(u64_of(&reports[0], "attempts") >= 2, "{}", reports[0]);
+    assert!(stderr.contains("retry 1 of 4"), "{stderr}");
+    assert_eq!(u64_of(&reports[0], "images_loaded"), 3);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_never_answers_times_out_alone() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = write_sample_bundle(
+        dir.path(),
+        "b.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let node = Node::start("prompt").await?;
+    // Accepts TCP connections (the kernel does, from the backlog) but never speaks HTTP/2.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let silent_addr = silent.local_addr()?.to_string();
+    let started = std::time::Instant::now();
+    let (code, reports, stderr) = load_json(
+        &bundle,
+        &[node.addr(), silent_addr.clone()],
+        &["--node-timeout", "3s", "--retries", "0"],
+    )?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["ok"], true, "{}", reports[0]);
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains(&silent_addr) && error.contains("no result within 3s"),
+        "{error}"
+    );
+    assert!(started.elapsed() < std::time::Duration::from_secs(30));
+    drop(silent);
+    Ok(())
+}

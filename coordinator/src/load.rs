@@ -45,6 +45,8 @@ pub enum LoadError {
     Reference(#[from] ReferenceError),
     #[error("credentials: {0}")]
     Credentials(String),
+    #[error("agent {agent}: no result within {}", humantime::format_duration(*limit))]
+    TimedOut { agent: String, limit: Duration },
 }
 
 /// How a load runs.
@@ -57,6 +59,47 @@ pub struct LoadOptions {
     /// Nodes loaded at the same time.
     pub parallel: usize,
     pub dial: Dial,
+    /// What a node gets when it is down or slow.
+    pub retry: RetryPolicy,
+}
+
+/// How often and how patiently a node is tried. Retrying is safe because every step is
+/// idempotent: `Have` sees what arrived, interrupted uploads resume, imports skip what is
+/// unpacked.
+#[derive(Clone, Debug)]
+pub struct RetryPolicy {
+    /// Further attempts after a transient failure (connection refused or reset, agent
+    /// unavailable); a bad bundle, a refused credential or corrupt data is never retried.
+    pub retries: u32,
+    /// Wait before the first retry; doubled each time, at most 30 s.
+    pub backoff: Duration,
+    /// Give up on a node whose attempt takes longer than this.
+    pub node_timeout: Option<Duration>,
+}
+
+impl Default for RetryPolicy {
+    fn default() -> Self {
+        RetryPolicy {
+            retries: 2,
+            backoff: Duration::from_secs(1),
+            node_timeout: None,
+        }
+    }
+}
+
+impl LoadError {
+    /// Whether trying the node again may succeed: it was unreachable or dropped the
+    /// connection, not refused what it was given.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            LoadError::Connect { .. } | LoadError::TimedOut { .. } => true,
+            LoadError::Agent { status, .. } => matches!(
+                status.code(),
+                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+            ),
+            LoadError::Bundle(_) | LoadError::Reference(_) | LoadError::Credentials(_) => false,
+        }
+    }
 }
 
 /// How the coordinator reaches agents: how long it waits, and how it proves who it is.
@@ -189,6 +232,8 @@ pub struct NodeReport {
     pub bytes_skipped: u64,
     pub seconds: f64,
     pub ok: bool,
+    /// Attempts it took (more than 1 after transient failures).
+    pub attempts: u32,
     /// Why the node failed as a whole, if it did.
     pub error: Option<String>,
     /// Images that failed on this node, with the reason.
@@ -219,7 +264,7 @@ pub async fn load(
                     progress.clone(),
                     session.clone(),
                 );
-                let dial = &opts.dial;
+                let (dial, retry) = (&opts.dial, &opts.retry);
                 async move {
                     let mut report = NodeReport {
                         agent: agent.clone(),
@@ -228,16 +273,45 @@ pub async fn load(
                     };
                     let started = Instant::now();
                     progress.node_started(agent);
-                    let result = load_node(
-                        &bundle,
-                        &plan,
-                        &session,
-                        agent,
-                        dial,
-                        &*progress,
-                        &mut report,
-                    )
-                    .await;
+                    let mut attempt = 0;
+                    let result = loop {
+                        let run = load_node(
+                            &bundle,
+                            &plan,
+                            &session,
+                            agent,
+                            dial,
+                            &*progress,
+                            &mut report,
+                        );
+                        let result = match retry.node_timeout {
+                            Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or(Err(
+                                LoadError::TimedOut {
+                                    agent: agent.clone(),
+                                    limit,
+                                },
+                            )),
+                            None => run.await,
+                        };
+                        match result {
+                            Err(e) if e.is_transient() && attempt < retry.retries => {
+                                let wait = retry.backoff * 2u32.pow(attempt);
+                                let wait = wait.min(Duration::from_secs(30));
+                                attempt += 1;
+                                progress.phase(
+                                    agent,
+                                    &format!(
+                                        "retry {attempt} of {} in {}: {e}",
+                                        retry.retries,
+                                        humantime::format_duration(wait)
+                                    ),
+                                );
+                                tokio::time::sleep(wait).await;
+                            }
+                            other => break other,
+                        }
+                    };
+                    report.attempts = attempt + 1;
                     report.seconds = started.elapsed().as_secs_f64();
                     if let Err(e) = result {
                         // The summary reports it; a warning would tear through the bars.
@@ -344,6 +418,11 @@ async fn load_node(
             status,
         }
     };
+    // A retried attempt sees the node afresh; only the bytes sent add up over attempts.
+    report.images_loaded = 0;
+    report.failed_images.clear();
+    report.blobs_skipped = 0;
+    report.bytes_skipped = 0;
     let mut client = connect(agent, dial).await?;
     let info = client
         .info(InfoRequest {})

@@ -12,7 +12,7 @@ use lade::bundle::Bundle;
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
-use lade::load::{load, plan_names, Credentials, Dial, LoadOptions};
+use lade::load::{load, plan_names, Credentials, Dial, LoadOptions, RetryPolicy};
 use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
 use lade::reference::{check_rules, RetagRule};
 use lade::upgrade::helm::Helm;
@@ -97,6 +97,13 @@ struct LoadArgs {
     parallel: usize,
     #[command(flatten)]
     connect: ConnectArgs,
+    /// Further attempts for a node that is down or drops the connection (waiting 1 s, then
+    /// doubling); a bad bundle or a refused credential is never retried.
+    #[arg(long, env = "LADE_RETRIES", default_value_t = 2)]
+    retries: u32,
+    /// Give up on a node whose attempt takes longer than this (e.g. 30m); no limit by default.
+    #[arg(long, env = "LADE_NODE_TIMEOUT", value_parser = humantime::parse_duration)]
+    node_timeout: Option<Duration>,
     /// Summary format on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
@@ -484,6 +491,11 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         keep_original: !args.no_keep_original,
         parallel: args.parallel,
         dial,
+        retry: RetryPolicy {
+            retries: args.retries,
+            backoff: Duration::from_secs(1),
+            node_timeout: args.node_timeout,
+        },
     };
     let bundle = Arc::new(bundle);
     let mut reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
