@@ -4,12 +4,12 @@
 
 use std::ffi::OsStr;
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use lade::load::{connect, Credentials, Dial};
 use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, InfoRequest, PutBlobRequest};
+use lade_testkit::certs::make_certs;
 use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Containerd};
 use lade_testkit::nodes::{spawn_agent, workspace_bin, Node, TEST_TOKEN};
@@ -224,53 +224,24 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
     Ok(())
 }
 
-/// A CA, a server certificate for 127.0.0.1 and a client certificate, made with openssl.
-fn make_certs(dir: &Path) -> Result<()> {
-    let sh = |script: &str| -> Result<()> {
-        let out = Command::new("sh")
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .output()?;
-        ensure!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Ok(())
-    };
-    sh(
-        "openssl req -x509 -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -days 2 \
-        -subj /CN=lade-test-ca -keyout ca.key -out ca.crt",
-    )?;
-    for (name, ext) in [
-        (
-            "server",
-            "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
-        ),
-        ("client", "extendedKeyUsage=clientAuth"),
-    ] {
-        std::fs::write(dir.join(format!("{name}.ext")), ext)?;
-        sh(&format!(
-            "openssl req -newkey ec -pkeyopt ec_paramgen_curve:P-256 -nodes -subj /CN={name} \
-             -keyout {name}.key -out {name}.csr && \
-             openssl x509 -req -in {name}.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 \
-             -extfile {name}.ext -out {name}.crt"
-        ))?;
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn mutual_tls_admits_only_clients_with_a_certificate() -> Result<()> {
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    lade_testkit::harness::require_binary("openssl")?;
     let containerd = Containerd::start("mtls").await?;
     let certs = containerd.dir().join("certs");
     std::fs::create_dir_all(&certs)?;
-    make_certs(&certs)?;
+    make_certs(
+        &certs,
+        &[
+            (
+                "server",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth",
+            ),
+            ("client", "extendedKeyUsage=clientAuth"),
+        ],
+    )?;
     let port = free_port();
     let socket = containerd.socket();
     let (cert, key, ca) = (

@@ -3,7 +3,8 @@
 //! import and name the images, verifies the result and reports per node ([`load`]), then
 //! upgrades the module's helm release, once it has proved that every node holds every image
 //! the chart will pull ([`upgrade`]). The agents are given by address, or found through the
-//! Kubernetes API as the pods of the lade chart ([`discover`]).
+//! Kubernetes API as the pods of the lade chart ([`discover`]). Where the cluster pulls from
+//! a registry instead, the images and the chart are pushed there ([`push`]).
 //!
 //! `main.rs` only parses the command line and wires these parts.
 
@@ -13,5 +14,6 @@ pub mod hints;
 pub mod inspect;
 pub mod load;
 pub mod progress;
+pub mod push;
 pub mod reference;
 pub mod upgrade;

@@ -14,6 +14,8 @@ use lade::discover::{
 };
 use lade::load::{load, plan_names, Credentials, Dial, LoadOptions, RetryPolicy};
 use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
+use lade::push::registry::{Access, Tls};
+use lade::push::{push, ChartRepo, PushOptions, Target, EXIT_INCOMPLETE};
 use lade::reference::{check_rules, RetagRule};
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
@@ -64,6 +66,8 @@ enum Command {
     Load(LoadArgs),
     /// Upgrade or install BUNDLE's helm release, once every node is proved to hold its images.
     Upgrade(UpgradeArgs),
+    /// Push every image of BUNDLE, and its chart, into the registry the cluster pulls from.
+    Push(PushArgs),
     /// Show what BUNDLE holds: images, sizes, shared layers, hints.
     Inspect {
         /// Bundle tar or bare images archive.
@@ -129,6 +133,8 @@ struct LoadArgs {
 }
 
 const UPGRADE_HEADING: &str = "Upgrade after loading (with --then-upgrade)";
+const REGISTRY_HEADING: &str =
+    "Registry of --image-registry, checked by the preflight when no --agent is given";
 const DISCOVER_HEADING: &str = "Find the agents through the Kubernetes API (instead of --agent)";
 const KUBE_HEADING: &str = "Cluster access (with --discover or --then-upgrade)";
 
@@ -161,6 +167,99 @@ struct UpgradeArgs {
     upgrade: UpgradeFlags,
     #[command(flatten)]
     kube: KubeArgs,
+    #[command(flatten, next_help_heading = REGISTRY_HEADING)]
+    registry: UpgradeRegistryArgs,
+}
+
+#[derive(Debug, Args)]
+struct PushArgs {
+    /// Bundle tar (images.tar, original-chart/) or a bare images archive.
+    bundle: PathBuf,
+    /// Registry and project, HOST[:PORT][/PROJECT]. Each image keeps its repository path under
+    /// it: release.daocloud.io/mspider/api:v1 becomes HOST/PROJECT/mspider/api:v1, which a
+    /// chart finds with global.imageRegistry=HOST/PROJECT.
+    #[arg(long, env = "LADE_REGISTRY")]
+    registry: Target,
+    /// Rename rule FROM=TO applied to the repository paths first, as `lade load --retag`;
+    /// repeatable, longest FROM wins.
+    #[arg(long = "retag", env = "LADE_RETAG", value_delimiter = ',')]
+    retag: Vec<RetagRule>,
+    /// Where the chart goes: oci://HOST[:PORT]/PATH, or none. Default: next to the images,
+    /// oci://HOST/PROJECT/CHART:VERSION.
+    #[arg(long)]
+    chart_repo: Option<ChartRepo>,
+    #[command(flatten)]
+    access: PushAccessArgs,
+    /// Move tags that already point at another digest (they are refused otherwise).
+    #[arg(long)]
+    force: bool,
+    /// Log in, check every tag and blob, and report what would be pushed; write nothing.
+    #[arg(long)]
+    dry_run: bool,
+    /// Blobs uploaded at the same time.
+    #[arg(long, env = "LADE_PARALLEL", default_value_t = 4)]
+    parallel: usize,
+    /// Summary format on stdout.
+    #[arg(short, long, value_enum, default_value = "text")]
+    output: Output,
+    /// Live progress on stderr.
+    #[arg(long, value_enum, default_value = "auto")]
+    progress: ProgressMode,
+}
+
+/// How `lade push` reaches and logs in to the registry.
+#[derive(Debug, Args)]
+struct PushAccessArgs {
+    /// User to log in as; the password is read from stdin (--password-stdin). Default: the
+    /// docker config's login for the registry host ($DOCKER_CONFIG or ~/.docker/config.json).
+    #[arg(long, env = "LADE_REGISTRY_USERNAME", requires = "password_stdin")]
+    username: Option<String>,
+    /// Read the password of --username from stdin.
+    #[arg(long, requires = "username")]
+    password_stdin: bool,
+    /// The registry has no certificate lade can verify: unverified HTTPS, or plain HTTP when
+    /// it does not speak TLS.
+    #[arg(long, conflicts_with = "ca_file")]
+    insecure: bool,
+    /// CA certificate (PEM) the registry's certificate is checked against, besides the
+    /// system's.
+    #[arg(long, env = "LADE_REGISTRY_CA_FILE")]
+    ca_file: Option<PathBuf>,
+}
+
+/// The same as [`PushAccessArgs`], named for `lade upgrade`, where --ca-file and --insecure
+/// alone would be read as the agents'.
+#[derive(Debug, Args)]
+struct UpgradeRegistryArgs {
+    /// User to log in to the registry as; the password is read from stdin. Default: the
+    /// docker config's login for the registry host.
+    #[arg(long, requires_all = ["registry_password_stdin", "image_registry"])]
+    registry_username: Option<String>,
+    /// Read the password of --registry-username from stdin.
+    #[arg(long, requires = "registry_username")]
+    registry_password_stdin: bool,
+    /// The registry has no certificate lade can verify: unverified HTTPS, or plain HTTP.
+    #[arg(long, conflicts_with = "registry_ca_file", requires = "image_registry")]
+    registry_insecure: bool,
+    /// CA certificate (PEM) of the registry's certificate.
+    #[arg(long, requires = "image_registry")]
+    registry_ca_file: Option<PathBuf>,
+}
+
+/// The login for `host` (from --username and stdin, or the docker config) and TLS settings.
+fn registry_access(
+    host: &str,
+    username: Option<&str>,
+    insecure: bool,
+    ca_file: Option<&PathBuf>,
+) -> anyhow::Result<Access> {
+    let login = lade::push::login::resolve(host, username, std::io::stdin())?;
+    let tls = match (insecure, ca_file) {
+        (true, _) => Tls::Insecure,
+        (false, Some(ca)) => Tls::CaFile(ca.clone()),
+        (false, None) => Tls::System,
+    };
+    Ok(Access { login, tls })
 }
 
 /// `--discover`: the agents are the lade chart's pods, found through the Kubernetes API;
@@ -343,6 +442,7 @@ impl UpgradeFlags {
         rules: Vec<RetagRule>,
         asked: Asked,
         kube: KubeArgs,
+        registry: Access,
     ) -> UpgradeOptions {
         UpgradeOptions {
             release,
@@ -358,6 +458,7 @@ impl UpgradeFlags {
             dial: asked.dial,
             parallel: asked.parallel,
             unreachable_hint: asked.unreachable_hint,
+            registry,
             skip_preflight: self.skip_preflight,
             dry_run: self.dry_run,
             helm: Helm {
@@ -432,11 +533,76 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 dial,
                 unreachable_hint,
             };
-            let opts =
-                args.upgrade
-                    .options(args.release, args.namespace, args.retag, asked, args.kube);
+            // Without agents, the preflight checks the registry of --image-registry: only
+            // then is its login looked up (a docker config it needs no entry of cannot fail
+            // an upgrade checked on the nodes).
+            let access = match &args.upgrade.image_registry {
+                Some(image_registry) if asked.agents.is_empty() && !args.upgrade.skip_preflight => {
+                    let host = image_registry.split('/').next().unwrap_or(image_registry);
+                    let registry = &args.registry;
+                    registry_access(
+                        host,
+                        registry.registry_username.as_deref(),
+                        registry.registry_insecure,
+                        registry.registry_ca_file.as_ref(),
+                    )?
+                }
+                _ => Access::default(),
+            };
+            let opts = args.upgrade.options(
+                args.release,
+                args.namespace,
+                args.retag,
+                asked,
+                args.kube,
+                access,
+            );
             Ok(runtime.block_on(run_upgrade(&bundle, &opts, &mut std::io::stdout())))
         }
+        Command::Push(args) => {
+            let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+            runtime.block_on(run_push(args))
+        }
+    }
+}
+
+async fn run_push(args: PushArgs) -> anyhow::Result<ExitCode> {
+    check_rules(&args.retag)?;
+    let path = args.bundle.clone();
+    let bundle = Arc::new(tokio::task::spawn_blocking(move || Bundle::open(&path)).await??);
+    let access = &args.access;
+    let opts = PushOptions {
+        access: registry_access(
+            &args.registry.host,
+            access.username.as_deref(),
+            access.insecure,
+            access.ca_file.as_ref(),
+        )?,
+        target: args.registry,
+        rules: args.retag,
+        chart_repo: args.chart_repo.unwrap_or(ChartRepo::WithImages),
+        force: args.force,
+        dry_run: args.dry_run,
+        parallel: args.parallel,
+    };
+    let report = push(bundle, &opts, progress(args.progress)).await?;
+    match args.output {
+        Output::Text => print!("{}", report.to_text()),
+        Output::Json => println!("{}", serde_json::to_string_pretty(&report)?),
+    }
+    Ok(match report.ok {
+        true => ExitCode::SUCCESS,
+        false => ExitCode::from(EXIT_INCOMPLETE),
+    })
+}
+
+/// Where live progress goes: bars on a terminal, lines otherwise, unless told.
+fn progress(mode: ProgressMode) -> Arc<dyn Progress> {
+    match mode {
+        ProgressMode::Auto if std::io::stderr().is_terminal() => Arc::new(Bars::new()),
+        ProgressMode::Bars => Arc::new(Bars::new()),
+        ProgressMode::Auto | ProgressMode::Lines => Arc::new(Lines::default()),
+        ProgressMode::None => Arc::new(Silent),
     }
 }
 
@@ -473,12 +639,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let path = args.bundle.clone();
     let bundle = tokio::task::spawn_blocking(move || Bundle::open(&path)).await??;
     let plan = plan_names(&bundle, &args.retag, !args.no_keep_original)?;
-    let progress: Arc<dyn Progress> = match args.progress {
-        ProgressMode::Auto if std::io::stderr().is_terminal() => Arc::new(Bars::new()),
-        ProgressMode::Bars => Arc::new(Bars::new()),
-        ProgressMode::Auto | ProgressMode::Lines => Arc::new(Lines::default()),
-        ProgressMode::None => Arc::new(Silent),
-    };
+    let progress = progress(args.progress);
     let dial = args.connect.dial()?;
     let images = plan.len();
     let discovery = args.discover.run(&args.kube).await?;
@@ -528,9 +689,15 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         dial: opts.dial,
         unreachable_hint: hint,
     };
-    let upgrade = args
-        .upgrade
-        .options(release, namespace, opts.rules, asked, args.kube);
+    // The nodes were just loaded: the preflight asks their agents, never a registry.
+    let upgrade = args.upgrade.options(
+        release,
+        namespace,
+        opts.rules,
+        asked,
+        args.kube,
+        Access::default(),
+    );
     // The JSON summary owns stdout; the upgrade's report then goes to stderr.
     Ok(match args.output {
         Output::Text => {

@@ -143,6 +143,7 @@ fn help_matches_snapshots() {
         (&["load", "--help"][..], "load-help.txt"),
         (&["upgrade", "--help"][..], "upgrade-help.txt"),
         (&["inspect", "--help"][..], "inspect-help.txt"),
+        (&["push", "--help"][..], "push-help.txt"),
     ] {
         let out = lade(args);
         assert!(out.status.success());

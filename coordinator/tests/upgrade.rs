@@ -1021,11 +1021,24 @@ async fn without_agents_the_preflight_cannot_check_and_skipping_it_is_loud() {
     case.helm
         .reply("get values", Reply::fail(1, NOT_FOUND))
         .unwrap();
-    let (code, _, stderr) = case.upgrade(&["--image-registry", "10.16.10.111"]).await;
+    let (code, _, stderr) = case.upgrade(&[]).await;
     assert_eq!(code, 2, "{stderr}");
     assert!(
-        stderr.contains("the preflight cannot check the nodes: no --agent was given")
-            && stderr.contains("pass --skip-preflight"),
+        stderr.contains(
+            "the preflight cannot check the nodes: no --agent was given, nor an --image-registry"
+        ) && stderr.contains("pass --skip-preflight"),
+        "{stderr}"
+    );
+    // Without agents the registry of --image-registry is checked, if it can be reached
+    // (nothing listens on port 9 here).
+    let (code, _, stderr) = case
+        .upgrade(&["--image-registry", "127.0.0.1:9/offline"])
+        .await;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains(
+            "no --agent was given, and the registry of --image-registry 127.0.0.1:9/offline cannot be checked: cannot reach registry 127.0.0.1:9"
+        ) && stderr.contains("pass --skip-preflight"),
         "{stderr}"
     );
     assert!(case.calls().is_empty(), "nothing runs before the check");

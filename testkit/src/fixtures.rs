@@ -142,11 +142,16 @@ pub fn layer_tar(entries: &[Entry]) -> Vec<u8> {
 /// An OCI/Docker image config (JSON bytes) for a linux/amd64 image whose rootfs consists of
 /// `diff_ids` (each `sha256:<hex>` of an uncompressed layer), running `cmd`.
 pub fn image_config(diff_ids: &[String], cmd: &[&str]) -> Vec<u8> {
+    image_config_for("amd64", diff_ids, cmd)
+}
+
+/// [`image_config`] for a linux image of CPU architecture `architecture` (`arm64`, …).
+pub fn image_config_for(architecture: &str, diff_ids: &[String], cmd: &[&str]) -> Vec<u8> {
     let history: Vec<_> = (0..diff_ids.len())
         .map(|i| json!({"created": CREATED, "created_by": format!("lade-testkit layer {i}")}))
         .collect();
     let config = json!({
-        "architecture": "amd64",
+        "architecture": architecture,
         "os": "linux",
         "created": CREATED,
         "config": {"Env": [DEFAULT_PATH_ENV], "Cmd": cmd},
@@ -916,6 +921,80 @@ fn write_oci(
     }
     tar.finish()?;
     Ok(written)
+}
+
+/// What [`write_oci_multiplatform`] stored.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WrittenIndex {
+    /// `sha256:<hex>` of the image index `index.json` points at.
+    pub index_digest: String,
+    /// Per platform, in input order: (architecture, manifest digest).
+    pub manifests: Vec<(String, String)>,
+}
+
+/// Writes one multi-platform image `name` as an OCI image layout: `index.json` lists a single
+/// OCI image index (annotated with the [`normalize_ref`] name, as containerd exports one),
+/// which lists one manifest per `(architecture, image)` of `platforms` with its `linux/<arch>`
+/// platform. Each image's config is rewritten for its architecture; layers shared between
+/// platforms are stored once.
+pub fn write_oci_multiplatform(
+    name: &str,
+    platforms: &[(&str, ImageFixture)],
+    compression: Compression,
+    out: &mut impl Write,
+) -> Result<WrittenIndex> {
+    let blob_path = |digest: &str| format!("blobs/sha256/{}", digest_hex(digest));
+    let mut tar = TarOut::new(out);
+    tar.json("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
+    tar.dir("blobs", 0o755)?;
+    tar.dir("blobs/sha256", 0o755)?;
+    let mut layers = LayerBlobs::new(compression);
+    let mut entries = Vec::new();
+    let mut manifests = Vec::new();
+    for (architecture, image) in platforms {
+        let diff_ids = image.diff_ids();
+        let config = image_config_for(architecture, &diff_ids, &["/bin/sh"]);
+        tar.file(&blob_path(&blob_digest(&config)), 0o644, &config)?;
+        let mut descs = Vec::new();
+        for (layer, diff_id) in image.layers.iter().zip(&diff_ids) {
+            let (desc, _) = layers.get_or_store(diff_id, layer, |blob, d| {
+                tar.file(&blob_path(&d.digest), 0o644, blob)
+            })?;
+            descs.push(desc);
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": Descriptor::of(MEDIA_TYPE_OCI_CONFIG, &config),
+            "layers": descs,
+        }))?;
+        let desc = Descriptor::of(MEDIA_TYPE_OCI_MANIFEST, &manifest);
+        tar.file(&blob_path(&desc.digest), 0o644, &manifest)?;
+        let mut entry = json!(desc);
+        entry["platform"] = json!({"os": "linux", "architecture": architecture});
+        entries.push(entry);
+        manifests.push((architecture.to_string(), desc.digest));
+    }
+    let index = serde_json::to_vec(
+        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": entries}),
+    )?;
+    let index_desc = Descriptor::of(MEDIA_TYPE_OCI_INDEX, &index);
+    tar.file(&blob_path(&index_desc.digest), 0o644, &index)?;
+    let (_, tag) = split_ref(name);
+    let mut top = json!(index_desc);
+    top["annotations"] = json!({
+        "io.containerd.image.name": normalize_ref(name),
+        "org.opencontainers.image.ref.name": tag,
+    });
+    tar.json(
+        "index.json",
+        &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": [top]}),
+    )?;
+    tar.finish()?;
+    Ok(WrittenIndex {
+        index_digest: index_desc.digest,
+        manifests,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------

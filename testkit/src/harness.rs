@@ -42,7 +42,7 @@ const STOP_GRACE: Duration = Duration::from_secs(5);
 const READINESS_PROBE_IMAGE: &str = "docker.io/library/lade-readiness-probe:none";
 
 /// Lines of daemon log included in errors.
-const LOG_TAIL_LINES: usize = 40;
+pub(crate) const LOG_TAIL_LINES: usize = 40;
 
 /// Returns whether tests that need real daemons should run.
 ///
@@ -83,6 +83,10 @@ pub fn require_binary(name: &str) -> Result<PathBuf> {
     }
     let package = match name {
         "dockerd" | "docker" => "docker.io",
+        "docker-registry" => "docker-registry",
+        "skopeo" => "skopeo",
+        "htpasswd" => "apache2-utils",
+        "openssl" => "openssl",
         "runc" => "runc",
         _ => "containerd",
     };
@@ -835,7 +839,7 @@ fn short_tempdir(name: &str) -> Result<(TempDir, PathBuf)> {
 }
 
 /// The last `lines` lines of a (possibly large) log file; reads only its end.
-fn tail_file(path: &Path, lines: usize) -> String {
+pub(crate) fn tail_file(path: &Path, lines: usize) -> String {
     const MAX_BYTES: u64 = 64 * 1024;
     let Ok(mut f) = File::open(path) else {
         return format!("<no log at {}>", path.display());

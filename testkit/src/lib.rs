@@ -1,10 +1,15 @@
 //! Shared by lade's integration tests, `lade-demo` and the benchmark: deterministic generated
 //! test images in every archive form lade reads ([`fixtures`]), and real daemons started
 //! privately per simulated node ([`harness`], [`cri`]), and a recording stand-in for the
-//! `helm` CLI ([`helm`]). Nothing here is used by the product.
+//! `helm` CLI ([`helm`]), a private container
+//! registry ([`registry`]) with its token server ([`token`]) and throwaway TLS material
+//! ([`certs`]). Nothing here is used by the product.
 
+pub mod certs;
 pub mod cri;
 pub mod fixtures;
 pub mod harness;
 pub mod helm;
 pub mod nodes;
+pub mod registry;
+pub mod token;

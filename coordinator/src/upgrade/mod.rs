@@ -10,7 +10,8 @@
 //! The procedure, step by step (every helm command is printed before it runs):
 //!
 //! 1. Inputs are checked before helm is called: `--values` files, `hints.yaml`, and that the
-//!    preflight can run (agents given, or `--skip-preflight`).
+//!    preflight can run (agents given; or `--image-registry`, whose registry answers and
+//!    takes the login; or `--skip-preflight`).
 //! 2. The chart: the bundle's `original-chart/`, copied to a temporary directory (helm reads
 //!    charts only from disk), or `REPO/CHART` from a helm repository, pulled into one.
 //! 3. `helm get values RELEASE -n NS -o yaml`: written as it is to a new file next to the
@@ -20,8 +21,9 @@
 //!    `global.imageRegistry` merged over it ([`values`] says how, and why chart defaults are
 //!    not among them).
 //! 5. The preflight renders `hints.yaml` against the chart's defaults coalesced with those
-//!    values (what helm computes) and asks every agent to `Verify` each reference; a missing
-//!    image stops the upgrade here.
+//!    values (what helm computes) and asks every agent to `Verify` each reference (without
+//!    agents: the registry, a manifest `HEAD` per reference, as after `lade push`); a
+//!    missing image stops the upgrade here.
 //! 6. The values are written to a new file next to the backup, the only `-f` helm gets, and
 //!    `helm upgrade --install RELEASE CHART -n NS --create-namespace --cleanup-on-fail
 //!    [--version V] -f VALUES` runs.
@@ -47,6 +49,7 @@ use serde_yaml::Value;
 use crate::bundle::{Bundle, BundleError};
 use crate::hints::{Hints, HintsError};
 use crate::load::Dial;
+use crate::push::registry::Access;
 use crate::reference::RetagRule;
 
 use chart::Chart;
@@ -241,6 +244,9 @@ pub struct UpgradeOptions {
     /// Said after the preflight's table when an agent could not be reached at all (set for
     /// discovered agents: their pod IPs may not be routable from here).
     pub unreachable_hint: Option<String>,
+    /// How to reach the registry of `image_registry`, which the preflight checks instead of
+    /// nodes when no agent is given.
+    pub registry: Access,
     pub skip_preflight: bool,
     pub dry_run: bool,
     pub helm: Helm,
@@ -260,6 +266,12 @@ pub async fn upgrade(
 
     // 1. Everything that can be checked without helm.
     let hints = preflight_hints(bundle, opts)?;
+    let checked_registry = match (&hints, opts.agents.is_empty(), &opts.image_registry) {
+        (Some(_), true, Some(image_registry)) => {
+            Some(preflight::connect_registry(image_registry, &opts.registry).await?)
+        }
+        _ => None,
+    };
     let mut user = Value::Mapping(Default::default());
     let mut extra = Vec::new();
     for path in &opts.values_files {
@@ -365,7 +377,10 @@ pub async fn upgrade(
         Some(hints) => {
             let tree = values::coalesce(&chart.defaults, &user);
             let images = preflight::derive_images(&hints, &tree)?;
-            let report = preflight::check(&images, &opts.agents, &opts.dial, opts.parallel).await;
+            let report = match &checked_registry {
+                Some(registry) => preflight::check_registry(&images, registry).await,
+                None => preflight::check(&images, &opts.agents, &opts.dial, opts.parallel).await,
+            };
             say(out, report.to_text());
             if let (Some(hint), true) = (&opts.unreachable_hint, report.unreachable()) {
                 say(out, hint.clone());
@@ -469,11 +484,10 @@ fn preflight_hints(bundle: &Bundle, opts: &UpgradeOptions) -> Result<Option<Hint
     if opts.skip_preflight {
         return Ok(None);
     }
-    if opts.agents.is_empty() {
+    if opts.agents.is_empty() && opts.image_registry.is_none() {
         return Err(UpgradeError::PreflightCannotCheck {
-            reason:
-                "no --agent was given (checking a registry instead of nodes is not supported yet)"
-                    .into(),
+            reason: "no --agent was given, nor an --image-registry whose registry it could check instead"
+                .into(),
         });
     }
     let Some(text) = &bundle.hints else {

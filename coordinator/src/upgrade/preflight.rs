@@ -1,10 +1,12 @@
 //! The preflight: before helm runs, prove that every image the chart will pull is on every
-//! node, as kubelet would find it.
+//! node, as kubelet would find it, or, where the cluster pulls from a registry (`lade push`),
+//! that the registry holds it.
 //!
 //! This module owns deriving the images (rendering `hints.yaml` against the values tree helm
 //! will compute, and normalising each result as the CRI plugin does), asking every agent
-//! (`Info`, then `Verify` with all the references), and the reference × node table. It does
-//! not own computing the values tree ([`super::values`]) or what happens after a verdict.
+//! (`Info`, then `Verify` with all the references) or the registry (a manifest `HEAD` per
+//! reference), and the reference × node table. It does not own computing the values tree
+//! ([`super::values`]) or what happens after a verdict.
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -18,6 +20,7 @@ use super::UpgradeError;
 use crate::discover::could_not_connect;
 use crate::hints::Hints;
 use crate::load::{connect, Dial};
+use crate::push::registry::{Access, Registry};
 use crate::reference::Reference;
 
 /// Renders every template of `hints` against `values` and normalises the results, in order
@@ -76,6 +79,76 @@ impl NodeAnswer {
 pub struct Report {
     pub images: Vec<String>,
     pub nodes: Vec<NodeAnswer>,
+    pub checked: Checked,
+}
+
+/// Where the preflight looked.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Checked {
+    /// The nodes, through their agents.
+    Nodes,
+    /// The registry of `--image-registry` (the value given): no agent was asked.
+    Registry(String),
+}
+
+/// Connects to the registry of `image_registry` (`HOST[:PORT][/PROJECT]`) for
+/// [`check_registry`]; when it cannot be reached or refuses the login, the preflight cannot
+/// run, and says why.
+pub async fn connect_registry(
+    image_registry: &str,
+    access: &Access,
+) -> Result<Registry, UpgradeError> {
+    let host = image_registry.split('/').next().unwrap_or(image_registry);
+    Registry::connect(host, access)
+        .await
+        .map_err(|e| UpgradeError::PreflightCannotCheck {
+            reason: format!(
+                "no --agent was given, and the registry of --image-registry {image_registry} cannot be checked: {e}"
+            ),
+        })
+}
+
+/// Asks `registry` whether it holds each image: a manifest `HEAD` by tag (or digest). An
+/// image named on another host is missing, since the chart would pull it from there.
+pub async fn check_registry(images: &[String], registry: &Registry) -> Report {
+    let mut found = HashMap::new();
+    for image in images {
+        let status = |ok: bool, problem: String| RefStatus {
+            r#ref: image.clone(),
+            ok,
+            problem,
+            ..Default::default()
+        };
+        let answer = match Reference::parse(image) {
+            Err(e) => status(false, e.to_string()),
+            Ok(r) if !r.domain().eq_ignore_ascii_case(registry.host()) => status(
+                false,
+                format!(
+                    "the chart would pull it from {}, not from {}",
+                    r.domain(),
+                    registry.host()
+                ),
+            ),
+            Ok(r) => {
+                let reference = r.digest().or(r.tag()).expect("a tag or a digest");
+                match registry.manifest_digest(r.path(), reference).await {
+                    Ok(Some(_)) => status(true, String::new()),
+                    Ok(None) => status(false, "no such manifest in the registry".into()),
+                    Err(e) => status(false, e.to_string()),
+                }
+            }
+        };
+        found.insert(image.clone(), answer);
+    }
+    Report {
+        images: images.to_vec(),
+        nodes: vec![NodeAnswer {
+            agent: format!("registry {}", registry.host()),
+            node: registry.host().to_string(),
+            result: Ok(found),
+        }],
+        checked: Checked::Registry(registry.host().to_string()),
+    }
 }
 
 /// Asks every agent, `parallel` at a time, about every image.
@@ -89,6 +162,7 @@ pub async fn check(images: &[String], agents: &[String], dial: &Dial, parallel: 
     Report {
         images: images.to_vec(),
         nodes: nodes.into_iter().map(|(_, n)| n).collect(),
+        checked: Checked::Nodes,
     }
 }
 
@@ -152,6 +226,13 @@ impl Report {
         if failing.is_empty() {
             return None;
         }
+        if let Checked::Registry(host) = &self.checked {
+            return Some(format!(
+                "{missing} of {} not in registry {host}; push the bundle there (lade push BUNDLE \
+                 --registry {host}/PROJECT) or fix the values",
+                count(self.images.len(), "image"),
+            ));
+        }
         let retry: Vec<String> = failing
             .iter()
             .map(|n| format!("--agent {}", n.agent))
@@ -193,10 +274,13 @@ impl Report {
                 *w = (*w).max(cell.chars().count());
             }
         }
+        let place = match &self.checked {
+            Checked::Nodes => format!("on {}", count(self.nodes.len(), "node")),
+            Checked::Registry(host) => format!("in registry {host} (no --agent was given)"),
+        };
         let mut out = format!(
-            "preflight: {} the chart will pull, on {}\n",
+            "preflight: {} the chart will pull, {place}\n",
             count(self.images.len(), "image"),
-            count(self.nodes.len(), "node")
         );
         for row in &rows {
             let line: Vec<String> = row
@@ -229,6 +313,12 @@ impl Report {
             out.push_str(&problems);
         }
         match self.failure() {
+            None if matches!(self.checked, Checked::Registry(_)) => {
+                let _ = writeln!(
+                    out,
+                    "preflight passed: the registry holds every image the chart will pull"
+                );
+            }
             None => {
                 let _ = writeln!(
                     out,
@@ -326,6 +416,7 @@ mod tests {
                     result: Err("cannot reach agent 10.0.0.3:7700: refused".into()),
                 },
             ],
+            checked: Checked::Nodes,
         };
         let text = report.to_text();
         let lines: Vec<&str> = text.lines().collect();
@@ -359,6 +450,7 @@ mod tests {
                 node: "n".into(),
                 result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
             }],
+            checked: Checked::Nodes,
         };
         assert_eq!(all_there.failure(), None);
         assert!(all_there.to_text().contains("preflight passed"));
