@@ -193,8 +193,13 @@ impl Reference {
     /// Docker's short form, as `docker images` shows it: `docker.io/` and an official image's
     /// `library/` are dropped, so `docker.io/library/busybox:latest` is `busybox:latest` and
     /// `docker.io/bitnami/redis:7` is `bitnami/redis:7`; other hosts are kept.
+    ///
+    /// Unlike docker, `docker.io/` stays when the path's first component looks like a host
+    /// (`docker.io/ghcr.io/x`): dropped, the short form would name an image on that host.
+    /// The short form always parses back to this reference.
     pub fn familiar(&self) -> String {
-        let name = if self.domain == DEFAULT_DOMAIN {
+        let first = self.path.split('/').next().unwrap_or_default();
+        let name = if self.domain == DEFAULT_DOMAIN && !looks_like_domain(first) {
             // Only `library/x` is shortened, never `library/x/y`, as docker does.
             match self.path.strip_prefix(OFFICIAL_REPO_PREFIX) {
                 Some(rest) if !rest.contains('/') => rest.to_owned(),
@@ -958,6 +963,17 @@ mod tests {
                 "docker.io/a/b:_".into(),
                 "a/b:_".into(),
             ),
+            // Found by fuzzing: a Docker Hub path whose first component looks like a host
+            // keeps `docker.io/`, or its short form would name an image on that host.
+            (
+                "index.docker.io/ghcr.io/a/b:1.36".into(),
+                "docker.io",
+                "ghcr.io/a/b",
+                Some("1.36"),
+                None,
+                "docker.io/ghcr.io/a/b:1.36".into(),
+                "docker.io/ghcr.io/a/b:1.36".into(),
+            ),
         ];
         for (input, domain, path, tag, dg, canonical, familiar) in &cases {
             let parsed = r(input);
@@ -968,8 +984,9 @@ mod tests {
             assert_eq!(parsed.to_string(), *canonical, "canonical form of {input}");
             assert_eq!(parsed.familiar(), *familiar, "familiar form of {input}");
             assert_eq!(parsed.repository(), format!("{domain}/{path}"));
-            // The canonical form is a fixed point.
+            // The canonical and the short form both parse back to the same reference.
             assert_eq!(r(canonical), parsed, "re-parsing {canonical}");
+            assert_eq!(r(familiar), parsed, "re-parsing {familiar}");
         }
     }
 

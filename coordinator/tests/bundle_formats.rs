@@ -254,3 +254,15 @@ fn manifest_naming_a_missing_member_is_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn every_form_s_layers_unpack_to_their_diff_ids() {
+    for (format, compression) in cases() {
+        let dir = tempfile::tempdir().unwrap();
+        let (path, _) = write_archive(dir.path(), &fixtures(), format, compression);
+        let bundle = Bundle::open(&path).unwrap();
+        bundle
+            .check_all_layers(&lade::bundle::LayerLimits::default())
+            .unwrap_or_else(|e| panic!("{format:?}/{compression:?}: {e}"));
+    }
+}

@@ -1,7 +1,7 @@
 //! Shared by lade's integration tests, `lade-demo` and the benchmark: deterministic generated
 //! test images in every archive form lade reads ([`fixtures`]), and real daemons started
 //! privately per simulated node ([`harness`], [`cri`]), and a recording stand-in for the
-//! `helm` CLI ([`helm`]), a private container
+//! `helm` CLI ([`helm`]), hostile and broken archives ([`hostile`]), a private container
 //! registry ([`registry`]) with its token server ([`token`]) and throwaway TLS material
 //! ([`certs`]). Nothing here is used by the product.
 
@@ -10,6 +10,7 @@ pub mod cri;
 pub mod fixtures;
 pub mod harness;
 pub mod helm;
+pub mod hostile;
 pub mod nodes;
 pub mod registry;
 pub mod token;

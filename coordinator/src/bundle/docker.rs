@@ -75,7 +75,9 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             ));
         }
 
-        let config_bytes = archive.read_small(&entry.config, MAX_METADATA_BYTES)?;
+        let config_bytes = archive
+            .read_small(&entry.config, MAX_METADATA_BYTES)
+            .map_err(|e| e.needed_by(&label))?;
         let config_digest = sha256_digest(&config_bytes);
         let config_member = archive.resolve(&entry.config)?;
         if let Some(claimed) = claimed_digest(&config_member.name) {
@@ -105,7 +107,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
 
         let mut layers = Vec::with_capacity(entry.layers.len());
         for (i, path) in entry.layers.iter().enumerate() {
-            let member = archive.resolve(path)?;
+            let member = archive.resolve(path).map_err(|e| e.needed_by(&label))?;
             let head = archive.head(member, 8)?;
             let compression = Compression::sniff(&head);
             let digest = match claimed_digest(&member.name) {

@@ -2,8 +2,14 @@
 //!
 //! Owns the bundle's *index*: which images it holds, which content-addressed blobs make them
 //! up, and the byte range of the file each blob is stored at. Blobs are read straight from
-//! those ranges ([`Bundle::read_blob`]) and their digests verified while they stream. Image
-//! naming policy (normalising, retagging) is not here: see [`crate::reference`].
+//! those ranges ([`Bundle::read_blob`]) and their digests verified while they stream; what a
+//! layer unpacks to (diffID, size, entry paths) is checked on demand by
+//! [`Bundle::check_layers`]. Image naming policy (normalising, retagging) is not here: see
+//! [`crate::reference`].
+//!
+//! A bundle comes from outside the cluster, so every size, name and link in it is checked
+//! against the archive before it is used, and every refusal is a [`BundleError`] variant
+//! naming the member and, once known, the image.
 //!
 //! Accepted layouts of the image archive, detected from its members, not its name:
 //! - docker-archive as go-containerregistry writes it (`sha256:<hex>` configs, `<hex>.tar.gz`
@@ -19,10 +25,12 @@ use std::sync::Arc;
 use sha2::{Digest as _, Sha256};
 
 mod docker;
+mod layer;
 mod oci;
 mod read;
 pub mod tarindex;
 
+pub use layer::LayerLimits;
 pub use read::BlobReader;
 use tarindex::TarIndex;
 
@@ -63,6 +71,108 @@ pub enum BundleError {
         expected: String,
         actual: String,
     },
+    /// A member name or link that reaches outside the archive (`..`, an absolute path).
+    #[error("{archive}: member {member:?} {reason}; members must stay inside the archive")]
+    UnsafeMember {
+        archive: String,
+        member: String,
+        reason: String,
+    },
+    /// A member the archive's own index (a manifest, a link) refers to is not there.
+    #[error("{archive}: member {member} is referenced{} but missing", needed_by(.image))]
+    MissingMember {
+        archive: String,
+        member: String,
+        /// The image that needs it, once the format parser knows it.
+        image: Option<String>,
+    },
+    /// Two members with the same (normalised) name: which one a reader sees would depend on
+    /// the reader.
+    #[error("{archive}: member {member} appears more than once")]
+    DuplicateMember { archive: String, member: String },
+    /// A member's header claims more bytes than the archive holds after it.
+    #[error(
+        "{archive}: member {member} claims {claimed} bytes but only {available} follow its header; the archive is truncated or corrupt"
+    )]
+    Truncated {
+        archive: String,
+        member: String,
+        claimed: u64,
+        available: u64,
+    },
+    /// A descriptor whose media type is not what its place in the image requires.
+    #[error(
+        "{archive}: image {image}: {descriptor} has media type {media_type:?}; expected {expected}"
+    )]
+    MediaType {
+        archive: String,
+        image: String,
+        /// Which descriptor, and its digest: `layer 1 sha256:…`.
+        descriptor: String,
+        media_type: String,
+        expected: &'static str,
+    },
+    /// A layer whose uncompressed stream grows past [`LayerLimits`]: stopped there.
+    #[error(
+        "{archive}: {layer} unpacks to more than {limit} bytes from {compressed} stored bytes; refused as a decompression bomb"
+    )]
+    LayerTooLarge {
+        archive: String,
+        /// The member and what it is: `member <name> (layer 2 of <image>)`.
+        layer: String,
+        compressed: u64,
+        limit: u64,
+    },
+    /// A layer whose uncompressed bytes do not hash to the diffID its image config lists.
+    #[error(
+        "{archive}: {layer} unpacks to diffID {actual}, but the image config says {expected}; the bundle is corrupt or was altered"
+    )]
+    DiffIdMismatch {
+        archive: String,
+        layer: String,
+        expected: String,
+        actual: String,
+    },
+    /// A layer tar entry that would land outside the root it is unpacked into.
+    #[error("{archive}: {layer}: entry {entry:?} {reason}")]
+    LayerEntryEscapes {
+        archive: String,
+        layer: String,
+        entry: String,
+        reason: String,
+    },
+    /// A layer that cannot be decompressed or is not a tar.
+    #[error("{archive}: {layer} is not a readable layer: {reason}")]
+    BadLayer {
+        archive: String,
+        layer: String,
+        reason: String,
+    },
+}
+
+fn needed_by(image: &Option<String>) -> String {
+    match image {
+        Some(image) => format!(" by image {image}"),
+        None => String::new(),
+    }
+}
+
+impl BundleError {
+    /// Names the image a missing member was needed for; other errors pass unchanged.
+    pub(crate) fn needed_by(self, label: &str) -> BundleError {
+        match self {
+            BundleError::MissingMember {
+                archive,
+                member,
+                image: None,
+            } => BundleError::MissingMember {
+                archive,
+                member,
+                image: Some(label.to_string()),
+            },
+            other => other,
+        }
+    }
 }
 
 /// Which kind of file was opened.

@@ -9,7 +9,8 @@ use serde::Deserialize;
 use super::tarindex::TarIndex;
 use super::{
     config_diff_ids, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
-    MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX,
+    MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX,
+    MEDIA_TYPE_OCI_MANIFEST,
 };
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
@@ -136,6 +137,38 @@ fn is_index(media_type: &str) -> bool {
     media_type == MEDIA_TYPE_OCI_INDEX || media_type == MEDIA_TYPE_DOCKER_LIST
 }
 
+fn is_manifest(media_type: &str) -> bool {
+    media_type == MEDIA_TYPE_OCI_MANIFEST || media_type == MEDIA_TYPE_DOCKER_MANIFEST
+}
+
+fn is_config(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.config.v1+json"
+            | "application/vnd.docker.container.image.v1+json"
+    )
+}
+
+/// The layer media types containerd's differ applies (its `DiffCompression`), with the
+/// compressions it can undo. Anything else would reach the node and fail there, after the
+/// upload, with a message naming neither the image nor the bundle.
+fn is_layer(media_type: &str) -> bool {
+    let (base, compression) = match media_type.split_once('+') {
+        Some((base, ext)) => (base, Some(ext)),
+        None => (media_type, None),
+    };
+    match base {
+        "application/vnd.oci.image.layer.v1.tar"
+        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
+            matches!(compression, None | Some("gzip") | Some("zstd"))
+        }
+        "application/vnd.docker.image.rootfs.diff.tar" => compression.is_none(),
+        "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => compression.is_none(),
+        _ => false,
+    }
+}
+
 pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
     let bad = |reason: String| BundleError::BadArchive {
         archive: archive.label.clone(),
@@ -183,9 +216,19 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         }
         let label = names.first().cloned().unwrap_or_else(|| top.digest.clone());
 
+        let media_type_error =
+            |role: &str, d: &Descriptor, expected: &'static str| BundleError::MediaType {
+                archive: archive.label.clone(),
+                image: label.clone(),
+                descriptor: format!("{role} {}", d.digest),
+                media_type: d.media_type.clone(),
+                expected,
+            };
         let mdesc = if is_index(&top.media_type) {
             // Only the chosen platform's manifest goes to the nodes, not the index.
-            let (_, bytes) = layout.read_verified(top, &format!("index of {label}"))?;
+            let (_, bytes) = layout
+                .read_verified(top, &format!("index of {label}"))
+                .map_err(|e| e.needed_by(&label))?;
             let nested: Index = serde_json::from_slice(&bytes).map_err(|e| {
                 bad(format!(
                     "index {} of {label} is not an image index: {e}",
@@ -207,16 +250,52 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         } else {
             top.clone()
         };
+        // An empty type is left to the manifest's own mediaType field, checked below.
+        if !mdesc.media_type.is_empty() && !is_manifest(&mdesc.media_type) {
+            return Err(media_type_error(
+                "manifest",
+                &mdesc,
+                "an OCI or Docker image manifest",
+            ));
+        }
 
-        let (mblob, mbytes) = layout.read_verified(&mdesc, &format!("manifest of {label}"))?;
+        let (mblob, mbytes) = layout
+            .read_verified(&mdesc, &format!("manifest of {label}"))
+            .map_err(|e| e.needed_by(&label))?;
         let manifest: Manifest =
             serde_json::from_slice(&mbytes).map_err(|e| BundleError::BadImage {
                 archive: archive.label.clone(),
                 image: label.clone(),
                 reason: format!("manifest {} is not an image manifest: {e}", mdesc.digest),
             })?;
-        let (cblob, cbytes) =
-            layout.read_verified(&manifest.config, &format!("config of {label}"))?;
+        if !manifest.media_type.is_empty() && !is_manifest(&manifest.media_type) {
+            return Err(BundleError::MediaType {
+                archive: archive.label.clone(),
+                image: label.clone(),
+                descriptor: format!("manifest {}", mdesc.digest),
+                media_type: manifest.media_type.clone(),
+                expected: "an OCI or Docker image manifest",
+            });
+        }
+        if !is_config(&manifest.config.media_type) {
+            return Err(media_type_error(
+                "config",
+                &manifest.config,
+                "an OCI or Docker image config",
+            ));
+        }
+        for (i, l) in manifest.layers.iter().enumerate() {
+            if !is_layer(&l.media_type) {
+                return Err(media_type_error(
+                    &format!("layer {}", i + 1),
+                    l,
+                    "a layer type containerd applies (a tar, plain, gzip or zstd)",
+                ));
+            }
+        }
+        let (cblob, cbytes) = layout
+            .read_verified(&manifest.config, &format!("config of {label}"))
+            .map_err(|e| e.needed_by(&label))?;
         let diff_ids = config_diff_ids(&cbytes).map_err(|e| BundleError::BadImage {
             archive: archive.label.clone(),
             image: label.clone(),
@@ -251,7 +330,9 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         let label = names[0].clone();
         let mut layers = Vec::with_capacity(manifest.layers.len());
         for (i, l) in manifest.layers.iter().enumerate() {
-            let blob = layout.blob(l, &format!("layer {} of {label}", i + 1))?;
+            let blob = layout
+                .blob(l, &format!("layer {} of {label}", i + 1))
+                .map_err(|e| e.needed_by(&label))?;
             layers.push(blob.digest.clone());
             blobs.entry(blob.digest.clone()).or_insert(blob);
         }

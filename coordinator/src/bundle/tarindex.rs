@@ -66,7 +66,8 @@ impl Section {
 
 impl Read for Section {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let left = self.len - self.pos;
+        // A seek may have gone past the end (a header claiming more than the archive holds).
+        let left = self.len.saturating_sub(self.pos);
         if left == 0 {
             return Ok(0);
         }
@@ -98,6 +99,48 @@ impl Seek for Section {
     }
 }
 
+/// Most bytes the tar reader may read between two seeks. It seeks over every member's data,
+/// so what it reads is headers plus the data of extension members (GNU long names, PAX
+/// records), which it keeps in memory whole: real ones are a few hundred bytes, and this
+/// keeps a header claiming gigabytes from becoming an allocation of that size.
+const MAX_HEADER_RUN: u64 = 1 << 20;
+
+/// An archive as the tar reader sees it, with [`MAX_HEADER_RUN`] enforced.
+pub(crate) struct HeaderReader<R> {
+    inner: R,
+    since_seek: u64,
+}
+
+impl<R> HeaderReader<R> {
+    pub(crate) fn new(inner: R) -> Self {
+        HeaderReader {
+            inner,
+            since_seek: 0,
+        }
+    }
+}
+
+impl<R: Read> Read for HeaderReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        if self.since_seek >= MAX_HEADER_RUN {
+            return Err(io::Error::other(format!(
+                "an extension header (long name or PAX record) of more than {MAX_HEADER_RUN} bytes"
+            )));
+        }
+        let want = buf.len().min((MAX_HEADER_RUN - self.since_seek) as usize);
+        let n = self.inner.read(&mut buf[..want])?;
+        self.since_seek += n as u64;
+        Ok(n)
+    }
+}
+
+impl<R: Seek> Seek for HeaderReader<R> {
+    fn seek(&mut self, to: SeekFrom) -> io::Result<u64> {
+        self.since_seek = 0;
+        self.inner.seek(to)
+    }
+}
+
 /// Normalises a member name: no leading `./` or `/`, no `.` components, no trailing `/`.
 /// Returns None for a name that climbs out of the archive (`..` past the root).
 pub fn normalize(name: &str) -> Option<String> {
@@ -126,8 +169,13 @@ impl TarIndex {
             archive: label.to_string(),
             reason,
         };
+        let unsafe_member = |member: &str, reason: &str| BundleError::UnsafeMember {
+            archive: label.to_string(),
+            member: member.to_string(),
+            reason: reason.to_string(),
+        };
         let section = Section::open(file, start, len).map_err(io_err)?;
-        let mut archive = tar::Archive::new(section);
+        let mut archive = tar::Archive::new(HeaderReader::new(section));
         let mut members = HashMap::new();
         let mut order = Vec::new();
         let entries = archive.entries_with_seek().map_err(io_err)?;
@@ -141,10 +189,15 @@ impl TarIndex {
             let header = entry.header();
             let size = entry.size();
             let offset = start + entry.raw_file_position();
-            if offset + size > start + len {
-                return Err(bad(format!(
-                    "member {raw_name} claims {size} bytes but the archive ends before them (truncated?)"
-                )));
+            // Checked before anything trusts `size`: it is a header field, up to 2^64 - 1.
+            let available = (start + len).saturating_sub(offset);
+            if size > available {
+                return Err(BundleError::Truncated {
+                    archive: label.to_string(),
+                    member: raw_name,
+                    claimed: size,
+                    available,
+                });
             }
             let link = || {
                 entry
@@ -161,11 +214,13 @@ impl TarIndex {
                 tar::EntryType::Link => Kind::Hardlink(link()),
                 _ => Kind::Other,
             };
-            // Names that climb out are kept out of the index: nothing can refer to them.
+            // No writer of image archives or bundles stores such names (GNU tar strips a
+            // leading `/`), so one is a sign of a hand-made archive: refused, not rewritten.
+            if raw_name.starts_with('/') {
+                return Err(unsafe_member(&raw_name, "is an absolute path"));
+            }
             let Some(name) = normalize(&raw_name) else {
-                return Err(bad(format!(
-                    "member name {raw_name:?} points outside the archive"
-                )));
+                return Err(unsafe_member(&raw_name, "points outside the archive"));
             };
             if name.is_empty() {
                 continue;
@@ -176,7 +231,10 @@ impl TarIndex {
             if members.contains_key(&name) {
                 // A later duplicate would silently shadow the earlier one in tar semantics;
                 // which one a reader sees must not depend on the reader.
-                return Err(bad(format!("member {name} appears more than once")));
+                return Err(BundleError::DuplicateMember {
+                    archive: label.to_string(),
+                    member: name,
+                });
             }
             order.push(name.clone());
             members.insert(
@@ -214,32 +272,44 @@ impl TarIndex {
             archive: self.label.clone(),
             reason,
         };
-        let mut current =
-            normalize(name).ok_or_else(|| bad(format!("{name:?} points outside the archive")))?;
+        let outside = |member: &str, reason: String| BundleError::UnsafeMember {
+            archive: self.label.clone(),
+            member: member.to_string(),
+            reason,
+        };
+        let mut current = normalize(name)
+            .ok_or_else(|| outside(name, "points outside the archive".to_string()))?;
         for _ in 0..16 {
             let member = self
                 .members
                 .get(&current)
-                .ok_or_else(|| bad(format!("member {current} is referenced but missing")))?;
+                .ok_or_else(|| BundleError::MissingMember {
+                    archive: self.label.clone(),
+                    member: current.clone(),
+                    image: None,
+                })?;
             let next = match &member.kind {
                 Kind::File => return Ok(member),
                 Kind::Symlink(target) => {
                     if target.starts_with('/') {
-                        return Err(bad(format!(
-                            "symlink {current} -> {target} is absolute; only links inside the archive are followed"
-                        )));
+                        return Err(outside(
+                            &current,
+                            format!("is a symlink to the absolute path {target}; only links inside the archive are followed"),
+                        ));
                     }
                     let dir = current.rsplit_once('/').map(|(d, _)| d).unwrap_or("");
                     normalize(&format!("{dir}/{target}")).ok_or_else(|| {
-                        bad(format!(
-                            "symlink {current} -> {target} points outside the archive"
-                        ))
+                        outside(
+                            &current,
+                            format!("is a symlink to {target}, which points outside the archive"),
+                        )
                     })?
                 }
                 Kind::Hardlink(target) => normalize(target).ok_or_else(|| {
-                    bad(format!(
-                        "hard link {current} -> {target} points outside the archive"
-                    ))
+                    outside(
+                        &current,
+                        format!("is a hard link to {target}, which points outside the archive"),
+                    )
                 })?,
                 Kind::Dir | Kind::Other => {
                     return Err(bad(format!("member {current} is not a regular file")))
@@ -358,6 +428,16 @@ mod tests {
         let nested = TarIndex::build(outer.path(), "o.tar:images.tar", m.offset, m.size).unwrap();
         assert_eq!(nested.read_small("x", 100).unwrap(), b"nested bytes");
         assert!(nested.get("x").unwrap().offset > m.offset);
+    }
+
+    #[test]
+    fn a_section_read_after_seeking_past_its_end_is_empty() {
+        // The tar reader seeks by header sizes; a lying header once made this underflow.
+        let f = archive(&[("a", b"abc")], &[]);
+        let mut s = Section::open(f.path(), 0, 10).unwrap();
+        s.seek(SeekFrom::Start(1 << 40)).unwrap();
+        let mut buf = [0u8; 16];
+        assert_eq!(s.read(&mut buf).unwrap(), 0);
     }
 
     #[test]
