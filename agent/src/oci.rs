@@ -65,6 +65,18 @@ impl Manifest {
         for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
             validate_digest(&d.digest).map_err(|reason| bad(reason.to_string()))?;
         }
+        // containerd's applier sniffs the bytes and would unpack anything; a blob the
+        // manifest does not call a layer must not become one.
+        for (i, layer) in manifest.layers.iter().enumerate() {
+            if !is_layer_media_type(&layer.media_type) {
+                return Err(bad(format!(
+                    "layer {} ({}) has media type {:?}, which is not a layer type",
+                    i + 1,
+                    layer.digest,
+                    layer.media_type
+                )));
+            }
+        }
         Ok(manifest)
     }
 }
@@ -122,6 +134,23 @@ impl ImageConfig {
         }
         Ok(config.rootfs.diff_ids)
     }
+}
+
+/// Whether `media_type` is a layer's (OCI or Docker schema 2; plain, gzip or zstd;
+/// non-distributable included).
+pub fn is_layer_media_type(media_type: &str) -> bool {
+    matches!(
+        media_type,
+        "application/vnd.oci.image.layer.v1.tar"
+            | "application/vnd.oci.image.layer.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.v1.tar+zstd"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+gzip"
+            | "application/vnd.oci.image.layer.nondistributable.v1.tar+zstd"
+            | "application/vnd.docker.image.rootfs.diff.tar"
+            | "application/vnd.docker.image.rootfs.diff.tar.gzip"
+            | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip"
+    )
 }
 
 /// Checks that `digest` is `sha256:` followed by 64 lowercase hex digits, the only form lade
@@ -197,10 +226,31 @@ mod tests {
     }
 
     #[test]
+    fn a_layer_with_a_non_layer_media_type_is_refused_naming_it() {
+        let manifest = format!(
+            r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{A}","size":1}},
+               "layers":[{{"mediaType":"application/vnd.oci.image.config.v1+json","digest":"{B}","size":2}}]}}"#
+        );
+        let err = Manifest::parse("sha256:m", manifest.as_bytes())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("sha256:m") && err.contains(B) && err.contains("not a layer type"),
+            "{err}"
+        );
+        assert!(is_layer_media_type(
+            "application/vnd.docker.image.rootfs.diff.tar.gzip"
+        ));
+        assert!(is_layer_media_type(
+            "application/vnd.oci.image.layer.v1.tar+zstd"
+        ));
+    }
+
+    #[test]
     fn a_config_with_another_number_of_layers_is_refused_naming_the_manifest() {
         let manifest = format!(
             r#"{{"schemaVersion":2,"config":{{"mediaType":"x","digest":"{A}","size":1}},
-               "layers":[{{"mediaType":"y","digest":"{B}","size":2}}]}}"#
+               "layers":[{{"mediaType":"application/vnd.oci.image.layer.v1.tar","digest":"{B}","size":2}}]}}"#
         );
         let manifest = Manifest::parse("sha256:m", manifest.as_bytes()).unwrap();
         let one = format!(r#"{{"rootfs":{{"type":"layers","diff_ids":["{A}"]}}}}"#);
