@@ -11,13 +11,15 @@ use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, ImageSpec, ImportRequest, PutBlobRequest,
 };
 use lade_testkit::fixtures::{
-    blob_digest, image_config, ArchiveFormat, Compression, APP_IMAGE, MEDIA_TYPE_OCI_CONFIG,
-    MEDIA_TYPE_OCI_MANIFEST,
+    blob_digest, image_config, random_layer, ArchiveFormat, Compression, ImageFixture, APP_IMAGE,
+    MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST,
 };
 use lade_testkit::harness::daemon_tests_enabled;
-use lade_testkit::hostile::{escaping_layer, gzip_bomb, gzip_image, oci_layout, OciImage};
+use lade_testkit::hostile::{
+    escaping_layer, gzip_bomb, gzip_image, oci_layout, raw_tar, Member, OciImage,
+};
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::{dial, images, load_json, write_sample_bundle};
+use lade_tests::{dial, images, load_json, u64_of, write_images_tar, write_sample_bundle};
 use serde_json::json;
 
 /// Names on the node, without the `sha256:` ones some tools add for image IDs.
@@ -49,13 +51,35 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
         Compression::Gzip,
     )?;
     let node = Node::start("diffid").await?;
+    let layer = &written.images[0].layers[1].digest;
+
+    // The coordinator's layer check unpacks the layer while it uploads and holds back its
+    // last chunk: the node never holds it.
     let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
+    let failed = &reports[0]["failed_images"][0];
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
+    assert!(
+        reason.contains(&format!("layer 2 of {APP_IMAGE}"))
+            && reason.contains(&format!("unpacks to diffID {}", true_ids[1]))
+            && reason.contains(&format!("the image config says {}", true_ids[0])),
+        "{reason}"
+    );
+    let content = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    assert!(!content.contains(layer.as_str()), "{content}");
+    assert!(!names(&node)?.contains(&APP_IMAGE.to_string()));
+
+    // Without that check the node's own unpack finds the lie, and still names nothing.
+    let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &["--no-layer-check"])?;
     assert_eq!(code, 1, "{reports:#?}\n{stderr}");
     // The other two images load: one bad image fails alone, named in the node's report.
     assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
     let failed = &reports[0]["failed_images"][0];
     let reason = failed["reason"].as_str().unwrap_or_default();
-    let layer = &written.images[0].layers[1].digest;
     assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
     assert!(
         reason.contains(layer)
@@ -205,7 +229,19 @@ async fn layer_entries_aiming_outside_the_snapshot_stay_inside_it() -> Result<()
         oci_layout(&[OciImage::plain(name, vec![escaping_layer(&target_dir)])]),
     )?;
     let node = Node::start("escape").await?;
+    // The coordinator's layer check refuses it by entry before the node keeps it...
     let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let reason = reports[0]["failed_images"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("entry") && reason.contains("climbs out of the root"),
+        "{reason}"
+    );
+    assert_eq!(names(&node)?, Vec::<String>::new());
+    // ...and without the check, the node's applier is the defence.
+    let (code, reports, stderr) = load_json(&path, &[node.addr()], &["--no-layer-check"])?;
     let outside: Vec<_> = std::fs::read_dir(target.path())?.collect();
     assert!(
         outside.is_empty(),
@@ -262,10 +298,10 @@ async fn a_gzip_bomb_larger_than_the_disk_fails_cleanly_and_gives_the_space_back
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    // `lade load` does not decompress layers (`Bundle::check_layers` can, but the load does
-    // not call it yet), and containerd's applier decompresses whatever it is given: the
-    // limit on the node is its disk. Here the snapshots live on a 16 MiB disk and the layer
-    // holds 64 MiB of zeros in about 70 KiB, with its true diffID.
+    // Under the coordinator's expansion limit (256 MiB for any layer) or with the layer check
+    // off, containerd's applier decompresses whatever it is given: the limit on the node is
+    // its disk. Here the snapshots live on a 16 MiB disk and the layer holds 64 MiB of zeros
+    // in about 70 KiB, with its true diffID.
     let name = "x.io/hostile/bomb:1";
     let (blob, diff_id) = gzip_bomb(64);
     let dir = tempfile::tempdir()?;
@@ -300,5 +336,97 @@ async fn a_gzip_bomb_larger_than_the_disk_fails_cleanly_and_gives_the_space_back
         .containerd
         .ctr_ok(&["-n", "k8s.io", "snapshots", "ls"])?;
     assert!(!active.contains("extract-"), "{active}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_gzip_bomb_past_the_expansion_limit_never_reaches_the_node() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // 512 MiB of zeros in a few hundred KiB: past the 256 MiB any layer may unpack to. The
+    // coordinator stops decompressing one byte past that limit and holds back the upload's
+    // last chunk, so the node never keeps the blob; the image next to it loads.
+    let bomb_name = "x.io/hostile/big-bomb:1";
+    let good_name = "x.io/hostile/fine:1";
+    let (blob, diff_id) = gzip_bomb(512);
+    let bomb_digest = blob_digest(&blob);
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("images.tar");
+    std::fs::write(
+        &path,
+        oci_layout(&[
+            gzip_image(bomb_name, blob, &diff_id),
+            OciImage::plain(good_name, vec![raw_tar(&[Member::file("ok", "fine\n")])]),
+        ]),
+    )?;
+    let node = Node::start("big-bomb").await?;
+    let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["images_loaded"], 1, "{reports:#?}");
+    let failed = &reports[0]["failed_images"][0];
+    assert_eq!(failed["image"], bomb_name, "{reports:#?}");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("decompression bomb")
+            && reason.contains(&format!("more than {} bytes", 256u64 << 20))
+            && reason.contains(bomb_name),
+        "{reason}"
+    );
+    assert_eq!(names(&node)?, vec![good_name.to_string()]);
+    let content = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    assert!(!content.contains(&bomb_digest), "{content}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_without_room_is_refused_before_anything_is_sent_and_others_load() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // 8 MiB of random bytes unpack to 8 MiB; the cramped node's snapshots live on 4 MiB.
+    let name = "x.io/space/big:1";
+    let image = ImageFixture::new(name, vec![random_layer(7, 8 << 20, 0.0)], &["/bin/sh"]);
+    let dir = tempfile::tempdir()?;
+    let (path, _) = write_images_tar(dir.path(), &[image], ArchiveFormat::Gcr, Compression::Gzip)?;
+    let roomy = Node::start("roomy").await?;
+    let cramped = Node::start("cramped").await?;
+    let snapshots = cramped
+        .containerd
+        .root()
+        .join("io.containerd.snapshotter.v1.overlayfs/snapshots");
+    let _disk = SmallDisk::mount(&snapshots, 4)?;
+    let agents = [roomy.addr(), cramped.addr()];
+
+    let (code, reports, stderr) = load_json(&path, &agents, &[])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["ok"], true, "{reports:#?}");
+    assert!(names(&roomy)?.contains(&name.to_string()));
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("node cramped")
+            && error.contains("unpacked layers")
+            && error.contains(&snapshots.display().to_string())
+            && error.contains("which has 4.00 MiB free")
+            && error.contains("nothing was sent"),
+        "{error}"
+    );
+    assert_eq!(u64_of(&reports[1], "bytes_sent"), 0, "{reports:#?}");
+    let content = cramped
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    assert_eq!(content.trim(), "", "blobs reached the cramped node");
+
+    // Told to go ahead anyway, the node's disk fills while unpacking: the image fails on that
+    // node by name, gets no name there, and the summary says why.
+    let (code, reports, stderr) = load_json(&path, &[cramped.addr()], &["--no-space-check"])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let failed = &reports[0]["failed_images"][0];
+    assert_eq!(failed["image"], name, "{reports:#?}");
+    let reason = failed["reason"].as_str().unwrap_or_default();
+    assert!(reason.contains("no space left on device"), "{reason}");
+    assert_eq!(names(&cramped)?, Vec::<String>::new());
     Ok(())
 }

@@ -217,18 +217,27 @@ async fn altered_layer_is_refused_by_name_and_no_image_appears() -> Result<()> {
     let node = Node::start("victim").await?;
     let (code, reports, stderr) = load(&bundle_path, &[&node], &[])?;
     assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    let error = reports[0]["error"].as_str().unwrap_or_default();
+    // The damaged image fails alone, by name; the images that do not use the layer load.
+    assert_eq!(reports[0]["error"], Value::Null, "{reports:#?}");
+    assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
+    let failed = reports[0]["failed_images"]
+        .as_array()
+        .context("failed_images")?;
+    assert_eq!(failed.len(), 1, "{reports:#?}");
+    assert_eq!(failed[0]["image"], APP, "{reports:#?}");
+    let error = failed[0]["reason"].as_str().unwrap_or_default();
     assert!(error.contains(&member), "{error}");
-    assert!(
-        error.contains("layer 2 of release.daocloud.io/demo/app:v1"),
-        "{error}"
-    );
+    assert!(error.contains(&format!("layer 2 of {APP}")), "{error}");
     assert!(error.contains("altered"), "{error}");
     // The session's lease stays, holding the intact uploads for a retry until it expires.
     let leases = node.containerd.ctr_ok(&["-n", "k8s.io", "leases", "ls"])?;
     assert!(leases.contains("lade-load-"), "{leases}");
-    // Nothing half-done is visible: no name at all, and the damaged blob was never committed.
-    assert_eq!(node.image_names()?, Vec::<String>::new());
+    // Nothing half-done is visible: the damaged image has no name, and the damaged blob was
+    // never committed.
+    let names = node.image_names()?;
+    assert!(!names.contains(&APP.to_string()), "{names:?}");
+    assert!(names.contains(&SIDECAR.to_string()), "{names:?}");
+    assert!(names.contains(&BUSYBOX.to_string()), "{names:?}");
     let content = node
         .containerd
         .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;

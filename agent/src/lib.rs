@@ -13,5 +13,6 @@ pub mod oci;
 pub mod runtime;
 pub mod server;
 pub mod service;
+pub mod storage;
 
 pub use error::Error;

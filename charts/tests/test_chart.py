@@ -212,17 +212,23 @@ def test_unknown_runtime_is_refused() -> None:
 # Default: containerd
 
 
-def test_default_mounts_only_the_containerd_socket() -> None:
+def test_default_mounts_the_containerd_socket_and_its_root_read_only() -> None:
     r = render()
     socket = "/run/containerd/containerd.sock"
+    root = "/var/lib/containerd"
     assert r.flag("runtime") == "containerd"
     assert r.flag("containerd-socket") == socket
     assert r.flag("namespace") == "k8s.io"
     assert r.flag("snapshotter") == "overlayfs"
     host = r.host_paths()
-    assert list(host) == [socket], "containerd needs its socket and no other host path"
+    assert list(host) == [socket, root], "containerd needs its socket, and its root to measure"
     assert host[socket]["type"] == "Socket"
     assert host[socket]["mount"]["mountPath"] == socket
+    assert host[socket]["mount"].get("readOnly") is not True
+    # The root is only measured (free space), never written.
+    assert host[root]["type"] == "Directory"
+    assert host[root]["mount"]["mountPath"] == root
+    assert host[root]["mount"]["readOnly"] is True
     assert r.flag("docker-socket") is None
     assert r.flag("docker-cache-dir") is None
     assert "docker" not in yaml.safe_dump(r.pod)
@@ -355,13 +361,14 @@ def test_optional_objects_are_off_by_default() -> None:
 # Docker
 
 
-def test_docker_mounts_the_docker_socket_and_cache_only() -> None:
+def test_docker_mounts_the_docker_socket_cache_and_root_only() -> None:
     r = render(VALUES_SETS["docker"])
     assert r.flag("runtime") == "docker"
     assert r.flag("docker-socket") == "/var/run/docker.sock"
     assert r.flag("docker-cache-dir") == "/var/lib/lade/blobs"
     host = r.host_paths()
-    assert set(host) == {"/var/run/docker.sock", "/var/lib/lade/blobs"}
+    assert set(host) == {"/var/run/docker.sock", "/var/lib/lade/blobs", "/var/lib/docker"}
+    assert host["/var/lib/docker"]["mount"]["readOnly"] is True
     assert host["/var/run/docker.sock"]["type"] == "Socket"
     assert host["/var/run/docker.sock"]["mount"]["mountPath"] == "/var/run/docker.sock"
     assert host["/var/lib/lade/blobs"]["type"] == "DirectoryOrCreate"
@@ -373,7 +380,7 @@ def test_docker_mounts_the_docker_socket_and_cache_only() -> None:
 
 
 def test_docker_paths_are_configurable() -> None:
-    r = render({"runtime": "docker", "docker": {"socket": "/run/docker.sock", "cacheDir": "/data/lade"}})
+    r = render({"runtime": "docker", "docker": {"socket": "/run/docker.sock", "cacheDir": "/data/lade", "root": ""}})
     assert set(r.host_paths()) == {"/run/docker.sock", "/data/lade"}
     assert r.flag("docker-socket") == "/run/docker.sock"
     assert r.flag("docker-cache-dir") == "/data/lade"
@@ -385,9 +392,9 @@ def test_docker_paths_are_configurable() -> None:
 
 @pytest.mark.parametrize("socket", [K3S_SOCKET, MICROK8S_SOCKET], ids=["k3s-rke2", "microk8s"])
 def test_containerd_socket_path_follows_values(socket: str) -> None:
-    r = render({"containerd": {"socket": socket}})
+    r = render({"containerd": {"socket": socket, "root": ""}})
     host = r.host_paths()
-    assert list(host) == [socket]
+    assert list(host) == [socket], "an empty root mounts nothing but the socket"
     assert host[socket]["type"] == "Socket"
     assert host[socket]["mount"]["mountPath"] == socket
     assert r.flag("containerd-socket") == socket
@@ -718,3 +725,11 @@ def test_dockerfile_exposes_the_chart_ports_and_labels_the_image() -> None:
 
 def test_priority_class_can_be_left_out() -> None:
     assert "priorityClassName" not in render({"priorityClassName": ""}).pod
+
+
+def test_values_document_the_distribution_data_directories() -> None:
+    text = (CHART / "values.yaml").read_text()
+    for path in ["/var/lib/rancher/k3s/agent/containerd", "/var/snap/microk8s/common/var/lib/containerd"]:
+        assert path in text, path
+    r = render({"containerd": {"root": "/var/lib/rancher/k3s/agent/containerd"}})
+    assert "/var/lib/rancher/k3s/agent/containerd" in r.host_paths()

@@ -12,6 +12,7 @@ pub mod bundle;
 pub mod discover;
 pub mod hints;
 pub mod inspect;
+pub mod layercheck;
 pub mod load;
 pub mod progress;
 pub mod push;

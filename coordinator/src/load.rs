@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
+use indicatif::HumanBytes;
 use lade_proto::{
     put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
     ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, VerifyRequest,
@@ -24,7 +25,8 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, instrument};
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, BundleError, LayerLimits};
+use crate::layercheck::LayerChecks;
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
 
@@ -41,12 +43,29 @@ pub enum LoadError {
     },
     #[error(transparent)]
     Bundle(#[from] BundleError),
+    /// A layer that failed its check (one outcome shared by every node that needed it).
+    #[error(transparent)]
+    Layer(Arc<BundleError>),
     #[error(transparent)]
     Reference(#[from] ReferenceError),
     #[error("credentials: {0}")]
     Credentials(String),
     #[error("agent {agent}: no result within {}", humantime::format_duration(*limit))]
     TimedOut { agent: String, limit: Duration },
+    /// The node lacks room for what this load would write; nothing was sent to it.
+    #[error(
+        "node {node} (agent {agent}): needs about {} for {what} on {path}, which has {} free; nothing was sent (free space, e.g. remove unused images with `crictl rmi --prune`, or pass --no-space-check)",
+        HumanBytes(*needed),
+        HumanBytes(*free)
+    )]
+    NoSpace {
+        agent: String,
+        node: String,
+        path: String,
+        what: String,
+        needed: u64,
+        free: u64,
+    },
 }
 
 /// How a load runs.
@@ -61,6 +80,10 @@ pub struct LoadOptions {
     pub dial: Dial,
     /// What a node gets when it is down or slow.
     pub retry: RetryPolicy,
+    /// How far a layer may expand; `None` sends layers unchecked (see [`crate::layercheck`]).
+    pub layer_check: Option<LayerLimits>,
+    /// Compare what each node needs with its free space before sending (see [`space_needed`]).
+    pub space_check: bool,
 }
 
 /// How often and how patiently a node is tried. Retrying is safe because every step is
@@ -88,6 +111,15 @@ impl Default for RetryPolicy {
 }
 
 impl LoadError {
+    /// Whether the bundle's own bytes are at fault (a blob or a layer that fails its check):
+    /// the images using that blob fail, the rest of the load goes on.
+    pub fn is_bad_content(&self) -> bool {
+        matches!(
+            self,
+            LoadError::Layer(_) | LoadError::Bundle(BundleError::DigestMismatch { .. })
+        )
+    }
+
     /// Whether trying the node again may succeed: it was unreachable or dropped the
     /// connection, not refused what it was given.
     pub fn is_transient(&self) -> bool {
@@ -97,7 +129,11 @@ impl LoadError {
                 status.code(),
                 tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
             ),
-            LoadError::Bundle(_) | LoadError::Reference(_) | LoadError::Credentials(_) => false,
+            LoadError::Bundle(_)
+            | LoadError::Layer(_)
+            | LoadError::NoSpace { .. }
+            | LoadError::Reference(_)
+            | LoadError::Credentials(_) => false,
         }
     }
 }
@@ -255,15 +291,29 @@ pub async fn load(
 ) -> Vec<NodeReport> {
     // One session id for the whole load, so every node's lease is named alike.
     let session = format!("load-{}", uuid::Uuid::new_v4().simple());
+    let sizes: Arc<HashMap<String, u64>> = Arc::new(if opts.space_check {
+        let bundle = bundle.clone();
+        tokio::task::spawn_blocking(move || unpacked_size_hints(&bundle))
+            .await
+            .unwrap_or_default()
+    } else {
+        HashMap::new()
+    });
+    let checks = opts
+        .layer_check
+        .map(|limits| Arc::new(LayerChecks::new(bundle.clone(), limits)));
     let mut reports: Vec<(usize, NodeReport)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
-                let (bundle, plan, progress, session) = (
+                let (bundle, plan, progress, session, checks, sizes) = (
                     bundle.clone(),
                     plan.clone(),
                     progress.clone(),
                     session.clone(),
+                    checks.clone(),
+                    sizes.clone(),
                 );
+                let space_check = opts.space_check;
                 let (dial, retry) = (&opts.dial, &opts.retry);
                 async move {
                     let mut report = NodeReport {
@@ -281,6 +331,8 @@ pub async fn load(
                             &session,
                             agent,
                             dial,
+                            checks.as_ref(),
+                            space_check.then_some(&*sizes),
                             &*progress,
                             &mut report,
                         );
@@ -354,6 +406,69 @@ fn have_descriptors(bundle: &Bundle) -> Vec<Descriptor> {
         .collect()
 }
 
+/// About how many bytes every layer of the bundle unpacks to (see
+/// [`Bundle::unpacked_size_hint`]): read from headers, once per load.
+fn unpacked_size_hints(bundle: &Bundle) -> HashMap<String, u64> {
+    bundle
+        .images
+        .iter()
+        .flat_map(|i| &i.layers)
+        .map(|l| (l.clone(), bundle.unpacked_size_hint(l)))
+        .collect()
+}
+
+/// What a load would write to one of a node's filesystems.
+#[derive(Debug, PartialEq, Eq)]
+pub struct SpaceNeed {
+    pub path: String,
+    /// What goes there, for messages: `blobs and unpacked layers`.
+    pub what: String,
+    pub needed: u64,
+    pub free: u64,
+}
+
+/// For each filesystem the agent reported: the bytes the missing blobs take as stored
+/// (`content`/`cache`) plus what their layers unpack to (`snapshots`/`images`), estimated
+/// from `sizes`. A layer whose blob is missing is counted as not unpacked yet.
+pub fn space_needed(
+    storage: &[lade_proto::Storage],
+    missing: &HashMap<String, u64>,
+    bundle: &Bundle,
+    sizes: &HashMap<String, u64>,
+) -> Vec<SpaceNeed> {
+    let stored: u64 = missing
+        .iter()
+        .map(|(d, offset)| bundle.blobs[d].size.saturating_sub(*offset))
+        .sum();
+    let unpacked: u64 = missing.keys().filter_map(|d| sizes.get(d)).sum();
+    storage
+        .iter()
+        .map(|s| {
+            let mut needed = 0;
+            let mut what = Vec::new();
+            for holds in &s.holds {
+                match holds.as_str() {
+                    "content" | "cache" => {
+                        needed += stored;
+                        what.push("blobs");
+                    }
+                    "snapshots" | "images" => {
+                        needed += unpacked;
+                        what.push("unpacked layers");
+                    }
+                    _ => {}
+                }
+            }
+            SpaceNeed {
+                path: s.path.clone(),
+                what: what.join(" and "),
+                needed,
+                free: s.free_bytes,
+            }
+        })
+        .collect()
+}
+
 /// Connects to an agent with the credentials of `dial`.
 pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
     let err = |reason: String| LoadError::Connect {
@@ -401,6 +516,7 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     out
 }
 
+#[allow(clippy::too_many_arguments)]
 #[instrument(skip_all, fields(agent = %agent))]
 async fn load_node(
     bundle: &Arc<Bundle>,
@@ -408,6 +524,8 @@ async fn load_node(
     session: &str,
     agent: &str,
     dial: &Dial,
+    checks: Option<&Arc<LayerChecks>>,
+    sizes: Option<&HashMap<String, u64>>,
     progress: &dyn Progress,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
@@ -461,6 +579,20 @@ async fn load_node(
         .iter()
         .map(|(d, off)| bundle.blobs[d].size - off)
         .sum();
+    if let Some(sizes) = sizes {
+        for need in space_needed(&info.storage, &missing, bundle, sizes) {
+            if need.needed > need.free {
+                return Err(LoadError::NoSpace {
+                    agent: agent.to_string(),
+                    node: info.node_name.clone(),
+                    path: need.path,
+                    what: need.what,
+                    needed: need.needed,
+                    free: need.free,
+                });
+            }
+        }
+    }
     progress.sending(agent, to_send, report.bytes_skipped);
     info!(
         missing = missing.len(),
@@ -471,25 +603,52 @@ async fn load_node(
     // Pipelined: blobs go in the order the images need them, and each image is imported as
     // soon as all of its own are on the node, while the next image's blobs stream.
     let mut imports = tokio::task::JoinSet::new();
+    // Blobs of the bundle found bad on the way (digest or layer check), with why: every image
+    // using one fails, alone; the others load.
+    let mut bad: HashMap<&str, String> = HashMap::new();
     for (image, planned) in bundle.images.iter().zip(plan) {
         let blobs = std::iter::once(&image.manifest)
             .chain(std::iter::once(&image.config))
             .chain(&image.layers);
+        let mut failed = None;
         for digest in blobs {
+            if let Some(reason) = bad.get(digest.as_str()) {
+                failed = Some(reason.clone());
+                break;
+            }
             if let Some(offset) = missing.remove(digest) {
-                let sent = put_blob(
+                match put_blob(
                     &mut client,
                     bundle,
                     session,
                     digest,
                     offset,
                     agent,
+                    checks,
                     progress,
                 )
-                .await?;
-                report.blobs_sent += 1;
-                report.bytes_sent += sent;
+                .await
+                {
+                    Ok(sent) => {
+                        report.blobs_sent += 1;
+                        report.bytes_sent += sent;
+                    }
+                    Err(e) if e.is_bad_content() => {
+                        let reason = e.to_string();
+                        bad.insert(digest, reason.clone());
+                        failed = Some(reason);
+                        break;
+                    }
+                    Err(e) => return Err(e),
+                }
             }
+        }
+        if let Some(reason) = failed {
+            report.failed_images.push(FailedImage {
+                image: planned.source.clone(),
+                reason,
+            });
+            continue;
         }
         let blob = &bundle.blobs[&planned.manifest];
         let spec = ImageSpec {
@@ -573,8 +732,9 @@ async fn import(
     Ok(events)
 }
 
-/// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle
-/// withholds the last chunk, so the node never commits corrupt content.
+/// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle, or
+/// a layer that fails its check, withholds the last chunk, so the node never commits it.
+#[allow(clippy::too_many_arguments)]
 #[instrument(skip_all, fields(digest = %digest, offset = offset))]
 async fn put_blob(
     client: &mut AgentConn,
@@ -583,6 +743,7 @@ async fn put_blob(
     digest: &str,
     offset: u64,
     agent: &str,
+    checks: Option<&Arc<LayerChecks>>,
     progress: &dyn Progress,
 ) -> Result<u64, LoadError> {
     let blob = &bundle.blobs[digest];
@@ -605,13 +766,24 @@ async fn put_blob(
 
     // Reading and hashing are blocking file work: keep them off the async workers.
     let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
+    if let Some(checks) = checks {
+        checks.start(digest);
+    }
     let reader = {
         let bundle = bundle.clone();
         let digest = digest.to_string();
-        tokio::task::spawn_blocking(move || -> Result<u64, BundleError> {
+        let checks = checks.cloned();
+        tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
             let mut reader = bundle.read_blob(&digest, offset)?;
+            if let (0, Some(checks)) = (reader.remaining(), &checks) {
+                // The node holds every byte already; it commits when this call ends.
+                checks.wait(&digest).map_err(LoadError::Layer)?;
+            }
             let mut sent = 0u64;
             while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
+                if let (0, Some(checks)) = (reader.remaining(), &checks) {
+                    checks.wait(&digest).map_err(LoadError::Layer)?;
+                }
                 let n = chunk.len() as u64;
                 let msg = PutBlobRequest {
                     msg: Some(Msg::Chunk(chunk.into())),

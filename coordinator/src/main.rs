@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use lade::bundle::Bundle;
+use lade::bundle::{Bundle, LayerLimits};
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
@@ -108,6 +108,18 @@ struct LoadArgs {
     /// Give up on a node whose attempt takes longer than this (e.g. 30m); no limit by default.
     #[arg(long, env = "LADE_NODE_TIMEOUT", value_parser = humantime::parse_duration)]
     node_timeout: Option<Duration>,
+    /// Most bytes a layer may unpack to, as a multiple of its stored size (at least 256 MiB
+    /// per layer); a layer past it is refused as a decompression bomb before a node keeps it.
+    #[arg(long, env = "LADE_MAX_LAYER_RATIO", default_value_t = LayerLimits::default().max_ratio)]
+    max_layer_ratio: u64,
+    /// Send layers without decompressing them here first: no diffID, expansion or entry-path
+    /// check before upload (containerd still checks the diffID; the node's disk bounds a bomb).
+    #[arg(long)]
+    no_layer_check: bool,
+    /// Send even to a node whose free space (as its agent measures it) looks too small for
+    /// the blobs it lacks and their unpacked layers.
+    #[arg(long)]
+    no_space_check: bool,
     /// Summary format on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
@@ -657,6 +669,11 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             backoff: Duration::from_secs(1),
             node_timeout: args.node_timeout,
         },
+        layer_check: (!args.no_layer_check).then_some(LayerLimits {
+            max_ratio: args.max_layer_ratio,
+            ..LayerLimits::default()
+        }),
+        space_check: !args.no_space_check,
     };
     let bundle = Arc::new(bundle);
     let mut reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;

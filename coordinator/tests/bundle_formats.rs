@@ -266,3 +266,73 @@ fn every_form_s_layers_unpack_to_their_diff_ids() {
             .unwrap_or_else(|e| panic!("{format:?}/{compression:?}: {e}"));
     }
 }
+
+#[test]
+fn unpacked_size_hints_read_the_stored_size_of_gzip_and_plain_layers() {
+    // The space check estimates what a layer unpacks to from its header and trailer only.
+    let dir = tempfile::tempdir().unwrap();
+    let images = fixtures();
+    for compression in [Compression::None, Compression::Gzip] {
+        let (path, written) = write_archive(dir.path(), &images, ArchiveFormat::Gcr, compression);
+        let bundle = Bundle::open(&path).unwrap();
+        for (image, fixture) in written.images.iter().zip(&images) {
+            for (layer, tar) in image.layers.iter().zip(&fixture.layers) {
+                assert_eq!(
+                    bundle.unpacked_size_hint(&layer.digest),
+                    tar.len() as u64,
+                    "{compression:?} {}",
+                    layer.digest
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn space_needed_counts_stored_and_unpacked_bytes_per_filesystem() {
+    use std::collections::HashMap;
+    let dir = tempfile::tempdir().unwrap();
+    let images = fixtures();
+    let (path, written) = write_archive(dir.path(), &images, ArchiveFormat::Gcr, Compression::Gzip);
+    let bundle = Bundle::open(&path).unwrap();
+    let layer = &written.images[0].layers[1];
+    let config = &written.images[0].config_digest;
+    // The layer's upload got 10 bytes in before; the config is missing whole.
+    let missing = HashMap::from([(layer.digest.clone(), 10u64), (config.clone(), 0)]);
+    let sizes = HashMap::from([(layer.digest.clone(), 5000u64)]);
+    let storage = |holds: &[&str], path: &str, free: u64| lade_proto::Storage {
+        holds: holds.iter().map(|h| h.to_string()).collect(),
+        path: path.into(),
+        free_bytes: free,
+        total_bytes: free * 2,
+    };
+    let stored = layer.size - 10 + bundle.blobs[config].size;
+    let one_fs = lade::load::space_needed(
+        &[storage(
+            &["content", "snapshots"],
+            "/var/lib/containerd",
+            99,
+        )],
+        &missing,
+        &bundle,
+        &sizes,
+    );
+    assert_eq!(one_fs.len(), 1);
+    assert_eq!(one_fs[0].needed, stored + 5000);
+    assert_eq!(one_fs[0].what, "blobs and unpacked layers");
+    assert_eq!(one_fs[0].free, 99);
+    let two_fs = lade::load::space_needed(
+        &[
+            storage(&["cache"], "/var/lib/lade", 1),
+            storage(&["images"], "/var/lib/docker", 2),
+        ],
+        &missing,
+        &bundle,
+        &sizes,
+    );
+    assert_eq!(
+        two_fs.iter().map(|n| n.needed).collect::<Vec<_>>(),
+        vec![stored, 5000]
+    );
+    assert_eq!(two_fs[1].what, "unpacked layers");
+}

@@ -174,6 +174,41 @@ impl Containerd {
         Ok(plugins.iter().any(|p| p.init_err.is_none()))
     }
 
+    /// Free space under the content store and the snapshotter, whose directories containerd
+    /// names in its plugin exports (`root`). Blobs land in `<content>/blobs` and unpacked
+    /// layers in `<snapshotter>/snapshots` where those exist. Empty when containerd does not
+    /// say or the agent cannot see them.
+    async fn storage(&self) -> Vec<lade_proto::Storage> {
+        let plugins = match IntrospectionClient::new(self.channel.clone())
+            .plugins(self.req(PluginsRequest { filters: vec![] }, None))
+            .await
+        {
+            Ok(r) => r.into_inner().plugins,
+            Err(e) => {
+                debug!(error = %e, "cannot list containerd plugins for free space");
+                return Vec::new();
+            }
+        };
+        let root = |r#type: &str, id: &str, sub: &str| {
+            let p = plugins.iter().find(|p| p.r#type == r#type && p.id == id)?;
+            let root = std::path::PathBuf::from(p.exports.get("root")?);
+            let inner = root.join(sub);
+            Some(if inner.is_dir() { inner } else { root })
+        };
+        let content = root("io.containerd.content.v1", "content", "blobs");
+        let snapshots = root(
+            "io.containerd.snapshotter.v1",
+            &self.cfg.snapshotter,
+            "snapshots",
+        );
+        let dirs: Vec<(&str, &std::path::Path)> =
+            [("content", &content), ("snapshots", &snapshots)]
+                .into_iter()
+                .filter_map(|(holds, dir)| Some((holds, dir.as_deref()?)))
+                .collect();
+        crate::storage::measure(&dirs)
+    }
+
     /// A request in this runtime's namespace, optionally on behalf of a lease.
     fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
         let mut req = Request::new(msg);
@@ -774,6 +809,7 @@ impl Runtime for Containerd {
             platform: node_platform(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             images_pinned: self.cfg.pin_images && pins_images(&runtime_version),
+            storage: self.storage().await,
         })
     }
 

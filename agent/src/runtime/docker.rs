@@ -557,6 +557,18 @@ impl Runtime for Docker {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             // Docker has no pin label: kubelet (through cri-dockerd) may collect these images.
             images_pinned: false,
+            storage: crate::storage::measure(
+                &[
+                    ("cache", Some(self.cfg.cache_dir.as_path())),
+                    (
+                        "images",
+                        info.docker_root_dir.as_deref().map(std::path::Path::new),
+                    ),
+                ]
+                .into_iter()
+                .filter_map(|(holds, dir)| Some((holds, dir?)))
+                .collect::<Vec<_>>(),
+            ),
         })
     }
 

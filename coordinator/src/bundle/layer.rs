@@ -126,6 +126,45 @@ impl Bundle {
         Ok(())
     }
 
+    /// About how many bytes layer blob `digest` unpacks to, from its header and trailer alone
+    /// (no decompression): the stored size of a plain tar; gzip's trailer (ISIZE, the size
+    /// modulo 4 GiB of the last member); zstd's frame header when it records the size. Never
+    /// less than the stored size. An estimate for a space check, not a bound: a hostile layer
+    /// may lie here, and the layer check and the node's disk catch that.
+    pub fn unpacked_size_hint(&self, digest: &str) -> u64 {
+        use std::os::unix::fs::FileExt;
+        let Some(blob) = self.blobs.get(digest) else {
+            return 0;
+        };
+        let BlobSource::Member { offset, .. } = &blob.source else {
+            return blob.size;
+        };
+        let Ok(file) = std::fs::File::open(&self.path) else {
+            return blob.size;
+        };
+        let mut head = [0u8; 18];
+        let n = (blob.size as usize).min(head.len());
+        if file.read_exact_at(&mut head[..n], *offset).is_err() {
+            return blob.size;
+        }
+        let hint = match Compression::sniff(&head[..n]) {
+            Compression::None => blob.size,
+            Compression::Gzip if blob.size >= 18 => {
+                let mut tail = [0u8; 4];
+                match file.read_exact_at(&mut tail, offset + blob.size - 4) {
+                    Ok(()) => u64::from(u32::from_le_bytes(tail)),
+                    Err(_) => 0,
+                }
+            }
+            Compression::Gzip => 0,
+            Compression::Zstd => zstd::zstd_safe::get_frame_content_size(&head[..n])
+                .ok()
+                .flatten()
+                .unwrap_or(0),
+        };
+        hint.max(blob.size)
+    }
+
     /// Streams layer blob `digest` through its decompressor and a tar reader; returns its
     /// uncompressed size once it is known to hash to `diff_id`, stay under `limits` and keep
     /// every entry inside the root.
