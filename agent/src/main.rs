@@ -10,7 +10,7 @@ use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::auth::Auth;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
-use lade_agent::runtime::{detect, Runtime, RuntimeKind};
+use lade_agent::runtime::{detect, node_platform, Runtime, RuntimeKind};
 use lade_agent::server::Serve;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
@@ -95,12 +95,26 @@ struct Config {
     /// Node name reported to the coordinator (the DaemonSet sets it from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node_name: Option<String>,
+    /// Platform reported to the coordinator, which picks each multi-platform image's manifest
+    /// by it (os/arch[/variant]). Default: the platform the agent runs on. Set it only where
+    /// the runtime runs another platform's images (an emulating node) or to simulate one.
+    #[arg(long, env = "LADE_PLATFORM", value_parser = parse_platform)]
+    platform: Option<String>,
     /// How long an unfinished load's uploads are kept (containerd's lease; Docker's cache).
     #[arg(long, env = "LADE_LEASE_TTL", default_value = "6h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
     /// Log format.
     #[arg(long, env = "LADE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+}
+
+fn parse_platform(s: &str) -> Result<String, String> {
+    match lade_agent::oci::Platform::parse(s) {
+        Some(p) => Ok(p.to_string()),
+        None => Err(format!(
+            "{s:?} is not a platform (os/arch[/variant], e.g. linux/arm64)"
+        )),
+    }
 }
 
 #[tokio::main]
@@ -118,6 +132,7 @@ async fn main() -> anyhow::Result<()> {
         Some(n) => n,
         None => hostname()?,
     };
+    let platform = cfg.platform.unwrap_or_else(node_platform);
     let containerd = ContainerdConfig {
         socket: cfg.containerd_socket,
         namespace: cfg.namespace,
@@ -125,6 +140,7 @@ async fn main() -> anyhow::Result<()> {
         lease_ttl: cfg.lease_ttl,
         node_name: node_name.clone(),
         pin_images: !cfg.no_pin_images,
+        platform: platform.clone(),
     };
     let docker = DockerConfig {
         socket: cfg.docker_socket,
@@ -132,6 +148,7 @@ async fn main() -> anyhow::Result<()> {
         clean_cache: cfg.docker_clean_cache,
         lease_ttl: cfg.lease_ttl,
         node_name,
+        platform,
     };
     let serve = Serve {
         grpc: bind(cfg.listen).await?,

@@ -10,6 +10,17 @@ use crate::error::Error;
 
 pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const MEDIA_TYPE_DOCKER_LIST: &str =
+    "application/vnd.docker.distribution.manifest.list.v2+json";
+
+/// Most manifests an index may list: real multi-platform images list a dozen at most.
+pub const MAX_INDEX_ENTRIES: usize = 256;
+
+/// Whether a descriptor's media type names a multi-platform index.
+pub fn is_index(media_type: &str) -> bool {
+    media_type == MEDIA_TYPE_OCI_INDEX || media_type == MEDIA_TYPE_DOCKER_LIST
+}
 
 /// Largest manifest or config the agent will read into memory. Real ones are a few KiB; the
 /// bound keeps a hostile blob from driving an allocation.
@@ -22,6 +33,135 @@ pub struct Descriptor {
     pub media_type: String,
     pub digest: String,
     pub size: u64,
+}
+
+/// A platform as an index entry names it.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Platform {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl Platform {
+    /// Parses `os/arch[/variant]`.
+    pub fn parse(s: &str) -> Option<Platform> {
+        let mut parts = s.split('/');
+        let (os, architecture) = (parts.next()?, parts.next()?);
+        let variant = parts.next().map(str::to_string);
+        if os.is_empty() || architecture.is_empty() || parts.next().is_some() {
+            return None;
+        }
+        Some(Platform {
+            os: os.to_string(),
+            architecture: architecture.to_string(),
+            variant,
+        })
+    }
+
+    /// Whether an image of this platform is the one for a node of platform `node`: same os
+    /// and architecture, and the same variant once the implied ones are filled in (`arm64`
+    /// is `arm64/v8`, `arm` is `arm/v7`). The coordinator chose the manifests; this only
+    /// picks which one of an index the node unpacks.
+    pub fn is_for(&self, node: &Platform) -> bool {
+        let variant = |p: &Platform| match (p.architecture.as_str(), p.variant.as_deref()) {
+            ("arm64", None | Some("") | Some("v8")) => Some("v8".to_string()),
+            ("arm", None | Some("")) => Some("v7".to_string()),
+            (_, Some("")) => None,
+            (_, v) => v.map(str::to_string),
+        };
+        self.os == node.os
+            && self.architecture == node.architecture
+            && variant(self) == variant(node)
+    }
+}
+
+impl std::fmt::Display for Platform {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}/{}", self.os, self.architecture)?;
+        match self.variant.as_deref() {
+            Some(v) if !v.is_empty() => write!(f, "/{v}"),
+            _ => Ok(()),
+        }
+    }
+}
+
+/// One entry of an image index.
+#[derive(Clone, Debug, Deserialize)]
+pub struct IndexEntry {
+    #[serde(rename = "mediaType", default)]
+    pub media_type: String,
+    pub digest: String,
+    pub size: u64,
+    #[serde(default)]
+    pub platform: Option<Platform>,
+}
+
+impl IndexEntry {
+    pub fn descriptor(&self) -> Descriptor {
+        Descriptor {
+            media_type: self.media_type.clone(),
+            digest: self.digest.clone(),
+            size: self.size,
+        }
+    }
+}
+
+/// A multi-platform image index (OCI, or a Docker manifest list).
+#[derive(Clone, Debug, Deserialize)]
+pub struct Index {
+    #[serde(rename = "schemaVersion")]
+    pub schema_version: u32,
+    pub manifests: Vec<IndexEntry>,
+}
+
+impl Index {
+    /// Parses and checks an index blob named `digest`: only image manifests, each with a
+    /// platform and a valid digest.
+    pub fn parse(digest: &str, bytes: &[u8]) -> Result<Index, Error> {
+        let bad = |reason: String| Error::BadManifest {
+            digest: digest.to_string(),
+            reason,
+        };
+        let index: Index =
+            serde_json::from_slice(bytes).map_err(|e| bad(format!("not an image index: {e}")))?;
+        if index.schema_version != 2 {
+            return Err(bad(format!(
+                "schemaVersion {} is not supported (want 2)",
+                index.schema_version
+            )));
+        }
+        if index.manifests.is_empty() || index.manifests.len() > MAX_INDEX_ENTRIES {
+            return Err(bad(format!(
+                "lists {} manifests (1 to {MAX_INDEX_ENTRIES} accepted)",
+                index.manifests.len()
+            )));
+        }
+        for m in &index.manifests {
+            validate_digest(&m.digest).map_err(|r| bad(format!("{}: {r}", m.digest)))?;
+            if m.media_type != MEDIA_TYPE_OCI_MANIFEST && m.media_type != MEDIA_TYPE_DOCKER_MANIFEST
+            {
+                return Err(bad(format!(
+                    "entry {} has media type {:?}, not an image manifest",
+                    m.digest, m.media_type
+                )));
+            }
+            if m.platform.is_none() {
+                return Err(bad(format!("entry {} has no platform", m.digest)));
+            }
+        }
+        Ok(index)
+    }
+
+    /// The entry for a node of platform `node`, if the index has one.
+    pub fn entry_for(&self, node: &Platform) -> Option<&IndexEntry> {
+        self.manifests
+            .iter()
+            .find(|m| m.platform.as_ref().is_some_and(|p| p.is_for(node)))
+    }
 }
 
 /// The parts of an image manifest (OCI or Docker schema 2) the agent needs.
@@ -263,6 +403,53 @@ mod tests {
             .layer_diff_ids("sha256:m", two.as_bytes())
             .unwrap_err();
         assert!(err.to_string().contains("sha256:m"), "{err}");
+    }
+
+    #[test]
+    fn an_index_entry_is_found_for_its_node_with_implied_variants() {
+        let d = |c: char| format!("sha256:{}", c.to_string().repeat(64));
+        let bytes = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [
+                {"mediaType": MEDIA_TYPE_OCI_MANIFEST, "digest": d('a'), "size": 1,
+                 "platform": {"os": "linux", "architecture": "amd64"}},
+                {"mediaType": MEDIA_TYPE_OCI_MANIFEST, "digest": d('b'), "size": 1,
+                 "platform": {"os": "linux", "architecture": "arm64", "variant": "v8"}},
+            ]
+        }))
+        .unwrap();
+        let index = Index::parse("sha256:idx", &bytes).unwrap();
+        let node = |s: &str| Platform::parse(s).unwrap();
+        assert_eq!(
+            index.entry_for(&node("linux/amd64")).unwrap().digest,
+            d('a')
+        );
+        assert_eq!(
+            index.entry_for(&node("linux/arm64")).unwrap().digest,
+            d('b')
+        );
+        assert!(index.entry_for(&node("linux/s390x")).is_none());
+        assert!(index.entry_for(&node("linux/arm/v7")).is_none());
+    }
+
+    #[test]
+    fn an_index_listing_another_index_or_no_platform_is_refused() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let nested = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": MEDIA_TYPE_OCI_INDEX, "digest": d, "size": 1,
+                           "platform": {"os": "linux", "architecture": "amd64"}}]
+        }))
+        .unwrap();
+        let err = Index::parse("sha256:idx", &nested).unwrap_err().to_string();
+        assert!(err.contains("not an image manifest"), "{err}");
+        let bare = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "manifests": [{"mediaType": MEDIA_TYPE_OCI_MANIFEST, "digest": d, "size": 1}]
+        }))
+        .unwrap();
+        let err = Index::parse("sha256:idx", &bare).unwrap_err().to_string();
+        assert!(err.contains("no platform"), "{err}");
     }
 
     #[test]

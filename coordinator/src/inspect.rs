@@ -33,6 +33,11 @@ pub struct ImageInfo {
     /// Sum of its layers as stored (compressed).
     pub size: u64,
     pub layers: Vec<LayerInfo>,
+    /// A multi-platform image's platforms the archive carries (manifest and layers above are
+    /// the default one's); empty for a single-platform image.
+    pub platforms: Vec<String>,
+    /// Platforms its index lists that the archive does not carry.
+    pub skipped_platforms: Vec<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -83,6 +88,12 @@ pub fn inspect(bundle: &Bundle) -> Inspection {
                 config: image.config.clone(),
                 size: layers.iter().map(|l| l.size).sum(),
                 layers,
+                platforms: image
+                    .platforms
+                    .iter()
+                    .map(|v| v.platform.to_string())
+                    .collect(),
+                skipped_platforms: image.skipped_platforms.clone(),
             }
         })
         .collect();
@@ -154,6 +165,20 @@ impl Inspection {
                 HumanBytes(image.size),
                 image.layers.len()
             );
+            if !image.platforms.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  platforms: {} (layers below: the default one, this machine's if carried)",
+                    image.platforms.join(", ")
+                );
+            }
+            if !image.skipped_platforms.is_empty() {
+                let _ = writeln!(
+                    s,
+                    "  listed but not in the archive (skipped): {}",
+                    image.skipped_platforms.join(", ")
+                );
+            }
             for l in &image.layers {
                 let _ = writeln!(
                     s,

@@ -29,12 +29,10 @@ pub struct LayerChecks {
 impl LayerChecks {
     pub fn new(bundle: Arc<Bundle>, limits: LayerLimits) -> LayerChecks {
         let mut diff_ids = HashMap::new();
-        for image in &bundle.images {
-            for (layer, diff_id) in image.layers.iter().zip(&image.diff_ids) {
-                diff_ids
-                    .entry(layer.clone())
-                    .or_insert_with(|| diff_id.clone());
-            }
+        for (layer, diff_id) in crate::load::layer_diff_ids(&bundle) {
+            diff_ids
+                .entry(layer.clone())
+                .or_insert_with(|| diff_id.clone());
         }
         LayerChecks {
             bundle,

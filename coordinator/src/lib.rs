@@ -17,4 +17,5 @@ pub mod load;
 pub mod progress;
 pub mod push;
 pub mod reference;
+pub mod select;
 pub mod upgrade;

@@ -25,10 +25,11 @@ use tonic::service::Interceptor;
 use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, instrument};
 
-use crate::bundle::{Bundle, BundleError, LayerLimits};
+use crate::bundle::{Bundle, BundleError, LayerLimits, Platform};
 use crate::layercheck::LayerChecks;
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
+use crate::select::{choose, Chosen, PlatformChoice};
 
 /// What can stop a node's load. Bundle errors name the member; agent errors the call.
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +85,8 @@ pub struct LoadOptions {
     pub layer_check: Option<LayerLimits>,
     /// Compare what each node needs with its free space before sending (see [`space_needed`]).
     pub space_check: bool,
+    /// Which platform of multi-platform images each node gets.
+    pub platforms: PlatformChoice,
 }
 
 /// How often and how patiently a node is tried. Retrying is safe because every step is
@@ -257,6 +260,8 @@ pub struct NodeReport {
     /// Node name the agent reported (empty if it could not be reached).
     pub node: String,
     pub runtime: String,
+    /// The node's platform, as its agent reports it.
+    pub platform: String,
     /// Loaded images are pinned against kubelet's image garbage collection.
     pub images_pinned: bool,
     pub images: usize,
@@ -314,6 +319,7 @@ pub async fn load(
                     sizes.clone(),
                 );
                 let space_check = opts.space_check;
+                let choice = &opts.platforms;
                 let (dial, retry) = (&opts.dial, &opts.retry);
                 async move {
                     let mut report = NodeReport {
@@ -333,6 +339,7 @@ pub async fn load(
                             dial,
                             checks.as_ref(),
                             space_check.then_some(&*sizes),
+                            choice,
                             &*progress,
                             &mut report,
                         );
@@ -382,26 +389,42 @@ pub async fn load(
     reports.into_iter().map(|(_, r)| r).collect()
 }
 
-/// Every blob of the bundle as each node is asked about it (`Have`), layers with their diffID
-/// so runtimes that store layers uncompressed (Docker) can recognise the ones they hold.
-fn have_descriptors(bundle: &Bundle) -> Vec<Descriptor> {
-    let diff_ids: HashMap<&str, &str> = bundle
-        .images
-        .iter()
-        .flat_map(|i| i.layers.iter().zip(&i.diff_ids))
+/// Every layer of the bundle, of every platform, with its diffID.
+pub(crate) fn layer_diff_ids(bundle: &Bundle) -> impl Iterator<Item = (&String, &String)> {
+    bundle.images.iter().flat_map(|i| {
+        i.layers.iter().zip(&i.diff_ids).chain(
+            i.platforms
+                .iter()
+                .flat_map(|v| v.layers.iter().zip(&v.diff_ids)),
+        )
+    })
+}
+
+/// The blobs a node is asked about (`Have`): those of the manifests chosen for it, layers
+/// with their diffID so runtimes that store layers uncompressed (Docker) can recognise the
+/// ones they hold.
+fn have_descriptors<'a>(
+    bundle: &Bundle,
+    chosen: impl Iterator<Item = &'a Chosen>,
+) -> Vec<Descriptor> {
+    let diff_ids: HashMap<&str, &str> = layer_diff_ids(bundle)
         .map(|(layer, diff_id)| (layer.as_str(), diff_id.as_str()))
         .collect();
-    bundle
-        .blobs
-        .values()
-        .map(|b| Descriptor {
-            digest: b.digest.clone(),
-            size: b.size,
-            media_type: b.media_type.clone(),
-            diff_id: diff_ids
-                .get(b.digest.as_str())
-                .map(|d| d.to_string())
-                .unwrap_or_default(),
+    let mut digests: Vec<&str> = chosen
+        .flat_map(|c| c.blobs.iter().map(String::as_str))
+        .collect();
+    digests.sort_unstable();
+    digests.dedup();
+    digests
+        .into_iter()
+        .map(|d| {
+            let b = &bundle.blobs[d];
+            Descriptor {
+                digest: b.digest.clone(),
+                size: b.size,
+                media_type: b.media_type.clone(),
+                diff_id: diff_ids.get(d).map(|d| d.to_string()).unwrap_or_default(),
+            }
         })
         .collect()
 }
@@ -409,11 +432,8 @@ fn have_descriptors(bundle: &Bundle) -> Vec<Descriptor> {
 /// About how many bytes every layer of the bundle unpacks to (see
 /// [`Bundle::unpacked_size_hint`]): read from headers, once per load.
 fn unpacked_size_hints(bundle: &Bundle) -> HashMap<String, u64> {
-    bundle
-        .images
-        .iter()
-        .flat_map(|i| &i.layers)
-        .map(|l| (l.clone(), bundle.unpacked_size_hint(l)))
+    layer_diff_ids(bundle)
+        .map(|(l, _)| (l.clone(), bundle.unpacked_size_hint(l)))
         .collect()
 }
 
@@ -526,6 +546,7 @@ async fn load_node(
     dial: &Dial,
     checks: Option<&Arc<LayerChecks>>,
     sizes: Option<&HashMap<String, u64>>,
+    choice: &PlatformChoice,
     progress: &dyn Progress,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
@@ -550,12 +571,33 @@ async fn load_node(
     report.node = info.node_name.clone();
     report.runtime = format!("{} {}", info.runtime, info.runtime_version);
     report.images_pinned = info.images_pinned;
+    report.platform = info.platform.clone();
     progress.node_identified(agent, &info.node_name);
+
+    // Which manifest of each image this node gets.
+    let node_platform: Platform = info.platform.parse().unwrap_or_else(|_| Platform::local());
+    let choice = match choice {
+        PlatformChoice::All if info.runtime == "docker" => {
+            if bundle.images.iter().any(|i| !i.platforms.is_empty()) {
+                progress.phase(
+                    agent,
+                    &format!("Docker keeps one platform per image: loading {node_platform}"),
+                );
+            }
+            &PlatformChoice::Node
+        }
+        other => other,
+    };
+    let chosen: Vec<Result<Chosen, String>> = bundle
+        .images
+        .iter()
+        .map(|image| choose(image, choice, &node_platform))
+        .collect();
 
     let have = client
         .have(HaveRequest {
             session: session.to_string(),
-            blobs: have_descriptors(bundle),
+            blobs: have_descriptors(bundle, chosen.iter().flatten()),
         })
         .await
         .map_err(call_err("Have"))?
@@ -606,12 +648,19 @@ async fn load_node(
     // Blobs of the bundle found bad on the way (digest or layer check), with why: every image
     // using one fails, alone; the others load.
     let mut bad: HashMap<&str, String> = HashMap::new();
-    for (image, planned) in bundle.images.iter().zip(plan) {
-        let blobs = std::iter::once(&image.manifest)
-            .chain(std::iter::once(&image.config))
-            .chain(&image.layers);
+    for (chosen, planned) in chosen.iter().zip(plan) {
+        let chosen = match chosen {
+            Ok(chosen) => chosen,
+            Err(reason) => {
+                report.failed_images.push(FailedImage {
+                    image: planned.source.clone(),
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+        };
         let mut failed = None;
-        for digest in blobs {
+        for digest in &chosen.blobs {
             if let Some(reason) = bad.get(digest.as_str()) {
                 failed = Some(reason.clone());
                 break;
@@ -650,7 +699,7 @@ async fn load_node(
             });
             continue;
         }
-        let blob = &bundle.blobs[&planned.manifest];
+        let blob = &bundle.blobs[&chosen.target];
         let spec = ImageSpec {
             manifest: Some(Descriptor {
                 digest: blob.digest.clone(),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use lade::bundle::{Bundle, LayerLimits};
+use lade::bundle::{Bundle, LayerLimits, Platform};
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
@@ -17,6 +17,7 @@ use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
 use lade::push::registry::{Access, Tls};
 use lade::push::{push, ChartRepo, PushOptions, Target, EXIT_INCOMPLETE};
 use lade::reference::{check_rules, RetagRule};
+use lade::select::PlatformChoice;
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
 use lade::upgrade::{upgrade, ChartSource, UpgradeError, UpgradeOptions};
@@ -120,6 +121,14 @@ struct LoadArgs {
     /// the blobs it lacks and their unpacked layers.
     #[arg(long)]
     no_space_check: bool,
+    /// Load this platform of multi-platform images on every node (os/arch[/variant], e.g.
+    /// linux/arm64) instead of each node's own, as its agent reports it.
+    #[arg(long, value_parser = parse_platform, conflicts_with = "all_platforms")]
+    platform: Option<Platform>,
+    /// Load every platform a multi-platform image's archive carries; names point at the
+    /// image's index, and each node unpacks its own platform. Docker nodes keep their own.
+    #[arg(long)]
+    all_platforms: bool,
     /// Summary format on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
@@ -608,6 +617,10 @@ async fn run_push(args: PushArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
+fn parse_platform(s: &str) -> Result<Platform, String> {
+    s.parse()
+}
+
 /// Where live progress goes: bars on a terminal, lines otherwise, unless told.
 fn progress(mode: ProgressMode) -> Arc<dyn Progress> {
     match mode {
@@ -674,7 +687,29 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             ..LayerLimits::default()
         }),
         space_check: !args.no_space_check,
+        platforms: match (args.platform, args.all_platforms) {
+            (_, true) => PlatformChoice::All,
+            (Some(p), false) => PlatformChoice::Fixed(p),
+            (None, false) => PlatformChoice::Node,
+        },
     };
+    for image in bundle
+        .images
+        .iter()
+        .filter(|i| !i.skipped_platforms.is_empty())
+    {
+        eprintln!(
+            "note: {}: its index lists {}, which the archive does not carry; only {} can be loaded",
+            image.label(),
+            image.skipped_platforms.join(", "),
+            image
+                .platforms
+                .iter()
+                .map(|v| v.platform.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+    }
     let bundle = Arc::new(bundle);
     let mut reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
     let (retry, unreachable) = match &discovery {

@@ -943,6 +943,19 @@ pub fn write_oci_multiplatform(
     compression: Compression,
     out: &mut impl Write,
 ) -> Result<WrittenIndex> {
+    write_oci_partial_multiplatform(name, platforms, &[], compression, out)
+}
+
+/// As [`write_oci_multiplatform`], but the index also lists a manifest for each architecture
+/// of `listed_only` whose blobs the archive does not carry, as `ctr export` writes an image
+/// pulled for one platform.
+pub fn write_oci_partial_multiplatform(
+    name: &str,
+    platforms: &[(&str, ImageFixture)],
+    listed_only: &[&str],
+    compression: Compression,
+    out: &mut impl Write,
+) -> Result<WrittenIndex> {
     let blob_path = |digest: &str| format!("blobs/sha256/{}", digest_hex(digest));
     let mut tar = TarOut::new(out);
     tar.json("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
@@ -974,6 +987,13 @@ pub fn write_oci_multiplatform(
         entry["platform"] = json!({"os": "linux", "architecture": architecture});
         entries.push(entry);
         manifests.push((architecture.to_string(), desc.digest));
+    }
+    for architecture in listed_only {
+        // A manifest's descriptor only: its bytes (and so its blobs) are not in the archive.
+        let absent = format!("{{\"absent\":\"{architecture}\"}}");
+        let mut entry = json!(Descriptor::of(MEDIA_TYPE_OCI_MANIFEST, absent.as_bytes()));
+        entry["platform"] = json!({"os": "linux", "architecture": architecture});
+        entries.push(entry);
     }
     let index = serde_json::to_vec(
         &json!({"schemaVersion": 2, "mediaType": MEDIA_TYPE_OCI_INDEX, "manifests": entries}),

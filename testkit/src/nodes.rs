@@ -46,11 +46,18 @@ pub struct Node {
     pub port: u16,
     /// Port of the agent's /metrics, /healthz, /readyz.
     pub metrics_port: u16,
+    /// Agent flags beyond the harness's own, kept for restarts.
+    agent_args: Vec<String>,
 }
 
 impl Node {
     /// Starts containerd and an agent for it; returns once the agent accepts connections.
     pub async fn start(name: &str) -> Result<Node> {
+        Node::start_with(name, &[]).await
+    }
+
+    /// As [`Node::start`], with extra agent flags (e.g. `--platform linux/arm64`).
+    pub async fn start_with(name: &str, agent_args: &[&str]) -> Result<Node> {
         let containerd = Containerd::start(name).await?;
         let mut node = Node {
             name: name.to_string(),
@@ -58,6 +65,7 @@ impl Node {
             agent: None,
             port: free_port(),
             metrics_port: free_port(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
         };
         node.start_agent().await?;
         Ok(node)
@@ -75,7 +83,8 @@ impl Node {
     /// (Re)starts the agent process on the same port.
     pub async fn start_agent(&mut self) -> Result<()> {
         let socket = self.containerd.socket();
-        let args = [OsStr::new("--containerd-socket"), socket.as_os_str()];
+        let mut args = vec![OsStr::new("--containerd-socket"), socket.as_os_str()];
+        args.extend(self.agent_args.iter().map(OsStr::new));
         self.agent = Some(
             spawn_agent(
                 &self.name,

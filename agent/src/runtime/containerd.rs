@@ -41,7 +41,7 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tracing::{debug, info, instrument, warn};
 
-use super::{finished_event, manifest_descriptor, node_platform, validate_session, Runtime};
+use super::{finished_event, manifest_descriptor, validate_session, Runtime};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -118,6 +118,8 @@ pub struct ContainerdConfig {
     pub node_name: String,
     /// Put the CRI pin label on loaded images (containerd 1.7.3 and later honour it).
     pub pin_images: bool,
+    /// This node's platform (`os/arch[/variant]`): the manifest of an index it unpacks.
+    pub platform: String,
 }
 
 /// A connection to one containerd, scoped to one namespace and snapshotter.
@@ -502,6 +504,8 @@ impl Containerd {
     }
 
     /// Imports one image: every layer unpacked, GC labels set, then (only then) its names.
+    /// The target is a manifest, or an index whose every manifest is present (the node's
+    /// own platform is unpacked, the others are kept as content).
     #[instrument(skip_all, fields(image = %spec.source))]
     async fn import_one(
         &self,
@@ -509,9 +513,81 @@ impl Containerd {
         spec: &ImageSpec,
         events: &mpsc::Sender<ImportEvent>,
     ) -> Result<Vec<String>, Error> {
-        let image = spec.source.as_str();
         let mdesc = manifest_descriptor(spec)?;
-        let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, &mdesc).await?)?;
+        let media_type = if oci::is_index(&mdesc.media_type) {
+            self.import_index(lease, spec, &mdesc, events).await?;
+            mdesc.media_type.clone()
+        } else {
+            let manifest = self
+                .import_manifest(lease, spec, &mdesc, true, events)
+                .await?;
+            if mdesc.media_type.is_empty() {
+                manifest
+                    .media_type
+                    .unwrap_or_else(|| oci::MEDIA_TYPE_OCI_MANIFEST.to_string())
+            } else {
+                mdesc.media_type.clone()
+            }
+        };
+        let target = CtrDescriptor {
+            media_type,
+            digest: mdesc.digest.clone(),
+            size: mdesc.size as i64,
+            annotations: HashMap::new(),
+        };
+        let pin = self.pins().await?;
+        for name in &spec.names {
+            self.put_image(name, &target, pin).await?;
+        }
+        Ok(spec.names.clone())
+    }
+
+    /// Every manifest of index `idesc`, then the index's own GC references to them. Only the
+    /// manifest for this node's platform is unpacked: the others are content for a registry
+    /// mirror or a later export, as `ctr import --all-platforms` keeps them.
+    async fn import_index(
+        &self,
+        lease: &str,
+        spec: &ImageSpec,
+        idesc: &oci::Descriptor,
+        events: &mpsc::Sender<ImportEvent>,
+    ) -> Result<(), Error> {
+        let image = spec.source.as_str();
+        let index = oci::Index::parse(&idesc.digest, &self.read_small(image, idesc).await?)?;
+        let own = oci::Platform::parse(&self.cfg.platform)
+            .and_then(|node| index.entry_for(&node))
+            .map(|e| e.digest.clone());
+        if own.is_none() {
+            warn!(%image, platform = %self.cfg.platform, "the index has no manifest for this node");
+        }
+        for entry in &index.manifests {
+            let unpack = own.as_deref() == Some(entry.digest.as_str());
+            self.import_manifest(lease, spec, &entry.descriptor(), unpack, events)
+                .await?;
+        }
+        let existing = self.content_info(&idesc.digest).await?.map(|i| i.labels);
+        let mut refs = source_labels(&spec.names, existing.as_ref());
+        for (i, entry) in index.manifests.iter().enumerate() {
+            refs.insert(
+                format!("containerd.io/gc.ref.content.m.{i}"),
+                entry.digest.clone(),
+            );
+        }
+        self.set_labels(&idesc.digest, refs).await
+    }
+
+    /// One manifest's content: checked present, its layers unpacked when `unpack`, and GC
+    /// labels set as containerd's own importer and unpacker set them.
+    async fn import_manifest(
+        &self,
+        lease: &str,
+        spec: &ImageSpec,
+        mdesc: &oci::Descriptor,
+        unpack: bool,
+        events: &mpsc::Sender<ImportEvent>,
+    ) -> Result<Manifest, Error> {
+        let image = spec.source.as_str();
+        let manifest = Manifest::parse(&mdesc.digest, &self.read_small(image, mdesc).await?)?;
         let config_bytes = self.read_small(image, &manifest.config).await?;
         let diff_ids = manifest.layer_diff_ids(&mdesc.digest, &config_bytes)?;
         let mut layer_labels = Vec::with_capacity(manifest.layers.len());
@@ -527,40 +603,42 @@ impl Containerd {
 
         let chains = chain_ids(&diff_ids);
         for (i, layer) in manifest.layers.iter().enumerate() {
-            let started = std::time::Instant::now();
-            let chain_lock = self.chain_lock(&chains[i]);
-            let held = chain_lock.lock().await;
-            let phase = if self.snapshot_exists(&chains[i]).await? {
-                ImportPhase::LayerPresent
-            } else {
-                let _slot = self
-                    .unpack_slots
-                    .acquire()
-                    .await
-                    .expect("the unpack semaphore is never closed");
-                let parent = i.checked_sub(1).map(|p| chains[p].as_str());
-                self.unpack_layer(lease, image, layer, &diff_ids[i], parent, &chains[i])
-                    .await?;
-                ImportPhase::LayerUnpacked
-            };
-            drop(held);
-            self.release_chain_lock(&chains[i], chain_lock);
             let mut labels = std::mem::take(&mut layer_labels[i]);
-            labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone());
+            if unpack {
+                let started = std::time::Instant::now();
+                let chain_lock = self.chain_lock(&chains[i]);
+                let held = chain_lock.lock().await;
+                let phase = if self.snapshot_exists(&chains[i]).await? {
+                    ImportPhase::LayerPresent
+                } else {
+                    let _slot = self
+                        .unpack_slots
+                        .acquire()
+                        .await
+                        .expect("the unpack semaphore is never closed");
+                    let parent = i.checked_sub(1).map(|p| chains[p].as_str());
+                    self.unpack_layer(lease, image, layer, &diff_ids[i], parent, &chains[i])
+                        .await?;
+                    ImportPhase::LayerUnpacked
+                };
+                drop(held);
+                self.release_chain_lock(&chains[i], chain_lock);
+                labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone());
+                let _ = events
+                    .send(ImportEvent {
+                        image: image.to_string(),
+                        phase: phase as i32,
+                        layer_digest: layer.digest.clone(),
+                        duration_ms: Some(started.elapsed().as_millis() as u64),
+                        ..Default::default()
+                    })
+                    .await;
+            }
             self.set_labels(&layer.digest, labels).await?;
-            let _ = events
-                .send(ImportEvent {
-                    image: image.to_string(),
-                    phase: phase as i32,
-                    layer_digest: layer.digest.clone(),
-                    duration_ms: Some(started.elapsed().as_millis() as u64),
-                    ..Default::default()
-                })
-                .await;
         }
 
-        // GC references as containerd's own importer and unpacker set them: image record ->
-        // manifest -> config and layers; config -> the top snapshot (which holds its parents).
+        // GC references: image record -> manifest -> config and layers; config -> the top
+        // snapshot (which holds its parents), where unpacked.
         let existing = |digest: String| async move {
             Ok::<_, Error>(self.content_info(&digest).await?.map(|i| i.labels))
         };
@@ -580,7 +658,7 @@ impl Containerd {
             &spec.names,
             existing(manifest.config.digest.clone()).await?.as_ref(),
         );
-        if let Some(top) = chains.last() {
+        if let (true, Some(top)) = (unpack, chains.last()) {
             config_labels.insert(
                 format!("containerd.io/gc.ref.snapshot.{}", self.cfg.snapshotter),
                 top.clone(),
@@ -588,25 +666,7 @@ impl Containerd {
         }
         self.set_labels(&manifest.config.digest, config_labels)
             .await?;
-
-        let target = CtrDescriptor {
-            media_type: if mdesc.media_type.is_empty() {
-                manifest
-                    .media_type
-                    .clone()
-                    .unwrap_or_else(|| oci::MEDIA_TYPE_OCI_MANIFEST.to_string())
-            } else {
-                mdesc.media_type.clone()
-            },
-            digest: mdesc.digest.clone(),
-            size: mdesc.size as i64,
-            annotations: HashMap::new(),
-        };
-        let pin = self.pins().await?;
-        for name in &spec.names {
-            self.put_image(name, &target, pin).await?;
-        }
-        Ok(spec.names.clone())
+        Ok(manifest)
     }
 
     /// Creates image `name` pointing at `target`, or moves an existing one there.
@@ -725,13 +785,32 @@ impl Containerd {
             return Ok(status);
         };
         status.manifest_digest = target.digest.clone();
-        let mref = oci::Descriptor {
+        let tref = oci::Descriptor {
             media_type: target.media_type,
             digest: target.digest,
             size: target.size.max(0) as u64,
         };
         // A broken record is a finding to report, not a failure of the Verify call.
         let checked = async {
+            // An index: what kubelet runs here is the manifest for this node's platform.
+            let mref = if oci::is_index(&tref.media_type) {
+                let index = oci::Index::parse(&tref.digest, &self.read_small(name, &tref).await?)?;
+                let node = oci::Platform::parse(&self.cfg.platform);
+                match node.as_ref().and_then(|n| index.entry_for(n)) {
+                    Some(entry) => entry.descriptor(),
+                    None => {
+                        return Err(Error::BadManifest {
+                            digest: tref.digest.clone(),
+                            reason: format!(
+                                "the index has no manifest for this node's platform {}",
+                                self.cfg.platform
+                            ),
+                        })
+                    }
+                }
+            } else {
+                tref.clone()
+            };
             let manifest = Manifest::parse(&mref.digest, &self.read_small(name, &mref).await?)?;
             let config = self.read_small(name, &manifest.config).await?;
             let diff_ids = ImageConfig::diff_ids(&manifest.config.digest, &config)?;
@@ -806,7 +885,7 @@ impl Runtime for Containerd {
             runtime_version: runtime_version.clone(),
             namespace: self.cfg.namespace.clone(),
             snapshotter: self.cfg.snapshotter.clone(),
-            platform: node_platform(),
+            platform: self.cfg.platform.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             images_pinned: self.cfg.pin_images && pins_images(&runtime_version),
             storage: self.storage().await,

@@ -41,7 +41,7 @@ use tracing::{debug, info, instrument, warn};
 
 use self::archive::{Archive, Layer};
 use self::cache::BlobCache;
-use super::{finished_event, manifest_descriptor, node_platform, validate_session, Runtime};
+use super::{finished_event, manifest_descriptor, validate_session, Runtime};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -68,6 +68,8 @@ pub struct DockerConfig {
     /// How long a load session's blobs are kept from cleaning, and an interrupted upload kept.
     pub lease_ttl: Duration,
     pub node_name: String,
+    /// This node's platform (`os/arch[/variant]`), as Info reports it.
+    pub platform: String,
 }
 
 /// A dockerd, its blob cache and the load sessions in flight.
@@ -553,7 +555,7 @@ impl Runtime for Docker {
             runtime_version: version.version.unwrap_or_default(),
             namespace: String::new(),
             snapshotter: info.driver.unwrap_or_default(),
-            platform: node_platform(),
+            platform: self.cfg.platform.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             // Docker has no pin label: kubelet (through cri-dockerd) may collect these images.
             images_pinned: false,

@@ -184,6 +184,9 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             config: config_digest,
             layers: layers.into_iter().map(|l| l.0).collect(),
             diff_ids,
+            platforms: Vec::new(),
+            skipped_platforms: Vec::new(),
+            index: None,
         });
     }
     Ok(Parsed {

@@ -27,10 +27,12 @@ use sha2::{Digest as _, Sha256};
 mod docker;
 mod layer;
 mod oci;
+pub mod platform;
 mod read;
 pub mod tarindex;
 
 pub use layer::LayerLimits;
+pub use platform::Platform;
 pub use read::BlobReader;
 use tarindex::TarIndex;
 
@@ -214,6 +216,10 @@ pub struct Blob {
 }
 
 /// One image of the bundle.
+///
+/// For a multi-platform image (an OCI index), `manifest`, `config`, `layers` and `diff_ids`
+/// are those of its default platform (the coordinator's own when the archive carries it,
+/// else the first it carries), and `platforms` lists every platform it carries.
 #[derive(Clone, Debug)]
 pub struct Image {
     /// Names as the archive gives them (not normalised).
@@ -224,6 +230,26 @@ pub struct Image {
     /// Layer blob digests, base first.
     pub layers: Vec<String>,
     /// Uncompressed layer digests from the config, base first.
+    pub diff_ids: Vec<String>,
+    /// Every platform of a multi-platform image whose blobs the archive carries, in the
+    /// index's order. Empty for a single-platform image.
+    pub platforms: Vec<Variant>,
+    /// Platforms the image's index lists but whose blobs the archive does not carry (what
+    /// `ctr export` writes for an image pulled for one platform): never sent, said.
+    pub skipped_platforms: Vec<String>,
+    /// The index a name points at when every platform is loaded: the archive's own, or,
+    /// when it lists platforms it does not carry, one lade writes listing only those it does
+    /// (an inline blob; its digest then differs from the registry's).
+    pub index: Option<String>,
+}
+
+/// One platform of a multi-platform image.
+#[derive(Clone, Debug)]
+pub struct Variant {
+    pub platform: Platform,
+    pub manifest: String,
+    pub config: String,
+    pub layers: Vec<String>,
     pub diff_ids: Vec<String>,
 }
 

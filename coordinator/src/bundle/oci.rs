@@ -6,18 +6,21 @@ use std::collections::{BTreeMap, HashMap};
 
 use serde::Deserialize;
 
+use super::platform::Platform;
 use super::tarindex::TarIndex;
 use super::{
     config_diff_ids, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
-    MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX,
-    MEDIA_TYPE_OCI_MANIFEST,
+    Variant, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
+    MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
 };
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
+/// What BuildKit sets on the attestation entries it adds to an image's index.
+const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
 
 #[derive(Clone, Debug, Deserialize)]
-struct Platform {
+struct PlatformField {
     #[serde(default)]
     os: String,
     #[serde(default)]
@@ -35,7 +38,7 @@ struct Descriptor {
     #[serde(default)]
     annotations: HashMap<String, String>,
     #[serde(default)]
-    platform: Option<Platform>,
+    platform: Option<PlatformField>,
 }
 
 #[derive(Deserialize)]
@@ -57,17 +60,6 @@ struct DockerEntry {
     config: String,
     #[serde(rename = "RepoTags", default)]
     repo_tags: Option<Vec<String>>,
-}
-
-/// The platform this coordinator picks from multi-platform indexes. Nodes of another
-/// platform are the subject of per-node selection (not done here).
-fn default_platform() -> (&'static str, &'static str) {
-    let arch = match std::env::consts::ARCH {
-        "x86_64" => "amd64",
-        "aarch64" => "arm64",
-        other => other,
-    };
-    ("linux", arch)
 }
 
 struct Layout<'a> {
@@ -216,17 +208,11 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         }
         let label = names.first().cloned().unwrap_or_else(|| top.digest.clone());
 
-        let media_type_error =
-            |role: &str, d: &Descriptor, expected: &'static str| BundleError::MediaType {
-                archive: archive.label.clone(),
-                image: label.clone(),
-                descriptor: format!("{role} {}", d.digest),
-                media_type: d.media_type.clone(),
-                expected,
-            };
-        let mdesc = if is_index(&top.media_type) {
-            // Only the chosen platform's manifest goes to the nodes, not the index.
-            let (_, bytes) = layout
+        let mut platforms: Vec<(Platform, ImageParts)> = Vec::new();
+        let mut skipped = Vec::new();
+        let mut index = None;
+        let parts = if is_index(&top.media_type) {
+            let (iblob, bytes) = layout
                 .read_verified(top, &format!("index of {label}"))
                 .map_err(|e| e.needed_by(&label))?;
             let nested: Index = serde_json::from_slice(&bytes).map_err(|e| {
@@ -235,88 +221,100 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                     top.digest
                 ))
             })?;
-            pick_platform(&nested.manifests)
-                .cloned()
-                .ok_or_else(|| BundleError::BadImage {
+            for child in &nested.manifests {
+                // Build attestations and other non-image entries run on no node.
+                if child
+                    .annotations
+                    .get(ANNOTATION_REFERENCE_TYPE)
+                    .is_some_and(|t| t == "attestation-manifest")
+                    || child.platform.as_ref().is_some_and(|p| p.os == "unknown")
+                {
+                    continue;
+                }
+                let platform = match &child.platform {
+                    Some(p) => Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
+                    None => {
+                        return Err(BundleError::BadImage {
+                            archive: archive.label.clone(),
+                            image: label.clone(),
+                            reason: format!(
+                                "index {} lists manifest {} without a platform",
+                                top.digest, child.digest
+                            ),
+                        })
+                    }
+                };
+                if is_index(&child.media_type) {
+                    return Err(BundleError::BadImage {
+                        archive: archive.label.clone(),
+                        image: label.clone(),
+                        reason: format!(
+                            "index {} lists another index ({}); nested indexes are not supported",
+                            top.digest, child.digest
+                        ),
+                    });
+                }
+                // What `ctr export` of an image pulled for one platform writes: the index
+                // lists every platform, the archive carries one. Skipped, and said.
+                match read_image(&layout, archive, child, &label) {
+                    Ok(parts) => platforms.push((platform, parts)),
+                    Err(BundleError::MissingMember { member, .. }) => {
+                        skipped.push((platform, member));
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            if platforms.is_empty() {
+                let listed: Vec<String> = skipped
+                    .iter()
+                    .map(|(p, member)| format!("{p} (member {member} missing)"))
+                    .collect();
+                return Err(BundleError::BadImage {
                     archive: archive.label.clone(),
                     image: label.clone(),
                     reason: format!(
-                        "no manifest for {}/{} among its platforms ({})",
-                        default_platform().0,
-                        default_platform().1,
-                        platforms(&nested.manifests)
+                        "its index lists {} but the archive carries none of them",
+                        if listed.is_empty() {
+                            "no platform".to_string()
+                        } else {
+                            listed.join(", ")
+                        }
                     ),
-                })?
-        } else {
-            top.clone()
-        };
-        // An empty type is left to the manifest's own mediaType field, checked below.
-        if !mdesc.media_type.is_empty() && !is_manifest(&mdesc.media_type) {
-            return Err(media_type_error(
-                "manifest",
-                &mdesc,
-                "an OCI or Docker image manifest",
-            ));
-        }
-
-        let (mblob, mbytes) = layout
-            .read_verified(&mdesc, &format!("manifest of {label}"))
-            .map_err(|e| e.needed_by(&label))?;
-        let manifest: Manifest =
-            serde_json::from_slice(&mbytes).map_err(|e| BundleError::BadImage {
-                archive: archive.label.clone(),
-                image: label.clone(),
-                reason: format!("manifest {} is not an image manifest: {e}", mdesc.digest),
-            })?;
-        if !manifest.media_type.is_empty() && !is_manifest(&manifest.media_type) {
-            return Err(BundleError::MediaType {
-                archive: archive.label.clone(),
-                image: label.clone(),
-                descriptor: format!("manifest {}", mdesc.digest),
-                media_type: manifest.media_type.clone(),
-                expected: "an OCI or Docker image manifest",
-            });
-        }
-        if !is_config(&manifest.config.media_type) {
-            return Err(media_type_error(
-                "config",
-                &manifest.config,
-                "an OCI or Docker image config",
-            ));
-        }
-        for (i, l) in manifest.layers.iter().enumerate() {
-            if !is_layer(&l.media_type) {
-                return Err(media_type_error(
-                    &format!("layer {}", i + 1),
-                    l,
-                    "a layer type containerd applies (a tar, plain, gzip or zstd)",
-                ));
+                });
             }
-        }
-        let (cblob, cbytes) = layout
-            .read_verified(&manifest.config, &format!("config of {label}"))
-            .map_err(|e| e.needed_by(&label))?;
-        let diff_ids = config_diff_ids(&cbytes).map_err(|e| BundleError::BadImage {
-            archive: archive.label.clone(),
-            image: label.clone(),
-            reason: format!(
-                "config {} is not an image config: {e}",
-                manifest.config.digest
-            ),
-        })?;
-        if diff_ids.len() != manifest.layers.len() {
-            return Err(BundleError::BadImage {
-                archive: archive.label.clone(),
-                image: label,
-                reason: format!(
-                    "manifest lists {} layers but its config lists {} diffIDs",
-                    manifest.layers.len(),
-                    diff_ids.len()
-                ),
+            let mut iblob = iblob;
+            if iblob.media_type.is_empty() {
+                iblob.media_type = MEDIA_TYPE_OCI_INDEX.to_string();
+            }
+            index = Some(if skipped.is_empty() {
+                iblob
+            } else {
+                let carried: Vec<&str> = platforms
+                    .iter()
+                    .map(|(_, parts)| parts.manifest.digest.as_str())
+                    .collect();
+                carried_index(&bytes, &carried, &iblob, &label)
+                    .map_err(|reason| bad(format!("index {} of {label}: {reason}", top.digest)))?
             });
-        }
+            // The coordinator's own platform is the default, else the first carried.
+            let local = Platform::local();
+            let best = platforms
+                .iter()
+                .enumerate()
+                .filter_map(|(i, (p, _))| p.rank_for(&local).map(|r| (r, i)))
+                .min()
+                .map(|(_, i)| i)
+                .unwrap_or(0);
+            platforms[best].1.clone()
+        } else {
+            read_image(&layout, archive, top, &label)?
+        };
+
         if names.is_empty() {
-            names = docker_names.get(&cblob.digest).cloned().unwrap_or_default();
+            names = std::iter::once(&parts)
+                .chain(platforms.iter().map(|(_, p)| p))
+                .find_map(|p| docker_names.get(&p.config.digest).cloned())
+                .unwrap_or_default();
         }
         if names.is_empty() {
             return Err(BundleError::BadImage {
@@ -327,28 +325,25 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 ),
             });
         }
-        let label = names[0].clone();
-        let mut layers = Vec::with_capacity(manifest.layers.len());
-        for (i, l) in manifest.layers.iter().enumerate() {
-            let blob = layout
-                .blob(l, &format!("layer {} of {label}", i + 1))
-                .map_err(|e| e.needed_by(&label))?;
-            layers.push(blob.digest.clone());
-            blobs.entry(blob.digest.clone()).or_insert(blob);
+        let mut variants = Vec::with_capacity(platforms.len());
+        for (platform, parts) in platforms {
+            parts.store(&mut blobs, &format!("{} ({platform})", names[0]));
+            variants.push(parts.variant(platform));
         }
-        let mut mblob = mblob;
-        if mblob.media_type.is_empty() {
-            mblob.media_type = manifest.media_type.clone();
+        parts.store(&mut blobs, &names[0]);
+        if let Some(index) = &index {
+            blobs.entry(index.digest.clone()).or_insert(index.clone());
         }
         images.push(Image {
             names,
-            manifest: mblob.digest.clone(),
-            config: cblob.digest.clone(),
-            layers,
-            diff_ids,
+            manifest: parts.manifest.digest,
+            config: parts.config.digest,
+            layers: parts.layers.into_iter().map(|l| l.digest).collect(),
+            diff_ids: parts.diff_ids,
+            platforms: variants,
+            skipped_platforms: skipped.iter().map(|(p, _)| p.to_string()).collect(),
+            index: index.map(|i| i.digest),
         });
-        blobs.entry(mblob.digest.clone()).or_insert(mblob);
-        blobs.entry(cblob.digest.clone()).or_insert(cblob);
     }
     Ok(Parsed {
         format: ArchiveFormat::OciLayout,
@@ -357,23 +352,168 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
     })
 }
 
-fn pick_platform(manifests: &[Descriptor]) -> Option<&Descriptor> {
-    let (os, arch) = default_platform();
-    manifests.iter().find(|m| {
-        m.platform
-            .as_ref()
-            .is_some_and(|p| p.os == os && p.architecture == arch)
+/// One manifest of an image with its config and layers, each checked against the archive.
+#[derive(Clone)]
+struct ImageParts {
+    manifest: Blob,
+    config: Blob,
+    layers: Vec<Blob>,
+    diff_ids: Vec<String>,
+}
+
+impl ImageParts {
+    fn variant(&self, platform: Platform) -> Variant {
+        Variant {
+            platform,
+            manifest: self.manifest.digest.clone(),
+            config: self.config.digest.clone(),
+            layers: self.layers.iter().map(|l| l.digest.clone()).collect(),
+            diff_ids: self.diff_ids.clone(),
+        }
+    }
+
+    /// Adds the blobs to `blobs`, each once; roles name the image by `name`.
+    fn store(&self, blobs: &mut BTreeMap<String, Blob>, name: &str) {
+        let layers = self.layers.iter().enumerate().map(|(i, l)| {
+            let mut l = l.clone();
+            l.role = format!("layer {} of {name}", i + 1);
+            l
+        });
+        for blob in [self.manifest.clone(), self.config.clone()]
+            .into_iter()
+            .chain(layers)
+        {
+            blobs.entry(blob.digest.clone()).or_insert(blob);
+        }
+    }
+}
+
+/// Reads manifest `mdesc` of image `label` and locates its config and layers, checking
+/// media types, digests of what is read whole, sizes, and that the config lists one diffID
+/// per layer.
+fn read_image(
+    layout: &Layout<'_>,
+    archive: &TarIndex,
+    mdesc: &Descriptor,
+    label: &str,
+) -> Result<ImageParts, BundleError> {
+    let media_type_error =
+        |role: &str, d: &Descriptor, expected: &'static str| BundleError::MediaType {
+            archive: archive.label.clone(),
+            image: label.to_string(),
+            descriptor: format!("{role} {}", d.digest),
+            media_type: d.media_type.clone(),
+            expected,
+        };
+    // An empty type is left to the manifest's own mediaType field, checked below.
+    if !mdesc.media_type.is_empty() && !is_manifest(&mdesc.media_type) {
+        return Err(media_type_error(
+            "manifest",
+            mdesc,
+            "an OCI or Docker image manifest",
+        ));
+    }
+    let (mut mblob, mbytes) = layout
+        .read_verified(mdesc, &format!("manifest of {label}"))
+        .map_err(|e| e.needed_by(label))?;
+    let manifest: Manifest =
+        serde_json::from_slice(&mbytes).map_err(|e| BundleError::BadImage {
+            archive: archive.label.clone(),
+            image: label.to_string(),
+            reason: format!("manifest {} is not an image manifest: {e}", mdesc.digest),
+        })?;
+    if !manifest.media_type.is_empty() && !is_manifest(&manifest.media_type) {
+        return Err(BundleError::MediaType {
+            archive: archive.label.clone(),
+            image: label.to_string(),
+            descriptor: format!("manifest {}", mdesc.digest),
+            media_type: manifest.media_type.clone(),
+            expected: "an OCI or Docker image manifest",
+        });
+    }
+    if !is_config(&manifest.config.media_type) {
+        return Err(media_type_error(
+            "config",
+            &manifest.config,
+            "an OCI or Docker image config",
+        ));
+    }
+    for (i, l) in manifest.layers.iter().enumerate() {
+        if !is_layer(&l.media_type) {
+            return Err(media_type_error(
+                &format!("layer {}", i + 1),
+                l,
+                "a layer type containerd applies (a tar, plain, gzip or zstd)",
+            ));
+        }
+    }
+    let (cblob, cbytes) = layout
+        .read_verified(&manifest.config, &format!("config of {label}"))
+        .map_err(|e| e.needed_by(label))?;
+    let diff_ids = config_diff_ids(&cbytes).map_err(|e| BundleError::BadImage {
+        archive: archive.label.clone(),
+        image: label.to_string(),
+        reason: format!(
+            "config {} is not an image config: {e}",
+            manifest.config.digest
+        ),
+    })?;
+    if diff_ids.len() != manifest.layers.len() {
+        return Err(BundleError::BadImage {
+            archive: archive.label.clone(),
+            image: label.to_string(),
+            reason: format!(
+                "manifest lists {} layers but its config lists {} diffIDs",
+                manifest.layers.len(),
+                diff_ids.len()
+            ),
+        });
+    }
+    let mut layers = Vec::with_capacity(manifest.layers.len());
+    for (i, l) in manifest.layers.iter().enumerate() {
+        layers.push(
+            layout
+                .blob(l, &format!("layer {} of {label}", i + 1))
+                .map_err(|e| e.needed_by(label))?,
+        );
+    }
+    if mblob.media_type.is_empty() {
+        mblob.media_type = manifest.media_type.clone();
+    }
+    Ok(ImageParts {
+        manifest: mblob,
+        config: cblob,
+        layers,
+        diff_ids,
     })
 }
 
-fn platforms(manifests: &[Descriptor]) -> String {
-    manifests
-        .iter()
-        .filter_map(|m| m.platform.as_ref())
-        .map(|p| match &p.variant {
-            Some(v) => format!("{}/{}/{v}", p.os, p.architecture),
-            None => format!("{}/{}", p.os, p.architecture),
-        })
-        .collect::<Vec<_>>()
-        .join(", ")
+/// An index like `original` (bytes) listing only the manifests in `carried`: written when
+/// an archive's index lists platforms it does not carry, so that a name pointing at an index
+/// never points at missing content.
+fn carried_index(
+    original: &[u8],
+    carried: &[&str],
+    like: &Blob,
+    label: &str,
+) -> Result<Blob, String> {
+    let mut index: serde_json::Value =
+        serde_json::from_slice(original).map_err(|e| e.to_string())?;
+    let manifests = index
+        .get_mut("manifests")
+        .and_then(|m| m.as_array_mut())
+        .ok_or("no manifests list")?;
+    manifests.retain(|m| {
+        m.get("digest")
+            .and_then(|d| d.as_str())
+            .is_some_and(|d| carried.contains(&d))
+    });
+    let bytes = serde_json::to_vec(&index).map_err(|e| e.to_string())?;
+    Ok(Blob {
+        digest: sha256_digest(&bytes),
+        size: bytes.len() as u64,
+        media_type: like.media_type.clone(),
+        source: BlobSource::Inline(std::sync::Arc::new(bytes)),
+        role: format!("index of {label} (the platforms the archive carries)"),
+    })
 }
