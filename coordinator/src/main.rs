@@ -505,10 +505,26 @@ fn main() -> ExitCode {
     match run(cli.command) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", explain(&e));
             ExitCode::from(2)
         }
     }
+}
+
+/// An error and its causes on one line, leaving out a cause whose text is already said (an
+/// io error a message quotes would otherwise appear twice).
+fn explain(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if !out.contains(&text) {
+            if !out.is_empty() {
+                out.push_str(": ");
+            }
+            out.push_str(&text);
+        }
+    }
+    out
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {

@@ -455,3 +455,15 @@ fn upgrade_discover_refuses_when_a_node_cannot_be_checked() {
         "{err}"
     );
 }
+
+#[test]
+fn a_missing_bundle_is_named_once_with_its_cause() {
+    let out = lade(&["inspect", "/nonexistent/x.bundle.tar"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("/nonexistent/x.bundle.tar: opening the bundle: No such file"),
+        "{err}"
+    );
+    assert_eq!(err.matches("No such file").count(), 1, "{err}");
+}

@@ -608,9 +608,10 @@ impl Containerd {
                 let started = std::time::Instant::now();
                 let chain_lock = self.chain_lock(&chains[i]);
                 let held = chain_lock.lock().await;
-                let phase = if self.snapshot_exists(&chains[i]).await? {
-                    ImportPhase::LayerPresent
-                } else {
+                let phase = async {
+                    if self.snapshot_exists(&chains[i]).await? {
+                        return Ok(ImportPhase::LayerPresent);
+                    }
                     let _slot = self
                         .unpack_slots
                         .acquire()
@@ -619,10 +620,13 @@ impl Containerd {
                     let parent = i.checked_sub(1).map(|p| chains[p].as_str());
                     self.unpack_layer(lease, image, layer, &diff_ids[i], parent, &chains[i])
                         .await?;
-                    ImportPhase::LayerUnpacked
-                };
+                    Ok::<_, Error>(ImportPhase::LayerUnpacked)
+                }
+                .await;
+                // Released on failure too, so the map holds only chains being unpacked.
                 drop(held);
                 self.release_chain_lock(&chains[i], chain_lock);
+                let phase = phase?;
                 labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone());
                 let _ = events
                     .send(ImportEvent {
