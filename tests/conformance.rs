@@ -49,6 +49,7 @@ async fn put(
             session: session.to_string(),
             blob: Some(desc.clone()),
             offset,
+            unpack: None,
         })),
     }];
     msgs.extend(data.chunks(CHUNK_SIZE).map(|c| PutBlobRequest {

@@ -153,6 +153,7 @@ async fn put(
                 session: session.into(),
                 blob: Some(desc.clone()),
                 offset: 0,
+                unpack: None,
             })),
         },
         PutBlobRequest {

@@ -411,6 +411,7 @@ async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<
             session: "resume-test".into(),
             blob: Some(desc.clone()),
             offset: 0,
+            unpack: None,
         })),
     })
     .await?;
@@ -520,5 +521,146 @@ async fn a_node_that_never_answers_times_out_alone() -> Result<()> {
     );
     assert!(started.elapsed() < std::time::Duration::from_secs(30));
     drop(silent);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_layer_is_unpacked_as_soon_as_it_is_stored_and_a_wrong_hint_harms_nothing() -> Result<()>
+{
+    use lade_proto::{
+        put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest, UnpackHint,
+    };
+    use lade_testkit::fixtures::blob_digest;
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle_path, written) = write_sample_bundle(
+        dir.path(),
+        "ahead.bundle.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let bundle = Bundle::open(&bundle_path)?;
+    let app = &written.images[0];
+    let node = Node::start("ahead").await?;
+    let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
+    let session = "ahead-test";
+    let desc = |i: usize| Descriptor {
+        digest: app.layers[i].digest.clone(),
+        size: app.layers[i].size,
+        media_type: app.layers[i].media_type.clone(),
+        ..Default::default()
+    };
+    client
+        .have(HaveRequest {
+            session: session.into(),
+            blobs: vec![desc(0), desc(1)],
+        })
+        .await?;
+    let put = |i: usize, hint: UnpackHint| {
+        let mut client = client.clone();
+        let bundle = &bundle;
+        async move {
+            let mut bytes = Vec::new();
+            let mut reader = bundle.read_blob(&app.layers[i].digest, 0)?;
+            while let Some(c) = reader.next_chunk(lade_proto::CHUNK_SIZE)? {
+                bytes.extend_from_slice(&c);
+            }
+            let msgs = vec![
+                PutBlobRequest {
+                    msg: Some(Msg::Header(BlobHeader {
+                        session: session.into(),
+                        blob: Some(desc(i)),
+                        offset: 0,
+                        unpack: Some(hint),
+                    })),
+                },
+                PutBlobRequest {
+                    msg: Some(Msg::Chunk(bytes.into())),
+                },
+            ];
+            client.put_blob(tokio_stream::iter(msgs)).await?;
+            anyhow::Ok(())
+        }
+    };
+    let (d0, d1) = (&app.diff_ids[0], &app.diff_ids[1]);
+    let chain1 = blob_digest(format!("{d0} {d1}").as_bytes());
+    let snapshots = || {
+        node.containerd
+            .ctr_ok(&["-n", "k8s.io", "snapshots", "ls"])
+            .unwrap_or_default()
+    };
+
+    // A hint whose diffID lies: the agent's unpack finds out and commits nothing under it.
+    let liar = blob_digest(b"not the base layer");
+    put(
+        0,
+        UnpackHint {
+            diff_id: liar.clone(),
+            parent_chain_id: String::new(),
+        },
+    )
+    .await?;
+    // Right hints: both layers become committed snapshots, named by chain ID, with no Import.
+    put(
+        1,
+        UnpackHint {
+            diff_id: d1.clone(),
+            parent_chain_id: d0.clone(),
+        },
+    )
+    .await?;
+    put(
+        0,
+        UnpackHint {
+            diff_id: d0.clone(),
+            parent_chain_id: String::new(),
+        },
+    )
+    .await?;
+    let committed = |listed: &str, chain: &str| {
+        listed
+            .lines()
+            .any(|l| l.starts_with(chain) && l.trim_end().ends_with("Committed"))
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !committed(&snapshots(), d0) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let listed = snapshots();
+    assert!(committed(&listed, d0), "{listed}");
+    assert!(!listed.contains(liar.as_str()), "{listed}");
+    // The second layer's blob came before its parent was unpacked: it waits a little for the
+    // parent, else leaves it to Import. Sent again now that its parent is there, it unpacks on
+    // top of it (if it has not already).
+    put(
+        1,
+        UnpackHint {
+            diff_id: d1.clone(),
+            parent_chain_id: d0.clone(),
+        },
+    )
+    .await?;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !committed(&snapshots(), &chain1) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let listed = snapshots();
+    assert!(committed(&listed, &chain1), "{listed}");
+    // Nothing is named by unpacking ahead.
+    assert_eq!(node.image_names()?, Vec::<String>::new());
+
+    // A load afterwards finds what was unpacked ahead and completes.
+    let (code, reports, stderr) = load(&bundle_path, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let check = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "check"])?;
+    assert!(
+        check.lines().skip(1).all(|l| l.contains("complete")),
+        "{check}"
+    );
     Ok(())
 }

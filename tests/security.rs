@@ -74,6 +74,7 @@ async fn calls_without_the_token_are_refused_and_write_nothing() -> Result<()> {
                     session: "intruder".into(),
                     blob: Some(desc.clone()),
                     offset: 0,
+                    unpack: None,
                 })),
             },
             PutBlobRequest {

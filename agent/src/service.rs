@@ -110,11 +110,27 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
                 }),
             })
             .boxed();
+        let ahead = match (&header.unpack, &header.blob) {
+            (Some(hint), Some(blob)) => Some((header.session.clone(), blob.clone(), hint.clone())),
+            _ => None,
+        };
         let response = self
             .runtime
             .put_blob(header, chunks)
             .await
             .map_err(|e| self.fail(e))?;
+        if let Some((session, blob, hint)) = ahead {
+            // While the next blobs stream, this layer unpacks.
+            let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
+            tokio::spawn(async move {
+                let started = std::time::Instant::now();
+                if runtime.unpack_ahead(session, blob, hint).await {
+                    metrics
+                        .layer_unpack_seconds
+                        .observe(started.elapsed().as_secs_f64());
+                }
+            });
+        }
         if response.already_present {
             self.metrics.blobs_present.inc();
         } else {

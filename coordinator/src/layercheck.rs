@@ -65,6 +65,19 @@ impl LayerChecks {
         tokio::task::spawn_blocking(move || checks.wait(&digest));
     }
 
+    /// Checks `layers` one after another on a blocking thread, in the order they will be
+    /// sent, so each is usually done before its upload needs the result. Layers checked or
+    /// being checked already are not checked again.
+    pub fn prefetch(self: &Arc<Self>, layers: Vec<String>) {
+        let checks = self.clone();
+        tokio::task::spawn_blocking(move || {
+            for digest in layers.iter().filter(|d| checks.is_layer(d)) {
+                // A failure is kept for the upload that meets it; nothing to do here.
+                let _ = checks.wait(digest);
+            }
+        });
+    }
+
     /// The check's result for layer `digest` (its uncompressed size), running it here if no
     /// one started it and waiting if another thread is running it. Blocking: call it off the
     /// async workers. Blobs that are not layers pass.

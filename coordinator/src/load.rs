@@ -13,8 +13,8 @@ use futures::StreamExt;
 use indicatif::HumanBytes;
 use lade_proto::{
     put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
-    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, VerifyRequest,
-    CHUNK_SIZE,
+    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, UnpackHint,
+    VerifyRequest, CHUNK_SIZE,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -429,6 +429,26 @@ fn have_descriptors<'a>(
         .collect()
 }
 
+/// For every layer a node unpacks, its diffID and the chain ID below it (from the first
+/// manifest that uses it), so the agent can unpack it as soon as it arrives.
+fn unpack_hints<'a>(chosen: impl Iterator<Item = &'a Chosen>) -> HashMap<&'a str, UnpackHint> {
+    let mut hints = HashMap::new();
+    for c in chosen {
+        let mut parent = String::new();
+        for (layer, diff_id) in &c.unpacked {
+            hints.entry(layer.as_str()).or_insert_with(|| UnpackHint {
+                diff_id: diff_id.clone(),
+                parent_chain_id: parent.clone(),
+            });
+            parent = match parent.as_str() {
+                "" => diff_id.clone(),
+                below => crate::bundle::sha256_digest(format!("{below} {diff_id}").as_bytes()),
+            };
+        }
+    }
+    hints
+}
+
 /// About how many bytes every layer of the bundle unpacks to (see
 /// [`Bundle::unpacked_size_hint`]): read from headers, once per load.
 fn unpacked_size_hints(bundle: &Bundle) -> HashMap<String, u64> {
@@ -642,6 +662,20 @@ async fn load_node(
         "sending missing blobs"
     );
 
+    // Each layer the node unpacks, with what it needs to unpack it as soon as it is stored.
+    let hints = unpack_hints(chosen.iter().flatten());
+    if let Some(checks) = checks {
+        let mut order: Vec<String> = Vec::new();
+        for c in chosen.iter().flatten() {
+            for d in c.blobs.iter().filter(|d| missing.contains_key(*d)) {
+                if !order.contains(d) {
+                    order.push(d.clone());
+                }
+            }
+        }
+        checks.prefetch(order);
+    }
+
     // Pipelined: blobs go in the order the images need them, and each image is imported as
     // soon as all of its own are on the node, while the next image's blobs stream.
     let mut imports = tokio::task::JoinSet::new();
@@ -672,6 +706,7 @@ async fn load_node(
                     session,
                     digest,
                     offset,
+                    hints.get(digest.as_str()).cloned(),
                     agent,
                     checks,
                     progress,
@@ -791,6 +826,7 @@ async fn put_blob(
     session: &str,
     digest: &str,
     offset: u64,
+    unpack: Option<UnpackHint>,
     agent: &str,
     checks: Option<&Arc<LayerChecks>>,
     progress: &dyn Progress,
@@ -807,6 +843,7 @@ async fn put_blob(
                 diff_id: String::new(),
             }),
             offset,
+            unpack,
         })),
     };
     tx.send(header)

@@ -30,6 +30,9 @@ pub struct Chosen {
     /// The platform chosen from a multi-platform image (`None`: single-platform image, or
     /// every platform).
     pub platform: Option<Platform>,
+    /// (layer, diffID) of the manifest the node unpacks, base first: with every platform,
+    /// the node's own.
+    pub unpacked: Vec<(String, String)>,
 }
 
 /// The manifest of `image` for a node of platform `node` under `choice`; `all` is
@@ -42,21 +45,33 @@ pub fn choose(image: &Image, choice: &PlatformChoice, node: &Platform) -> Result
             .chain(layers.iter().cloned())
             .collect::<Vec<_>>()
     };
+    let pairs = |layers: &[String], diff_ids: &[String]| {
+        layers
+            .iter()
+            .cloned()
+            .zip(diff_ids.iter().cloned())
+            .collect::<Vec<_>>()
+    };
     if image.platforms.is_empty() {
         return Ok(Chosen {
             target: image.manifest.clone(),
             blobs: single(&image.manifest, &image.config, &image.layers),
             platform: None,
+            unpacked: pairs(&image.layers, &image.diff_ids),
         });
     }
+    let best_for = |wanted: &Platform| {
+        image
+            .platforms
+            .iter()
+            .filter_map(|v| v.platform.rank_for(wanted).map(|rank| (rank, v)))
+            .min_by_key(|(rank, _)| *rank)
+            .map(|(_, v)| v)
+    };
     let wanted = match choice {
         PlatformChoice::All => {
             // The index, provided the node finds its own platform behind it.
-            let runnable = image
-                .platforms
-                .iter()
-                .any(|v| v.platform.rank_for(node).is_some());
-            if let (Some(index), true) = (&image.index, runnable) {
+            if let (Some(index), Some(own)) = (&image.index, best_for(node)) {
                 let mut blobs: Vec<String> = Vec::new();
                 for v in &image.platforms {
                     for b in single(&v.manifest, &v.config, &v.layers) {
@@ -70,6 +85,7 @@ pub fn choose(image: &Image, choice: &PlatformChoice, node: &Platform) -> Result
                     target: index.clone(),
                     blobs,
                     platform: None,
+                    unpacked: pairs(&own.layers, &own.diff_ids),
                 });
             }
             node
@@ -77,17 +93,12 @@ pub fn choose(image: &Image, choice: &PlatformChoice, node: &Platform) -> Result
         PlatformChoice::Node => node,
         PlatformChoice::Fixed(p) => p,
     };
-    let best = image
-        .platforms
-        .iter()
-        .filter_map(|v| v.platform.rank_for(wanted).map(|rank| (rank, v)))
-        .min_by_key(|(rank, _)| *rank)
-        .map(|(_, v)| v);
-    match best {
+    match best_for(wanted) {
         Some(v) => Ok(Chosen {
             target: v.manifest.clone(),
             blobs: single(&v.manifest, &v.config, &v.layers),
             platform: Some(v.platform.clone()),
+            unpacked: pairs(&v.layers, &v.diff_ids),
         }),
         None => {
             let carried: Vec<String> = image
@@ -182,6 +193,14 @@ mod tests {
             ["m1", "c1", "base", "l1", "m2", "c2", "l2", "idx"]
         );
         assert_eq!(got.platform, None);
+        // Only the node's own platform is unpacked.
+        assert_eq!(
+            got.unpacked,
+            [
+                ("base".to_string(), "d0".to_string()),
+                ("l1".into(), "d1".into())
+            ]
+        );
     }
 
     #[test]

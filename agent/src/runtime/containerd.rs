@@ -33,7 +33,7 @@ use containerd_client::types::Descriptor as CtrDescriptor;
 use futures::stream::{BoxStream, StreamExt};
 use lade_proto::{
     BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
-    InfoResponse, PutBlobResponse, RefStatus,
+    InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -1133,6 +1133,89 @@ impl Runtime for Containerd {
             out.push(self.verify_one(r).await?);
         }
         Ok(out)
+    }
+
+    async fn unpack_ahead(
+        self: Arc<Self>,
+        session: String,
+        layer: Descriptor,
+        hint: UnpackHint,
+    ) -> bool {
+        if validate_session(&session).is_err()
+            || oci::validate_digest(&hint.diff_id).is_err()
+            || !oci::is_layer_media_type(&layer.media_type)
+        {
+            return false;
+        }
+        let parent = Some(hint.parent_chain_id.as_str()).filter(|p| !p.is_empty());
+        if parent.is_some_and(|p| oci::validate_digest(p).is_err()) {
+            return false;
+        }
+        let chain = match parent {
+            Some(p) => oci::chain_ids(&[p.to_string(), hint.diff_id.clone()])[1].clone(),
+            None => hint.diff_id.clone(),
+        };
+        let lease = Self::lease_id(&session);
+        let desc = oci::Descriptor {
+            media_type: layer.media_type.clone(),
+            digest: layer.digest.clone(),
+            size: layer.size,
+        };
+        let outcome = async {
+            // The parent is usually being unpacked ahead right now (its blob came first):
+            // wait for it to finish. If it is not there after that, Import unpacks in order.
+            if let Some(p) = parent {
+                let mut tries = 0;
+                loop {
+                    let lock = self.chain_lock(p);
+                    drop(lock.lock().await);
+                    self.release_chain_lock(p, lock);
+                    if self.snapshot_exists(p).await? {
+                        break;
+                    }
+                    // Its task may not have started yet.
+                    tries += 1;
+                    if tries == 4 {
+                        return Ok(false);
+                    }
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+            let lock = self.chain_lock(&chain);
+            let held = lock.lock().await;
+            let result = async {
+                if self.snapshot_exists(&chain).await? {
+                    return Ok(false);
+                }
+                let _slot = self
+                    .unpack_slots
+                    .acquire()
+                    .await
+                    .expect("the unpack semaphore is never closed");
+                self.unpack_layer(
+                    &lease,
+                    "(ahead of import)",
+                    &desc,
+                    &hint.diff_id,
+                    parent,
+                    &chain,
+                )
+                .await?;
+                Ok::<_, Error>(true)
+            }
+            .await;
+            drop(held);
+            self.release_chain_lock(&chain, lock);
+            result
+        }
+        .await;
+        match outcome {
+            Ok(unpacked) => unpacked,
+            Err(e) => {
+                debug!(layer = %layer.digest, error = %e, "unpacking ahead failed; Import will retry");
+                false
+            }
+        }
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {

@@ -6,12 +6,13 @@
 //! event, session ids, choosing a runtime on `auto`) lives here once.
 
 use std::future::Future;
+use std::sync::Arc;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use lade_proto::{
     BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
-    InfoResponse, PutBlobResponse, RefStatus,
+    InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tracing::{info, warn};
@@ -67,6 +68,19 @@ pub trait Runtime: Send + Sync + 'static {
 
     /// Every image record in the agent's namespace.
     fn list(&self) -> impl Future<Output = Result<Vec<ImageRecord>, Error>> + Send;
+
+    /// Unpacks a layer blob just stored, ahead of the Import that will need it, when its
+    /// parent is unpacked; returns whether it did. Best effort: any failure is left for
+    /// Import to meet and report. Runtimes that load whole images (Docker) do nothing.
+    fn unpack_ahead(
+        self: Arc<Self>,
+        session: String,
+        layer: Descriptor,
+        hint: UnpackHint,
+    ) -> impl Future<Output = bool> + Send {
+        let _ = (session, layer, hint);
+        async { false }
+    }
 }
 
 /// The node's platform in OCI terms (`linux/amd64`), from the architecture this agent was built for.
