@@ -50,6 +50,7 @@ async fn put(
             blob: Some(desc.clone()),
             offset,
             unpack: None,
+            ..Default::default()
         })),
     }];
     msgs.extend(data.chunks(CHUNK_SIZE).map(|c| PutBlobRequest {

@@ -154,6 +154,7 @@ async fn put(
                 blob: Some(desc.clone()),
                 offset: 0,
                 unpack: None,
+                ..Default::default()
             })),
         },
         PutBlobRequest {

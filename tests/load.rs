@@ -412,6 +412,7 @@ async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<
             blob: Some(desc.clone()),
             offset: 0,
             unpack: None,
+            ..Default::default()
         })),
     })
     .await?;

@@ -75,6 +75,7 @@ async fn calls_without_the_token_are_refused_and_write_nothing() -> Result<()> {
                     blob: Some(desc.clone()),
                     offset: 0,
                     unpack: None,
+                    ..Default::default()
                 })),
             },
             PutBlobRequest {

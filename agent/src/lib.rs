@@ -10,6 +10,7 @@ pub mod error;
 pub mod http;
 pub mod metrics;
 pub mod oci;
+pub mod relay;
 pub mod runtime;
 pub mod server;
 pub mod service;

@@ -8,11 +8,12 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::auth::Auth;
+use lade_agent::relay::Peers;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
 use lade_agent::runtime::{detect, node_platform, Runtime, RuntimeKind};
 use lade_agent::server::Serve;
-use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -55,6 +56,15 @@ struct Config {
     /// Require client certificates signed by this CA (PEM): mutual TLS. Needs --tls-cert.
     #[arg(long, env = "LADE_TLS_CLIENT_CA", requires = "tls_cert")]
     tls_client_ca: Option<PathBuf>,
+    /// CA (PEM) that signed the other agents' server certificates, checked when this agent
+    /// relays blobs to them over TLS. Default: --tls-client-ca (one CA for the cluster's
+    /// agents). The agent presents --tls-cert as its client certificate to them.
+    #[arg(long, env = "LADE_PEER_TLS_CA", requires = "tls_cert")]
+    peer_tls_ca: Option<PathBuf>,
+    /// Name the other agents' certificates are checked against when relaying (default: the
+    /// host of the address the coordinator gives, usually a pod IP).
+    #[arg(long, env = "LADE_PEER_TLS_SERVER_NAME", requires = "tls_cert")]
+    peer_tls_server_name: Option<String>,
     /// Container runtime to load into.
     #[arg(long, env = "LADE_RUNTIME", value_enum, default_value = "containerd")]
     runtime: RuntimeChoice,
@@ -150,15 +160,24 @@ async fn main() -> anyhow::Result<()> {
         node_name,
         platform,
     };
+    let auth = auth(
+        cfg.auth_token_file.as_deref(),
+        cfg.insecure_no_auth,
+        cfg.tls_client_ca.is_some(),
+    )?;
+    let peers = peers(
+        &auth,
+        cfg.tls_cert.as_deref(),
+        cfg.tls_key.as_deref(),
+        cfg.peer_tls_ca.as_deref().or(cfg.tls_client_ca.as_deref()),
+        cfg.peer_tls_server_name,
+    )?;
     let serve = Serve {
         grpc: bind(cfg.listen).await?,
         http: bind(cfg.metrics_listen).await?,
-        auth: auth(
-            cfg.auth_token_file.as_deref(),
-            cfg.insecure_no_auth,
-            cfg.tls_client_ca.is_some(),
-        )?,
+        auth,
         tls: tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)?,
+        peers,
     };
     match cfg.runtime {
         RuntimeChoice::Containerd => run(serve, Containerd::new(containerd)?).await,
@@ -195,6 +214,40 @@ fn auth(token_file: Option<&Path>, insecure: bool, client_certs: bool) -> anyhow
              --insecure-no-auth runs without any, for labs only"
         ),
     }
+}
+
+/// Agents relay to each other with the credentials they accept themselves: the shared bearer
+/// token, and with TLS their own certificate as client certificate, checking the peer's
+/// server certificate against `ca`.
+fn peers(
+    auth: &Auth,
+    cert: Option<&Path>,
+    key: Option<&Path>,
+    ca: Option<&Path>,
+    server_name: Option<String>,
+) -> anyhow::Result<Peers> {
+    let mut peers = Peers::default();
+    if let Auth::Token(token) = auth {
+        peers = peers.with_token(token)?;
+    }
+    let (Some(cert), Some(key)) = (cert, key) else {
+        return Ok(peers);
+    };
+    let Some(ca) = ca else {
+        return Ok(peers.unusable(
+            "this agent serves TLS but has no CA to check other agents' certificates: \
+             relaying needs --peer-tls-ca or --tls-client-ca"
+                .into(),
+        ));
+    };
+    let read = |p: &Path| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read(ca)?))
+        .identity(Identity::from_pem(read(cert)?, read(key)?));
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
+    Ok(peers.with_tls(tls))
 }
 
 fn tls(

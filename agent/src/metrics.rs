@@ -26,6 +26,8 @@ pub struct Metrics {
     pub inflight_uploads: IntGauge,
     /// Constant 1, labelled with the agent version and runtime.
     pub build_info: IntGaugeVec,
+    /// Blob bytes passed on to other agents (relay).
+    pub relay_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -72,6 +74,10 @@ impl Metrics {
                 ),
                 &["version", "runtime"],
             )?,
+            relay_bytes: IntCounter::new(
+                "lade_agent_relay_bytes_total",
+                "Blob bytes forwarded to other agents (relay).",
+            )?,
         };
         registry.register(Box::new(m.received_bytes.clone()))?;
         registry.register(Box::new(m.blobs_committed.clone()))?;
@@ -81,6 +87,7 @@ impl Metrics {
         registry.register(Box::new(m.failures.clone()))?;
         registry.register(Box::new(m.inflight_uploads.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
+        registry.register(Box::new(m.relay_bytes.clone()))?;
         Ok(m)
     }
 
@@ -116,6 +123,7 @@ mod tests {
         let registry = Registry::new();
         let m = Metrics::new(&registry).unwrap();
         m.received_bytes.inc_by(42);
+        m.relay_bytes.inc_by(7);
         m.failed(&tonic::Status::data_loss("x"));
         let mut text = Vec::new();
         prometheus::TextEncoder::new()
@@ -126,6 +134,7 @@ mod tests {
             text.contains("lade_agent_received_bytes_total 42"),
             "{text}"
         );
+        assert!(text.contains("lade_agent_relay_bytes_total 7"), "{text}");
         assert!(
             text.contains("lade_agent_failures_total{reason=\"data_loss\"} 1"),
             "{text}"

@@ -15,6 +15,7 @@ use tracing::{info, warn};
 
 use crate::auth::Auth;
 use crate::metrics::Metrics;
+use crate::relay::Peers;
 use crate::runtime::Runtime;
 use crate::service::AgentService;
 
@@ -27,6 +28,8 @@ pub struct Serve {
     pub auth: Auth,
     /// TLS, with client certificates when the config asks for them.
     pub tls: Option<ServerTlsConfig>,
+    /// How to reach the agents this one relays blobs to.
+    pub peers: Peers,
 }
 
 /// Serves `runtime` until `shutdown` completes.
@@ -61,7 +64,7 @@ pub async fn run<R: Runtime>(
     info!(addr = %serve.grpc.local_addr()?, runtime = R::NAME, "lade-agent listening");
     let auth = serve.auth;
     let service = InterceptedService::new(
-        AgentServer::new(AgentService::new(runtime, metrics))
+        AgentServer::new(AgentService::new(runtime, metrics).with_peers(serve.peers))
             .max_decoding_message_size(8 << 20)
             .max_encoding_message_size(8 << 20),
         move |req| auth.check(req),

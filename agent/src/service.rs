@@ -19,17 +19,29 @@ use tracing::instrument;
 
 use crate::error::Error;
 use crate::metrics::Metrics;
+use crate::relay::Peers;
 use crate::runtime::Runtime;
 
 /// Serves one runtime over gRPC.
 pub struct AgentService<R> {
     runtime: Arc<R>,
     metrics: Metrics,
+    peers: Arc<Peers>,
 }
 
 impl<R> AgentService<R> {
     pub fn new(runtime: Arc<R>, metrics: Metrics) -> Self {
-        Self { runtime, metrics }
+        Self {
+            runtime,
+            metrics,
+            peers: Arc::new(Peers::default()),
+        }
+    }
+
+    /// How this agent reaches the agents it relays blobs to.
+    pub fn with_peers(mut self, peers: Peers) -> Self {
+        self.peers = Arc::new(peers);
+        self
     }
 
     /// Counts a failed call, then hands its status on.
@@ -114,11 +126,22 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
             (Some(hint), Some(blob)) => Some((header.session.clone(), blob.clone(), hint.clone())),
             _ => None,
         };
-        let response = self
-            .runtime
-            .put_blob(header, chunks)
+        let relay = !header.forward.is_empty() || header.pass_through;
+        let stores = !header.pass_through;
+        let response = if relay {
+            crate::relay::put_blob(
+                self.runtime.clone(),
+                self.peers.clone(),
+                self.metrics.clone(),
+                header,
+                chunks,
+            )
             .await
-            .map_err(|e| self.fail(e))?;
+        } else {
+            self.runtime.put_blob(header, chunks).await
+        }
+        .map_err(|e| self.fail(e))?;
+        let ahead = ahead.filter(|_| stores && response.local_error.is_empty());
         if let Some((session, blob, hint)) = ahead {
             // While the next blobs stream, this layer unpacks.
             let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
@@ -130,6 +153,10 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
                         .observe(started.elapsed().as_secs_f64());
                 }
             });
+        }
+        if relay {
+            // The relay counted this node's own outcome.
+            return Ok(Response::new(response));
         }
         if response.already_present {
             self.metrics.blobs_present.inc();

@@ -17,5 +17,6 @@ pub mod load;
 pub mod progress;
 pub mod push;
 pub mod reference;
+pub mod relay;
 pub mod select;
 pub mod upgrade;

@@ -29,6 +29,7 @@ use crate::bundle::{Bundle, BundleError, LayerLimits, Platform};
 use crate::layercheck::LayerChecks;
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
+use crate::relay::RelayMode;
 use crate::select::{choose, Chosen, PlatformChoice};
 
 /// What can stop a node's load. Bundle errors name the member; agent errors the call.
@@ -87,6 +88,8 @@ pub struct LoadOptions {
     pub space_check: bool,
     /// Which platform of multi-platform images each node gets.
     pub platforms: PlatformChoice,
+    /// Whether agents pass blobs on to each other ([`crate::relay`]).
+    pub relay: RelayMode,
 }
 
 /// How often and how patiently a node is tried. Retrying is safe because every step is
@@ -277,6 +280,12 @@ pub struct NodeReport {
     pub attempts: u32,
     /// Why the node failed as a whole, if it did.
     pub error: Option<String>,
+    /// Where the blobs it stored came from: `coordinator`, or the node that relayed them
+    /// (several after a relay node failed and it was re-parented).
+    pub via: Vec<String>,
+    /// Bytes the coordinator itself sent to this node (with relay, the root of the tree gets
+    /// them all, including what it only passes on).
+    pub bytes_from_coordinator: u64,
     /// Images that failed on this node, with the reason.
     pub failed_images: Vec<FailedImage>,
 }
@@ -294,6 +303,9 @@ pub async fn load(
     opts: &LoadOptions,
     progress: Arc<dyn Progress>,
 ) -> Vec<NodeReport> {
+    if let Some(fanout) = opts.relay.fanout(opts.agents.len()) {
+        return crate::relay::load(bundle, plan, opts, progress, fanout).await;
+    }
     // One session id for the whole load, so every node's lease is named alike.
     let session = format!("load-{}", uuid::Uuid::new_v4().simple());
     let sizes: Arc<HashMap<String, u64>> = Arc::new(if opts.space_check {
@@ -378,6 +390,10 @@ pub async fn load(
                         report.error = Some(e.to_string());
                     }
                     report.ok = report.error.is_none() && report.failed_images.is_empty();
+                    report.bytes_from_coordinator = report.bytes_sent;
+                    if report.bytes_sent > 0 {
+                        report.via = vec!["coordinator".into()];
+                    }
                     progress.node_finished(&report);
                     (i, report)
                 }
@@ -403,7 +419,7 @@ pub(crate) fn layer_diff_ids(bundle: &Bundle) -> impl Iterator<Item = (&String, 
 /// The blobs a node is asked about (`Have`): those of the manifests chosen for it, layers
 /// with their diffID so runtimes that store layers uncompressed (Docker) can recognise the
 /// ones they hold.
-fn have_descriptors<'a>(
+pub(crate) fn have_descriptors<'a>(
     bundle: &Bundle,
     chosen: impl Iterator<Item = &'a Chosen>,
 ) -> Vec<Descriptor> {
@@ -431,7 +447,7 @@ fn have_descriptors<'a>(
 
 /// For every layer a node unpacks, its diffID and the chain ID below it (from the first
 /// manifest that uses it), so the agent can unpack it as soon as it arrives.
-fn unpack_hints<'a>(chosen: impl Iterator<Item = &'a Chosen>) -> HashMap<&'a str, UnpackHint> {
+pub(crate) fn unpack_hints<'a>(chosen: impl Iterator<Item = &'a Chosen>) -> HashMap<&'a str, UnpackHint> {
     let mut hints = HashMap::new();
     for c in chosen {
         let mut parent = String::new();
@@ -797,7 +813,7 @@ async fn load_node(
 }
 
 /// Imports one image; returns its events.
-async fn import(
+pub(crate) async fn import(
     mut client: AgentConn,
     session: String,
     spec: ImageSpec,
@@ -844,6 +860,7 @@ async fn put_blob(
             }),
             offset,
             unpack,
+            ..Default::default()
         })),
     };
     tx.send(header)

@@ -17,6 +17,7 @@ use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
 use lade::push::registry::{Access, Tls};
 use lade::push::{push, ChartRepo, PushOptions, Target, EXIT_INCOMPLETE};
 use lade::reference::{check_rules, RetagRule};
+use lade::relay::RelayMode;
 use lade::select::PlatformChoice;
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
@@ -100,6 +101,15 @@ struct LoadArgs {
     /// Nodes loaded at the same time.
     #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
     parallel: usize,
+    /// How blobs reach the nodes: `chain` or `tree:K` send each missing blob once, to the
+    /// first node, and the agents pass it on (over the pod network, port 7700); `off` sends
+    /// every node its blobs from here; `auto` is tree:2 for two nodes or more.
+    #[arg(long, env = "LADE_RELAY", default_value = "auto", value_parser = parse_relay)]
+    relay: RelayMode,
+    /// Print the nodes and the relay topology the load would use, then exit without
+    /// contacting any agent.
+    #[arg(long)]
+    plan: bool,
     #[command(flatten)]
     connect: ConnectArgs,
     /// Further attempts for a node that is down or drops the connection (waiting 1 s, then
@@ -684,6 +694,14 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let dial = args.connect.dial()?;
     let images = plan.len();
     let discovery = args.discover.run(&args.kube).await?;
+    if args.plan {
+        let agents = match &discovery {
+            Some(discovery) => discovery.addresses(),
+            None => args.agents.clone(),
+        };
+        print!("{}", lade::relay::plan_text(&bundle, &agents, args.relay));
+        return Ok(ExitCode::SUCCESS);
+    }
     let opts = LoadOptions {
         agents: match &discovery {
             Some(discovery) => discovery.addresses(),
@@ -693,6 +711,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         keep_original: !args.no_keep_original,
         parallel: args.parallel,
         dial,
+        relay: args.relay,
         retry: RetryPolicy {
             retries: args.retries,
             backoff: Duration::from_secs(1),
@@ -774,6 +793,10 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         }
         Output::Json => run_upgrade(&bundle, &upgrade, &mut std::io::stderr()).await,
     })
+}
+
+fn parse_relay(s: &str) -> Result<RelayMode, String> {
+    s.parse()
 }
 
 struct Silent;

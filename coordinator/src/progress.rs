@@ -173,7 +173,7 @@ pub enum Retry {
 /// retry only the failed nodes.
 pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
     let mut out = String::new();
-    let rows: Vec<[String; 7]> = reports
+    let rows: Vec<[String; 8]> = reports
         .iter()
         .map(|r| {
             [
@@ -190,6 +190,11 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
                     HumanBytes(r.bytes_skipped),
                     r.blobs_skipped
                 ),
+                if r.via.is_empty() {
+                    "-".into()
+                } else {
+                    r.via.join(", ")
+                },
                 format!("{:.1}s", r.seconds),
                 if r.ok { "ok".into() } else { "FAILED".into() },
             ]
@@ -201,6 +206,7 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
         "IMAGES",
         "SENT",
         "ALREADY THERE",
+        "VIA",
         "TIME",
         "RESULT",
     ];
@@ -238,6 +244,13 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
             "\nsent {} in all; {} was already on the nodes\n",
             HumanBytes(sent),
             HumanBytes(skipped)
+        ));
+    }
+    let from_here: u64 = reports.iter().map(|r| r.bytes_from_coordinator).sum();
+    if from_here != sent {
+        out.push_str(&format!(
+            "relay: {} left the coordinator; the agents passed the rest on to each other\n",
+            HumanBytes(from_here)
         ));
     }
     let unpinned: Vec<&str> = reports
@@ -342,6 +355,34 @@ mod tests {
         let table = summary_table(&[ok, down, partial], Retry::ByNode);
         assert!(
             table.contains("re-run with only those to retry (what they already hold is not sent again): --discover --node node-b --node node-c\n"),
+            "{table}"
+        );
+    }
+
+    #[test]
+    fn table_says_which_path_each_node_took() {
+        let root = NodeReport {
+            agent: "10.0.0.1:7700".into(),
+            node: "node-a".into(),
+            bytes_sent: 100,
+            bytes_from_coordinator: 100,
+            via: vec!["coordinator".into()],
+            ok: true,
+            ..Default::default()
+        };
+        let moved = NodeReport {
+            agent: "10.0.0.3:7700".into(),
+            node: "node-c".into(),
+            bytes_sent: 100,
+            via: vec!["node-b".into(), "coordinator".into()],
+            ok: true,
+            ..Default::default()
+        };
+        let table = summary_table(&[root, moved], Retry::ByAgent);
+        assert!(table.lines().next().unwrap().contains("VIA"), "{table}");
+        assert!(table.contains("node-b, coordinator"), "{table}");
+        assert!(
+            table.contains("relay: 100 B left the coordinator; the agents passed the rest on"),
             "{table}"
         );
     }

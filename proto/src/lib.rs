@@ -17,3 +17,56 @@ pub use generated::agent_server::{Agent, AgentServer};
 
 /// Size of the data chunks PutBlob streams carry.
 pub const CHUNK_SIZE: usize = 1 << 20;
+
+impl RelayHop {
+    /// First byte anyone in this hop's subtree still needs: where the stream to this hop
+    /// must start. `None` when nobody below (this hop included) stores the blob.
+    pub fn stream_start(&self) -> Option<u64> {
+        let own = self.store.then_some(self.offset);
+        self.forward
+            .iter()
+            .filter_map(RelayHop::stream_start)
+            .chain(own)
+            .min()
+    }
+
+    /// Every agent address of this hop's subtree, this hop first.
+    pub fn addresses(&self) -> Vec<String> {
+        let mut out = vec![self.address.clone()];
+        for child in &self.forward {
+            out.extend(child.addresses());
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RelayHop;
+
+    fn hop(address: &str, store: bool, offset: u64, forward: Vec<RelayHop>) -> RelayHop {
+        RelayHop {
+            address: address.into(),
+            store,
+            offset,
+            forward,
+        }
+    }
+
+    #[test]
+    fn stream_starts_at_the_earliest_byte_the_subtree_needs() {
+        let leaf = hop("c", true, 300, vec![]);
+        assert_eq!(leaf.stream_start(), Some(300));
+        let passing = hop("b", false, 0, vec![leaf.clone()]);
+        assert_eq!(passing.stream_start(), Some(300));
+        let root = hop(
+            "a",
+            true,
+            500,
+            vec![passing.clone(), hop("d", true, 0, vec![])],
+        );
+        assert_eq!(root.stream_start(), Some(0));
+        assert_eq!(hop("e", false, 0, vec![]).stream_start(), None);
+        assert_eq!(root.addresses(), ["a", "b", "c", "d"]);
+    }
+}

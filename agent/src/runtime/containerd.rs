@@ -934,6 +934,7 @@ impl Runtime for Containerd {
             digest: digest.clone(),
             received,
             already_present: true,
+            ..Default::default()
         };
         if self.content_info(&digest).await?.is_some() {
             self.hold(&lease, &digest).await?;
@@ -1066,6 +1067,7 @@ impl Runtime for Containerd {
                     digest,
                     received,
                     already_present: false,
+                    ..Default::default()
                 })
             }
             Ok(_) => Err(Error::SizeMismatch {

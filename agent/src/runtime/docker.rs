@@ -648,6 +648,7 @@ impl Runtime for Docker {
             digest: blob.digest,
             received: written.received,
             already_present: written.already_present,
+            ..Default::default()
         })
     }
 

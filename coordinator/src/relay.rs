@@ -1,0 +1,938 @@
+//! Relay fan-out: every missing blob leaves the coordinator once, whatever the number of
+//! nodes; the agents pass it on to each other along a chain or a tree.
+//!
+//! With relay on, [`crate::load::load`] hands over to [`load`] here, which runs the load in
+//! three stages instead of one independent procedure per node:
+//! 1. `Info` and `Have` on every node (retried like a plain load); a node that fails them is
+//!    reported failed and left out of the topology.
+//! 2. Blob by blob, in the order the images need them: one `PutBlob` to the root of the
+//!    topology, whose header lists the tree below it ([`RelayHop`]): who stores, from which
+//!    offset, and who only passes the stream on because it already holds the blob. The
+//!    answer carries every reached node's outcome. Each image is imported on a node as soon
+//!    as all of its blobs are there, while the next blobs stream.
+//! 3. `Verify` and `EndSession` per node, as a plain load does.
+//!
+//! Failures: a node that gets no outcome was cut off by a failure above it and is sent the
+//! blob again in a new tree of the nodes still lacking it (re-parented). A node whose own
+//! call failed is asked `Info` by the coordinator: if it answers, its peers cannot reach it
+//! and the coordinator serves it directly from then on; if not, it is dead and reported
+//! failed. A node that refused the blob (its own verification or store failed) fails alone.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lade_proto::{
+    put_blob_request::Msg, BlobHeader, Descriptor, EndSessionRequest, HaveRequest, ImageSpec,
+    ImportPhase, InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, VerifyRequest, CHUNK_SIZE,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, warn};
+
+use crate::bundle::{Bundle, BundleError};
+use crate::load::{
+    connect, have_descriptors, import, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
+    PlannedImage,
+};
+use crate::progress::Progress;
+
+/// How blobs travel from the coordinator to the nodes (`lade load --relay`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum RelayMode {
+    /// `tree:2` for two nodes or more, off for one.
+    #[default]
+    Auto,
+    /// The coordinator sends to every node itself.
+    Off,
+    /// Each node passes blobs on to the next one.
+    Chain,
+    /// Each node passes blobs on to up to K others.
+    Tree(usize),
+}
+
+impl FromStr for RelayMode {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(RelayMode::Auto),
+            "off" => Ok(RelayMode::Off),
+            "chain" => Ok(RelayMode::Chain),
+            other => {
+                let k = other
+                    .strip_prefix("tree:")
+                    .and_then(|k| k.parse::<usize>().ok())
+                    .filter(|k| (1..=64).contains(k))
+                    .ok_or_else(|| {
+                        format!("{other:?}: expected off, chain, tree:K (K from 1 to 64) or auto")
+                    })?;
+                Ok(RelayMode::Tree(k))
+            }
+        }
+    }
+}
+
+impl RelayMode {
+    /// Children per node over `nodes` nodes; `None`: no relay.
+    pub fn fanout(self, nodes: usize) -> Option<usize> {
+        if nodes < 2 {
+            return None;
+        }
+        match self {
+            RelayMode::Off => None,
+            RelayMode::Chain => Some(1),
+            RelayMode::Tree(k) => Some(k),
+            RelayMode::Auto => Some(2),
+        }
+    }
+
+    /// What the mode is called on the command line, resolved for `nodes` nodes.
+    pub fn describe(self, nodes: usize) -> String {
+        match self.fanout(nodes) {
+            None => "off".into(),
+            Some(1) => "chain".into(),
+            Some(k) => format!("tree:{k}"),
+        }
+    }
+}
+
+/// Children of position `i` among `n` nodes laid out as a K-ary tree in order (a chain for
+/// K = 1): the first node is the root, the one the coordinator sends to.
+fn children(i: usize, n: usize, k: usize) -> impl Iterator<Item = usize> {
+    (k * i + 1..=k * i + k).filter(move |&c| c < n)
+}
+
+/// The topology of `names` (in order) as an indented tree, for `--plan` and stderr.
+pub fn render_topology(names: &[String], fanout: usize) -> String {
+    fn walk(out: &mut String, names: &[String], k: usize, i: usize, prefix: &str, last: bool) {
+        let _ = writeln!(
+            out,
+            "{prefix}{}{}",
+            if last { "└─ " } else { "├─ " },
+            names[i]
+        );
+        let kids: Vec<usize> = children(i, names.len(), k).collect();
+        let deeper = format!("{prefix}{}", if last { "   " } else { "│  " });
+        for (j, &c) in kids.iter().enumerate() {
+            walk(out, names, k, c, &deeper, j + 1 == kids.len());
+        }
+    }
+    let mut out = String::from("coordinator\n");
+    if !names.is_empty() {
+        walk(&mut out, names, fanout, 0, "", true);
+    }
+    out
+}
+
+/// One node of the load as the relay sees it.
+struct Node {
+    /// Position in `opts.agents` and in the reports.
+    idx: usize,
+    agent: String,
+    client: AgentConn,
+    /// Blobs it still lacks, with the bytes of each it already holds.
+    missing: HashMap<String, u64>,
+    /// Peers could not reach it, but the coordinator can: it is sent blobs directly.
+    direct: bool,
+    /// Why it dropped out; it gets nothing more.
+    failed: Option<String>,
+}
+
+impl Node {
+    fn alive(&self) -> bool {
+        self.failed.is_none()
+    }
+}
+
+/// How one node ended in one delivery of a blob.
+enum Outcome {
+    Stored {
+        received: u64,
+        already: bool,
+    },
+    Passed,
+    /// It answered but could not store the blob.
+    Refused(String),
+    /// The call to it failed; its state is unknown.
+    Lost(String),
+}
+
+/// Loads with relay fan-out of `fanout`; one report per agent, in the order of
+/// `opts.agents`.
+pub async fn load(
+    bundle: Arc<Bundle>,
+    plan: Arc<Vec<PlannedImage>>,
+    opts: &LoadOptions,
+    progress: Arc<dyn Progress>,
+    fanout: usize,
+) -> Vec<NodeReport> {
+    let session = format!("load-{}", uuid::Uuid::new_v4().simple());
+    let started = Instant::now();
+    let mut reports: Vec<NodeReport> = opts
+        .agents
+        .iter()
+        .map(|agent| NodeReport {
+            agent: agent.clone(),
+            images: plan.len(),
+            ..Default::default()
+        })
+        .collect();
+
+    // Stage 1: who is there and what each lacks.
+    let identified: Vec<(
+        usize,
+        Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>,
+        u32,
+    )> = futures::stream::iter(opts.agents.iter().enumerate())
+        .map(|(i, agent)| {
+            let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
+            let report = reports[i].clone();
+            async move {
+                progress.node_started(agent);
+                let (result, attempts) =
+                    identify(&bundle, session, agent, opts, &*progress, report).await;
+                (i, result, attempts)
+            }
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .collect()
+        .await;
+    let mut nodes: Vec<Node> = Vec::new();
+    for (i, result, attempts) in identified {
+        reports[i].attempts = attempts;
+        match result {
+            Ok((client, report, missing)) => {
+                reports[i] = NodeReport { attempts, ..report };
+                nodes.push(Node {
+                    idx: i,
+                    agent: opts.agents[i].clone(),
+                    client,
+                    missing,
+                    direct: false,
+                    failed: None,
+                });
+            }
+            Err(e) => {
+                info!(agent = %opts.agents[i], error = %e, "node failed");
+                reports[i].error = Some(e.to_string());
+            }
+        }
+    }
+    nodes.sort_by_key(|n| n.idx);
+    let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
+    let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
+    eprint!(
+        "relay {}: {} missing on some node, sent from here once\n{}",
+        RelayMode::Tree(fanout).describe(names.len().max(2)),
+        indicatif::HumanBytes(unique_missing(&bundle, &missing)),
+        render_topology(&names, fanout)
+    );
+    for n in &nodes {
+        let to_send: u64 = n
+            .missing
+            .iter()
+            .map(|(d, off)| bundle.blobs[d].size - off)
+            .sum();
+        progress.sending(&n.agent, to_send, reports[n.idx].bytes_skipped);
+    }
+
+    // Stage 2: every blob once into the topology; imports as images complete.
+    let mut imports = tokio::task::JoinSet::new();
+    let mut relay_failures: Vec<(usize, String)> = Vec::new();
+    for (image, planned) in bundle.images.iter().zip(plan.iter()) {
+        let blobs = std::iter::once(&image.manifest)
+            .chain(std::iter::once(&image.config))
+            .chain(&image.layers);
+        for digest in blobs {
+            deliver(
+                &bundle,
+                &session,
+                digest,
+                &mut nodes,
+                &mut reports,
+                fanout,
+                &*progress,
+            )
+            .await;
+        }
+        let image_blobs: Vec<&String> = std::iter::once(&image.manifest)
+            .chain(std::iter::once(&image.config))
+            .chain(&image.layers)
+            .collect();
+        let blob = &bundle.blobs[&planned.manifest];
+        let spec = ImageSpec {
+            manifest: Some(Descriptor {
+                digest: blob.digest.clone(),
+                size: blob.size,
+                media_type: blob.media_type.clone(),
+                diff_id: String::new(),
+            }),
+            names: planned.names.clone(),
+            source: planned.source.clone(),
+        };
+        for n in nodes.iter().filter(|n| n.alive()) {
+            if image_blobs.iter().any(|d| n.missing.contains_key(*d)) {
+                continue; // cannot happen for a live node: deliver fails it first
+            }
+            let (client, session, spec, idx) =
+                (n.client.clone(), session.clone(), spec.clone(), n.idx);
+            imports.spawn(async move { (idx, import(client, session, spec).await) });
+        }
+    }
+    for n in &nodes {
+        if n.alive() {
+            progress.phase(&n.agent, "importing");
+        }
+    }
+    while let Some(joined) = imports.join_next().await {
+        let (idx, result) = joined.expect("import task panicked");
+        let report = &mut reports[idx];
+        match result {
+            Ok(events) => {
+                for event in events {
+                    match ImportPhase::try_from(event.phase) {
+                        Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
+                        Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
+                            image: event.image,
+                            reason: event.message,
+                        }),
+                        _ => {}
+                    }
+                }
+            }
+            Err(status) => relay_failures.push((
+                idx,
+                LoadError::Agent {
+                    agent: report.agent.clone(),
+                    call: "Import",
+                    status,
+                }
+                .to_string(),
+            )),
+        }
+    }
+    for (idx, error) in relay_failures {
+        if let Some(n) = nodes.iter_mut().find(|n| n.idx == idx) {
+            n.failed.get_or_insert(error);
+        }
+    }
+
+    // Stage 3: verify and release, per node.
+    let finished: Vec<(usize, Result<Vec<FailedImage>, LoadError>)> =
+        futures::stream::iter(nodes.iter().filter(|n| n.alive()))
+            .map(|n| {
+                let mut report = reports[n.idx].clone();
+                let (plan, session, progress) = (plan.clone(), session.clone(), progress.clone());
+                let (mut client, agent, idx) = (n.client.clone(), n.agent.clone(), n.idx);
+                async move {
+                    progress.phase(&agent, "verifying");
+                    let r = verify_and_end(&mut client, &plan, &session, &agent, &mut report).await;
+                    (idx, r.map(|()| report.failed_images))
+                }
+            })
+            .buffer_unordered(opts.parallel.max(1))
+            .collect()
+            .await;
+    for (idx, r) in finished {
+        match r {
+            Ok(failed) => reports[idx].failed_images = failed,
+            Err(e) => {
+                reports[idx].error.get_or_insert(e.to_string());
+            }
+        }
+    }
+    for n in &nodes {
+        if let Some(e) = &n.failed {
+            reports[n.idx].error.get_or_insert(e.clone());
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    for report in &mut reports {
+        report.seconds = seconds;
+        report.ok = report.error.is_none() && report.failed_images.is_empty();
+        progress.node_finished(report);
+    }
+    reports
+}
+
+/// The node's name in messages and `via`, else its address.
+fn label(report: &NodeReport) -> String {
+    if report.node.is_empty() {
+        report.agent.clone()
+    } else {
+        report.node.clone()
+    }
+}
+
+/// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
+/// client, the report filled with what the node is and holds, and the blobs it lacks.
+#[allow(clippy::type_complexity)]
+async fn identify(
+    bundle: &Bundle,
+    session: &str,
+    agent: &str,
+    opts: &LoadOptions,
+    progress: &dyn Progress,
+    mut report: NodeReport,
+) -> (
+    Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>,
+    u32,
+) {
+    let retry = &opts.retry;
+    let mut attempt = 0;
+    loop {
+        let run = async {
+            let call_err = |call: &'static str| {
+                move |status: tonic::Status| LoadError::Agent {
+                    agent: agent.to_string(),
+                    call,
+                    status,
+                }
+            };
+            let mut client = connect(agent, &opts.dial).await?;
+            let info = client
+                .info(InfoRequest {})
+                .await
+                .map_err(call_err("Info"))?
+                .into_inner();
+            report.node = info.node_name.clone();
+            report.runtime = format!("{} {}", info.runtime, info.runtime_version);
+            report.images_pinned = info.images_pinned;
+            progress.node_identified(agent, &info.node_name);
+            let have = client
+                .have(HaveRequest {
+                    session: session.to_string(),
+                    blobs: have_descriptors(bundle),
+                })
+                .await
+                .map_err(call_err("Have"))?
+                .into_inner();
+            let mut missing = HashMap::new();
+            report.blobs_skipped = 0;
+            report.bytes_skipped = 0;
+            for state in have.blobs {
+                let Some(blob) = bundle.blobs.get(&state.digest) else {
+                    continue;
+                };
+                if state.present {
+                    report.blobs_skipped += 1;
+                    report.bytes_skipped += blob.size;
+                } else {
+                    let offset = state.offset.min(blob.size);
+                    report.bytes_skipped += offset;
+                    missing.insert(blob.digest.clone(), offset);
+                }
+            }
+            Ok((client, report.clone(), missing))
+        };
+        let result = match retry.node_timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, run)
+                    .await
+                    .unwrap_or(Err(LoadError::TimedOut {
+                        agent: agent.to_string(),
+                        limit,
+                    }))
+            }
+            None => run.await,
+        };
+        match result {
+            Err(e) if e.is_transient() && attempt < retry.retries => {
+                let wait = (retry.backoff * 2u32.pow(attempt)).min(Duration::from_secs(30));
+                attempt += 1;
+                progress.phase(
+                    agent,
+                    &format!(
+                        "retry {attempt} of {} in {}: {e}",
+                        retry.retries,
+                        humantime::format_duration(wait)
+                    ),
+                );
+                tokio::time::sleep(wait).await;
+            }
+            other => return (other, attempt + 1),
+        }
+    }
+}
+
+/// The relay tree over the live, peer-reachable nodes for `digest`: the hop of position
+/// `i` and below, or `None` when nobody there needs the blob.
+fn hop(nodes: &[&Node], digest: &str, i: usize, k: usize) -> Option<RelayHop> {
+    let n = nodes[i];
+    let forward: Vec<RelayHop> = children(i, nodes.len(), k)
+        .filter_map(|c| hop(nodes, digest, c, k))
+        .collect();
+    let own = n.missing.get(digest).copied();
+    if own.is_none() && forward.is_empty() {
+        return None;
+    }
+    Some(RelayHop {
+        address: n.agent.clone(),
+        store: own.is_some(),
+        offset: own.unwrap_or(0),
+        forward,
+    })
+}
+
+/// Who forwarded to whom in `root`'s tree: child address -> parent address.
+fn parents(root: &RelayHop, out: &mut HashMap<String, String>) {
+    for child in &root.forward {
+        out.insert(child.address.clone(), root.address.clone());
+        parents(child, out);
+    }
+}
+
+/// Gets `digest` onto every live node that lacks it: one tree from the coordinator, then
+/// again to the nodes a failure cut off, until every live node holds it or failed.
+async fn deliver(
+    bundle: &Arc<Bundle>,
+    session: &str,
+    digest: &str,
+    nodes: &mut [Node],
+    reports: &mut [NodeReport],
+    fanout: usize,
+    progress: &dyn Progress,
+) {
+    let blob = &bundle.blobs[digest];
+    let name_of: HashMap<String, String> = reports
+        .iter()
+        .map(|r| (r.agent.clone(), label(r)))
+        .collect();
+    let name = |agent: &str| {
+        name_of
+            .get(agent)
+            .cloned()
+            .unwrap_or_else(|| agent.to_string())
+    };
+    for round in 0..4 {
+        if !nodes
+            .iter()
+            .any(|n| n.alive() && n.missing.contains_key(digest))
+        {
+            return;
+        }
+        if round > 0 {
+            refresh_offsets(bundle, session, digest, nodes, reports).await;
+        }
+        // One tree over the nodes peers reach; each node only the coordinator reaches on
+        // its own.
+        // After a failure, the tree is made of the nodes still lacking the blob only: no
+        // node passes it on again.
+        let relayed: Vec<&Node> = nodes
+            .iter()
+            .filter(|n| n.alive() && !n.direct)
+            .filter(|n| round == 0 || n.missing.contains_key(digest))
+            .collect();
+        let mut roots: Vec<RelayHop> = Vec::new();
+        if !relayed.is_empty() {
+            roots.extend(hop(&relayed, digest, 0, fanout));
+        }
+        for n in nodes.iter().filter(|n| n.alive() && n.direct) {
+            if let Some(&offset) = n.missing.get(digest) {
+                roots.push(RelayHop {
+                    address: n.agent.clone(),
+                    store: true,
+                    offset,
+                    forward: Vec::new(),
+                });
+            }
+        }
+        let mut parent: HashMap<String, String> = HashMap::new();
+        for root in &roots {
+            parents(root, &mut parent);
+        }
+        let calls = roots.iter().map(|root| {
+            let client = nodes
+                .iter()
+                .find(|n| n.agent == root.address)
+                .expect("root is a node")
+                .client
+                .clone();
+            send_tree(client, bundle.clone(), session, digest, root.clone())
+        });
+        let answers = futures::future::join_all(calls).await;
+
+        // Every node of the trees: its outcome, if anyone reported one.
+        let mut outcomes: HashMap<String, Outcome> = HashMap::new();
+        let mut bundle_error = None;
+        for (root, answer) in roots.iter().zip(answers) {
+            match answer {
+                Ok((resp, sent)) => {
+                    let idx = nodes
+                        .iter()
+                        .find(|n| n.agent == root.address)
+                        .expect("root is a node")
+                        .idx;
+                    reports[idx].bytes_from_coordinator += sent;
+                    outcomes.insert(
+                        root.address.clone(),
+                        if !resp.local_error.is_empty() {
+                            Outcome::Refused(resp.local_error.clone())
+                        } else if !root.store {
+                            Outcome::Passed
+                        } else {
+                            Outcome::Stored {
+                                received: resp.received,
+                                already: resp.already_present,
+                            }
+                        },
+                    );
+                    for r in resp.relayed {
+                        let outcome = if r.lost {
+                            Outcome::Lost(r.error)
+                        } else if !r.ok {
+                            Outcome::Refused(r.error)
+                        } else if r.pass_through {
+                            Outcome::Passed
+                        } else {
+                            Outcome::Stored {
+                                received: r.received,
+                                already: r.already_present,
+                            }
+                        };
+                        outcomes.insert(r.address, outcome);
+                    }
+                }
+                Err(SendError::Bundle(e)) => bundle_error = Some(e.to_string()),
+                Err(SendError::Call(e)) => {
+                    outcomes.insert(root.address.clone(), Outcome::Lost(e.to_string()));
+                }
+            }
+        }
+
+        let mut suspects = Vec::new();
+        for n in nodes.iter_mut().filter(|n| n.alive()) {
+            let Some(&offset) = n.missing.get(digest) else {
+                continue;
+            };
+            let report = &mut reports[n.idx];
+            if let Some(e) = &bundle_error {
+                n.failed = Some(e.clone());
+                continue;
+            }
+            let from = match parent.get(&n.agent) {
+                Some(p) => name(p),
+                None => "coordinator".to_string(),
+            };
+            match outcomes.remove(&n.agent) {
+                Some(Outcome::Stored { received, already }) => {
+                    n.missing.remove(digest);
+                    if already {
+                        report.blobs_skipped += 1;
+                        report.bytes_skipped += blob.size - offset;
+                    } else {
+                        report.blobs_sent += 1;
+                        report.bytes_sent += received;
+                        progress.sent(&n.agent, received);
+                        if !report.via.contains(&from) {
+                            report.via.push(from);
+                        }
+                    }
+                }
+                Some(Outcome::Refused(e)) => {
+                    n.failed = Some(format!("blob {digest}: {e}"));
+                }
+                Some(Outcome::Lost(e)) => suspects.push((n.idx, from, e)),
+                // Passed cannot be: the node lacked the blob. None: cut off above.
+                Some(Outcome::Passed) | None => {}
+            }
+        }
+        // A pass-through node whose call failed is as suspect as any other.
+        for n in nodes
+            .iter()
+            .filter(|n| n.alive() && !n.missing.contains_key(digest))
+        {
+            if let Some(Outcome::Lost(e)) = outcomes.remove(&n.agent) {
+                let from = parent
+                    .get(&n.agent)
+                    .map(|p| name(p))
+                    .unwrap_or_else(|| "coordinator".into());
+                suspects.push((n.idx, from, e));
+            }
+        }
+        for (idx, from, error) in suspects {
+            let n = nodes.iter_mut().find(|n| n.idx == idx).expect("suspect");
+            match probe(&mut n.client).await {
+                Ok(()) => {
+                    warn!(agent = %n.agent, %from, %error, "relay to this node failed, but the coordinator reaches it: sending to it directly");
+                    n.direct = true;
+                }
+                Err(probe) => {
+                    n.failed = Some(format!(
+                        "relay of blob {digest} from {from} broke off ({error}); the coordinator cannot reach the agent either: {probe}"
+                    ));
+                }
+            }
+        }
+    }
+    for n in nodes
+        .iter_mut()
+        .filter(|n| n.alive() && n.missing.contains_key(digest))
+    {
+        n.failed = Some(format!(
+            "blob {digest} could not be delivered after 4 attempts"
+        ));
+    }
+}
+
+/// Whether the coordinator itself still reaches the node.
+async fn probe(client: &mut AgentConn) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(5), client.info(InfoRequest {})).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(format!("Info: {}", status.message())),
+        Err(_) => Err("Info: no answer within 5s".into()),
+    }
+}
+
+/// After a failed delivery: how far each node still lacking `digest` got (a cut-off upload
+/// keeps what arrived, and resumes from there).
+async fn refresh_offsets(
+    bundle: &Bundle,
+    session: &str,
+    digest: &str,
+    nodes: &mut [Node],
+    reports: &[NodeReport],
+) {
+    let blob = &bundle.blobs[digest];
+    let desc = Descriptor {
+        digest: blob.digest.clone(),
+        size: blob.size,
+        media_type: blob.media_type.clone(),
+        diff_id: String::new(),
+    };
+    for n in nodes
+        .iter_mut()
+        .filter(|n| n.alive() && n.missing.contains_key(digest))
+    {
+        let asked = n
+            .client
+            .have(HaveRequest {
+                session: session.to_string(),
+                blobs: vec![desc.clone()],
+            })
+            .await;
+        match asked {
+            Ok(have) => {
+                if let Some(state) = have.into_inner().blobs.into_iter().next() {
+                    if state.present {
+                        n.missing.remove(digest);
+                    } else {
+                        n.missing
+                            .insert(digest.to_string(), state.offset.min(blob.size));
+                    }
+                }
+            }
+            Err(status) => {
+                n.failed = Some(
+                    LoadError::Agent {
+                        agent: reports[n.idx].agent.clone(),
+                        call: "Have",
+                        status,
+                    }
+                    .to_string(),
+                )
+            }
+        }
+    }
+}
+
+enum SendError {
+    Bundle(BundleError),
+    Call(LoadError),
+}
+
+/// Streams `digest` to `root`, which passes it down its tree; returns its answer and the
+/// bytes the coordinator sent.
+async fn send_tree(
+    mut client: AgentConn,
+    bundle: Arc<Bundle>,
+    session: &str,
+    digest: &str,
+    root: RelayHop,
+) -> Result<(PutBlobResponse, u64), SendError> {
+    let blob = &bundle.blobs[digest];
+    let start = root.stream_start().expect("a root needs the blob below it");
+    let relay = !root.forward.is_empty() || !root.store;
+    let header = BlobHeader {
+        session: session.to_string(),
+        blob: Some(Descriptor {
+            digest: blob.digest.clone(),
+            size: blob.size,
+            media_type: blob.media_type.clone(),
+            diff_id: String::new(),
+        }),
+        offset: start,
+        forward: root.forward.clone(),
+        pass_through: relay && !root.store,
+        store_offset: if relay && root.store { root.offset } else { 0 },
+    };
+    let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
+    tx.send(PutBlobRequest {
+        msg: Some(Msg::Header(header)),
+    })
+    .await
+    .expect("receiver is alive until the call starts");
+    let reader = {
+        let bundle = bundle.clone();
+        let digest = digest.to_string();
+        tokio::task::spawn_blocking(move || -> Result<u64, BundleError> {
+            let mut reader = bundle.read_blob(&digest, start)?;
+            let mut sent = 0u64;
+            while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
+                let n = chunk.len() as u64;
+                let msg = PutBlobRequest {
+                    msg: Some(Msg::Chunk(chunk.into())),
+                };
+                if tx.blocking_send(msg).is_err() {
+                    break;
+                }
+                sent += n;
+            }
+            Ok(sent)
+        })
+    };
+    let response = client.put_blob(ReceiverStream::new(rx)).await;
+    let sent = reader
+        .await
+        .expect("blob reader task panicked")
+        .map_err(SendError::Bundle)?;
+    let response = response.map_err(|status| {
+        SendError::Call(LoadError::Agent {
+            agent: root.address.clone(),
+            call: "PutBlob",
+            status,
+        })
+    })?;
+    Ok((response.into_inner(), sent))
+}
+
+/// Verify every name on the node, then release the session if all is well (as a plain
+/// load does).
+async fn verify_and_end(
+    client: &mut AgentConn,
+    plan: &[PlannedImage],
+    session: &str,
+    agent: &str,
+    report: &mut NodeReport,
+) -> Result<(), LoadError> {
+    let call_err = |call: &'static str| {
+        move |status: tonic::Status| LoadError::Agent {
+            agent: agent.to_string(),
+            call,
+            status,
+        }
+    };
+    let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
+    let verified = client
+        .verify(VerifyRequest { refs })
+        .await
+        .map_err(call_err("Verify"))?
+        .into_inner();
+    for r in verified.refs.into_iter().filter(|r| !r.ok) {
+        if !report.failed_images.iter().any(|f| {
+            plan.iter()
+                .any(|p| p.source == f.image && p.names.contains(&r.r#ref))
+        }) {
+            report.failed_images.push(FailedImage {
+                image: r.r#ref,
+                reason: format!("verification: {}", r.problem),
+            });
+        }
+    }
+    if report.failed_images.is_empty() {
+        client
+            .end_session(EndSessionRequest {
+                session: session.to_string(),
+            })
+            .await
+            .map_err(call_err("EndSession"))?;
+    }
+    Ok(())
+}
+
+/// What `lade load --plan` prints: the topology the load would use, before anything is
+/// sent.
+pub fn plan_text(bundle: &Bundle, agents: &[String], mode: RelayMode) -> String {
+    let mut out = format!(
+        "{} images, {} blobs, {} bytes in the bundle; {} nodes\n",
+        bundle.images.len(),
+        bundle.blobs.len(),
+        bundle.total_bytes(),
+        agents.len()
+    );
+    match mode.fanout(agents.len()) {
+        None => {
+            out.push_str("relay off: the coordinator sends every node what it lacks itself\n");
+            for a in agents {
+                let _ = writeln!(out, "coordinator -> {a}");
+            }
+        }
+        Some(k) => {
+            let _ = writeln!(
+                out,
+                "relay {}: each missing blob leaves the coordinator once, to {}; nodes that hold a blob pass it on",
+                mode.describe(agents.len()),
+                agents[0]
+            );
+            out.push_str(&render_topology(agents, k));
+        }
+    }
+    out
+}
+
+/// Bytes the coordinator would send at least: every blob some node lacks, once.
+pub fn unique_missing(bundle: &Bundle, missing: &[HashMap<String, u64>]) -> u64 {
+    let mut need: BTreeMap<&str, u64> = BTreeMap::new();
+    for m in missing {
+        for (d, off) in m {
+            let e = need.entry(d.as_str()).or_insert(u64::MAX);
+            *e = (*e).min(*off);
+        }
+    }
+    need.iter()
+        .map(|(d, off)| bundle.blobs[*d].size - off)
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn modes_parse_and_resolve() {
+        assert_eq!("off".parse::<RelayMode>().unwrap(), RelayMode::Off);
+        assert_eq!("chain".parse::<RelayMode>().unwrap(), RelayMode::Chain);
+        assert_eq!("tree:3".parse::<RelayMode>().unwrap(), RelayMode::Tree(3));
+        assert_eq!("auto".parse::<RelayMode>().unwrap(), RelayMode::Auto);
+        for bad in ["tree", "tree:0", "tree:x", "ring", "tree:65"] {
+            assert!(bad.parse::<RelayMode>().is_err(), "{bad}");
+        }
+        assert_eq!(RelayMode::Auto.fanout(1), None);
+        assert_eq!(RelayMode::Auto.fanout(2), Some(2));
+        assert_eq!(RelayMode::Chain.fanout(4), Some(1));
+        assert_eq!(RelayMode::Tree(3).fanout(1), None);
+        assert_eq!(RelayMode::Off.fanout(8), None);
+    }
+
+    #[test]
+    fn trees_are_laid_out_in_order() {
+        assert_eq!(children(0, 4, 1).collect::<Vec<_>>(), [1]);
+        assert_eq!(children(3, 4, 1).count(), 0);
+        assert_eq!(children(0, 7, 2).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(children(2, 7, 2).collect::<Vec<_>>(), [5, 6]);
+        assert_eq!(children(2, 6, 2).collect::<Vec<_>>(), [5]);
+        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
+        assert_eq!(
+            render_topology(&names, 2),
+            "coordinator\n└─ a\n   ├─ b\n   │  └─ d\n   └─ c\n"
+        );
+        assert_eq!(
+            render_topology(&names, 1),
+            "coordinator\n└─ a\n   └─ b\n      └─ c\n         └─ d\n"
+        );
+    }
+}
