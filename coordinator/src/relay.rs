@@ -663,7 +663,9 @@ async fn deliver(
                 }
                 Err(probe) => {
                     n.failed = Some(format!(
-                        "relay of blob {digest} from {from} broke off ({error}); the coordinator cannot reach the agent either: {probe}"
+                        "agent {} was lost while {from} relayed blob {digest} to it ({error}), \
+                         and the coordinator cannot reach it either ({probe})",
+                        n.agent
                     ));
                 }
             }
@@ -695,7 +697,7 @@ async fn refresh_offsets(
     session: &str,
     digest: &str,
     nodes: &mut [Node],
-    reports: &[NodeReport],
+    reports: &mut [NodeReport],
 ) {
     let blob = &bundle.blobs[digest];
     let desc = Descriptor {
@@ -718,11 +720,17 @@ async fn refresh_offsets(
         match asked {
             Ok(have) => {
                 if let Some(state) = have.into_inner().blobs.into_iter().next() {
+                    // What arrived in the failed round was sent to it all the same.
+                    let before = n.missing[digest];
+                    let report = &mut reports[n.idx];
                     if state.present {
                         n.missing.remove(digest);
+                        report.blobs_sent += 1;
+                        report.bytes_sent += blob.size - before;
                     } else {
-                        n.missing
-                            .insert(digest.to_string(), state.offset.min(blob.size));
+                        let now = state.offset.min(blob.size);
+                        report.bytes_sent += now.saturating_sub(before);
+                        n.missing.insert(digest.to_string(), now);
                     }
                 }
             }

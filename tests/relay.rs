@@ -1,0 +1,597 @@
+//! Relay fan-out end to end (issue 8): the real `lade` and `lade-agent` binaries against
+//! private containerd instances, the agents passing blobs on to each other over their gRPC
+//! ports. Fails when containerd, runc or busybox-static is missing, unless
+//! LADE_SKIP_DAEMON_TESTS=1 says to skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, ensure, Context, Result};
+use lade::bundle::Bundle;
+use lade_proto::{
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest, RelayHop,
+};
+use lade_testkit::fixtures::{random_layer, ArchiveFormat, Compression, ImageFixture};
+use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::nodes::{run_lade, workspace_bin, Node, TEST_TOKEN};
+use lade_tests::{images, load_json, u64_of, write_sample_bundle};
+use serde_json::Value;
+
+async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(Node::start(name).await?);
+    }
+    Ok(nodes)
+}
+
+fn addrs(nodes: &[Node]) -> Vec<String> {
+    nodes.iter().map(Node::addr).collect()
+}
+
+/// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
+fn metric(node: &Node, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port)) else {
+        return 0.0;
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Every image of the load is named, complete and unpacked on `node`: containerd's own
+/// check, and a container started from each name.
+fn assert_has_every_image(node: &Node, expected_names: usize) -> Result<()> {
+    let names: Vec<String> = node
+        .image_names()?
+        .into_iter()
+        .filter(|n| !n.starts_with("sha256:"))
+        .collect();
+    ensure!(
+        names.len() == expected_names,
+        "{}: {} names, expected {expected_names}: {names:?}",
+        node.name,
+        names.len()
+    );
+    let check = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "check"])?;
+    for line in check.lines().skip(1) {
+        ensure!(line.contains("complete"), "{}: {line}", node.name);
+    }
+    let out = node.run_container(&names[0], "relay-probe", &["/bin/echo", "relayed"])?;
+    ensure!(out.contains("relayed"), "{}: {out}", node.name);
+    Ok(())
+}
+
+fn via(report: &Value) -> Vec<String> {
+    report["via"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str().map(str::to_string))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn from_coordinator(reports: &[Value]) -> u64 {
+    reports
+        .iter()
+        .map(|r| u64_of(r, "bytes_from_coordinator"))
+        .sum()
+}
+
+fn sample_bundle(dir: &Path) -> Result<PathBuf> {
+    let (bundle, _) = write_sample_bundle(
+        dir,
+        "demo.bundle.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    Ok(bundle)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_once() -> Result<()>
+{
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let bundle = sample_bundle(dir.path())?;
+    let unique = Bundle::open(&bundle)?.total_bytes();
+    let nodes = start_nodes(&["chain-a", "chain-b", "chain-c", "chain-d"]).await?;
+
+    let (code, reports, stderr) = load_json(&bundle, &addrs(&nodes), &["--relay", "chain"])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    // The topology is printed before anything moves.
+    assert!(
+        stderr.contains("relay chain")
+            && stderr.contains("└─ chain-a\n   └─ chain-b\n      └─ chain-c\n         └─ chain-d"),
+        "{stderr}"
+    );
+    // Not x4: the unique bytes once, all of it to the first node.
+    assert_eq!(from_coordinator(&reports), unique, "{reports:#?}");
+    assert_eq!(u64_of(&reports[0], "bytes_from_coordinator"), unique);
+    let expected_via = ["coordinator", "chain-a", "chain-b", "chain-c"];
+    for ((node, report), from) in nodes.iter().zip(&reports).zip(expected_via) {
+        assert_eq!(report["ok"], true, "{report}");
+        assert_eq!(u64_of(report, "images_loaded"), 3, "{report}");
+        // Every node stored every byte itself (and verified it).
+        assert_eq!(u64_of(report, "bytes_sent"), unique, "{report}");
+        assert_eq!(via(report), [from], "{report}");
+        assert_has_every_image(node, 3)?;
+        assert_eq!(
+            metric(node, "lade_agent_blobs_committed_total") as usize,
+            Bundle::open(&bundle)?.blobs.len(),
+            "{}",
+            node.name
+        );
+    }
+    // Each node but the last passed every byte on.
+    for node in &nodes[..3] {
+        assert_eq!(
+            metric(node, "lade_agent_relay_bytes_total") as u64,
+            unique,
+            "{}",
+            node.name
+        );
+    }
+    assert_eq!(metric(&nodes[3], "lade_agent_relay_bytes_total"), 0.0);
+
+    // Again: nothing is sent anywhere.
+    let (code, reports, stderr) = load_json(&bundle, &addrs(&nodes), &["--relay", "chain"])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(from_coordinator(&reports), 0);
+    for r in &reports {
+        assert_eq!(u64_of(r, "bytes_sent"), 0, "{r}");
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let bundle = sample_bundle(dir.path())?;
+    let unique = Bundle::open(&bundle)?.total_bytes();
+    let nodes = start_nodes(&["tree-a", "tree-b", "tree-c", "tree-d"]).await?;
+
+    let mut args = vec![
+        "load".to_string(),
+        bundle.display().to_string(),
+        "--progress".into(),
+        "none".into(),
+        "--relay".into(),
+        "tree:2".into(),
+    ];
+    for a in addrs(&nodes) {
+        args.extend(["--agent".to_string(), a]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_lade(&argv)?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{table}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // a from the coordinator; b and c from a; d from b.
+    let row = |name: &str| {
+        table
+            .lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_string()
+    };
+    assert!(row("tree-a").contains(" coordinator "), "{table}");
+    assert!(row("tree-b").contains(" tree-a "), "{table}");
+    assert!(row("tree-c").contains(" tree-a "), "{table}");
+    assert!(row("tree-d").contains(" tree-b "), "{table}");
+    assert!(table.contains("left the coordinator"), "{table}");
+    for node in &nodes {
+        assert_has_every_image(node, 3)?;
+    }
+    // a passed every byte on twice (to b and c), b once (to d), c and d never.
+    let relayed: Vec<u64> = nodes
+        .iter()
+        .map(|n| metric(n, "lade_agent_relay_bytes_total") as u64)
+        .collect();
+    assert_eq!(relayed, [2 * unique, unique, 0, 0]);
+    Ok(())
+}
+
+/// Sample images plus one with two large random layers (so a transfer lasts long enough to
+/// be interrupted), uncompressed.
+fn big_bundle(dir: &Path) -> Result<(PathBuf, Vec<String>)> {
+    let mut imgs = images()?;
+    let base = imgs[2].layers[0].clone();
+    imgs.push(ImageFixture::new(
+        "release.daocloud.io/demo/big:v1",
+        vec![
+            base,
+            random_layer(21, 40 << 20, 0.0),
+            random_layer(22, 40 << 20, 0.0),
+        ],
+        &["/bin/sh"],
+    ));
+    let (path, written) = write_sample_bundle(
+        dir,
+        "big.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::None,
+    )?;
+    let big = written.images[3]
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
+    Ok((path, big))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    // The first node already holds busybox (the base layer all images share).
+    let (small, _) = write_sample_bundle(
+        dir.path(),
+        "old.bundle.tar",
+        &imgs[2..],
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let (full, _) = big_bundle(dir.path())?;
+    let nodes = start_nodes(&["pass-a", "pass-b", "pass-c"]).await?;
+    let (code, reports, stderr) = load_json(&small, &[nodes[0].addr()], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+
+    // The last node holds the first MiB of the big image's first own layer, as an
+    // interrupted upload leaves it.
+    let bundle = Bundle::open(&full)?;
+    let held = Bundle::open(&small)?;
+    let big_layer = bundle.images[3].layers[1].clone();
+    let blob = &bundle.blobs[&big_layer];
+    let desc = Descriptor {
+        digest: blob.digest.clone(),
+        size: blob.size,
+        media_type: blob.media_type.clone(),
+        ..Default::default()
+    };
+    {
+        let mut client = lade::load::connect(&nodes[2].addr(), &lade_tests::dial()).await?;
+        let first = bundle
+            .read_blob(&big_layer, 0)?
+            .next_chunk(lade_proto::CHUNK_SIZE)?
+            .context("a first chunk")?;
+        let messages = vec![
+            PutBlobRequest {
+                msg: Some(Msg::Header(BlobHeader {
+                    session: "partial".into(),
+                    blob: Some(desc.clone()),
+                    ..Default::default()
+                })),
+            },
+            PutBlobRequest {
+                msg: Some(Msg::Chunk(first.into())),
+            },
+        ];
+        let cut = client.put_blob(futures_iter(messages)).await;
+        ensure!(cut.is_err(), "a short upload must not be accepted");
+    }
+
+    let total = bundle.total_bytes();
+    let already_a: u64 = bundle
+        .blobs
+        .values()
+        .filter(|b| held.blobs.contains_key(&b.digest))
+        .map(|b| b.size)
+        .sum();
+    assert!(already_a > 0);
+    let chunk = lade_proto::CHUNK_SIZE as u64;
+    let (code, reports, stderr) = load_json(&full, &addrs(&nodes), &["--relay", "chain"])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    // The coordinator sent every blob some node lacked once, from the earliest byte anyone
+    // lacked: the whole bundle (b lacks everything), not what a lacks plus what b lacks.
+    assert_eq!(from_coordinator(&reports), total, "{reports:#?}");
+    // a stored only what it lacked, but passed busybox on to b untouched.
+    assert_eq!(u64_of(&reports[0], "bytes_sent"), total - already_a);
+    assert_eq!(u64_of(&reports[0], "bytes_skipped"), already_a);
+    assert_eq!(
+        metric(&nodes[0], "lade_agent_relay_bytes_total") as u64,
+        total
+    );
+    assert_eq!(u64_of(&reports[1], "bytes_sent"), total);
+    // c got only the part of the big layer it did not hold: b forwarded from its offset.
+    assert_eq!(u64_of(&reports[2], "bytes_sent"), total - chunk);
+    assert_eq!(u64_of(&reports[2], "bytes_skipped"), chunk);
+    assert_eq!(
+        metric(&nodes[1], "lade_agent_relay_bytes_total") as u64,
+        total - chunk
+    );
+    for (node, report) in nodes.iter().zip(&reports) {
+        assert_eq!(report["ok"], true, "{report}");
+        assert_eq!(u64_of(report, "images_loaded"), 4, "{report}");
+        assert_has_every_image(node, 4)?;
+    }
+    // The base layer a already had was not written again.
+    let have = lade::load::connect(&nodes[0].addr(), &lade_tests::dial())
+        .await?
+        .have(HaveRequest {
+            session: "check".into(),
+            blobs: vec![desc],
+        })
+        .await?
+        .into_inner();
+    assert!(have.blobs[0].present);
+    Ok(())
+}
+
+/// A stream of `messages`, for client-streaming calls.
+fn futures_iter(
+    messages: Vec<PutBlobRequest>,
+) -> tokio_stream::Iter<std::vec::IntoIter<PutBlobRequest>> {
+    tokio_stream::iter(messages)
+}
+
+/// Waits until `condition` holds (polling every 5 ms), at most 120 s.
+fn wait_for(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while !condition() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_complete() -> Result<()>
+{
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, big_layers) = big_bundle(dir.path())?;
+    let index = Bundle::open(&bundle)?;
+    let mut nodes = start_nodes(&["kill-a", "kill-b", "kill-c", "kill-d"]).await?;
+    let dead = nodes[1].addr();
+
+    let mut cmd = Command::new(workspace_bin("lade")?);
+    cmd.arg("load")
+        .arg(&bundle)
+        .args(["--relay", "chain", "--progress", "none", "-o", "json"])
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for a in addrs(&nodes) {
+        cmd.args(["--agent", &a]);
+    }
+    let load = cmd.spawn()?;
+    // Well into the first big layer on b.
+    wait_for("b to receive part of the big layer", || {
+        metric(&nodes[1], "lade_agent_received_bytes_total") > (12 << 20) as f64
+    })?;
+    // Cut-through: b and c already have bytes of the big layer that a has not committed
+    // yet (a commits a blob only at its end).
+    let committed_a = metric(&nodes[0], "lade_agent_blobs_committed_total") as usize;
+    let received_c = metric(&nodes[2], "lade_agent_received_bytes_total");
+    nodes[1].kill_agent();
+    let blobs_before_big = index.blobs.len() - big_layers.len() + 1; // + the shared base
+    assert!(
+        committed_a < blobs_before_big + 1,
+        "a committed {committed_a} blobs: the big layer was stored before being passed on"
+    );
+    assert!(received_c > 0.0, "c had received nothing yet");
+
+    let out = load.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
+    assert_eq!(out.status.code(), Some(1), "{reports:#?}\n{stderr}");
+    // The dead node is named, with what happened.
+    assert_eq!(reports[1]["ok"], false, "{}", reports[1]);
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&dead) || error.contains("kill-b"), "{error}");
+    assert!(error.contains("cannot reach"), "{error}");
+    // What b imported before it died is whole; nothing half-done carries a name there.
+    let check = nodes[1]
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "check"])?;
+    for line in check.lines().skip(1) {
+        ensure!(line.contains("complete"), "kill-b: {line}");
+    }
+    // Everyone else completed, the nodes behind b through another path.
+    for i in [0, 2, 3] {
+        assert_eq!(reports[i]["ok"], true, "{}\n{stderr}", reports[i]);
+        assert_eq!(u64_of(&reports[i], "images_loaded"), 4);
+        assert_has_every_image(&nodes[i], 4)?;
+    }
+    let via_c = via(&reports[2]);
+    assert!(
+        via_c.contains(&"kill-b".to_string()) && via_c.contains(&"coordinator".to_string()),
+        "{via_c:?}"
+    );
+    assert!(!via(&reports[3]).is_empty());
+    // What c and d received before the failure counts as sent to them: every byte once.
+    for i in [2, 3] {
+        assert_eq!(
+            u64_of(&reports[i], "bytes_sent"),
+            index.total_bytes(),
+            "{}",
+            reports[i]
+        );
+    }
+    // Resent after the failure: no more than the blob b died in, to c; never all again.
+    let total = index.total_bytes();
+    let largest = index.blobs.values().map(|b| b.size).max().unwrap_or(0);
+    let sent = from_coordinator(&reports);
+    assert!(
+        sent >= total && sent <= total + largest,
+        "coordinator sent {sent}, bundle {total}"
+    );
+    Ok(())
+}
+
+#[test]
+fn plan_prints_the_topology_and_contacts_nobody() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let bundle = sample_bundle(dir.path())?;
+    // Nothing listens on these: --plan must not try.
+    let agents: Vec<String> = (1..=5).map(|i| format!("192.0.2.{i}:7700")).collect();
+    let started = Instant::now();
+    let mut args = vec![
+        "load".to_string(),
+        bundle.display().to_string(),
+        "--plan".into(),
+        "--relay".into(),
+        "tree:2".into(),
+    ];
+    for a in &agents {
+        args.extend(["--agent".to_string(), a.clone()]);
+    }
+    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+    let out = run_lade(&argv)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{text}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert!(text.contains("relay tree:2"), "{text}");
+    assert!(
+        text.contains(
+            "coordinator\n└─ 192.0.2.1:7700\n   ├─ 192.0.2.2:7700\n   │  ├─ 192.0.2.4:7700\n   │  └─ 192.0.2.5:7700\n   └─ 192.0.2.3:7700\n"
+        ),
+        "{text}"
+    );
+    // Off: every node from the coordinator.
+    let mut off = argv.clone();
+    let pos = off.iter().position(|a| *a == "tree:2").expect("mode");
+    off[pos] = "off";
+    let out = run_lade(&off)?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("relay off") && text.contains("coordinator -> 192.0.2.5:7700"),
+        "{text}"
+    );
+    // A bad mode is refused as an argument error.
+    let mut bad = argv.clone();
+    bad[pos] = "tree:0";
+    assert_eq!(run_lade(&bad)?.status.code(), Some(2));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let bundle_path = sample_bundle(dir.path())?;
+    let bundle = Bundle::open(&bundle_path)?;
+    let nodes = start_nodes(&["auth-a", "auth-b"]).await?;
+    let blob = bundle
+        .blobs
+        .values()
+        .max_by_key(|b| b.size)
+        .expect("a blob");
+    let desc = Descriptor {
+        digest: blob.digest.clone(),
+        size: blob.size,
+        media_type: blob.media_type.clone(),
+        ..Default::default()
+    };
+    let data = bundle
+        .read_blob(&blob.digest, 0)?
+        .next_chunk(blob.size as usize + 1)?
+        .context("blob bytes")?;
+    let request = |data: bytes::Bytes| {
+        vec![
+            PutBlobRequest {
+                msg: Some(Msg::Header(BlobHeader {
+                    session: "intruder".into(),
+                    blob: Some(desc.clone()),
+                    forward: vec![RelayHop {
+                        address: nodes[1].addr(),
+                        store: true,
+                        offset: 0,
+                        forward: vec![],
+                    }],
+                    ..Default::default()
+                })),
+            },
+            PutBlobRequest {
+                msg: Some(Msg::Chunk(data)),
+            },
+        ]
+    };
+    let data: bytes::Bytes = data.into();
+    for token in [None, Some("not-the-token")] {
+        let credentials = match token {
+            None => lade::load::Credentials::default(),
+            Some(t) => lade::load::Credentials::token(t)?,
+        };
+        let dial = lade::load::Dial {
+            timeout: Duration::from_secs(5),
+            credentials,
+        };
+        let mut client = lade::load::connect(&nodes[0].addr(), &dial).await?;
+        let err = client
+            .put_blob(futures_iter(request(data.clone())))
+            .await
+            .expect_err("an unauthenticated relay must be refused");
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
+    }
+    for node in &nodes {
+        let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
+        let have = client
+            .have(HaveRequest {
+                session: "check".into(),
+                blobs: vec![desc.clone()],
+            })
+            .await?
+            .into_inner();
+        assert!(!have.blobs[0].present, "{}", node.name);
+        assert_eq!(have.blobs[0].offset, 0, "{}", node.name);
+        assert_eq!(metric(node, "lade_agent_received_bytes_total"), 0.0);
+    }
+    // The same request with the token is relayed: both nodes then hold the blob.
+    let mut client = lade::load::connect(&nodes[0].addr(), &lade_tests::dial()).await?;
+    let resp = client
+        .put_blob(futures_iter(request(data.clone())))
+        .await?
+        .into_inner();
+    assert!(resp.local_error.is_empty(), "{resp:?}");
+    assert_eq!(resp.relayed.len(), 1, "{resp:?}");
+    assert!(resp.relayed[0].ok, "{resp:?}");
+    for node in &nodes {
+        let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
+        let have = client
+            .have(HaveRequest {
+                session: "check".into(),
+                blobs: vec![desc.clone()],
+            })
+            .await?
+            .into_inner();
+        assert!(have.blobs[0].present, "{}", node.name);
+    }
+    Ok(())
+}
