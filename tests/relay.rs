@@ -595,3 +595,96 @@ async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
+    use lade_testkit::certs::make_certs;
+    use lade_testkit::harness::{free_port, Containerd};
+    use lade_testkit::nodes::spawn_agent;
+    use std::ffi::OsStr;
+
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let bundle = sample_bundle(dir.path())?;
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs)?;
+    // The agents' certificate serves and, towards their peers, identifies them: both uses.
+    make_certs(
+        &certs,
+        &[
+            (
+                "agent",
+                "subjectAltName=IP:127.0.0.1\nextendedKeyUsage=serverAuth,clientAuth",
+            ),
+            ("admin", "extendedKeyUsage=clientAuth"),
+        ],
+    )?;
+    let (cert, key, ca) = (
+        certs.join("agent.crt"),
+        certs.join("agent.key"),
+        certs.join("ca.crt"),
+    );
+    // (agent, containerd): the agent is dropped first.
+    let mut nodes = Vec::new();
+    let mut agents = Vec::new();
+    for name in ["tls-a", "tls-b", "tls-c"] {
+        let containerd = Containerd::start(name).await?;
+        let port = free_port();
+        let socket = containerd.socket();
+        let args = [
+            OsStr::new("--containerd-socket"),
+            socket.as_os_str(),
+            OsStr::new("--tls-cert"),
+            cert.as_os_str(),
+            OsStr::new("--tls-key"),
+            key.as_os_str(),
+            OsStr::new("--tls-client-ca"),
+            ca.as_os_str(),
+        ];
+        let agent = spawn_agent(
+            name,
+            port,
+            free_port(),
+            &args,
+            &containerd.dir().join("agent.log"),
+        )
+        .await?;
+        agents.push(format!("127.0.0.1:{port}"));
+        nodes.push((agent, containerd));
+    }
+    let (ca_s, admin_crt, admin_key) = (
+        ca.display().to_string(),
+        certs.join("admin.crt").display().to_string(),
+        certs.join("admin.key").display().to_string(),
+    );
+    let (code, reports, stderr) = load_json(
+        &bundle,
+        &agents,
+        &[
+            "--relay",
+            "chain",
+            "--tls-ca",
+            &ca_s,
+            "--tls-cert",
+            &admin_crt,
+            "--tls-key",
+            &admin_key,
+        ],
+    )?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(via(&reports[1]), ["tls-a"], "{}", reports[1]);
+    assert_eq!(via(&reports[2]), ["tls-b"], "{}", reports[2]);
+    assert_eq!(
+        from_coordinator(&reports),
+        Bundle::open(&bundle)?.total_bytes()
+    );
+    for (_, containerd) in &nodes {
+        let check = containerd.ctr_ok(&["-n", "k8s.io", "images", "check"])?;
+        let lines: Vec<&str> = check.lines().skip(1).collect();
+        ensure!(lines.len() >= 3, "{check}");
+        ensure!(lines.iter().all(|l| l.contains("complete")), "{check}");
+    }
+    Ok(())
+}
