@@ -45,6 +45,8 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
         "networkPolicy": {"enabled": True, "allowedCIDRs": ["10.6.0.5/32", "192.0.2.0/24"]},
     },
     "tls": {"tls": {"existingSecret": "lade-tls"}},
+    "tls-peer-name": {"tls": {"existingSecret": "lade-tls", "peerServerName": "lade.lade-system.svc"}},
+    "policy-without-relay": {"networkPolicy": {"enabled": True, "allowedCIDRs": ["10.6.0.5/32"], "relay": False}},
     "host-network": {"hostNetwork": True},
     "everything-set": {
         "image": {"digest": "sha256:" + "ab" * 32},
@@ -459,6 +461,17 @@ def test_tls_secret_is_mounted_and_passed() -> None:
     assert r.flag("auth-token-file"), "TLS adds to the token, it does not replace it"
 
 
+def test_relaying_agents_check_each_other_against_the_peer_server_name() -> None:
+    assert render(VALUES_SETS["tls"]).flag("peer-tls-server-name") is None
+    r = render(VALUES_SETS["tls-peer-name"])
+    assert r.flag("peer-tls-server-name") == "lade.lade-system.svc"
+    # Peers are checked against the same CA that admits clients.
+    assert r.flag("tls-client-ca").endswith("/ca.crt")
+    # Without TLS the name means nothing and is not passed.
+    r = render({"tls": {"peerServerName": "lade.lade-system.svc"}})
+    assert not [a for a in r.args if a.startswith("--peer-tls")]
+
+
 def test_no_tls_flags_without_a_tls_secret() -> None:
     r = render()
     assert not [a for a in r.args if a.startswith("--tls")]
@@ -501,6 +514,15 @@ def test_network_policy_admits_only_the_admin_the_agents_and_prometheus() -> Non
         "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring"}},
         "podSelector": {"matchLabels": {"app.kubernetes.io/name": "prometheus"}},
     }
+
+
+def test_network_policy_admits_agents_to_each_other_only_for_relay() -> None:
+    r = render(VALUES_SETS["policy-without-relay"])
+    policy = r.one("NetworkPolicy")["spec"]
+    agent_labels = r.one("DaemonSet")["spec"]["selector"]["matchLabels"]
+    [grpc] = [rule for rule in policy["ingress"] if rule["ports"][0]["port"] == 7700]
+    assert grpc["from"] == [{"ipBlock": {"cidr": "10.6.0.5/32"}}]
+    assert {"podSelector": {"matchLabels": agent_labels}} not in grpc["from"]
 
 
 def test_network_policy_without_admin_cidrs_is_refused() -> None:
