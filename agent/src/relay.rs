@@ -200,6 +200,9 @@ impl Sink {
     }
 }
 
+/// A call to a child agent: its answer, or why it failed.
+type ChildCall = JoinHandle<Result<PutBlobResponse, String>>;
+
 /// Checks that the forward tree asks for nothing the stream cannot give.
 fn check_tree(hop: &RelayHop, stream_start: u64, size: u64, depth: usize) -> Result<(), Error> {
     if depth > 64 {
@@ -285,8 +288,7 @@ pub async fn put_blob<R: Runtime>(
     };
 
     // One PutBlob stream per direct child that has anyone below needing the blob.
-    let mut children: Vec<(RelayHop, Sink, JoinHandle<Result<PutBlobResponse, String>>)> =
-        Vec::new();
+    let mut children: Vec<(RelayHop, Sink, ChildCall)> = Vec::new();
     for hop in &header.forward {
         let Some(start) = hop.stream_start() else {
             continue;

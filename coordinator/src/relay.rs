@@ -183,24 +183,21 @@ pub async fn load(
         .collect();
 
     // Stage 1: who is there and what each lacks.
-    let identified: Vec<(
-        usize,
-        Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>,
-        u32,
-    )> = futures::stream::iter(opts.agents.iter().enumerate())
-        .map(|(i, agent)| {
-            let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
-            let report = reports[i].clone();
-            async move {
-                progress.node_started(agent);
-                let (result, attempts) =
-                    identify(&bundle, session, agent, opts, &*progress, report).await;
-                (i, result, attempts)
-            }
-        })
-        .buffer_unordered(opts.parallel.max(1))
-        .collect()
-        .await;
+    let identified: Vec<(usize, Identified, u32)> =
+        futures::stream::iter(opts.agents.iter().enumerate())
+            .map(|(i, agent)| {
+                let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
+                let report = reports[i].clone();
+                async move {
+                    progress.node_started(agent);
+                    let (result, attempts) =
+                        identify(&bundle, session, agent, opts, &*progress, report).await;
+                    (i, result, attempts)
+                }
+            })
+            .buffer_unordered(opts.parallel.max(1))
+            .collect()
+            .await;
     let mut nodes: Vec<Node> = Vec::new();
     for (i, result, attempts) in identified {
         reports[i].attempts = attempts;
@@ -368,9 +365,11 @@ fn label(report: &NodeReport) -> String {
     }
 }
 
+/// A node's client, its report with what it is and holds, and the blobs it lacks.
+type Identified = Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>;
+
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
 /// client, the report filled with what the node is and holds, and the blobs it lacks.
-#[allow(clippy::type_complexity)]
 async fn identify(
     bundle: &Bundle,
     session: &str,
@@ -378,10 +377,7 @@ async fn identify(
     opts: &LoadOptions,
     progress: &dyn Progress,
     mut report: NodeReport,
-) -> (
-    Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>,
-    u32,
-) {
+) -> (Identified, u32) {
     let retry = &opts.retry;
     let mut attempt = 0;
     loop {
