@@ -220,6 +220,18 @@ pub async fn load(
         }
     }
     nodes.sort_by_key(|n| n.idx);
+    // An address given twice would be a tree forwarding to itself: keep the first.
+    let mut seen = std::collections::HashSet::new();
+    nodes.retain(|n| {
+        let first = seen.insert(n.agent.clone());
+        if !first {
+            reports[n.idx].error = Some(format!(
+                "agent {} is listed more than once; it is loaded once, as the first of them",
+                n.agent
+            ));
+        }
+        first
+    });
     let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
     let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
     eprint!(
