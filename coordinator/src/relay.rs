@@ -234,10 +234,18 @@ pub async fn load(
     });
     let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
     let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
+    let unique = unique_missing(&bundle, &missing);
     eprint!(
-        "relay {}: {} missing on some node, sent from here once\n{}",
+        "relay {}: {}\n{}",
         RelayMode::Tree(fanout).describe(names.len().max(2)),
-        indicatif::HumanBytes(unique_missing(&bundle, &missing)),
+        if unique == 0 {
+            "every node holds every blob already".to_string()
+        } else {
+            format!(
+                "{} missing on some node, sent from here once",
+                indicatif::HumanBytes(unique)
+            )
+        },
         render_topology(&names, fanout)
     );
     for n in &nodes {
