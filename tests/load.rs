@@ -576,6 +576,7 @@ async fn a_layer_is_unpacked_as_soon_as_it_is_stored_and_a_wrong_hint_harms_noth
                         blob: Some(desc(i)),
                         offset: 0,
                         unpack: Some(hint),
+                        ..Default::default()
                     })),
                 },
                 PutBlobRequest {

@@ -302,6 +302,8 @@ pub async fn put_blob<R: Runtime>(
                 forward: hop.forward.clone(),
                 pass_through: !hop.store,
                 store_offset: if hop.store { hop.offset } else { start },
+                // Each node below unpacks the layer as soon as it has stored it, too.
+                unpack: header.unpack.clone(),
             })),
         };
         let relayed = metrics.relay_bytes.clone();

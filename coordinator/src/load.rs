@@ -447,7 +447,9 @@ pub(crate) fn have_descriptors<'a>(
 
 /// For every layer a node unpacks, its diffID and the chain ID below it (from the first
 /// manifest that uses it), so the agent can unpack it as soon as it arrives.
-pub(crate) fn unpack_hints<'a>(chosen: impl Iterator<Item = &'a Chosen>) -> HashMap<&'a str, UnpackHint> {
+pub(crate) fn unpack_hints<'a>(
+    chosen: impl Iterator<Item = &'a Chosen>,
+) -> HashMap<&'a str, UnpackHint> {
     let mut hints = HashMap::new();
     for c in chosen {
         let mut parent = String::new();
@@ -467,7 +469,7 @@ pub(crate) fn unpack_hints<'a>(chosen: impl Iterator<Item = &'a Chosen>) -> Hash
 
 /// About how many bytes every layer of the bundle unpacks to (see
 /// [`Bundle::unpacked_size_hint`]): read from headers, once per load.
-fn unpacked_size_hints(bundle: &Bundle) -> HashMap<String, u64> {
+pub(crate) fn unpacked_size_hints(bundle: &Bundle) -> HashMap<String, u64> {
     layer_diff_ids(bundle)
         .map(|(l, _)| (l.clone(), bundle.unpacked_size_hint(l)))
         .collect()

@@ -27,18 +27,21 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, EndSessionRequest, HaveRequest, ImageSpec,
-    ImportPhase, InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, VerifyRequest, CHUNK_SIZE,
+    ImportPhase, InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint, VerifyRequest,
+    CHUNK_SIZE,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
-use crate::bundle::{Bundle, BundleError};
+use crate::bundle::{Bundle, Platform};
+use crate::layercheck::LayerChecks;
 use crate::load::{
-    connect, have_descriptors, import, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
-    PlannedImage,
+    connect, have_descriptors, import, space_needed, unpack_hints, unpacked_size_hints, AgentConn,
+    FailedImage, LoadError, LoadOptions, NodeReport, PlannedImage,
 };
 use crate::progress::Progress;
+use crate::select::{choose, Chosen, PlatformChoice};
 
 /// How blobs travel from the coordinator to the nodes (`lade load --relay`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -136,6 +139,10 @@ struct Node {
     client: AgentConn,
     /// Blobs it still lacks, with the bytes of each it already holds.
     missing: HashMap<String, u64>,
+    /// Per image of the bundle, the manifest it gets (its platform's), or why none.
+    chosen: Vec<Result<Chosen, String>>,
+    /// How it unpacks each layer as soon as it is stored.
+    hints: HashMap<String, UnpackHint>,
     /// Peers could not reach it, but the coordinator can: it is sent blobs directly.
     direct: bool,
     /// Why it dropped out; it gets nothing more.
@@ -182,16 +189,28 @@ pub async fn load(
         })
         .collect();
 
-    // Stage 1: who is there and what each lacks.
+    // Stage 1: who is there, which manifests each gets, and what each lacks.
+    let sizes: Arc<HashMap<String, u64>> = Arc::new(if opts.space_check {
+        let bundle = bundle.clone();
+        tokio::task::spawn_blocking(move || unpacked_size_hints(&bundle))
+            .await
+            .unwrap_or_default()
+    } else {
+        HashMap::new()
+    });
+    let checks = opts
+        .layer_check
+        .map(|limits| Arc::new(LayerChecks::new(bundle.clone(), limits)));
     let identified: Vec<(usize, Identified, u32)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
                 let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
                 let report = reports[i].clone();
+                let sizes = opts.space_check.then_some(&*sizes);
                 async move {
                     progress.node_started(agent);
                     let (result, attempts) =
-                        identify(&bundle, session, agent, opts, &*progress, report).await;
+                        identify(&bundle, session, agent, opts, sizes, &*progress, report).await;
                     (i, result, attempts)
                 }
             })
@@ -202,13 +221,19 @@ pub async fn load(
     for (i, result, attempts) in identified {
         reports[i].attempts = attempts;
         match result {
-            Ok((client, report, missing)) => {
+            Ok((client, report, known)) => {
                 reports[i] = NodeReport { attempts, ..report };
+                let hints = unpack_hints(known.chosen.iter().flatten())
+                    .into_iter()
+                    .map(|(d, h)| (d.to_string(), h))
+                    .collect();
                 nodes.push(Node {
                     idx: i,
                     agent: opts.agents[i].clone(),
                     client,
-                    missing,
+                    missing: known.missing,
+                    chosen: known.chosen,
+                    hints,
                     direct: false,
                     failed: None,
                 });
@@ -258,45 +283,72 @@ pub async fn load(
     }
 
     // Stage 2: every blob once into the topology; imports as images complete.
+    if let Some(checks) = &checks {
+        let mut order: Vec<String> = Vec::new();
+        for i in 0..plan.len() {
+            for d in image_order(&nodes, i) {
+                if nodes.iter().any(|n| n.missing.contains_key(&d)) && !order.contains(&d) {
+                    order.push(d);
+                }
+            }
+        }
+        checks.prefetch(order);
+    }
     let mut imports = tokio::task::JoinSet::new();
     let mut relay_failures: Vec<(usize, String)> = Vec::new();
-    for (image, planned) in bundle.images.iter().zip(plan.iter()) {
-        let blobs = std::iter::once(&image.manifest)
-            .chain(std::iter::once(&image.config))
-            .chain(&image.layers);
-        for digest in blobs {
-            deliver(
-                &bundle,
-                &session,
-                digest,
-                &mut nodes,
-                &mut reports,
-                fanout,
-                &*progress,
-            )
-            .await;
-        }
-        let image_blobs: Vec<&String> = std::iter::once(&image.manifest)
-            .chain(std::iter::once(&image.config))
-            .chain(&image.layers)
-            .collect();
-        let blob = &bundle.blobs[&planned.manifest];
-        let spec = ImageSpec {
-            manifest: Some(Descriptor {
-                digest: blob.digest.clone(),
-                size: blob.size,
-                media_type: blob.media_type.clone(),
-                diff_id: String::new(),
-            }),
-            names: planned.names.clone(),
-            source: planned.source.clone(),
-        };
-        for n in nodes.iter().filter(|n| n.alive()) {
-            if image_blobs.iter().any(|d| n.missing.contains_key(*d)) {
-                continue; // cannot happen for a live node: deliver fails it first
+    // Blobs of the bundle found bad on the way (digest or layer check), with why: every
+    // image using one fails on every node, alone; the others load.
+    let mut bad: HashMap<String, String> = HashMap::new();
+    for (i, planned) in plan.iter().enumerate() {
+        for digest in image_order(&nodes, i) {
+            if bad.contains_key(&digest) {
+                continue;
             }
-            let (client, session, spec, idx) =
-                (n.client.clone(), session.clone(), spec.clone(), n.idx);
+            let delivery = Delivery {
+                bundle: &bundle,
+                session: &session,
+                digest: &digest,
+                checks: checks.as_ref(),
+                fanout,
+                progress: &*progress,
+            };
+            if let Some(reason) = delivery.run(&mut nodes, &mut reports).await {
+                bad.insert(digest.clone(), reason);
+            }
+        }
+        for n in nodes.iter().filter(|n| n.alive()) {
+            let chosen = match &n.chosen[i] {
+                Ok(c) => c,
+                Err(reason) => {
+                    reports[n.idx].failed_images.push(FailedImage {
+                        image: planned.source.clone(),
+                        reason: reason.clone(),
+                    });
+                    continue;
+                }
+            };
+            if let Some(reason) = chosen.blobs.iter().find_map(|d| bad.get(d)) {
+                reports[n.idx].failed_images.push(FailedImage {
+                    image: planned.source.clone(),
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
+                continue; // cannot happen for a live node: a failed delivery fails it
+            }
+            let blob = &bundle.blobs[&chosen.target];
+            let spec = ImageSpec {
+                manifest: Some(Descriptor {
+                    digest: blob.digest.clone(),
+                    size: blob.size,
+                    media_type: blob.media_type.clone(),
+                    diff_id: String::new(),
+                }),
+                names: planned.names.clone(),
+                source: planned.source.clone(),
+            };
+            let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
             imports.spawn(async move { (idx, import(client, session, spec).await) });
         }
     }
@@ -376,6 +428,22 @@ pub async fn load(
     reports
 }
 
+/// The blobs of image `i` some live node needs, in sending order (each node's chosen
+/// manifest, then its config and layers; nodes of other platforms add theirs after).
+fn image_order(nodes: &[Node], i: usize) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    for n in nodes.iter().filter(|n| n.alive()) {
+        if let Ok(c) = &n.chosen[i] {
+            for d in &c.blobs {
+                if !order.contains(d) {
+                    order.push(d.clone());
+                }
+            }
+        }
+    }
+    order
+}
+
 /// The node's name in messages and `via`, else its address.
 fn label(report: &NodeReport) -> String {
     if report.node.is_empty() {
@@ -386,7 +454,13 @@ fn label(report: &NodeReport) -> String {
 }
 
 /// A node's client, its report with what it is and holds, and the blobs it lacks.
-type Identified = Result<(AgentConn, NodeReport, HashMap<String, u64>), LoadError>;
+type Identified = Result<(AgentConn, NodeReport, Knowledge), LoadError>;
+
+/// What Info and Have told about a node: the manifests it gets and the blobs it lacks.
+struct Knowledge {
+    chosen: Vec<Result<Chosen, String>>,
+    missing: HashMap<String, u64>,
+}
 
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
 /// client, the report filled with what the node is and holds, and the blobs it lacks.
@@ -395,6 +469,7 @@ async fn identify(
     session: &str,
     agent: &str,
     opts: &LoadOptions,
+    sizes: Option<&HashMap<String, u64>>,
     progress: &dyn Progress,
     mut report: NodeReport,
 ) -> (Identified, u32) {
@@ -418,11 +493,24 @@ async fn identify(
             report.node = info.node_name.clone();
             report.runtime = format!("{} {}", info.runtime, info.runtime_version);
             report.images_pinned = info.images_pinned;
+            report.platform = info.platform.clone();
             progress.node_identified(agent, &info.node_name);
+            // Which manifest of each image this node gets (as a plain load chooses).
+            let node_platform: Platform =
+                info.platform.parse().unwrap_or_else(|_| Platform::local());
+            let choice = match &opts.platforms {
+                PlatformChoice::All if info.runtime == "docker" => &PlatformChoice::Node,
+                other => other,
+            };
+            let chosen: Vec<Result<Chosen, String>> = bundle
+                .images
+                .iter()
+                .map(|image| choose(image, choice, &node_platform))
+                .collect();
             let have = client
                 .have(HaveRequest {
                     session: session.to_string(),
-                    blobs: have_descriptors(bundle),
+                    blobs: have_descriptors(bundle, chosen.iter().flatten()),
                 })
                 .await
                 .map_err(call_err("Have"))?
@@ -443,7 +531,21 @@ async fn identify(
                     missing.insert(blob.digest.clone(), offset);
                 }
             }
-            Ok((client, report.clone(), missing))
+            if let Some(sizes) = sizes {
+                for need in space_needed(&info.storage, &missing, bundle, sizes) {
+                    if need.needed > need.free {
+                        return Err(LoadError::NoSpace {
+                            agent: agent.to_string(),
+                            node: info.node_name.clone(),
+                            path: need.path,
+                            what: need.what,
+                            needed: need.needed,
+                            free: need.free,
+                        });
+                    }
+                }
+            }
+            Ok((client, report.clone(), Knowledge { chosen, missing }))
         };
         let result = match retry.node_timeout {
             Some(limit) => {
@@ -502,18 +604,38 @@ fn parents(root: &RelayHop, out: &mut HashMap<String, String>) {
     }
 }
 
-/// Gets `digest` onto every live node that lacks it: one tree from the coordinator, then
-/// again to the nodes a failure cut off, until every live node holds it or failed.
+/// One blob to get onto every live node that lacks it.
+struct Delivery<'a> {
+    bundle: &'a Arc<Bundle>,
+    session: &'a str,
+    digest: &'a str,
+    checks: Option<&'a Arc<LayerChecks>>,
+    fanout: usize,
+    progress: &'a dyn Progress,
+}
+
+impl Delivery<'_> {
+    /// One tree from the coordinator, then again to the nodes a failure cut off, until every
+    /// live node holds the blob or failed. Returns why the blob itself is bad (its digest or
+    /// its layer check failed): no node got it, and the images using it fail.
+    async fn run(&self, nodes: &mut [Node], reports: &mut [NodeReport]) -> Option<String> {
+        deliver(self, nodes, reports).await
+    }
+}
+
 async fn deliver(
-    bundle: &Arc<Bundle>,
-    session: &str,
-    digest: &str,
+    d: &Delivery<'_>,
     nodes: &mut [Node],
     reports: &mut [NodeReport],
-    fanout: usize,
-    progress: &dyn Progress,
-) {
+) -> Option<String> {
+    let (bundle, session, digest, fanout, progress) =
+        (d.bundle, d.session, d.digest, d.fanout, d.progress);
     let blob = &bundle.blobs[digest];
+    // How the nodes unpack it as soon as it is stored (the first that needs it says).
+    let hint = nodes
+        .iter()
+        .filter(|n| n.missing.contains_key(digest))
+        .find_map(|n| n.hints.get(digest).cloned());
     let name_of: HashMap<String, String> = reports
         .iter()
         .map(|r| (r.agent.clone(), label(r)))
@@ -529,7 +651,7 @@ async fn deliver(
             .iter()
             .any(|n| n.alive() && n.missing.contains_key(digest))
         {
-            return;
+            return None;
         }
         if round > 0 {
             refresh_offsets(bundle, session, digest, nodes, reports).await;
@@ -568,7 +690,15 @@ async fn deliver(
                 .expect("root is a node")
                 .client
                 .clone();
-            send_tree(client, bundle.clone(), session, digest, root.clone())
+            send_tree(
+                client,
+                bundle.clone(),
+                session,
+                digest,
+                root.clone(),
+                hint.clone(),
+                d.checks,
+            )
         });
         let answers = futures::future::join_all(calls).await;
 
@@ -612,6 +742,9 @@ async fn deliver(
                         };
                         outcomes.insert(r.address, outcome);
                     }
+                }
+                Err(SendError::Bundle(e)) if e.is_bad_content() => {
+                    return Some(e.to_string());
                 }
                 Err(SendError::Bundle(e)) => bundle_error = Some(e.to_string()),
                 Err(SendError::Call(e)) => {
@@ -695,6 +828,7 @@ async fn deliver(
             "blob {digest} could not be delivered after 4 attempts"
         ));
     }
+    None
 }
 
 /// Whether the coordinator itself still reaches the node.
@@ -765,7 +899,9 @@ async fn refresh_offsets(
 }
 
 enum SendError {
-    Bundle(BundleError),
+    /// Reading or checking the blob from the bundle failed.
+    Bundle(LoadError),
+    /// The call to the root failed.
     Call(LoadError),
 }
 
@@ -777,6 +913,8 @@ async fn send_tree(
     session: &str,
     digest: &str,
     root: RelayHop,
+    unpack: Option<UnpackHint>,
+    checks: Option<&Arc<LayerChecks>>,
 ) -> Result<(PutBlobResponse, u64), SendError> {
     let blob = &bundle.blobs[digest];
     let start = root.stream_start().expect("a root needs the blob below it");
@@ -793,6 +931,7 @@ async fn send_tree(
         forward: root.forward.clone(),
         pass_through: relay && !root.store,
         store_offset: if relay && root.store { root.offset } else { 0 },
+        unpack,
     };
     let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
     tx.send(PutBlobRequest {
@@ -800,13 +939,25 @@ async fn send_tree(
     })
     .await
     .expect("receiver is alive until the call starts");
+    if let Some(checks) = checks {
+        checks.start(digest);
+    }
+    // A digest mismatch, or a layer that fails its check, withholds the last chunk: no node
+    // of the tree commits it.
     let reader = {
         let bundle = bundle.clone();
         let digest = digest.to_string();
-        tokio::task::spawn_blocking(move || -> Result<u64, BundleError> {
+        let checks = checks.cloned();
+        tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
             let mut reader = bundle.read_blob(&digest, start)?;
+            if let (0, Some(checks)) = (reader.remaining(), &checks) {
+                checks.wait(&digest).map_err(LoadError::Layer)?;
+            }
             let mut sent = 0u64;
             while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
+                if let (0, Some(checks)) = (reader.remaining(), &checks) {
+                    checks.wait(&digest).map_err(LoadError::Layer)?;
+                }
                 let n = chunk.len() as u64;
                 let msg = PutBlobRequest {
                     msg: Some(Msg::Chunk(chunk.into())),
