@@ -688,3 +688,56 @@ async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_altered_layer_reaches_no_node_of_the_tree_and_only_its_image_fails() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle_path, written) = write_sample_bundle(
+        dir.path(),
+        "bad.bundle.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    // Damage the app image's own layer inside the nested images.tar.
+    let layer = &written.images[0].layers[1];
+    let bundle = Bundle::open(&bundle_path)?;
+    let lade::bundle::BlobSource::Member { member, offset } =
+        bundle.blobs[&layer.digest].source.clone()
+    else {
+        panic!("layers are members");
+    };
+    let mut bytes = std::fs::read(&bundle_path)?;
+    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
+    std::fs::write(&bundle_path, bytes)?;
+
+    let nodes = start_nodes(&["bad-a", "bad-b", "bad-c"]).await?;
+    let (code, reports, stderr) = load_json(&bundle_path, &addrs(&nodes), &["--relay", "chain"])?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    for (node, report) in nodes.iter().zip(&reports) {
+        // The node itself is fine; the damaged image fails on it, by name, alone.
+        assert_eq!(report["error"], Value::Null, "{report}");
+        assert_eq!(u64_of(report, "images_loaded"), 2, "{report}");
+        let failed = report["failed_images"]
+            .as_array()
+            .context("failed_images")?;
+        assert_eq!(failed.len(), 1, "{report}");
+        let reason = failed[0]["reason"].as_str().unwrap_or_default();
+        assert!(reason.contains(&member), "{reason}");
+        // No name for it, and the damaged blob was committed nowhere down the chain.
+        let names = node.image_names()?;
+        assert!(
+            !names.contains(&"release.daocloud.io/demo/app:v1".to_string()),
+            "{}: {names:?}",
+            node.name
+        );
+        let content = node
+            .containerd
+            .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+        assert!(!content.contains(&layer.digest), "{}: {content}", node.name);
+    }
+    Ok(())
+}
