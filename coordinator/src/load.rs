@@ -308,17 +308,7 @@ pub async fn load(
     }
     // One session id for the whole load, so every node's lease is named alike.
     let session = format!("load-{}", uuid::Uuid::new_v4().simple());
-    let sizes: Arc<HashMap<String, u64>> = Arc::new(if opts.space_check {
-        let bundle = bundle.clone();
-        tokio::task::spawn_blocking(move || unpacked_size_hints(&bundle))
-            .await
-            .unwrap_or_default()
-    } else {
-        HashMap::new()
-    });
-    let checks = opts
-        .layer_check
-        .map(|limits| Arc::new(LayerChecks::new(bundle.clone(), limits)));
+    let (sizes, checks) = checks_of(&bundle, opts).await;
     let mut reports: Vec<(usize, NodeReport)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
@@ -783,6 +773,47 @@ async fn load_node(
     }
 
     progress.phase(agent, "verifying");
+    verify_and_end(&mut client, plan, session, agent, report).await
+}
+
+/// What a load checks besides digests, set up once for all nodes: the unpacked size of
+/// every layer for the space check (empty when it is off), and the shared layer checks.
+pub(crate) async fn checks_of(
+    bundle: &Arc<Bundle>,
+    opts: &LoadOptions,
+) -> (Arc<HashMap<String, u64>>, Option<Arc<LayerChecks>>) {
+    let sizes = Arc::new(if opts.space_check {
+        let bundle = bundle.clone();
+        tokio::task::spawn_blocking(move || unpacked_size_hints(&bundle))
+            .await
+            .unwrap_or_default()
+    } else {
+        HashMap::new()
+    });
+    let checks = opts
+        .layer_check
+        .map(|limits| Arc::new(LayerChecks::new(bundle.clone(), limits)));
+    (sizes, checks)
+}
+
+/// Verifies every planned name on the node, adding a failure for each name that is not
+/// whole (once per image: an image that already failed import keeps the import's reason),
+/// and releases the node's hold on its uploads if nothing failed; after a failure they stay
+/// for the retry until the hold expires.
+pub(crate) async fn verify_and_end(
+    client: &mut AgentConn,
+    plan: &[PlannedImage],
+    session: &str,
+    agent: &str,
+    report: &mut NodeReport,
+) -> Result<(), LoadError> {
+    let call_err = |call: &'static str| {
+        move |status: tonic::Status| LoadError::Agent {
+            agent: agent.to_string(),
+            call,
+            status,
+        }
+    };
     let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
     let verified = client
         .verify(VerifyRequest { refs })
@@ -790,7 +821,6 @@ async fn load_node(
         .map_err(call_err("Verify"))?
         .into_inner();
     for r in verified.refs.into_iter().filter(|r| !r.ok) {
-        // An image that already failed import is reported once, with the import's reason.
         if !report.failed_images.iter().any(|f| {
             plan.iter()
                 .any(|p| p.source == f.image && p.names.contains(&r.r#ref))
@@ -801,8 +831,6 @@ async fn load_node(
             });
         }
     }
-    // Only a complete load releases the node's hold on its uploads; after a failure they stay
-    // for the retry until the hold expires.
     if report.failed_images.is_empty() {
         client
             .end_session(EndSessionRequest {

@@ -26,9 +26,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, EndSessionRequest, HaveRequest, ImageSpec,
-    ImportPhase, InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint, VerifyRequest,
-    CHUNK_SIZE,
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, ImportPhase,
+    InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint, CHUNK_SIZE,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -37,7 +36,7 @@ use tracing::{info, warn};
 use crate::bundle::{Bundle, Platform};
 use crate::layercheck::LayerChecks;
 use crate::load::{
-    connect, have_descriptors, import, space_needed, unpack_hints, unpacked_size_hints, AgentConn,
+    connect, have_descriptors, import, space_needed, unpack_hints, verify_and_end, AgentConn,
     FailedImage, LoadError, LoadOptions, NodeReport, PlannedImage,
 };
 use crate::progress::Progress;
@@ -190,17 +189,7 @@ pub async fn load(
         .collect();
 
     // Stage 1: who is there, which manifests each gets, and what each lacks.
-    let sizes: Arc<HashMap<String, u64>> = Arc::new(if opts.space_check {
-        let bundle = bundle.clone();
-        tokio::task::spawn_blocking(move || unpacked_size_hints(&bundle))
-            .await
-            .unwrap_or_default()
-    } else {
-        HashMap::new()
-    });
-    let checks = opts
-        .layer_check
-        .map(|limits| Arc::new(LayerChecks::new(bundle.clone(), limits)));
+    let (sizes, checks) = crate::load::checks_of(&bundle, opts).await;
     let identified: Vec<(usize, Identified, u32)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
@@ -983,50 +972,6 @@ async fn send_tree(
         })
     })?;
     Ok((response.into_inner(), sent))
-}
-
-/// Verify every name on the node, then release the session if all is well (as a plain
-/// load does).
-async fn verify_and_end(
-    client: &mut AgentConn,
-    plan: &[PlannedImage],
-    session: &str,
-    agent: &str,
-    report: &mut NodeReport,
-) -> Result<(), LoadError> {
-    let call_err = |call: &'static str| {
-        move |status: tonic::Status| LoadError::Agent {
-            agent: agent.to_string(),
-            call,
-            status,
-        }
-    };
-    let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
-    let verified = client
-        .verify(VerifyRequest { refs })
-        .await
-        .map_err(call_err("Verify"))?
-        .into_inner();
-    for r in verified.refs.into_iter().filter(|r| !r.ok) {
-        if !report.failed_images.iter().any(|f| {
-            plan.iter()
-                .any(|p| p.source == f.image && p.names.contains(&r.r#ref))
-        }) {
-            report.failed_images.push(FailedImage {
-                image: r.r#ref,
-                reason: format!("verification: {}", r.problem),
-            });
-        }
-    }
-    if report.failed_images.is_empty() {
-        client
-            .end_session(EndSessionRequest {
-                session: session.to_string(),
-            })
-            .await
-            .map_err(call_err("EndSession"))?;
-    }
-    Ok(())
 }
 
 /// What `lade load --plan` prints: the topology the load would use, before anything is
