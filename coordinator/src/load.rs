@@ -897,39 +897,8 @@ async fn put_blob(
         .await
         .expect("receiver is alive until the call starts");
 
-    // Reading and hashing are blocking file work: keep them off the async workers.
     let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
-    if let Some(checks) = checks {
-        checks.start(digest);
-    }
-    let reader = {
-        let bundle = bundle.clone();
-        let digest = digest.to_string();
-        let checks = checks.cloned();
-        tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
-            let mut reader = bundle.read_blob(&digest, offset)?;
-            if let (0, Some(checks)) = (reader.remaining(), &checks) {
-                // The node holds every byte already; it commits when this call ends.
-                checks.wait(&digest).map_err(LoadError::Layer)?;
-            }
-            let mut sent = 0u64;
-            while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
-                if let (0, Some(checks)) = (reader.remaining(), &checks) {
-                    checks.wait(&digest).map_err(LoadError::Layer)?;
-                }
-                let n = chunk.len() as u64;
-                let msg = PutBlobRequest {
-                    msg: Some(Msg::Chunk(chunk.into())),
-                };
-                if tx.blocking_send(msg).is_err() {
-                    break; // The call ended; its status says why.
-                }
-                sent += n;
-                let _ = count_tx.send(n);
-            }
-            Ok(sent)
-        })
-    };
+    let reader = stream_chunks(bundle, digest, offset, checks, tx, Some(count_tx));
     let call = client.put_blob(ReceiverStream::new(rx));
     tokio::pin!(call);
     let response = loop {
@@ -950,6 +919,49 @@ async fn put_blob(
         status,
     })?;
     Ok(sent)
+}
+
+/// Streams blob `digest` from `offset` into `tx` as chunk messages, on a blocking thread
+/// (reading and hashing are blocking file work), counting each chunk on `count`; returns the
+/// bytes sent. The last chunk is withheld when the blob's digest does not match or its layer
+/// check fails (the check starts here, if it has not yet), so no node commits it.
+pub(crate) fn stream_chunks(
+    bundle: &Arc<Bundle>,
+    digest: &str,
+    offset: u64,
+    checks: Option<&Arc<LayerChecks>>,
+    tx: mpsc::Sender<PutBlobRequest>,
+    count: Option<mpsc::UnboundedSender<u64>>,
+) -> tokio::task::JoinHandle<Result<u64, LoadError>> {
+    if let Some(checks) = checks {
+        checks.start(digest);
+    }
+    let (bundle, digest, checks) = (bundle.clone(), digest.to_string(), checks.cloned());
+    tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
+        let mut reader = bundle.read_blob(&digest, offset)?;
+        if let (0, Some(checks)) = (reader.remaining(), &checks) {
+            // The node holds every byte already; it commits when this call ends.
+            checks.wait(&digest).map_err(LoadError::Layer)?;
+        }
+        let mut sent = 0u64;
+        while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
+            if let (0, Some(checks)) = (reader.remaining(), &checks) {
+                checks.wait(&digest).map_err(LoadError::Layer)?;
+            }
+            let n = chunk.len() as u64;
+            let msg = PutBlobRequest {
+                msg: Some(Msg::Chunk(chunk.into())),
+            };
+            if tx.blocking_send(msg).is_err() {
+                break; // The call ended; its status says why.
+            }
+            sent += n;
+            if let Some(count) = &count {
+                let _ = count.send(n);
+            }
+        }
+        Ok(sent)
+    })
 }
 
 #[cfg(test)]

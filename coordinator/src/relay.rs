@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, ImportPhase,
-    InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint, CHUNK_SIZE,
+    InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,8 +36,8 @@ use tracing::{info, warn};
 use crate::bundle::{Bundle, Platform};
 use crate::layercheck::LayerChecks;
 use crate::load::{
-    connect, have_descriptors, import, space_needed, unpack_hints, verify_and_end, AgentConn,
-    FailedImage, LoadError, LoadOptions, NodeReport, PlannedImage,
+    connect, have_descriptors, import, space_needed, stream_chunks, unpack_hints, verify_and_end,
+    AgentConn, FailedImage, LoadError, LoadOptions, NodeReport, PlannedImage,
 };
 use crate::progress::Progress;
 use crate::select::{choose, Chosen, PlatformChoice};
@@ -928,37 +928,9 @@ async fn send_tree(
     })
     .await
     .expect("receiver is alive until the call starts");
-    if let Some(checks) = checks {
-        checks.start(digest);
-    }
     // A digest mismatch, or a layer that fails its check, withholds the last chunk: no node
     // of the tree commits it.
-    let reader = {
-        let bundle = bundle.clone();
-        let digest = digest.to_string();
-        let checks = checks.cloned();
-        tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
-            let mut reader = bundle.read_blob(&digest, start)?;
-            if let (0, Some(checks)) = (reader.remaining(), &checks) {
-                checks.wait(&digest).map_err(LoadError::Layer)?;
-            }
-            let mut sent = 0u64;
-            while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
-                if let (0, Some(checks)) = (reader.remaining(), &checks) {
-                    checks.wait(&digest).map_err(LoadError::Layer)?;
-                }
-                let n = chunk.len() as u64;
-                let msg = PutBlobRequest {
-                    msg: Some(Msg::Chunk(chunk.into())),
-                };
-                if tx.blocking_send(msg).is_err() {
-                    break;
-                }
-                sent += n;
-            }
-            Ok(sent)
-        })
-    };
+    let reader = stream_chunks(&bundle, digest, start, checks, tx, None);
     let response = client.put_blob(ReceiverStream::new(rx)).await;
     let sent = reader
         .await
