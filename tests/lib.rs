@@ -5,12 +5,14 @@ use std::fs::File;
 use std::io::BufWriter;
 use std::path::{Path, PathBuf};
 
-use anyhow::{Context, Result};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
 use lade_testkit::fixtures::{
-    sample_chart, sample_hints, sample_images, write_bundle, ArchiveFormat, Compression,
-    ImageFixture, WrittenArchive,
+    random_layer, sample_chart, sample_hints, sample_images, write_bundle, ArchiveFormat,
+    Compression, ImageFixture, WrittenArchive,
 };
-use lade_testkit::nodes::run_lade;
+use lade_testkit::nodes::{run_lade, Node};
 use serde_json::Value;
 
 /// Static busybox from Debian's busybox-static, the one binary the test images run.
@@ -99,4 +101,59 @@ pub fn dial() -> lade::load::Dial {
         credentials: lade::load::Credentials::token(lade_testkit::nodes::TEST_TOKEN)
             .expect("the test token is ASCII"),
     }
+}
+
+/// The sample images plus `release.daocloud.io/demo/big:v1`: the busybox base and two
+/// incompressible random layers of `layer_bytes` each (seeds `seed` and `seed + 1`), so a
+/// transfer lasts long enough to be interrupted; a bundle at `dir/big.bundle.tar`, layers
+/// uncompressed.
+pub fn big_bundle(dir: &Path, layer_bytes: usize, seed: u64) -> Result<(PathBuf, WrittenArchive)> {
+    let mut imgs = images()?;
+    let base = imgs[2].layers[0].clone();
+    imgs.push(ImageFixture::new(
+        "release.daocloud.io/demo/big:v1",
+        vec![
+            base,
+            random_layer(seed, layer_bytes, 0.0),
+            random_layer(seed + 1, layer_bytes, 0.0),
+        ],
+        &["/bin/sh"],
+    ));
+    write_sample_bundle(
+        dir,
+        "big.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::None,
+    )
+}
+
+/// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
+pub fn metric(node: &Node, name: &str) -> f64 {
+    use std::io::{Read, Write};
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port)) else {
+        return 0.0;
+    };
+    let _ = write!(
+        stream,
+        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
+    );
+    let mut text = String::new();
+    let _ = stream.read_to_string(&mut text);
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Waits until `condition` holds (polling every 5 ms), at most `limit`.
+pub fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+    let deadline = Instant::now() + limit;
+    while !condition() {
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
 }

@@ -7,15 +7,15 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use lade::bundle::Bundle;
 use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest, RelayHop,
 };
-use lade_testkit::fixtures::{random_layer, ArchiveFormat, Compression, ImageFixture};
+use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{images, load_json, u64_of, write_sample_bundle};
+use lade_tests::{big_bundle, images, load_json, metric, u64_of, wait_for, write_sample_bundle};
 use serde_json::Value;
 
 async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
@@ -28,24 +28,6 @@ async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
 
 fn addrs(nodes: &[Node]) -> Vec<String> {
     nodes.iter().map(Node::addr).collect()
-}
-
-/// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
-fn metric(node: &Node, name: &str) -> f64 {
-    use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port)) else {
-        return 0.0;
-    };
-    let _ = write!(
-        stream,
-        "GET /metrics HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n"
-    );
-    let mut text = String::new();
-    let _ = stream.read_to_string(&mut text);
-    text.lines()
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(' '))
-        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// Every image of the load is named, complete and unpacked on `node`: containerd's own
@@ -215,35 +197,6 @@ async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() ->
     Ok(())
 }
 
-/// Sample images plus one with two large random layers (so a transfer lasts long enough to
-/// be interrupted), uncompressed.
-fn big_bundle(dir: &Path) -> Result<(PathBuf, Vec<String>)> {
-    let mut imgs = images()?;
-    let base = imgs[2].layers[0].clone();
-    imgs.push(ImageFixture::new(
-        "release.daocloud.io/demo/big:v1",
-        vec![
-            base,
-            random_layer(21, 40 << 20, 0.0),
-            random_layer(22, 40 << 20, 0.0),
-        ],
-        &["/bin/sh"],
-    ));
-    let (path, written) = write_sample_bundle(
-        dir,
-        "big.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::None,
-    )?;
-    let big = written.images[3]
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .collect();
-    Ok((path, big))
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -> Result<()> {
     if !daemon_tests_enabled() {
@@ -259,7 +212,7 @@ async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -
         ArchiveFormat::Gcr,
         Compression::Gzip,
     )?;
-    let (full, _) = big_bundle(dir.path())?;
+    let (full, _) = big_bundle(dir.path(), 40 << 20, 21)?;
     let nodes = start_nodes(&["pass-a", "pass-b", "pass-c"]).await?;
     let (code, reports, stderr) = load_json(&small, &[nodes[0].addr()], &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
@@ -352,18 +305,6 @@ fn futures_iter(
     tokio_stream::iter(messages)
 }
 
-/// Waits until `condition` holds (polling every 5 ms), at most 120 s.
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) -> Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(120);
-    while !condition() {
-        if Instant::now() > deadline {
-            bail!("timed out waiting for {what}");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    Ok(())
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_complete() -> Result<()>
 {
@@ -371,7 +312,12 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, big_layers) = big_bundle(dir.path())?;
+    let (bundle, written) = big_bundle(dir.path(), 40 << 20, 21)?;
+    let big_layers: Vec<String> = written.images[3]
+        .layers
+        .iter()
+        .map(|l| l.digest.clone())
+        .collect();
     let index = Bundle::open(&bundle)?;
     let mut nodes = start_nodes(&["kill-a", "kill-b", "kill-c", "kill-d"]).await?;
     let dead = nodes[1].addr();
@@ -389,9 +335,11 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
     }
     let load = cmd.spawn()?;
     // Well into the first big layer on b.
-    wait_for("b to receive part of the big layer", || {
-        metric(&nodes[1], "lade_agent_received_bytes_total") > (12 << 20) as f64
-    })?;
+    wait_for(
+        "b to receive part of the big layer",
+        Duration::from_secs(120),
+        || metric(&nodes[1], "lade_agent_received_bytes_total") > (12 << 20) as f64,
+    )?;
     // Cut-through: b and c already have bytes of the big layer that a has not committed
     // yet (a commits a blob only at its end).
     let committed_a = metric(&nodes[0], "lade_agent_blobs_committed_total") as usize;
