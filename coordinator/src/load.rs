@@ -13,8 +13,8 @@ use futures::StreamExt;
 use indicatif::HumanBytes;
 use lade_proto::{
     put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
-    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, PutBlobRequest, UnpackHint,
-    VerifyRequest, CHUNK_SIZE,
+    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, PutBlobRequest,
+    UnpackHint, VerifyRequest, CHUNK_SIZE,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -104,6 +104,53 @@ pub struct RetryPolicy {
     pub backoff: Duration,
     /// Give up on a node whose attempt takes longer than this.
     pub node_timeout: Option<Duration>,
+}
+
+impl RetryPolicy {
+    /// `run`, given up after `node_timeout` if there is one.
+    pub(crate) async fn timed<T>(
+        &self,
+        agent: &str,
+        run: impl std::future::Future<Output = Result<T, LoadError>>,
+    ) -> Result<T, LoadError> {
+        match self.node_timeout {
+            Some(limit) => {
+                tokio::time::timeout(limit, run)
+                    .await
+                    .unwrap_or(Err(LoadError::TimedOut {
+                        agent: agent.to_string(),
+                        limit,
+                    }))
+            }
+            None => run.await,
+        }
+    }
+
+    /// Whether attempt `attempt` (0-based) that failed with `e` is tried again; if so, says
+    /// so, waits out the backoff (doubling, at most 30 s) and counts the attempt.
+    pub(crate) async fn again(
+        &self,
+        e: &LoadError,
+        attempt: &mut u32,
+        agent: &str,
+        progress: &dyn Progress,
+    ) -> bool {
+        if !e.is_transient() || *attempt >= self.retries {
+            return false;
+        }
+        let wait = (self.backoff * 2u32.pow(*attempt)).min(Duration::from_secs(30));
+        *attempt += 1;
+        progress.phase(
+            agent,
+            &format!(
+                "retry {attempt} of {} in {}: {e}",
+                self.retries,
+                humantime::format_duration(wait)
+            ),
+        );
+        tokio::time::sleep(wait).await;
+        true
+    }
 }
 
 impl Default for RetryPolicy {
@@ -345,30 +392,8 @@ pub async fn load(
                             &*progress,
                             &mut report,
                         );
-                        let result = match retry.node_timeout {
-                            Some(limit) => tokio::time::timeout(limit, run).await.unwrap_or(Err(
-                                LoadError::TimedOut {
-                                    agent: agent.clone(),
-                                    limit,
-                                },
-                            )),
-                            None => run.await,
-                        };
-                        match result {
-                            Err(e) if e.is_transient() && attempt < retry.retries => {
-                                let wait = retry.backoff * 2u32.pow(attempt);
-                                let wait = wait.min(Duration::from_secs(30));
-                                attempt += 1;
-                                progress.phase(
-                                    agent,
-                                    &format!(
-                                        "retry {attempt} of {} in {}: {e}",
-                                        retry.retries,
-                                        humantime::format_duration(wait)
-                                    ),
-                                );
-                                tokio::time::sleep(wait).await;
-                            }
+                        match retry.timed(agent, run).await {
+                            Err(e) if retry.again(&e, &mut attempt, agent, &*progress).await => {}
                             other => break other,
                         }
                     };
@@ -433,6 +458,86 @@ pub(crate) fn have_descriptors<'a>(
             }
         })
         .collect()
+}
+
+/// The node's platform as its agent reports it (this machine's if it says none).
+pub(crate) fn node_platform(info: &InfoResponse) -> Platform {
+    info.platform.parse().unwrap_or_else(|_| Platform::local())
+}
+
+/// Which manifest of each image the node of `info` gets under `choice` (or why none), and
+/// whether `--all-platforms` fell back to the node's own platform because it runs Docker
+/// (which holds one platform per image) while the bundle has multi-platform images.
+pub(crate) fn node_choices(
+    bundle: &Bundle,
+    choice: &PlatformChoice,
+    info: &InfoResponse,
+) -> (Vec<Result<Chosen, String>>, bool) {
+    let platform = node_platform(info);
+    let (choice, fell_back) = match choice {
+        PlatformChoice::All if info.runtime == "docker" => (
+            &PlatformChoice::Node,
+            bundle.images.iter().any(|i| !i.platforms.is_empty()),
+        ),
+        other => (other, false),
+    };
+    let chosen = bundle
+        .images
+        .iter()
+        .map(|image| choose(image, choice, &platform))
+        .collect();
+    (chosen, fell_back)
+}
+
+/// The blobs of a `Have` answer the node lacks, with the offset its interrupted upload got
+/// to; what it holds (whole blobs and kept prefixes) is added to `report`'s skipped counts.
+pub(crate) fn missing_blobs(
+    bundle: &Bundle,
+    states: Vec<lade_proto::BlobState>,
+    report: &mut NodeReport,
+) -> HashMap<String, u64> {
+    let mut missing = HashMap::new();
+    for state in states {
+        let Some(blob) = bundle.blobs.get(&state.digest) else {
+            continue;
+        };
+        if state.present {
+            report.blobs_skipped += 1;
+            report.bytes_skipped += blob.size;
+        } else {
+            let offset = state.offset.min(blob.size);
+            report.bytes_skipped += offset;
+            missing.insert(blob.digest.clone(), offset);
+        }
+    }
+    missing
+}
+
+/// Refuses the node of `info` if one of its filesystems lacks room for `missing` (see
+/// [`space_needed`]); `sizes` is `None` when the space check is off.
+pub(crate) fn check_space(
+    bundle: &Bundle,
+    agent: &str,
+    info: &InfoResponse,
+    missing: &HashMap<String, u64>,
+    sizes: Option<&HashMap<String, u64>>,
+) -> Result<(), LoadError> {
+    let Some(sizes) = sizes else {
+        return Ok(());
+    };
+    for need in space_needed(&info.storage, missing, bundle, sizes) {
+        if need.needed > need.free {
+            return Err(LoadError::NoSpace {
+                agent: agent.to_string(),
+                node: info.node_name.clone(),
+                path: need.path,
+                what: need.what,
+                needed: need.needed,
+                free: need.free,
+            });
+        }
+    }
+    Ok(())
 }
 
 /// For every layer a node unpacks, its diffID and the chain ID below it (from the first
@@ -602,25 +707,16 @@ async fn load_node(
     report.platform = info.platform.clone();
     progress.node_identified(agent, &info.node_name);
 
-    // Which manifest of each image this node gets.
-    let node_platform: Platform = info.platform.parse().unwrap_or_else(|_| Platform::local());
-    let choice = match choice {
-        PlatformChoice::All if info.runtime == "docker" => {
-            if bundle.images.iter().any(|i| !i.platforms.is_empty()) {
-                progress.phase(
-                    agent,
-                    &format!("Docker keeps one platform per image: loading {node_platform}"),
-                );
-            }
-            &PlatformChoice::Node
-        }
-        other => other,
-    };
-    let chosen: Vec<Result<Chosen, String>> = bundle
-        .images
-        .iter()
-        .map(|image| choose(image, choice, &node_platform))
-        .collect();
+    let (chosen, docker_keeps_own) = node_choices(bundle, choice, &info);
+    if docker_keeps_own {
+        progress.phase(
+            agent,
+            &format!(
+                "Docker keeps one platform per image: loading {}",
+                node_platform(&info)
+            ),
+        );
+    }
 
     let have = client
         .have(HaveRequest {
@@ -631,38 +727,12 @@ async fn load_node(
         .map_err(call_err("Have"))?
         .into_inner();
 
-    let mut missing: HashMap<String, u64> = HashMap::new();
-    for state in have.blobs {
-        let Some(blob) = bundle.blobs.get(&state.digest) else {
-            continue;
-        };
-        if state.present {
-            report.blobs_skipped += 1;
-            report.bytes_skipped += blob.size;
-        } else {
-            let offset = state.offset.min(blob.size);
-            report.bytes_skipped += offset;
-            missing.insert(blob.digest.clone(), offset);
-        }
-    }
+    let mut missing = missing_blobs(bundle, have.blobs, report);
     let to_send: u64 = missing
         .iter()
         .map(|(d, off)| bundle.blobs[d].size - off)
         .sum();
-    if let Some(sizes) = sizes {
-        for need in space_needed(&info.storage, &missing, bundle, sizes) {
-            if need.needed > need.free {
-                return Err(LoadError::NoSpace {
-                    agent: agent.to_string(),
-                    node: info.node_name.clone(),
-                    path: need.path,
-                    what: need.what,
-                    needed: need.needed,
-                    free: need.free,
-                });
-            }
-        }
-    }
+    check_space(bundle, agent, &info, &missing, sizes)?;
     progress.sending(agent, to_send, report.bytes_skipped);
     info!(
         missing = missing.len(),

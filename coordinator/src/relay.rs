@@ -33,14 +33,15 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
-use crate::bundle::{Bundle, Platform};
+use crate::bundle::Bundle;
 use crate::layercheck::LayerChecks;
 use crate::load::{
-    connect, have_descriptors, import, space_needed, stream_chunks, unpack_hints, verify_and_end,
-    AgentConn, FailedImage, LoadError, LoadOptions, NodeReport, PlannedImage,
+    check_space, connect, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
+    unpack_hints, verify_and_end, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
+    PlannedImage,
 };
 use crate::progress::Progress;
-use crate::select::{choose, Chosen, PlatformChoice};
+use crate::select::Chosen;
 
 /// How blobs travel from the coordinator to the nodes (`lade load --relay`).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -485,17 +486,7 @@ async fn identify(
             report.platform = info.platform.clone();
             progress.node_identified(agent, &info.node_name);
             // Which manifest of each image this node gets (as a plain load chooses).
-            let node_platform: Platform =
-                info.platform.parse().unwrap_or_else(|_| Platform::local());
-            let choice = match &opts.platforms {
-                PlatformChoice::All if info.runtime == "docker" => &PlatformChoice::Node,
-                other => other,
-            };
-            let chosen: Vec<Result<Chosen, String>> = bundle
-                .images
-                .iter()
-                .map(|image| choose(image, choice, &node_platform))
-                .collect();
+            let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
             let have = client
                 .have(HaveRequest {
                     session: session.to_string(),
@@ -504,63 +495,14 @@ async fn identify(
                 .await
                 .map_err(call_err("Have"))?
                 .into_inner();
-            let mut missing = HashMap::new();
             report.blobs_skipped = 0;
             report.bytes_skipped = 0;
-            for state in have.blobs {
-                let Some(blob) = bundle.blobs.get(&state.digest) else {
-                    continue;
-                };
-                if state.present {
-                    report.blobs_skipped += 1;
-                    report.bytes_skipped += blob.size;
-                } else {
-                    let offset = state.offset.min(blob.size);
-                    report.bytes_skipped += offset;
-                    missing.insert(blob.digest.clone(), offset);
-                }
-            }
-            if let Some(sizes) = sizes {
-                for need in space_needed(&info.storage, &missing, bundle, sizes) {
-                    if need.needed > need.free {
-                        return Err(LoadError::NoSpace {
-                            agent: agent.to_string(),
-                            node: info.node_name.clone(),
-                            path: need.path,
-                            what: need.what,
-                            needed: need.needed,
-                            free: need.free,
-                        });
-                    }
-                }
-            }
+            let missing = missing_blobs(bundle, have.blobs, &mut report);
+            check_space(bundle, agent, &info, &missing, sizes)?;
             Ok((client, report.clone(), Knowledge { chosen, missing }))
         };
-        let result = match retry.node_timeout {
-            Some(limit) => {
-                tokio::time::timeout(limit, run)
-                    .await
-                    .unwrap_or(Err(LoadError::TimedOut {
-                        agent: agent.to_string(),
-                        limit,
-                    }))
-            }
-            None => run.await,
-        };
-        match result {
-            Err(e) if e.is_transient() && attempt < retry.retries => {
-                let wait = (retry.backoff * 2u32.pow(attempt)).min(Duration::from_secs(30));
-                attempt += 1;
-                progress.phase(
-                    agent,
-                    &format!(
-                        "retry {attempt} of {} in {}: {e}",
-                        retry.retries,
-                        humantime::format_duration(wait)
-                    ),
-                );
-                tokio::time::sleep(wait).await;
-            }
+        match retry.timed(agent, run).await {
+            Err(e) if retry.again(&e, &mut attempt, agent, progress).await => {}
             other => return (other, attempt + 1),
         }
     }
