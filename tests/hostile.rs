@@ -50,11 +50,11 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
         ArchiveFormat::Gcr,
         Compression::Gzip,
     )?;
-    let node = Node::start("diffid").await?;
     let layer = &written.images[0].layers[1].digest;
 
-    // The coordinator's layer check unpacks the layer while it uploads and holds back its
-    // last chunk: the node never holds it.
+    // For a node whose containerd unpacks, the coordinator's layer check unpacks the layer
+    // while it uploads and holds back its last chunk: the node never holds it.
+    let node = Node::start_with("diffid-ctrd", &["--unpack", "containerd"]).await?;
     let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
     assert_eq!(code, 1, "{reports:#?}\n{stderr}");
     assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
@@ -73,27 +73,31 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
     assert!(!content.contains(layer.as_str()), "{content}");
     assert!(!names(&node)?.contains(&APP_IMAGE.to_string()));
 
-    // Without that check the node's own unpack finds the lie, and still names nothing.
-    let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &["--no-layer-check"])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    // The other two images load: one bad image fails alone, named in the node's report.
-    assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
-    let failed = &reports[0]["failed_images"][0];
-    let reason = failed["reason"].as_str().unwrap_or_default();
-    assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
-    assert!(
-        reason.contains(layer)
-            && reason.contains(&format!("unpacked to {}", true_ids[1]))
-            && reason.contains(&format!("the config says its diffID is {}", true_ids[0])),
-        "{reason}"
-    );
-    let names = names(&node)?;
-    assert!(!names.contains(&APP_IMAGE.to_string()), "{names:?}");
-    // The refused layer's scratch snapshot was removed, not left active.
-    let snapshots = node
-        .containerd
-        .ctr_ok(&["-n", "k8s.io", "snapshots", "ls"])?;
-    assert!(!snapshots.contains("extract-"), "{snapshots}");
+    // Without that check the node's own unpack finds the lie, and still names nothing; so
+    // does an agent that unpacks layers itself, with no check on the coordinator.
+    let by_agent = Node::start("diffid").await?;
+    for (node, flags) in [(&node, &["--no-layer-check"][..]), (&by_agent, &[][..])] {
+        let (code, reports, stderr) = load_json(&bundle, &[node.addr()], flags)?;
+        assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+        // The other two images load: one bad image fails alone, named in the node's report.
+        assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
+        let failed = &reports[0]["failed_images"][0];
+        let reason = failed["reason"].as_str().unwrap_or_default();
+        assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
+        assert!(
+            reason.contains(layer)
+                && reason.contains(&format!("unpacked to {}", true_ids[1]))
+                && reason.contains(&format!("the config says its diffID is {}", true_ids[0])),
+            "{reason}"
+        );
+        let names = names(node)?;
+        assert!(!names.contains(&APP_IMAGE.to_string()), "{names:?}");
+        // The refused layer's scratch snapshot was removed, not left active.
+        let snapshots = node
+            .containerd
+            .ctr_ok(&["-n", "k8s.io", "snapshots", "ls"])?;
+        assert!(!snapshots.contains("extract-"), "{snapshots}");
+    }
     Ok(())
 }
 
@@ -218,9 +222,10 @@ async fn layer_entries_aiming_outside_the_snapshot_stay_inside_it() -> Result<()
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    // lade does not apply layers itself: containerd's applier does, and must keep `..` names
-    // and writes through symlinks inside the snapshot. (`Bundle::check_layers` refuses such
-    // a layer by name before upload; this is the node's own defence, checked for real.)
+    // Three defences, each checked for real: the coordinator's layer check refuses the layer
+    // by entry before any node keeps it; with that check off, the agent's own applier refuses
+    // it by entry; and containerd's applier (`--unpack containerd`) keeps `..` names and
+    // writes through symlinks inside the snapshot.
     let target = tempfile::tempdir()?;
     let target_dir = target.path().to_str().context("utf-8 path")?.to_string();
     let name = "x.io/hostile/escape:1";
@@ -230,8 +235,16 @@ async fn layer_entries_aiming_outside_the_snapshot_stay_inside_it() -> Result<()
         &path,
         oci_layout(&[OciImage::plain(name, vec![escaping_layer(&target_dir)])]),
     )?;
+    let nothing_outside = || -> Result<()> {
+        let outside: Vec<_> = std::fs::read_dir(target.path())?.collect();
+        assert!(
+            outside.is_empty(),
+            "the layer wrote outside its snapshot: {outside:?}"
+        );
+        assert!(!Path::new(&target_dir).join("climbed").exists());
+        Ok(())
+    };
     let node = Node::start("escape").await?;
-    // The coordinator's layer check refuses it by entry before the node keeps it...
     let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
     assert_eq!(code, 1, "{reports:#?}\n{stderr}");
     let reason = reports[0]["failed_images"][0]["reason"]
@@ -242,17 +255,25 @@ async fn layer_entries_aiming_outside_the_snapshot_stay_inside_it() -> Result<()
         "{reason}"
     );
     assert_eq!(names(&node)?, Vec::<String>::new());
-    // ...and without the check, the node's applier is the defence.
+
     let (code, reports, stderr) = load_json(&path, &[node.addr()], &["--no-layer-check"])?;
-    let outside: Vec<_> = std::fs::read_dir(target.path())?.collect();
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    let reason = reports[0]["failed_images"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
     assert!(
-        outside.is_empty(),
-        "the layer wrote outside its snapshot: {outside:?}"
+        reason.contains("cannot be unpacked") && reason.contains("climbs out of the root"),
+        "{reason}"
     );
-    assert!(!Path::new(&target_dir).join("climbed").exists());
+    nothing_outside()?;
+    assert_eq!(names(&node)?, Vec::<String>::new());
+
+    let by_containerd = Node::start_with("escape-ctrd", &["--unpack", "containerd"]).await?;
+    let (code, reports, stderr) = load_json(&path, &[by_containerd.addr()], &["--no-layer-check"])?;
+    nothing_outside()?;
     // containerd rewrote the paths into the snapshot, so the image itself is valid.
     assert_eq!(code, 0, "{reports:#?}\n{stderr}");
-    assert!(names(&node)?.contains(&name.to_string()));
+    assert!(names(&by_containerd)?.contains(&name.to_string()));
     Ok(())
 }
 
@@ -300,16 +321,26 @@ async fn a_gzip_bomb_larger_than_the_disk_fails_cleanly_and_gives_the_space_back
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    // Under the coordinator's expansion limit (256 MiB for any layer) or with the layer check
-    // off, containerd's applier decompresses whatever it is given: the limit on the node is
-    // its disk. Here the snapshots live on a 16 MiB disk and the layer holds 64 MiB of zeros
-    // in about 70 KiB, with its true diffID.
+    // Under the expansion limit (256 MiB for any layer), an applier decompresses whatever it
+    // is given: the limit on the node is its disk. Here the snapshots live on a 16 MiB disk
+    // and the layer holds 64 MiB of zeros in about 70 KiB, with its true diffID. Both
+    // appliers, the agent's and containerd's.
+    for (unpacker, says) in [
+        ("agent", "cannot be unpacked"),
+        ("containerd", "Diff.Apply"),
+    ] {
+        gzip_bomb_fills_the_disk(unpacker, says).await?;
+    }
+    Ok(())
+}
+
+async fn gzip_bomb_fills_the_disk(unpacker: &str, says: &str) -> Result<()> {
     let name = "x.io/hostile/bomb:1";
     let (blob, diff_id) = gzip_bomb(64);
     let dir = tempfile::tempdir()?;
     let path = dir.path().join("images.tar");
     std::fs::write(&path, oci_layout(&[gzip_image(name, blob, &diff_id)]))?;
-    let node = Node::start("bomb").await?;
+    let node = Node::start_with(&format!("bomb-{unpacker}"), &["--unpack", unpacker]).await?;
     let snapshots = node
         .containerd
         .root()
@@ -323,8 +354,8 @@ async fn a_gzip_bomb_larger_than_the_disk_fails_cleanly_and_gives_the_space_back
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert_eq!(failed["image"], name, "{reports:#?}");
     assert!(
-        reason.contains("Diff.Apply") && reason.contains("no space left on device"),
-        "{reason}"
+        reason.contains(says) && reason.to_lowercase().contains("no space left on device"),
+        "{unpacker}: {reason}"
     );
     assert_eq!(names(&node)?, Vec::<String>::new());
     // The half-unpacked snapshot was removed: the node gets its space back once containerd's
@@ -342,13 +373,24 @@ async fn a_gzip_bomb_larger_than_the_disk_fails_cleanly_and_gives_the_space_back
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_gzip_bomb_past_the_expansion_limit_never_reaches_the_node() -> Result<()> {
+async fn a_gzip_bomb_past_the_expansion_limit_is_stopped_and_not_kept() -> Result<()> {
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    // 512 MiB of zeros in a few hundred KiB: past the 256 MiB any layer may unpack to. The
-    // coordinator stops decompressing one byte past that limit and holds back the upload's
-    // last chunk, so the node never keeps the blob; the image next to it loads.
+    // 512 MiB of zeros in a few hundred KiB: past the 256 MiB any layer may unpack to.
+    // - An agent that unpacks layers itself stops one byte past that limit, commits no
+    //   snapshot and deletes the blob.
+    // - For a node whose containerd unpacks (`--unpack containerd`), the coordinator checks
+    //   the layer instead, stops at the same limit and holds back the upload's last chunk,
+    //   so the node never keeps the blob.
+    // Either way the image next to it loads.
+    for unpacker in ["agent", "containerd"] {
+        big_bomb_is_refused(unpacker).await?;
+    }
+    Ok(())
+}
+
+async fn big_bomb_is_refused(unpacker: &str) -> Result<()> {
     let bomb_name = "x.io/hostile/big-bomb:1";
     let good_name = "x.io/hostile/fine:1";
     let (blob, diff_id) = gzip_bomb(512);
@@ -362,24 +404,28 @@ async fn a_gzip_bomb_past_the_expansion_limit_never_reaches_the_node() -> Result
             OciImage::plain(good_name, vec![raw_tar(&[Member::file("ok", "fine\n")])]),
         ]),
     )?;
-    let node = Node::start("big-bomb").await?;
+    let node = Node::start_with(&format!("big-bomb-{unpacker}"), &["--unpack", unpacker]).await?;
     let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    assert_eq!(reports[0]["images_loaded"], 1, "{reports:#?}");
+    assert_eq!(code, 1, "{unpacker}: {reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["images_loaded"], 1, "{unpacker}: {reports:#?}");
     let failed = &reports[0]["failed_images"][0];
-    assert_eq!(failed["image"], bomb_name, "{reports:#?}");
+    assert_eq!(failed["image"], bomb_name, "{unpacker}: {reports:#?}");
     let reason = failed["reason"].as_str().unwrap_or_default();
     assert!(
         reason.contains("decompression bomb")
             && reason.contains(&format!("more than {} bytes", 256u64 << 20))
             && reason.contains(bomb_name),
-        "{reason}"
+        "{unpacker}: {reason}"
     );
     assert_eq!(names(&node)?, vec![good_name.to_string()]);
     let content = node
         .containerd
         .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
-    assert!(!content.contains(&bomb_digest), "{content}");
+    assert!(!content.contains(&bomb_digest), "{unpacker}: {content}");
+    let snapshots = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "snapshots", "ls"])?;
+    assert!(!snapshots.contains("extract-"), "{unpacker}: {snapshots}");
     Ok(())
 }
 
@@ -428,7 +474,10 @@ async fn a_node_without_room_is_refused_before_anything_is_sent_and_others_load(
     let failed = &reports[0]["failed_images"][0];
     assert_eq!(failed["image"], name, "{reports:#?}");
     let reason = failed["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("no space left on device"), "{reason}");
+    assert!(
+        reason.to_lowercase().contains("no space left on device"),
+        "{reason}"
+    );
     assert_eq!(names(&cramped)?, Vec::<String>::new());
     Ok(())
 }

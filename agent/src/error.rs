@@ -53,6 +53,13 @@ pub enum Error {
         expected: String,
         actual: String,
     },
+    #[error("image {image}: layer {layer} cannot be unpacked: {source}")]
+    BadLayer {
+        image: String,
+        layer: String,
+        #[source]
+        source: crate::apply::ApplyError,
+    },
     #[error("upload of {digest} was cancelled by the sender")]
     Cancelled { digest: String },
     #[error("node {node}: dockerd call {op} failed: {source}")]
@@ -113,6 +120,22 @@ impl Error {
     }
 }
 
+impl Error {
+    /// Whether the blob itself is at fault, whatever image uses it: it does not decompress,
+    /// expands past its limit or has an entry escaping its snapshot.
+    pub fn blob_is_bad(&self) -> bool {
+        matches!(
+            self,
+            Error::BadLayer {
+                source: crate::apply::ApplyError::Escape { .. }
+                    | crate::apply::ApplyError::TooLarge { .. }
+                    | crate::apply::ApplyError::Stream(_),
+                ..
+            }
+        )
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {
@@ -135,6 +158,13 @@ impl From<Error> for Status {
             Error::ResumeOffset { .. }
             | Error::MissingBlob { .. }
             | Error::LayerOnOtherBase { .. } => Code::FailedPrecondition,
+            Error::BadLayer { source, .. } => match source {
+                crate::apply::ApplyError::Entry { source, .. } => match source.kind() {
+                    std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
+                    _ => Code::Internal,
+                },
+                _ => Code::DataLoss,
+            },
             Error::Cancelled { .. } => Code::Cancelled,
             Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
             Error::LoadedOtherImage { .. } => Code::Internal,

@@ -5,6 +5,7 @@
 //! unpacks them and names images. It never pulls from anywhere and never runs containers.
 //! [`server::run`] owns the accept loop and graceful shutdown; `main.rs` only wires config.
 
+pub mod apply;
 pub mod auth;
 pub mod error;
 pub mod http;

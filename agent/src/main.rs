@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::auth::Auth;
 use lade_agent::relay::Peers;
-use lade_agent::runtime::containerd::{Containerd, ContainerdConfig};
+use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, UnpackMode};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
 use lade_agent::runtime::{detect, node_platform, Runtime, RuntimeKind};
 use lade_agent::server::Serve;
@@ -85,6 +85,16 @@ struct Config {
     /// garbage collection may then delete them under disk pressure.
     #[arg(long, env = "LADE_NO_PIN_IMAGES")]
     no_pin_images: bool,
+    /// Who writes layers into containerd's snapshots. `agent`: this agent, in one pass
+    /// (decompress, hash, write the files), as containerd's own applier would; it needs root
+    /// and containerd's root directory mounted read-write at the same path. `containerd`:
+    /// containerd's Diff service (slower). `auto`: the agent where it can, else containerd.
+    #[arg(long, env = "LADE_UNPACK", value_enum, default_value = "auto")]
+    unpack: UnpackMode,
+    /// A layer that unpacks to more than this many times its stored size (and more than
+    /// 256 MiB) is refused as a decompression bomb when the agent unpacks it.
+    #[arg(long, env = "LADE_MAX_LAYER_RATIO", default_value_t = 100)]
+    max_layer_ratio: u64,
     /// dockerd's API socket.
     #[arg(
         long,
@@ -151,6 +161,8 @@ async fn main() -> anyhow::Result<()> {
         node_name: node_name.clone(),
         pin_images: !cfg.no_pin_images,
         platform: platform.clone(),
+        unpack: cfg.unpack,
+        max_layer_ratio: cfg.max_layer_ratio,
     };
     let docker = DockerConfig {
         socket: cfg.docker_socket,

@@ -707,6 +707,8 @@ async fn load_node(
     report.platform = info.platform.clone();
     progress.node_identified(agent, &info.node_name);
 
+    // A node that checks layers itself as it unpacks them needs no check here.
+    let checks = checks.filter(|_| !info.checks_layers);
     let (chosen, docker_keeps_own) = node_choices(bundle, choice, &info);
     if docker_keeps_own {
         progress.phase(

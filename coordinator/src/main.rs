@@ -123,8 +123,10 @@ struct LoadArgs {
     /// per layer); a layer past it is refused as a decompression bomb before a node keeps it.
     #[arg(long, env = "LADE_MAX_LAYER_RATIO", default_value_t = LayerLimits::default().max_ratio)]
     max_layer_ratio: u64,
-    /// Send layers without decompressing them here first: no diffID, expansion or entry-path
-    /// check before upload (containerd still checks the diffID; the node's disk bounds a bomb).
+    /// Send layers without decompressing them here first. The check runs here only for
+    /// nodes that do not check layers themselves (Docker nodes, agents with `--unpack
+    /// containerd`); without it containerd or dockerd still checks the diffID and the node's
+    /// disk bounds a bomb.
     #[arg(long)]
     no_layer_check: bool,
     /// Send even to a node whose free space (as its agent measures it) looks too small for

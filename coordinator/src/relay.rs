@@ -208,6 +208,8 @@ pub async fn load(
             .collect()
             .await;
     let mut nodes: Vec<Node> = Vec::new();
+    // The layer check runs here only if some node does not check layers itself.
+    let mut all_check_layers = true;
     for (i, result, attempts) in identified {
         reports[i].attempts = attempts;
         match result {
@@ -217,6 +219,7 @@ pub async fn load(
                     .into_iter()
                     .map(|(d, h)| (d.to_string(), h))
                     .collect();
+                all_check_layers &= known.checks_layers;
                 nodes.push(Node {
                     idx: i,
                     agent: opts.agents[i].clone(),
@@ -234,6 +237,7 @@ pub async fn load(
             }
         }
     }
+    let checks = checks.filter(|_| !all_check_layers);
     nodes.sort_by_key(|n| n.idx);
     // An address given twice would be a tree forwarding to itself: keep the first.
     let mut seen = std::collections::HashSet::new();
@@ -450,6 +454,8 @@ type Identified = Result<(AgentConn, NodeReport, Knowledge), LoadError>;
 struct Knowledge {
     chosen: Vec<Result<Chosen, String>>,
     missing: HashMap<String, u64>,
+    /// The node checks layers itself as it unpacks them.
+    checks_layers: bool,
 }
 
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
@@ -499,7 +505,15 @@ async fn identify(
             report.bytes_skipped = 0;
             let missing = missing_blobs(bundle, have.blobs, &mut report);
             check_space(bundle, agent, &info, &missing, sizes)?;
-            Ok((client, report.clone(), Knowledge { chosen, missing }))
+            Ok((
+                client,
+                report.clone(),
+                Knowledge {
+                    chosen,
+                    missing,
+                    checks_layers: info.checks_layers,
+                },
+            ))
         };
         match retry.timed(agent, run).await {
             Err(e) if retry.again(&e, &mut attempt, agent, progress).await => {}

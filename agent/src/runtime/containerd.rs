@@ -120,6 +120,31 @@ pub struct ContainerdConfig {
     pub pin_images: bool,
     /// This node's platform (`os/arch[/variant]`): the manifest of an index it unpacks.
     pub platform: String,
+    /// Who applies layers to snapshots.
+    pub unpack: UnpackMode,
+    /// Decompression bound of a layer the agent applies, times its stored size.
+    pub max_layer_ratio: u64,
+}
+
+/// Who applies layers to snapshots.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum UnpackMode {
+    /// The agent where it can write containerd's snapshots, else containerd.
+    Auto,
+    /// The agent ([`crate::apply`]); refused at the first layer if it cannot.
+    Agent,
+    /// containerd's Diff service.
+    Containerd,
+}
+
+/// The smallest decompression bound of a layer, whatever its stored size.
+const LAYER_LIMIT_FLOOR: u64 = 256 << 20;
+
+/// What the agent needs to apply layers itself: where containerd keeps blobs.
+#[derive(Clone, Debug)]
+struct LocalStore {
+    /// `<content root>/blobs`.
+    blobs: PathBuf,
 }
 
 /// A connection to one containerd, scoped to one namespace and snapshotter.
@@ -132,6 +157,8 @@ pub struct Containerd {
     /// Layers applied at once: applying is CPU work (decompression) in containerd, so more
     /// than the cores only adds contention.
     unpack_slots: Arc<Semaphore>,
+    /// Found at the first layer: `None` when containerd's Diff service applies layers.
+    local: tokio::sync::OnceCell<Option<LocalStore>>,
 }
 
 impl Containerd {
@@ -151,6 +178,7 @@ impl Containerd {
             cfg,
             chains: std::sync::Mutex::new(HashMap::new()),
             unpack_slots: Arc::new(Semaphore::new(cores)),
+            local: tokio::sync::OnceCell::new(),
         })
     }
 
@@ -181,34 +209,130 @@ impl Containerd {
     /// layers in `<snapshotter>/snapshots` where those exist. Empty when containerd does not
     /// say or the agent cannot see them.
     async fn storage(&self) -> Vec<lade_proto::Storage> {
-        let plugins = match IntrospectionClient::new(self.channel.clone())
-            .plugins(self.req(PluginsRequest { filters: vec![] }, None))
-            .await
-        {
-            Ok(r) => r.into_inner().plugins,
+        let inner = |root: Option<PathBuf>, sub: &str| {
+            root.map(|r| if r.join(sub).is_dir() { r.join(sub) } else { r })
+        };
+        let (content, snapshots) = match self.store_roots().await {
+            Ok((c, s)) => (inner(c, "blobs"), inner(s, "snapshots")),
             Err(e) => {
                 debug!(error = %e, "cannot list containerd plugins for free space");
                 return Vec::new();
             }
         };
-        let root = |r#type: &str, id: &str, sub: &str| {
-            let p = plugins.iter().find(|p| p.r#type == r#type && p.id == id)?;
-            let root = std::path::PathBuf::from(p.exports.get("root")?);
-            let inner = root.join(sub);
-            Some(if inner.is_dir() { inner } else { root })
-        };
-        let content = root("io.containerd.content.v1", "content", "blobs");
-        let snapshots = root(
-            "io.containerd.snapshotter.v1",
-            &self.cfg.snapshotter,
-            "snapshots",
-        );
         let dirs: Vec<(&str, &std::path::Path)> =
             [("content", &content), ("snapshots", &snapshots)]
                 .into_iter()
                 .filter_map(|(holds, dir)| Some((holds, dir.as_deref()?)))
                 .collect();
         crate::storage::measure(&dirs)
+    }
+
+    /// The root directories of the content store and the snapshotter, as their plugins
+    /// export them.
+    async fn store_roots(&self) -> Result<(Option<PathBuf>, Option<PathBuf>), Error> {
+        let plugins = IntrospectionClient::new(self.channel.clone())
+            .plugins(self.req(PluginsRequest { filters: vec![] }, None))
+            .await
+            .map_err(Error::runtime(RUNTIME, "Introspection.Plugins"))?
+            .into_inner()
+            .plugins;
+        let root = |r#type: &str, id: &str| {
+            let p = plugins.iter().find(|p| p.r#type == r#type && p.id == id)?;
+            Some(PathBuf::from(p.exports.get("root")?))
+        };
+        Ok((
+            root("io.containerd.content.v1", "content"),
+            root("io.containerd.snapshotter.v1", &self.cfg.snapshotter),
+        ))
+    }
+
+    /// Whether this agent applies layers itself, decided once: it must run as root and see
+    /// containerd's blobs and snapshots at the paths containerd names, the snapshots
+    /// writable, on a snapshotter whose mounts are plain directories (overlayfs, native).
+    async fn local_store(&self) -> Result<Option<LocalStore>, Error> {
+        self.local
+            .get_or_try_init(|| async {
+                if self.cfg.unpack == UnpackMode::Containerd {
+                    return Ok(None);
+                }
+                let (content, snapshots) = self.store_roots().await?;
+                let usable = |dir: &Option<PathBuf>, mode| {
+                    dir.as_ref().is_some_and(|d| {
+                        std::ffi::CString::new(d.as_os_str().as_encoded_bytes())
+                            // SAFETY: a valid NUL-terminated path.
+                            .is_ok_and(|p| unsafe { libc::access(p.as_ptr(), mode) } == 0)
+                    })
+                };
+                // SAFETY: geteuid has no preconditions.
+                let root = unsafe { libc::geteuid() } == 0;
+                let snapshotter_ok = matches!(self.cfg.snapshotter.as_str(), "overlayfs" | "native");
+                let ok = root
+                    && snapshotter_ok
+                    && usable(&content, libc::R_OK | libc::X_OK)
+                    && usable(&snapshots, libc::W_OK | libc::X_OK);
+                match (ok, self.cfg.unpack) {
+                    (true, _) => {
+                        info!(snapshotter = %self.cfg.snapshotter, "layers are applied by this agent");
+                        Ok(Some(LocalStore {
+                            blobs: content.unwrap_or_default().join("blobs"),
+                        }))
+                    }
+                    (false, UnpackMode::Agent) => Err(Error::InvalidRequest(format!(
+                        "--unpack agent: this agent cannot apply layers itself (it needs root, \
+                         the overlayfs or native snapshotter, and containerd's content {} and \
+                         snapshotter {} directories mounted read-write at those paths)",
+                        content.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+                        snapshots.as_deref().unwrap_or(std::path::Path::new("?")).display(),
+                    ))),
+                    (false, _) => {
+                        info!("layers are applied by containerd's Diff service");
+                        Ok(None)
+                    }
+                }
+            })
+            .await
+            .cloned()
+    }
+
+    /// Applies `layer` into the directories of `mounts` in this process; `None` when the
+    /// mounts are not a plain directory or an overlay upper directory (then containerd does).
+    async fn apply_here(
+        &self,
+        store: &LocalStore,
+        image: &str,
+        layer: &oci::Descriptor,
+        mounts: &[containerd_client::types::Mount],
+    ) -> Option<Result<String, Error>> {
+        let target = apply_target(mounts)?;
+        let hex = layer.digest.strip_prefix("sha256:")?;
+        let blob = store.blobs.join("sha256").join(hex);
+        let limit = layer
+            .size
+            .saturating_mul(self.cfg.max_layer_ratio)
+            .max(LAYER_LIMIT_FLOOR);
+        let (image, digest) = (image.to_string(), layer.digest.clone());
+        let applied = tokio::task::spawn_blocking(move || {
+            let bad = |source| Error::BadLayer {
+                image: image.clone(),
+                layer: digest.clone(),
+                source,
+            };
+            let file = std::fs::File::open(&blob).map_err(|e| {
+                bad(crate::apply::ApplyError::Entry {
+                    entry: blob.display().to_string(),
+                    source: e,
+                })
+            })?;
+            crate::apply::apply_layer(file, &target, limit).map_err(bad)
+        })
+        .await;
+        Some(match applied {
+            Ok(Ok(a)) => Ok(a.diff_id),
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(Error::InvalidRequest(format!(
+                "layer applier panicked: {e}"
+            ))),
+        })
     }
 
     /// A request in this runtime's namespace, optionally on behalf of a lease.
@@ -387,6 +511,24 @@ impl Containerd {
         Ok(())
     }
 
+    /// Deletes blob `digest` from the content store (logged, not failed, when it cannot).
+    async fn discard(&self, digest: &str) {
+        let deleted = self
+            .content()
+            .delete(self.req(
+                containerd_client::services::v1::DeleteContentRequest {
+                    digest: digest.to_string(),
+                },
+                None,
+            ))
+            .await;
+        match deleted {
+            Ok(_) => info!(%digest, "deleted a blob that cannot be unpacked"),
+            Err(s) if s.code() == Code::NotFound => {}
+            Err(s) => warn!(%digest, error = %s, "could not delete a blob that cannot be unpacked"),
+        }
+    }
+
     async fn snapshot_exists(&self, key: &str) -> Result<bool, Error> {
         match SnapshotsClient::new(self.channel.clone())
             .stat(self.req(
@@ -436,28 +578,18 @@ impl Containerd {
             .into_inner()
             .mounts;
 
-        let applied = DiffClient::new(self.channel.clone())
-            .apply(self.req(
-                ApplyRequest {
-                    diff: Some(CtrDescriptor {
-                        media_type: layer.media_type.clone(),
-                        digest: layer.digest.clone(),
-                        size: layer.size as i64,
-                        annotations: HashMap::new(),
-                    }),
-                    mounts,
-                    ..Default::default()
-                },
-                Some(lease),
-            ))
-            .await
-            .map(|r| r.into_inner().applied.map(|d| d.digest).unwrap_or_default());
+        let store = self.local_store().await?;
+        let here = match &store {
+            Some(store) => self.apply_here(store, image, layer, &mounts).await,
+            None => None,
+        };
+        let applied = match here {
+            Some(result) => result,
+            None => self.diff_apply(lease, layer, mounts).await,
+        };
 
         let result = match applied {
-            Err(s) => Err(Error::runtime(
-                RUNTIME,
-                format!("Diff.Apply {}", layer.digest),
-            )(s)),
+            Err(e) => Err(e),
             Ok(actual) if actual != diff_id => Err(Error::DiffIdMismatch {
                 image: image.to_string(),
                 layer: layer.digest.clone(),
@@ -501,6 +633,35 @@ impl Containerd {
             warn!(%key, error = %s, "could not remove active snapshot");
         }
         result
+    }
+
+    /// containerd's Diff service applies `layer` into `mounts`; returns the diffID it saw.
+    async fn diff_apply(
+        &self,
+        lease: &str,
+        layer: &oci::Descriptor,
+        mounts: Vec<containerd_client::types::Mount>,
+    ) -> Result<String, Error> {
+        DiffClient::new(self.channel.clone())
+            .apply(self.req(
+                ApplyRequest {
+                    diff: Some(CtrDescriptor {
+                        media_type: layer.media_type.clone(),
+                        digest: layer.digest.clone(),
+                        size: layer.size as i64,
+                        annotations: HashMap::new(),
+                    }),
+                    mounts,
+                    ..Default::default()
+                },
+                Some(lease),
+            ))
+            .await
+            .map(|r| r.into_inner().applied.map(|d| d.digest).unwrap_or_default())
+            .map_err(Error::runtime(
+                RUNTIME,
+                format!("Diff.Apply {}", layer.digest),
+            ))
     }
 
     /// Imports one image: every layer unpacked, GC labels set, then (only then) its names.
@@ -626,6 +787,14 @@ impl Containerd {
                 // Released on failure too, so the map holds only chains being unpacked.
                 drop(held);
                 self.release_chain_lock(&chains[i], chain_lock);
+                if let Err(e) = phase {
+                    if e.blob_is_bad() {
+                        // Whatever image names it, this blob cannot be unpacked: drop it
+                        // rather than keep a bomb or an escape on the node.
+                        self.discard(&layer.digest).await;
+                    }
+                    return Err(e);
+                }
                 let phase = phase?;
                 labels.insert(LABEL_UNCOMPRESSED.to_string(), diff_ids[i].clone());
                 let _ = events
@@ -851,6 +1020,33 @@ impl Containerd {
 
 /// Ingest ref under which lade writes a blob: stable per digest, so an interrupted upload
 /// can be resumed by the next attempt.
+/// Where [`crate::apply`] writes a layer prepared with `mounts`, the way containerd's own
+/// applier picks it: an overlay's `upperdir` (its `lowerdir`s are the layers below, nearest
+/// first) with overlay whiteouts, or the source of a read-write bind mount (a first layer, or
+/// the native snapshotter) with plain whiteouts. `None` for anything else.
+fn apply_target(mounts: &[containerd_client::types::Mount]) -> Option<crate::apply::Target> {
+    let [mount] = mounts else { return None };
+    let option = |key: &str| {
+        mount
+            .options
+            .iter()
+            .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
+    };
+    match mount.r#type.as_str() {
+        "overlay" => Some(crate::apply::Target {
+            root: PathBuf::from(option("upperdir")?),
+            parents: option("lowerdir")?.split(':').map(PathBuf::from).collect(),
+            overlay: true,
+        }),
+        "bind" if !mount.options.iter().any(|o| o == "ro") => Some(crate::apply::Target {
+            root: PathBuf::from(&mount.source),
+            parents: Vec::new(),
+            overlay: false,
+        }),
+        _ => None,
+    }
+}
+
 fn ingest_ref(digest: &str) -> String {
     format!("lade-{digest}")
 }
@@ -893,6 +1089,7 @@ impl Runtime for Containerd {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             images_pinned: self.cfg.pin_images && pins_images(&runtime_version),
             storage: self.storage().await,
+            checks_layers: matches!(self.local_store().await, Ok(Some(_))),
         })
     }
 

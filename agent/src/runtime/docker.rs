@@ -559,6 +559,8 @@ impl Runtime for Docker {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             // Docker has no pin label: kubelet (through cri-dockerd) may collect these images.
             images_pinned: false,
+            // dockerd unpacks layers: the coordinator checks them before it sends them.
+            checks_layers: false,
             storage: crate::storage::measure(
                 &[
                     ("cache", Some(self.cfg.cache_dir.as_path())),

@@ -141,13 +141,14 @@ fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
     Ok((images_tar, bundle))
 }
 
-/// CPU seconds (user + system) a process has used so far.
+/// CPU seconds (user + system) a process has used so far, with those of its children it has
+/// waited for (containerd's `unpigz`).
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
     let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
     let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
+    let ticks: f64 = [11, 12, 13, 14]
         .iter()
         .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
         .sum();
@@ -214,6 +215,8 @@ struct Sample {
     wall_s: f64,
     /// Client + containerd + agent CPU seconds.
     cpu_s: f64,
+    /// The same, apart: client, containerd (with its `unpigz`), agent.
+    cpu_parts_s: [f64; 3],
     client_rss_mib: f64,
     agent_rss_mib: f64,
     bytes_sent: Option<u64>,
@@ -247,7 +250,7 @@ impl Tool {
         let (images_tar, bundle_path) = bundle(args, version)?;
         let containerd_pid = node.containerd.pid().context("containerd is not running")?;
         let agent_pid = node.agent_pid().context("agent is not running")?;
-        let before = cpu_seconds(containerd_pid) + cpu_seconds(agent_pid);
+        let before = [cpu_seconds(containerd_pid), cpu_seconds(agent_pid)];
         let cmd = match self {
             Tool::Ctr => {
                 let mut c = Command::new("ctr");
@@ -275,7 +278,11 @@ impl Tool {
             }
         };
         let (wall, client_cpu, client_rss, stdout) = measure(cmd)?;
-        let cpu = client_cpu + cpu_seconds(containerd_pid) + cpu_seconds(agent_pid) - before;
+        let parts = [
+            client_cpu,
+            cpu_seconds(containerd_pid) - before[0],
+            cpu_seconds(agent_pid) - before[1],
+        ];
         let bytes_sent = match self {
             Tool::Ctr => None,
             Tool::Lade | Tool::LadeUnchecked => {
@@ -289,7 +296,8 @@ impl Tool {
             tool: self.name().to_string(),
             round: 0,
             wall_s: wall,
-            cpu_s: cpu,
+            cpu_s: parts.iter().sum(),
+            cpu_parts_s: parts,
             client_rss_mib: client_rss,
             agent_rss_mib: match self {
                 Tool::Ctr => 0.0,
@@ -345,7 +353,7 @@ fn markdown(samples: &[Sample], args: &Args, bundle_bytes: u64) -> String {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         containerd_version(),
     );
-    s.push_str("| scenario | tool | wall s (min / median / max) | CPU s (median) | client peak RSS MiB | agent peak RSS MiB | bytes sent | lade / ctr (median wall) |\n");
+    s.push_str("| scenario | tool | wall s (min / median / max) | CPU s (median: client + containerd + agent) | client peak RSS MiB | agent peak RSS MiB | bytes sent | lade / ctr (median wall) |\n");
     s.push_str("|---|---|---|---|---|---|---|---|\n");
     for scenario in &args.scenarios {
         let pick = |tool: &str| -> Vec<&Sample> {
@@ -362,6 +370,9 @@ fn markdown(samples: &[Sample], args: &Args, bundle_bytes: u64) -> String {
             }
             let (min, med, max) = stats(&mut rows.iter().map(|x| x.wall_s).collect::<Vec<_>>());
             let (_, cpu, _) = stats(&mut rows.iter().map(|x| x.cpu_s).collect::<Vec<_>>());
+            let part =
+                |k: usize| stats(&mut rows.iter().map(|x| x.cpu_parts_s[k]).collect::<Vec<_>>()).1;
+            let (client_cpu, containerd_cpu, agent_cpu) = (part(0), part(1), part(2));
             let (_, _, crss) =
                 stats(&mut rows.iter().map(|x| x.client_rss_mib).collect::<Vec<_>>());
             let (_, _, arss) = stats(&mut rows.iter().map(|x| x.agent_rss_mib).collect::<Vec<_>>());
@@ -377,7 +388,7 @@ fn markdown(samples: &[Sample], args: &Args, bundle_bytes: u64) -> String {
                 String::new()
             };
             s.push_str(&format!(
-                "| {scenario} | {tool} | {min:.2} / {med:.2} / {max:.2} | {cpu:.2} | {crss:.0} | {} | {sent} | {ratio} |\n",
+                "| {scenario} | {tool} | {min:.2} / {med:.2} / {max:.2} | {cpu:.2} ({client_cpu:.2} + {containerd_cpu:.2} + {agent_cpu:.2}) | {crss:.0} | {} | {sent} | {ratio} |\n",
                 if i > 0 { format!("{arss:.0}") } else { "-".into() }
             ));
         }
@@ -416,8 +427,8 @@ async fn main() -> Result<()> {
             for tool in &order {
                 let sample = run_one(scenario, tool, &args, round).await?;
                 eprintln!(
-                    "round {round} {scenario:8} {:18} {:6.2} s wall {:6.2} s cpu",
-                    sample.tool, sample.wall_s, sample.cpu_s
+                    "round {round} {scenario:8} {:18} {:6.2} s wall {:6.2} s cpu ({:.2} client + {:.2} containerd + {:.2} agent)",
+                    sample.tool, sample.wall_s, sample.cpu_s, sample.cpu_parts_s[0], sample.cpu_parts_s[1], sample.cpu_parts_s[2]
                 );
                 samples.push(sample);
             }
