@@ -214,7 +214,7 @@ def test_unknown_runtime_is_refused() -> None:
 # Default: containerd
 
 
-def test_default_mounts_the_containerd_socket_and_its_root_read_only() -> None:
+def test_default_mounts_the_containerd_socket_and_its_root_for_the_agent_to_unpack() -> None:
     r = render()
     socket = "/run/containerd/containerd.sock"
     root = "/var/lib/containerd"
@@ -222,18 +222,38 @@ def test_default_mounts_the_containerd_socket_and_its_root_read_only() -> None:
     assert r.flag("containerd-socket") == socket
     assert r.flag("namespace") == "k8s.io"
     assert r.flag("snapshotter") == "overlayfs"
+    assert r.flag("unpack") == "agent"
     host = r.host_paths()
-    assert list(host) == [socket, root], "containerd needs its socket, and its root to measure"
+    assert list(host) == [socket, root], "containerd needs its socket, and its root to unpack into"
     assert host[socket]["type"] == "Socket"
     assert host[socket]["mount"]["mountPath"] == socket
     assert host[socket]["mount"].get("readOnly") is not True
-    # The root is only measured (free space), never written.
+    # The agent writes the snapshots at the paths containerd names: same path, writable.
     assert host[root]["type"] == "Directory"
     assert host[root]["mount"]["mountPath"] == root
-    assert host[root]["mount"]["readOnly"] is True
+    assert host[root]["mount"]["readOnly"] is False
     assert r.flag("docker-socket") is None
     assert r.flag("docker-cache-dir") is None
     assert "docker" not in yaml.safe_dump(r.pod)
+
+
+def test_containerd_unpacking_mounts_the_root_read_only_and_keeps_no_capability() -> None:
+    r = render({"containerd": {"unpack": "containerd"}})
+    assert r.flag("unpack") == "containerd"
+    host = r.host_paths()
+    # The root is only measured (free space), never written.
+    assert host["/var/lib/containerd"]["mount"]["readOnly"] is True
+    assert r.container["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_agent_unpacking_without_a_root_or_with_an_unknown_unpacker_is_refused() -> None:
+    with pytest.raises(Exception, match="needs containerd.root"):
+        render({"containerd": {"root": ""}})
+    with pytest.raises(Exception, match="must be agent or containerd"):
+        render({"containerd": {"unpack": "kubelet"}})
+    # Without a root, containerd can still unpack (no space check then).
+    r = render({"containerd": {"root": "", "unpack": "containerd"}})
+    assert list(r.host_paths()) == ["/run/containerd/containerd.sock"]
 
 
 def test_default_daemonset_runs_on_every_node_and_updates_gradually() -> None:
@@ -270,7 +290,12 @@ def test_container_is_root_but_otherwise_locked_down() -> None:
     assert sc["privileged"] is False
     assert sc["allowPrivilegeEscalation"] is False
     assert sc["readOnlyRootFilesystem"] is True
-    assert sc["capabilities"] == {"drop": ["ALL"]}
+    # Only what writing a layer's files as containerd would takes: owners, modes past the
+    # owner, setuid bits, device nodes and whiteouts, file capabilities, overlay xattrs.
+    assert sc["capabilities"] == {
+        "drop": ["ALL"],
+        "add": ["CHOWN", "DAC_OVERRIDE", "FOWNER", "FSETID", "MKNOD", "SETFCAP", "SYS_ADMIN"],
+    }
     assert r.pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
     for key in ("hostPID", "hostIPC", "hostNetwork"):
         assert key not in r.pod
@@ -394,7 +419,7 @@ def test_docker_paths_are_configurable() -> None:
 
 @pytest.mark.parametrize("socket", [K3S_SOCKET, MICROK8S_SOCKET], ids=["k3s-rke2", "microk8s"])
 def test_containerd_socket_path_follows_values(socket: str) -> None:
-    r = render({"containerd": {"socket": socket, "root": ""}})
+    r = render({"containerd": {"socket": socket, "root": "", "unpack": "containerd"}})
     host = r.host_paths()
     assert list(host) == [socket], "an empty root mounts nothing but the socket"
     assert host[socket]["type"] == "Socket"

@@ -103,3 +103,18 @@ Paths inside the container.
 */}}
 {{- define "lade.authTokenPath" -}}/etc/lade/auth/token{{- end }}
 {{- define "lade.tlsDir" -}}/etc/lade/tls{{- end }}
+
+{{/*
+Who unpacks layers on containerd nodes: `agent` or `containerd`. The agent writes into the
+snapshots under containerd's root, so it needs that root mounted.
+*/}}
+{{- define "lade.unpack" -}}
+{{- $unpack := .Values.containerd.unpack | default "agent" }}
+{{- if not (has $unpack (list "agent" "containerd")) }}
+{{- fail (printf "containerd.unpack must be agent or containerd, not %q" $unpack) }}
+{{- end }}
+{{- if and (eq $unpack "agent") (not .Values.containerd.root) }}
+{{- fail "containerd.unpack=agent needs containerd.root: the agent writes the snapshots under it" }}
+{{- end }}
+{{- $unpack }}
+{{- end }}
