@@ -224,16 +224,17 @@ struct Sample {
 
 enum Tool {
     Ctr,
+    /// `lade load`, the agent unpacking layers itself (its default where it can).
     Lade,
-    /// `lade load --no-layer-check`: the same without decompressing each layer on the
-    /// coordinator, which here shares the node's two cores (on a cluster it does not).
-    LadeUnchecked,
+    /// `lade load` to an agent run with `--unpack containerd`: containerd's Diff service
+    /// unpacks, and the coordinator checks each layer before sending it.
+    LadeContainerdUnpacks,
 }
 
 const TOOLS: [&str; 3] = [
     "ctr images import",
     "lade load",
-    "lade load --no-layer-check",
+    "lade load, containerd unpacks",
 ];
 
 impl Tool {
@@ -241,7 +242,7 @@ impl Tool {
         match self {
             Tool::Ctr => TOOLS[0],
             Tool::Lade => TOOLS[1],
-            Tool::LadeUnchecked => TOOLS[2],
+            Tool::LadeContainerdUnpacks => TOOLS[2],
         }
     }
 
@@ -260,7 +261,7 @@ impl Tool {
                     .arg(&images_tar);
                 c
             }
-            Tool::Lade | Tool::LadeUnchecked => {
+            Tool::Lade | Tool::LadeContainerdUnpacks => {
                 let mut c = Command::new(workspace_bin("lade")?);
                 c.env("LADE_AUTH_TOKEN", TEST_TOKEN);
                 c.arg("load").arg(&bundle_path).args([
@@ -271,9 +272,6 @@ impl Tool {
                     "-o",
                     "json",
                 ]);
-                if let Tool::LadeUnchecked = self {
-                    c.arg("--no-layer-check");
-                }
                 c
             }
         };
@@ -285,7 +283,7 @@ impl Tool {
         ];
         let bytes_sent = match self {
             Tool::Ctr => None,
-            Tool::Lade | Tool::LadeUnchecked => {
+            Tool::Lade | Tool::LadeContainerdUnpacks => {
                 let reports: serde_json::Value = serde_json::from_slice(&stdout)?;
                 ensure!(reports[0]["ok"] == true, "lade load failed: {reports}");
                 reports[0]["bytes_sent"].as_u64()
@@ -301,7 +299,7 @@ impl Tool {
             client_rss_mib: client_rss,
             agent_rss_mib: match self {
                 Tool::Ctr => 0.0,
-                Tool::Lade | Tool::LadeUnchecked => peak_rss_mib(agent_pid),
+                Tool::Lade | Tool::LadeContainerdUnpacks => peak_rss_mib(agent_pid),
             },
             bytes_sent,
         })
@@ -310,7 +308,11 @@ impl Tool {
 
 /// One measurement of `tool` in `scenario` on a fresh node.
 async fn run_one(scenario: &str, tool: &Tool, args: &Args, round: usize) -> Result<Sample> {
-    let mut node = Node::start(&format!("bench-{round}")).await?;
+    let agent_args: &[&str] = match tool {
+        Tool::LadeContainerdUnpacks => &["--unpack", "containerd"],
+        Tool::Ctr | Tool::Lade => &[],
+    };
+    let mut node = Node::start_with(&format!("bench-{round}"), agent_args).await?;
     let target = match scenario {
         "fresh" => 1,
         "upgrade" => {
@@ -422,7 +424,7 @@ async fn main() -> Result<()> {
     for round in 0..args.rounds {
         for scenario in &args.scenarios {
             // Rotate which tool goes first, so none always runs on a warmer machine.
-            let mut order = vec![Tool::Ctr, Tool::Lade, Tool::LadeUnchecked];
+            let mut order = vec![Tool::Ctr, Tool::Lade, Tool::LadeContainerdUnpacks];
             order.rotate_left(round % 3);
             for tool in &order {
                 let sample = run_one(scenario, tool, &args, round).await?;
