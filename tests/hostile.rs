@@ -31,6 +31,24 @@ fn names(node: &Node) -> Result<Vec<String>> {
         .collect())
 }
 
+/// Loads `path` onto `node` with `flags`, expecting `image` to be the one failure while
+/// `loaded` images load; returns why it failed.
+fn only_failure(
+    path: &Path,
+    node: &Node,
+    flags: &[&str],
+    image: &str,
+    loaded: u64,
+) -> Result<String> {
+    let (code, reports, stderr) = load_json(path, &[node.addr()], flags)?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["images_loaded"], loaded, "{reports:#?}");
+    let failed = &reports[0]["failed_images"];
+    assert_eq!(failed.as_array().map(Vec::len), Some(1), "{reports:#?}");
+    assert_eq!(failed[0]["image"], image, "{reports:#?}");
+    Ok(failed[0]["reason"].as_str().unwrap_or_default().to_string())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
     if !daemon_tests_enabled() {
@@ -55,12 +73,7 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
     // For a node whose containerd unpacks, the coordinator's layer check unpacks the layer
     // while it uploads and holds back its last chunk: the node never holds it.
     let node = Node::start_with("diffid-ctrd", &["--unpack", "containerd"]).await?;
-    let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
-    let failed = &reports[0]["failed_images"][0];
-    let reason = failed["reason"].as_str().unwrap_or_default();
-    assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
+    let reason = only_failure(&bundle, &node, &[], APP_IMAGE, 2)?;
     assert!(
         reason.contains(&format!("layer 2 of {APP_IMAGE}"))
             && reason.contains(&format!("unpacks to diffID {}", true_ids[1]))
@@ -77,13 +90,8 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
     // does an agent that unpacks layers itself, with no check on the coordinator.
     let by_agent = Node::start("diffid").await?;
     for (node, flags) in [(&node, &["--no-layer-check"][..]), (&by_agent, &[][..])] {
-        let (code, reports, stderr) = load_json(&bundle, &[node.addr()], flags)?;
-        assert_eq!(code, 1, "{reports:#?}\n{stderr}");
         // The other two images load: one bad image fails alone, named in the node's report.
-        assert_eq!(reports[0]["images_loaded"], 2, "{reports:#?}");
-        let failed = &reports[0]["failed_images"][0];
-        let reason = failed["reason"].as_str().unwrap_or_default();
-        assert_eq!(failed["image"], APP_IMAGE, "{reports:#?}");
+        let reason = only_failure(&bundle, node, flags, APP_IMAGE, 2)?;
         assert!(
             reason.contains(layer)
                 && reason.contains(&format!("unpacked to {}", true_ids[1]))
@@ -244,31 +252,25 @@ async fn layer_entries_aiming_outside_the_snapshot_stay_inside_it() -> Result<()
         assert!(!Path::new(&target_dir).join("climbed").exists());
         Ok(())
     };
-    let node = Node::start("escape").await?;
-    let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    let reason = reports[0]["failed_images"][0]["reason"]
-        .as_str()
-        .unwrap_or_default();
+    // The coordinator checks layers for a node whose containerd unpacks them.
+    let by_containerd = Node::start_with("escape-ctrd", &["--unpack", "containerd"]).await?;
+    let reason = only_failure(&path, &by_containerd, &[], name, 0)?;
     assert!(
-        reason.contains("entry") && reason.contains("climbs out of the root"),
+        reason.contains("member") && reason.contains("climbs out of the root"),
         "{reason}"
     );
-    assert_eq!(names(&node)?, Vec::<String>::new());
+    assert_eq!(names(&by_containerd)?, Vec::<String>::new());
 
-    let (code, reports, stderr) = load_json(&path, &[node.addr()], &["--no-layer-check"])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    let reason = reports[0]["failed_images"][0]["reason"]
-        .as_str()
-        .unwrap_or_default();
+    // An agent that unpacks layers itself refuses it as it writes it.
+    let by_agent = Node::start("escape").await?;
+    let reason = only_failure(&path, &by_agent, &[], name, 0)?;
     assert!(
         reason.contains("cannot be unpacked") && reason.contains("climbs out of the root"),
         "{reason}"
     );
     nothing_outside()?;
-    assert_eq!(names(&node)?, Vec::<String>::new());
+    assert_eq!(names(&by_agent)?, Vec::<String>::new());
 
-    let by_containerd = Node::start_with("escape-ctrd", &["--unpack", "containerd"]).await?;
     let (code, reports, stderr) = load_json(&path, &[by_containerd.addr()], &["--no-layer-check"])?;
     nothing_outside()?;
     // containerd rewrote the paths into the snapshot, so the image itself is valid.
@@ -348,11 +350,7 @@ async fn gzip_bomb_fills_the_disk(unpacker: &str, says: &str) -> Result<()> {
     let disk = SmallDisk::mount(&snapshots, 16)?;
     let before = disk.used()?;
 
-    let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    let failed = &reports[0]["failed_images"][0];
-    let reason = failed["reason"].as_str().unwrap_or_default();
-    assert_eq!(failed["image"], name, "{reports:#?}");
+    let reason = only_failure(&path, &node, &[], name, 0)?;
     assert!(
         reason.contains(says) && reason.to_lowercase().contains("no space left on device"),
         "{unpacker}: {reason}"
@@ -405,12 +403,7 @@ async fn big_bomb_is_refused(unpacker: &str) -> Result<()> {
         ]),
     )?;
     let node = Node::start_with(&format!("big-bomb-{unpacker}"), &["--unpack", unpacker]).await?;
-    let (code, reports, stderr) = load_json(&path, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{unpacker}: {reports:#?}\n{stderr}");
-    assert_eq!(reports[0]["images_loaded"], 1, "{unpacker}: {reports:#?}");
-    let failed = &reports[0]["failed_images"][0];
-    assert_eq!(failed["image"], bomb_name, "{unpacker}: {reports:#?}");
-    let reason = failed["reason"].as_str().unwrap_or_default();
+    let reason = only_failure(&path, &node, &[], bomb_name, 1)?;
     assert!(
         reason.contains("decompression bomb")
             && reason.contains(&format!("more than {} bytes", 256u64 << 20))
