@@ -230,6 +230,8 @@ impl<'a> Applier<'a> {
         if let Ok(old) = fs::symlink_metadata(&path) {
             if !(old.is_dir() && kind == tar::EntryType::Directory) {
                 remove_all(&path).map_err(io_err)?;
+                // A symlink this layer made and now replaced no longer redirects anything.
+                self.links.remove(&rel);
             }
         }
         let mode = meta.mode & 0o7777;
@@ -801,6 +803,19 @@ mod tests {
         let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 20).unwrap_err();
         assert!(matches!(err, ApplyError::Escape { .. }), "{err}");
         assert!(!outside.path().join("owned").exists());
+    }
+
+    #[test]
+    fn a_symlink_replaced_by_a_directory_no_longer_counts_as_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let bytes = layer(|b| {
+            entry(b, tar::EntryType::Symlink, "d", "/tmp", b"");
+            entry(b, tar::EntryType::Directory, "d/", "", b"");
+            entry(b, tar::EntryType::Regular, "d/x", "", b"x");
+        });
+        apply_layer(&bytes[..], &target(dir.path()), 1 << 20).unwrap();
+        assert!(fs::symlink_metadata(dir.path().join("d")).unwrap().is_dir());
+        assert_eq!(fs::read(dir.path().join("d/x")).unwrap(), b"x");
     }
 
     #[test]

@@ -118,9 +118,7 @@ impl Error {
             status,
         }
     }
-}
 
-impl Error {
     /// Whether the blob itself is at fault, whatever image uses it: it does not decompress,
     /// expands past its limit or has an entry escaping its snapshot.
     pub fn blob_is_bad(&self) -> bool {

@@ -557,6 +557,8 @@ impl Containerd {
         parent: Option<&str>,
         chain_id: &str,
     ) -> Result<(), Error> {
+        // Decided before anything is prepared, so refusing leaves no active snapshot.
+        let store = self.local_store().await?;
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         let key = format!("extract-{} {chain_id}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), chain_id.to_string())]);
@@ -578,7 +580,6 @@ impl Containerd {
             .into_inner()
             .mounts;
 
-        let store = self.local_store().await?;
         let here = match &store {
             Some(store) => self.apply_here(store, image, layer, &mounts).await,
             None => None,
