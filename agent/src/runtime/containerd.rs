@@ -562,23 +562,53 @@ impl Containerd {
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
         let key = format!("extract-{} {chain_id}", uuid::Uuid::new_v4().simple());
         let labels = HashMap::from([(LABEL_SNAPSHOT_REF.to_string(), chain_id.to_string())]);
-        let mounts = snapshots
-            .prepare(self.req(
-                PrepareSnapshotRequest {
-                    snapshotter: self.cfg.snapshotter.clone(),
-                    key: key.clone(),
-                    parent: parent.unwrap_or_default().to_string(),
-                    labels: labels.clone(),
-                },
-                Some(lease),
-            ))
-            .await
-            .map_err(Error::runtime(
-                RUNTIME,
-                format!("Snapshots.Prepare {chain_id}"),
-            ))?
-            .into_inner()
-            .mounts;
+        let mut orphans_removed = 0;
+        let mounts = loop {
+            let prepared = snapshots
+                .prepare(self.req(
+                    PrepareSnapshotRequest {
+                        snapshotter: self.cfg.snapshotter.clone(),
+                        key: key.clone(),
+                        parent: parent.unwrap_or_default().to_string(),
+                        labels: labels.clone(),
+                    },
+                    Some(lease),
+                ))
+                .await;
+            match prepared {
+                Ok(r) => break r.into_inner().mounts,
+                Err(s) if orphans_removed < MAX_ORPHANS_REMOVED => {
+                    let Some(orphan) = orphan_snapshot_dir(s.message()) else {
+                        return Err(Error::runtime(
+                            RUNTIME,
+                            format!("Snapshots.Prepare {chain_id}"),
+                        )(s));
+                    };
+                    remove_orphan(&orphan).map_err(|e| {
+                        Error::runtime(RUNTIME, format!("Snapshots.Prepare {chain_id}"))(
+                            tonic::Status::new(
+                                s.code(),
+                                format!(
+                                    "{}; {} belongs to no snapshot (containerd was stopped \
+                                     between creating it and recording it) and this agent \
+                                     cannot remove it ({e}): remove it, or wait for \
+                                     containerd's garbage collection",
+                                    s.message(),
+                                    orphan.display()
+                                ),
+                            ),
+                        )
+                    })?;
+                    orphans_removed += 1;
+                }
+                Err(s) => {
+                    return Err(Error::runtime(
+                        RUNTIME,
+                        format!("Snapshots.Prepare {chain_id}"),
+                    )(s))
+                }
+            }
+        };
 
         let here = match &store {
             Some(store) => self.apply_here(store, image, layer, &mounts).await,
@@ -1048,6 +1078,45 @@ fn apply_target(mounts: &[containerd_client::types::Mount]) -> Option<crate::app
     }
 }
 
+/// Orphan snapshot directories removed for one Prepare before giving up.
+const MAX_ORPHANS_REMOVED: usize = 3;
+
+/// The directory a Prepare failed to create because it already exists, from the overlayfs
+/// snapshotter's error (`failed to rename: rename <root>/snapshots/new-123 <root>/snapshots/7:
+/// file exists`). containerd 1.6 renames a new snapshot's directory into place before it
+/// records the snapshot: stopped in between, it leaves a directory under an ID it will hand
+/// out again, and every later Prepare fails on it until its garbage collection cleans up.
+/// The ID being handed out is, by construction, recorded for no snapshot (IDs are allocated
+/// in a write transaction, one at a time), so the directory belongs to none.
+fn orphan_snapshot_dir(message: &str) -> Option<PathBuf> {
+    if !message.contains("file exists") {
+        return None;
+    }
+    let rest = message.split("failed to rename: rename ").nth(1)?;
+    let mut words = rest.split_whitespace();
+    let (tmp, target) = (
+        PathBuf::from(words.next()?),
+        PathBuf::from(words.next()?.strip_suffix(':')?),
+    );
+    let dir = target.parent()?;
+    let id = target.file_name()?.to_str()?;
+    let temporary = tmp.file_name()?.to_str()?.starts_with("new-");
+    (dir.file_name()? == "snapshots"
+        && tmp.parent()? == dir
+        && temporary
+        && !id.is_empty()
+        && id.bytes().all(|b| b.is_ascii_digit()))
+    .then_some(target)
+}
+
+fn remove_orphan(dir: &std::path::Path) -> std::io::Result<()> {
+    warn!(dir = %dir.display(), "removing a snapshot directory that belongs to no snapshot (left by a containerd crash)");
+    match std::fs::remove_dir_all(dir) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        other => other,
+    }
+}
+
 fn ingest_ref(digest: &str) -> String {
     format!("lade-{digest}")
 }
@@ -1443,6 +1512,29 @@ impl Runtime for Containerd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_numbered_snapshot_directory_named_by_a_failed_rename_is_an_orphan() {
+        let root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots";
+        let msg = |from: &str, to: &str, why: &str| {
+            format!("failed to rename: rename {root}/{from} {root}/{to}: {why}")
+        };
+        assert_eq!(
+            orphan_snapshot_dir(&msg("new-3501627526", "2", "file exists")),
+            Some(PathBuf::from(format!("{root}/2")))
+        );
+        for bad in [
+            msg("new-1", "2", "permission denied"),
+            msg("new-1", "../2", "file exists"),
+            msg("new-1", "metadata.db", "file exists"),
+            msg("other-1", "2", "file exists"),
+            "failed to stat parent: file exists".to_string(),
+        ] {
+            assert_eq!(orphan_snapshot_dir(&bad), None, "{bad}");
+        }
+        let elsewhere = "failed to rename: rename /data/new-1 /data/2: file exists";
+        assert_eq!(orphan_snapshot_dir(elsewhere), None);
+    }
 
     #[test]
     fn pin_label_needs_containerd_1_7_3() {
