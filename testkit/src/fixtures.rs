@@ -350,6 +350,41 @@ pub fn random_layer(seed: u64, size: usize, compressible_fraction: f64) -> Vec<u
     result.expect("writing to a Vec cannot fail")
 }
 
+/// Like [`random_layer`], but the bytes spread over files the way a real image spreads
+/// them: sizes drawn log-uniformly between 256 B and 256 KiB (most files small, most bytes in
+/// the larger ones, about 38 KiB on average), 64 files to a directory.
+pub fn random_tree_layer(seed: u64, size: usize, compressible_fraction: f64) -> Vec<u8> {
+    const SMALLEST: f64 = 256.0;
+    const LARGEST: f64 = (256 << 10) as f64;
+    let fraction = compressible_fraction.clamp(0.0, 1.0);
+    let mut rng = SplitMix64(seed);
+    let mut tar = TarOut::new(Vec::with_capacity(size + size / 64 + 4096));
+    let mut data = Vec::new();
+    let result = (|| {
+        let mut remaining = size;
+        let mut index = 0;
+        while remaining > 0 {
+            if index % 64 == 0 {
+                tar.dir(&format!("tree/d{:05}", index / 64), 0o755)?;
+            }
+            let unit = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64;
+            let drawn = (SMALLEST * (LARGEST / SMALLEST).powf(unit)) as usize;
+            let len = remaining.min(drawn.max(1));
+            let text_len = ((len as f64) * fraction).round() as usize;
+            data.clear();
+            rng.text(text_len, &mut data);
+            data.resize(len, 0);
+            rng.fill(&mut data[text_len..]);
+            let path = format!("tree/d{:05}/f{index:07}", index / 64);
+            tar.file(&path, 0o644, &data)?;
+            remaining -= len;
+            index += 1;
+        }
+        tar.finish()
+    })();
+    result.expect("writing to a Vec cannot fail")
+}
+
 // ---------------------------------------------------------------------------------------------
 // Compression
 
@@ -1232,6 +1267,28 @@ mod tests {
         let noise = random_layer(3, 1 << 20, 0.0);
         assert!(compress(&text, Compression::Gzip).len() < text.len() / 2);
         assert!(compress(&noise, Compression::Gzip).len() > noise.len() * 99 / 100);
+    }
+
+    #[test]
+    fn tree_layers_are_deterministic_sized_and_mostly_small_files() {
+        let size = 8 << 20;
+        let a = random_tree_layer(1, size, 0.5);
+        assert_eq!(a, random_tree_layer(1, size, 0.5));
+        assert_ne!(a, random_tree_layer(2, size, 0.5));
+        let ms = members(&a);
+        let files: Vec<usize> = ms
+            .iter()
+            .filter(|m| m.0.contains("/f"))
+            .map(|m| m.3.len())
+            .collect();
+        assert_eq!(files.iter().sum::<usize>(), size);
+        assert!(files.iter().all(|&n| n <= 256 << 10));
+        // Log-uniform: the median file is a few KiB, the mean tens of KiB.
+        let mut sorted = files.clone();
+        sorted.sort_unstable();
+        let median = sorted[sorted.len() / 2];
+        assert!((2 << 10..=16 << 10).contains(&median), "median {median}");
+        assert!(files.len() > 100, "{} files", files.len());
     }
 
     #[test]

@@ -103,16 +103,34 @@ pub fn require_binary(name: &str) -> Result<PathBuf> {
     )
 }
 
-/// Returns a TCP port on 127.0.0.1 that was free a moment ago.
+/// Returns a TCP port on 127.0.0.1 that was free a moment ago, never the same one twice in
+/// this process.
 ///
-/// The port is released before returning, so another process could grab it in between; good
-/// enough for tests, which then fail loudly on bind rather than misbehave.
+/// The port is released before returning, so another process could take it before the test
+/// binds it. It is drawn from 20000-32767, below Linux's ephemeral range (32768-60999): the
+/// outgoing connections tests make by the hundred take their local ports from that range, and
+/// a port picked with `bind(:0)` (also from that range) was now and then taken by one of them
+/// before the agent bound it.
 pub fn free_port() -> u16 {
-    let listener = std::net::TcpListener::bind(("127.0.0.1", 0)).expect("bind 127.0.0.1:0");
-    listener
-        .local_addr()
-        .expect("local_addr of bound listener")
-        .port()
+    use std::hash::{BuildHasher, Hasher};
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let random = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64.. {
+        let mut h = random.build_hasher();
+        h.write_u64(attempt);
+        h.write_u32(std::process::id());
+        let port = 20000 + (h.finish() % 12768) as u16;
+        let mut handed_out = HANDED_OUT.lock().expect("port list lock");
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+        assert!(attempt < 10_000, "no free port in 20000-32767");
+    }
+    unreachable!("the loop returns or panics")
 }
 
 /// A spawned process that is killed and reaped when the guard is dropped (also on panic), so a

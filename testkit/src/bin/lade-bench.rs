@@ -19,8 +19,8 @@ use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
 use lade_testkit::fixtures::{
-    random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
-    ImageFixture,
+    random_layer, random_tree_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat,
+    Compression, ImageFixture,
 };
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use serde::Serialize;
@@ -32,6 +32,8 @@ struct Args {
     changed_pct: usize,
     out: PathBuf,
     scenarios: Vec<String>,
+    /// Layers of many small files (`--files small`) instead of 1 MiB ones.
+    small_files: bool,
 }
 
 fn parse_args() -> Result<Args> {
@@ -42,6 +44,7 @@ fn parse_args() -> Result<Args> {
         changed_pct: 10,
         out: PathBuf::from("bench/results"),
         scenarios: vec!["fresh".into(), "upgrade".into(), "again".into()],
+        small_files: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -53,10 +56,17 @@ fn parse_args() -> Result<Args> {
             "--changed-pct" => args.changed_pct = value()?.parse()?,
             "--out" => args.out = PathBuf::from(value()?),
             "--scenarios" => args.scenarios = value()?.split(',').map(str::to_string).collect(),
+            "--files" => {
+                args.small_files = match value()?.as_str() {
+                    "large" => false,
+                    "small" => true,
+                    other => bail!("--files is large or small, not {other}"),
+                }
+            }
             "-h" | "--help" => {
                 println!(
                     "usage: lade-bench [--size-mib 512] [--images 8] [--rounds 3] [--changed-pct 10] \
-                     [--scenarios fresh,upgrade,again] [--out bench/results]"
+                     [--scenarios fresh,upgrade,again] [--files large|small] [--out bench/results]"
                 );
                 std::process::exit(0);
             }
@@ -85,10 +95,17 @@ fn generate(args: &Args, version: u64) -> Vec<ImageFixture> {
     let (base, own) = layer_plan(args);
     let layer_count = base.len() + own.len() * 2;
     let changed = (layer_count * args.changed_pct).div_ceil(100);
+    let layer = |seed, size| {
+        if args.small_files {
+            random_tree_layer(seed, size, COMPRESSIBLE)
+        } else {
+            random_layer(seed, size, COMPRESSIBLE)
+        }
+    };
     let base_layers: Vec<Vec<u8>> = base
         .iter()
         .enumerate()
-        .map(|(i, &size)| random_layer(1000 + i as u64, size, COMPRESSIBLE))
+        .map(|(i, &size)| layer(1000 + i as u64, size))
         .collect();
     let mut changed_left = if version == 1 { 0 } else { changed };
     own.iter()
@@ -101,7 +118,7 @@ fn generate(args: &Args, version: u64) -> Vec<ImageFixture> {
                     changed_left -= 1;
                     seed += 1_000_000;
                 }
-                layers.push(random_layer(seed, size, COMPRESSIBLE));
+                layers.push(layer(seed, size));
             }
             ImageFixture::new(
                 &format!("release.daocloud.io/bench/image-{i}:v{version}"),
@@ -115,8 +132,11 @@ fn generate(args: &Args, version: u64) -> Vec<ImageFixture> {
 /// Writes (once per parameter set) `images.tar` and a bundle around it for `version`.
 fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
     let dir = PathBuf::from("target/bench-cache").join(format!(
-        "s{}-i{}-c{}-v{version}",
-        args.size_mib, args.images, args.changed_pct
+        "s{}-i{}-c{}{}-v{version}",
+        args.size_mib,
+        args.images,
+        args.changed_pct,
+        if args.small_files { "-small" } else { "" }
     ));
     let images_tar = dir.join("images.tar");
     let bundle = dir.join("bench.bundle.tar");
@@ -345,10 +365,15 @@ fn stats(values: &mut [f64]) -> (f64, f64, f64) {
 
 fn markdown(samples: &[Sample], args: &Args, bundle_bytes: u64) -> String {
     let mut s = format!(
-        "Bundle: {} images, {} MiB uncompressed, {:.0} MiB gzip in the bundle; upgrade changes {}% of layers. \
+        "Bundle: {} images, {} MiB uncompressed in {}, {:.0} MiB gzip in the bundle; upgrade changes {}% of layers. \
          {} rounds, tools interleaved. Machine: {} cores, {}.\n\n",
         args.images,
         args.size_mib,
+        if args.small_files {
+            "files of 256 B to 256 KiB (log-uniform)"
+        } else {
+            "1 MiB files"
+        },
         bundle_bytes as f64 / (1 << 20) as f64,
         args.changed_pct,
         args.rounds,
