@@ -5,6 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
+use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
@@ -24,7 +25,8 @@ const T: u64 = 1_600_000_000;
 
 /// A tar entry with everything a layer can say about it.
 struct E {
-    name: &'static str,
+    /// Bytes, not text: names need not be UTF-8.
+    name: Vec<u8>,
     kind: tar::EntryType,
     mode: u32,
     uid: u64,
@@ -35,9 +37,9 @@ struct E {
     pax: Vec<(&'static str, Vec<u8>)>,
 }
 
-fn e(kind: tar::EntryType, name: &'static str, mode: u32) -> E {
+fn e(kind: tar::EntryType, name: impl AsRef<[u8]>, mode: u32) -> E {
     E {
-        name,
+        name: name.as_ref().to_vec(),
         kind,
         mode,
         uid: 0,
@@ -48,10 +50,10 @@ fn e(kind: tar::EntryType, name: &'static str, mode: u32) -> E {
         pax: Vec::new(),
     }
 }
-fn dir(name: &'static str, mode: u32) -> E {
+fn dir(name: impl AsRef<[u8]>, mode: u32) -> E {
     e(tar::EntryType::Directory, name, mode)
 }
-fn file(name: &'static str, mode: u32, data: &[u8]) -> E {
+fn file(name: impl AsRef<[u8]>, mode: u32, data: &[u8]) -> E {
     E {
         data: data.to_vec(),
         ..e(tar::EntryType::Regular, name, mode)
@@ -107,14 +109,15 @@ fn layer(entries: &[E]) -> Vec<u8> {
             h.set_device_major(en.dev.0).unwrap();
             h.set_device_minor(en.dev.1).unwrap();
         }
-        let name = en.name.as_bytes();
+        let name = &en.name[..];
         if name.len() <= 100 {
             h.as_gnu_mut().unwrap().name[..name.len()].copy_from_slice(name);
             h.set_cksum();
             b.append(&h, &en.data[..]).unwrap();
         } else {
             // A long name goes in a GNU long-name entry, as GNU tar writes it.
-            b.append_data(&mut h, en.name, &en.data[..]).unwrap();
+            let path = Path::new(std::ffi::OsStr::from_bytes(name));
+            b.append_data(&mut h, path, &en.data[..]).unwrap();
         }
     }
     b.into_inner().unwrap()
@@ -166,6 +169,8 @@ fn tricky_layers() -> Vec<Vec<u8>> {
         symlink("passwd-link", "/etc/passwd"),
         symlink("dangling", "nowhere/at/all"),
         file(long, 0o644, b"long name"),
+        file(b"latin1/caf\xe9", 0o644, b"not UTF-8"),
+        file(b"latin1/na\xefve", 0o644, b"whited out below"),
         file("gone", 0o644, b"whited out below"),
         file(".wh.gone", 0o644, b""),
         file(".wh.never-there", 0o644, b""),
@@ -175,6 +180,7 @@ fn tricky_layers() -> Vec<Vec<u8>> {
     ]);
     let middle = layer(&[
         file("etc/.wh.passwd", 0o644, b""),
+        file(b"latin1/.wh.na\xefve", 0o644, b""),
         file("usr/lib/.wh..wh..opq", 0o644, b""),
         file("usr/lib/libbar.so", 0o755, b"bar"),
         hardlink("usr/lib/libbar.so.1", "usr/lib/libbar.so"),
@@ -380,9 +386,14 @@ async fn the_agent_unpacks_tricky_layers_exactly_as_containerd_does() -> Result<
                 assert_eq!(a["etc/nanos"].mtime, "1600000000.123456789");
                 assert_eq!(a["data"].xattrs["user.comment"], b"hello");
                 assert!(!a.contains_key("gone") && a.contains_key("opq/a"));
+                assert_eq!(
+                    a["latin1/caf\u{fffd}"].kind, "file",
+                    "a name that is not UTF-8"
+                );
             }
             1 => {
                 assert_eq!(a["etc/passwd"].kind, "char", "whiteout device");
+                assert_eq!(a["latin1/na\u{fffd}ve"].kind, "char", "whiteout not UTF-8");
                 assert_eq!(a["usr/lib"].xattrs["trusted.overlay.opaque"], b"y");
                 assert_eq!(a["tmp"].mode, 0o1777, "implicit parent copied from below");
                 assert_eq!(a["lib"].kind, "dir");

@@ -174,7 +174,9 @@ impl<'a> Applier<'a> {
     }
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ApplyError> {
-        let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
+        // Names are bytes, not text: a name that is not UTF-8 is written as it is.
+        let raw_name = entry.path_bytes().into_owned();
+        let name = String::from_utf8_lossy(&raw_name).into_owned();
         let kind = entry.header().entry_type();
         if matches!(
             kind,
@@ -186,7 +188,7 @@ impl<'a> Applier<'a> {
             entry: name.clone(),
             reason: reason.to_string(),
         };
-        let rel = clean(&name).ok_or_else(|| escape("climbs out of the root with '..'"))?;
+        let rel = clean(&raw_name).ok_or_else(|| escape("climbs out of the root with '..'"))?;
         let Some(base) = rel.file_name().map(OsStr::to_os_string) else {
             return Ok(()); // the root itself
         };
@@ -203,9 +205,9 @@ impl<'a> Applier<'a> {
         let root = &self.target.root;
         let path = root.join(&rel);
         let parent = root.join(&parent_rel);
-        let base_str = base.to_string_lossy();
+        let base = base.as_bytes();
         let meta = Meta::of(&mut entry).map_err(io_err)?;
-        if base_str == WHITEOUT_OPAQUE {
+        if base == WHITEOUT_OPAQUE.as_bytes() {
             if self.target.overlay {
                 set_xattr(&parent, OPAQUE_XATTR, b"y").map_err(io_err)?;
             } else {
@@ -213,11 +215,11 @@ impl<'a> Applier<'a> {
             }
             return Ok(());
         }
-        if let Some(hidden) = base_str.strip_prefix(WHITEOUT_PREFIX) {
-            if hidden.is_empty() || hidden == "." || hidden == ".." {
+        if let Some(hidden) = base.strip_prefix(WHITEOUT_PREFIX.as_bytes()) {
+            if matches!(hidden, b"" | b"." | b"..") {
                 return Err(escape("is a whiteout of no file inside its directory"));
             }
-            let gone = parent.join(hidden);
+            let gone = parent.join(OsStr::from_bytes(hidden));
             if self.target.overlay {
                 mknod(&gone, libc::S_IFCHR, 0).map_err(io_err)?;
                 lchown(&gone, meta.uid, meta.gid).map_err(io_err)?;
@@ -265,10 +267,7 @@ impl<'a> Applier<'a> {
                 mknod(&path, file_type | mode, dev).map_err(io_err)?;
             }
             tar::EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .map(|t| String::from_utf8_lossy(&t).into_owned())
-                    .unwrap_or_default();
+                let target = entry.link_name_bytes().unwrap_or_default().into_owned();
                 let target_rel = clean(&target)
                     .ok_or_else(|| escape("is a hard link that climbs out of the root"))?;
                 if self.through_link(target_rel.parent().unwrap_or(Path::new(""))) {
@@ -467,9 +466,9 @@ fn pax_time(text: &str) -> Option<(i64, i64)> {
 
 /// `name` relative to the root, cleaned as Go's `filepath.Clean("/" + name)` would, or `None`
 /// when a `..` climbs above the root.
-fn clean(name: &str) -> Option<PathBuf> {
+fn clean(name: &[u8]) -> Option<PathBuf> {
     let mut out = PathBuf::new();
-    for c in Path::new(name).components() {
+    for c in Path::new(OsStr::from_bytes(name)).components() {
         match c {
             Component::Normal(part) => out.push(part),
             Component::ParentDir => {
@@ -687,11 +686,16 @@ mod tests {
 
     #[test]
     fn names_are_cleaned_and_climbing_out_is_refused() {
-        assert_eq!(clean("./a/b/../c"), Some(PathBuf::from("a/c")));
-        assert_eq!(clean("/etc/passwd"), Some(PathBuf::from("etc/passwd")));
-        assert_eq!(clean("a/../.."), None);
-        assert_eq!(clean("../x"), None);
-        assert_eq!(clean("./"), Some(PathBuf::new()));
+        assert_eq!(clean(b"./a/b/../c"), Some(PathBuf::from("a/c")));
+        assert_eq!(clean(b"/etc/passwd"), Some(PathBuf::from("etc/passwd")));
+        assert_eq!(clean(b"a/../.."), None);
+        assert_eq!(clean(b"../x"), None);
+        assert_eq!(clean(b"./"), Some(PathBuf::new()));
+        // Not UTF-8: kept byte for byte.
+        assert_eq!(
+            clean(b"lib/caf\xe9"),
+            Some(PathBuf::from(OsStr::from_bytes(b"lib/caf\xe9")))
+        );
     }
 
     #[test]
