@@ -209,7 +209,8 @@ impl<'a> Applier<'a> {
         let meta = Meta::of(&mut entry).map_err(io_err)?;
         if base == WHITEOUT_OPAQUE.as_bytes() {
             if self.target.overlay {
-                set_xattr(&parent, OPAQUE_XATTR, b"y").map_err(io_err)?;
+                // `parent` is a directory of this snapshot (made above), never a symlink.
+                lset_xattr(&parent, OPAQUE_XATTR, b"y").map_err(io_err)?;
             } else {
                 self.clear_opaque(&parent).map_err(io_err)?;
             }
@@ -603,20 +604,6 @@ fn set_times(path: &Path, t: Times) -> io::Result<()> {
             p.as_ptr(),
             times.as_ptr(),
             libc::AT_SYMLINK_NOFOLLOW,
-        )
-    })
-}
-
-fn set_xattr(path: &Path, key: &str, value: &[u8]) -> io::Result<()> {
-    let (p, k) = (c_path(path)?, CString::new(key)?);
-    // SAFETY: valid NUL-terminated strings and a buffer of `value.len()` bytes.
-    check(unsafe {
-        libc::setxattr(
-            p.as_ptr(),
-            k.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
         )
     })
 }
