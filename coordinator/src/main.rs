@@ -464,6 +464,8 @@ struct Asked {
     dial: Dial,
     /// Set when the agents were discovered: what to do when their pod IPs are out of reach.
     unreachable_hint: Option<String>,
+    /// The agents were found with `--discover`.
+    discovered: bool,
 }
 
 impl UpgradeFlags {
@@ -488,6 +490,7 @@ impl UpgradeFlags {
             image_registry: self.image_registry,
             rules,
             agents: asked.agents,
+            discovered: asked.discovered,
             dial: asked.dial,
             parallel: asked.parallel,
             unreachable_hint: asked.unreachable_hint,
@@ -564,6 +567,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 true => None,
                 false => runtime.block_on(args.discover.run(&args.kube))?,
             };
+            let discovered = discovery.is_some();
             let (agents, unreachable_hint) = match discovery {
                 None => (args.agents, None),
                 Some(discovery) => {
@@ -581,6 +585,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 parallel: args.parallel,
                 dial,
                 unreachable_hint,
+                discovered,
             };
             // Without agents, the preflight checks the registry of --image-registry: only
             // then is its login looked up (a docker config it needs no entry of cannot fail
@@ -777,6 +782,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
         parallel: opts.parallel,
         dial: opts.dial,
         unreachable_hint: hint,
+        discovered: discovery.is_some(),
     };
     // The nodes were just loaded: the preflight asks their agents, never a registry.
     let upgrade = args.upgrade.options(

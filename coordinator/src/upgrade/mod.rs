@@ -237,6 +237,8 @@ pub struct UpgradeOptions {
     pub rules: Vec<RetagRule>,
     /// Agents the preflight asks; without any, the preflight cannot run.
     pub agents: Vec<String>,
+    /// The agents were found with `--discover` (a failed preflight's advice says so).
+    pub discovered: bool,
     /// How to reach and authenticate to the agents.
     pub dial: Dial,
     /// Agents asked at the same time.
@@ -379,7 +381,16 @@ pub async fn upgrade(
             let images = preflight::derive_images(&hints, &tree)?;
             let report = match &checked_registry {
                 Some(registry) => preflight::check_registry(&images, registry).await,
-                None => preflight::check(&images, &opts.agents, &opts.dial, opts.parallel).await,
+                None => {
+                    preflight::check(
+                        &images,
+                        &opts.agents,
+                        &opts.dial,
+                        opts.parallel,
+                        opts.discovered,
+                    )
+                    .await
+                }
             };
             say(out, report.to_text());
             if let (Some(hint), true) = (&opts.unreachable_hint, report.unreachable()) {

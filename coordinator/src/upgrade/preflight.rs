@@ -85,8 +85,8 @@ pub struct Report {
 /// Where the preflight looked.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Checked {
-    /// The nodes, through their agents.
-    Nodes,
+    /// The nodes, through their agents (found with `--discover`, or given with `--agent`).
+    Nodes { discovered: bool },
     /// The registry of `--image-registry` (the value given): no agent was asked.
     Registry(String),
 }
@@ -152,7 +152,13 @@ pub async fn check_registry(images: &[String], registry: &Registry) -> Report {
 }
 
 /// Asks every agent, `parallel` at a time, about every image.
-pub async fn check(images: &[String], agents: &[String], dial: &Dial, parallel: usize) -> Report {
+pub async fn check(
+    images: &[String],
+    agents: &[String],
+    dial: &Dial,
+    parallel: usize,
+    discovered: bool,
+) -> Report {
     let mut nodes: Vec<(usize, NodeAnswer)> = futures::stream::iter(agents.iter().enumerate())
         .map(|(i, agent)| async move { (i, ask(agent, images, dial).await) })
         .buffer_unordered(parallel.max(1))
@@ -162,7 +168,7 @@ pub async fn check(images: &[String], agents: &[String], dial: &Dial, parallel: 
     Report {
         images: images.to_vec(),
         nodes: nodes.into_iter().map(|(_, n)| n).collect(),
-        checked: Checked::Nodes,
+        checked: Checked::Nodes { discovered },
     }
 }
 
@@ -233,10 +239,20 @@ impl Report {
                 count(self.images.len(), "image"),
             ));
         }
-        let retry: Vec<String> = failing
-            .iter()
-            .map(|n| format!("--agent {}", n.agent))
-            .collect();
+        // Named as this run found them: with --discover by node name, unless a node never
+        // said its name (then by agent address: --discover and --agent do not mix).
+        let by_name = matches!(self.checked, Checked::Nodes { discovered: true })
+            && failing.iter().all(|n| !n.node.is_empty());
+        let retry: Vec<String> = if by_name {
+            std::iter::once("--discover".to_string())
+                .chain(failing.iter().map(|n| format!("--node {}", n.node)))
+                .collect()
+        } else {
+            failing
+                .iter()
+                .map(|n| format!("--agent {}", n.agent))
+                .collect()
+        };
         Some(format!(
             "{missing} of {} not on {} of {}; load the bundle onto them (lade load BUNDLE {}) \
              or fix the values",
@@ -275,7 +291,7 @@ impl Report {
             }
         }
         let place = match &self.checked {
-            Checked::Nodes => format!("on {}", count(self.nodes.len(), "node")),
+            Checked::Nodes { .. } => format!("on {}", count(self.nodes.len(), "node")),
             Checked::Registry(host) => format!("in registry {host} (no --agent was given)"),
         };
         let mut out = format!(
@@ -394,6 +410,13 @@ mod tests {
         assert!(problems[1].contains("must be lowercase"), "{problems:?}");
     }
 
+    /// The flags a failed preflight tells to load with.
+    fn retry_of(report: &Report) -> String {
+        let failure = report.failure().expect("a failing report");
+        let (_, after) = failure.split_once("(lade load BUNDLE ").expect(&failure);
+        after.split_once(')').expect(&failure).0.to_string()
+    }
+
     #[test]
     fn table_marks_missing_images_and_silent_nodes() {
         let images = vec!["r.io/a:1".to_string(), "r.io/b:1".to_string()];
@@ -416,7 +439,7 @@ mod tests {
                     result: Err("cannot reach agent 10.0.0.3:7700: refused".into()),
                 },
             ],
-            checked: Checked::Nodes,
+            checked: Checked::Nodes { discovered: false },
         };
         let text = report.to_text();
         let lines: Vec<&str> = text.lines().collect();
@@ -442,6 +465,23 @@ mod tests {
                 && failure.contains("--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"),
             "{failure}"
         );
+        // Found with --discover: a node that never said its name can only be named by
+        // address, and --discover and --agent do not mix, so every node is.
+        let mut discovered = report;
+        discovered.checked = Checked::Nodes { discovered: true };
+        assert_eq!(
+            retry_of(&discovered),
+            "--agent 10.0.0.2:7700 --agent 10.0.0.3:7700"
+        );
+        // When every node said its name: by name, as --discover selects them.
+        discovered.nodes[2].node = "node-c".into();
+        assert_eq!(
+            retry_of(&discovered),
+            "--discover --node node-b --node node-c"
+        );
+        let mut report = discovered;
+        report.checked = Checked::Nodes { discovered: false };
+        report.nodes[2].node = String::new();
 
         let all_there = Report {
             images,
@@ -450,7 +490,7 @@ mod tests {
                 node: "n".into(),
                 result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
             }],
-            checked: Checked::Nodes,
+            checked: Checked::Nodes { discovered: false },
         };
         assert_eq!(all_there.failure(), None);
         assert!(all_there.to_text().contains("preflight passed"));
