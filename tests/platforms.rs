@@ -209,3 +209,48 @@ async fn a_docker_node_keeps_its_own_platform_even_with_all_platforms() -> Resul
     assert_eq!(out.as_bytes(), APP_HELLO);
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_single_platform_image_of_another_platform_loads_with_a_warning() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // The sample images' configs say linux/amd64 and carry no index: like `ctr import`, lade
+    // loads them on an arm64 node, but says their containers will not start there.
+    let dir = tempfile::tempdir()?;
+    let (path, _) = lade_tests::write_images_tar(
+        dir.path(),
+        &images()?,
+        lade_testkit::fixtures::ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let amd = Node::start("warn-amd").await?;
+    let arm = Node::start_with("warn-arm", &["--platform", "linux/arm64"]).await?;
+    let (code, reports, stderr) = load_json(&path, &[amd.addr(), arm.addr()], &[])?;
+    assert_eq!(code, 0, "{reports:#?}\n{stderr}");
+    assert!(reports[0].get("warnings").is_none(), "{reports:#?}");
+    let warnings = reports[1]["warnings"].as_array().context("warnings")?;
+    assert_eq!(warnings.len(), images()?.len(), "{reports:#?}");
+    for w in warnings {
+        let w = w.as_str().unwrap_or_default();
+        assert!(
+            w.contains("is linux/amd64") && w.contains("this node is linux/arm64"),
+            "{w}"
+        );
+    }
+    // The text summary says it too.
+    let out = lade_testkit::nodes::run_lade(&[
+        "load",
+        path.to_str().context("utf-8 path")?,
+        "--agent",
+        &arm.addr(),
+        "--progress",
+        "none",
+    ])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("warning: warn-arm: image ") && text.contains("will not start here"),
+        "{text}"
+    );
+    Ok(())
+}

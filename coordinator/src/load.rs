@@ -335,6 +335,9 @@ pub struct NodeReport {
     pub bytes_from_coordinator: u64,
     /// Images that failed on this node, with the reason.
     pub failed_images: Vec<FailedImage>,
+    /// What loaded but deserves a look: images whose only manifest is for another platform.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -487,6 +490,33 @@ pub(crate) fn node_choices(
         .map(|image| choose(image, choice, &platform))
         .collect();
     (chosen, fell_back)
+}
+
+/// One warning per single-platform image whose config names a platform the node of `info`
+/// cannot run (an arm64 image on an amd64 node): loaded as `ctr import` loads it, but its
+/// containers will not start there.
+pub(crate) fn foreign_platform_warnings(
+    bundle: &Bundle,
+    chosen: &[Result<Chosen, String>],
+    info: &InfoResponse,
+) -> Vec<String> {
+    let node = node_platform(info);
+    bundle
+        .images
+        .iter()
+        .zip(chosen)
+        .filter(|(image, chosen)| image.platforms.is_empty() && chosen.is_ok())
+        .filter_map(|(image, _)| {
+            let own = image.config_platform.as_ref()?;
+            own.rank_for(&node).is_none().then(|| {
+                format!(
+                    "image {} is {own} (its config says so), this node is {node}: its \
+                     containers will not start here",
+                    image.label()
+                )
+            })
+        })
+        .collect()
 }
 
 /// The blobs of a `Have` answer the node lacks, with the offset its interrupted upload got
@@ -710,6 +740,7 @@ async fn load_node(
     // A node that checks layers itself as it unpacks them needs no check here.
     let checks = checks.filter(|_| !info.checks_layers);
     let (chosen, docker_keeps_own) = node_choices(bundle, choice, &info);
+    report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
     if docker_keeps_own {
         progress.phase(
             agent,

@@ -265,6 +265,11 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
             unpinned.join(", ")
         ));
     }
+    for r in reports {
+        for w in &r.warnings {
+            out.push_str(&format!("warning: {}: {w}\n", r.node));
+        }
+    }
     for r in reports.iter().filter(|r| !r.ok) {
         let who = if r.node.is_empty() {
             r.agent.clone()

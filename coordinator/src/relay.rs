@@ -493,6 +493,7 @@ async fn identify(
             progress.node_identified(agent, &info.node_name);
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
+            report.warnings = crate::load::foreign_platform_warnings(bundle, &chosen, &info);
             let have = client
                 .have(HaveRequest {
                     session: session.to_string(),

@@ -144,6 +144,7 @@ mod tests {
             config: "c1".into(),
             layers: platforms[0].layers.clone(),
             diff_ids: platforms[0].diff_ids.clone(),
+            config_platform: Some(platforms[0].platform.clone()),
             platforms,
             skipped_platforms: vec!["linux/s390x".into()],
             index: Some("idx".into()),

@@ -14,7 +14,7 @@ use serde_json::json;
 
 use super::tarindex::TarIndex;
 use super::{
-    config_diff_ids, is_hex64, layer_media_type, sha256_digest, ArchiveFormat, Blob, BlobSource,
+    config_facts, is_hex64, layer_media_type, sha256_digest, ArchiveFormat, Blob, BlobSource,
     BundleError, Compression, Image, Parsed, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_MANIFEST,
 };
@@ -91,7 +91,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 });
             }
         }
-        let diff_ids = config_diff_ids(&config_bytes).map_err(|e| {
+        let (diff_ids, config_platform) = config_facts(&config_bytes).map_err(|e| {
             bad_image(format!(
                 "config {} is not an image config: {e}",
                 entry.config
@@ -184,6 +184,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             config: config_digest,
             layers: layers.into_iter().map(|l| l.0).collect(),
             diff_ids,
+            config_platform,
             platforms: Vec::new(),
             skipped_platforms: Vec::new(),
             index: None,

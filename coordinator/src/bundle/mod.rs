@@ -231,6 +231,8 @@ pub struct Image {
     pub layers: Vec<String>,
     /// Uncompressed layer digests from the config, base first.
     pub diff_ids: Vec<String>,
+    /// The platform the config of `manifest` names, if it names one.
+    pub config_platform: Option<Platform>,
     /// Every platform of a multi-platform image whose blobs the archive carries, in the
     /// index's order. Empty for a single-platform image.
     pub platforms: Vec<Variant>,
@@ -291,8 +293,11 @@ pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
 }
 
-/// The diffIDs an image config lists (`rootfs.diff_ids`), base layer first.
-pub(crate) fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, serde_json::Error> {
+/// What lade reads from an image config: the diffIDs it lists (`rootfs.diff_ids`), base
+/// layer first, and the platform it names (`os`, `architecture`, `variant`), if it names one.
+pub(crate) fn config_facts(
+    bytes: &[u8],
+) -> Result<(Vec<String>, Option<Platform>), serde_json::Error> {
     #[derive(serde::Deserialize)]
     struct RootFs {
         #[serde(default)]
@@ -301,8 +306,18 @@ pub(crate) fn config_diff_ids(bytes: &[u8]) -> Result<Vec<String>, serde_json::E
     #[derive(serde::Deserialize)]
     struct Config {
         rootfs: RootFs,
+        #[serde(default)]
+        os: String,
+        #[serde(default)]
+        architecture: String,
+        #[serde(default)]
+        variant: Option<String>,
     }
-    serde_json::from_slice::<Config>(bytes).map(|c| c.rootfs.diff_ids)
+    serde_json::from_slice::<Config>(bytes).map(|c| {
+        let platform = (!c.os.is_empty() && !c.architecture.is_empty())
+            .then(|| Platform::new(&c.os, &c.architecture, c.variant.as_deref()));
+        (c.rootfs.diff_ids, platform)
+    })
 }
 
 /// Whether `s` is 64 lowercase hex digits.
@@ -497,6 +512,21 @@ impl Bundle {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_config_names_its_platform_when_it_has_os_and_architecture() {
+        let facts = |json: &str| config_facts(json.as_bytes()).unwrap();
+        let (ids, platform) = facts(
+            r#"{"os":"linux","architecture":"arm","variant":"v7","rootfs":{"diff_ids":["sha256:a"]}}"#,
+        );
+        assert_eq!(ids, vec!["sha256:a".to_string()]);
+        assert_eq!(platform.unwrap().to_string(), "linux/arm/v7");
+        assert_eq!(facts(r#"{"os":"linux","rootfs":{}}"#).1, None);
+        assert!(
+            config_facts(br#"{"os":"linux"}"#).is_err(),
+            "rootfs is required"
+        );
+    }
     use lade_testkit::fixtures::{sample_chart, write_bundle_from_reader};
 
     fn bundle_with_chart(dir: &Path, chart: &[(String, Vec<u8>)]) -> Bundle {

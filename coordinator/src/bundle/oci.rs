@@ -9,7 +9,7 @@ use serde::Deserialize;
 use super::platform::Platform;
 use super::tarindex::TarIndex;
 use super::{
-    config_diff_ids, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
+    config_facts, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
     Variant, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
 };
@@ -340,6 +340,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
             config: parts.config.digest,
             layers: parts.layers.into_iter().map(|l| l.digest).collect(),
             diff_ids: parts.diff_ids,
+            config_platform: parts.config_platform,
             platforms: variants,
             skipped_platforms: skipped.iter().map(|(p, _)| p.to_string()).collect(),
             index: index.map(|i| i.digest),
@@ -359,6 +360,8 @@ struct ImageParts {
     config: Blob,
     layers: Vec<Blob>,
     diff_ids: Vec<String>,
+    /// The platform the config names, if it names one.
+    config_platform: Option<Platform>,
 }
 
 impl ImageParts {
@@ -450,7 +453,7 @@ fn read_image(
     let (cblob, cbytes) = layout
         .read_verified(&manifest.config, &format!("config of {label}"))
         .map_err(|e| e.needed_by(label))?;
-    let diff_ids = config_diff_ids(&cbytes).map_err(|e| BundleError::BadImage {
+    let (diff_ids, config_platform) = config_facts(&cbytes).map_err(|e| BundleError::BadImage {
         archive: archive.label.clone(),
         image: label.to_string(),
         reason: format!(
@@ -485,6 +488,7 @@ fn read_image(
         config: cblob,
         layers,
         diff_ids,
+        config_platform,
     })
 }
 
