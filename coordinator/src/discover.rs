@@ -500,7 +500,7 @@ pub fn pod_network_hint(namespace: &str) -> String {
          \x20 - install the chart with hostNetwork: true (helm upgrade ... --set hostNetwork=true), so the \
          agents listen on the node IPs;\n\
          \x20 - or forward one local port per agent, `kubectl -n {namespace} port-forward pod/POD \
-         PORT:{DEFAULT_PORT}`, and pass --agent 127.0.0.1:PORT for each instead of --discover (slower: \
+         PORT:grpc` (the agent's port, by the name the chart gives it), and pass --agent 127.0.0.1:PORT for each instead of --discover (slower: \
          the bytes go through the API server).\n\
          If this machine is in the pod network, check that the chart's NetworkPolicy admits it \
          (networkPolicy.allowedCIDRs)."
@@ -643,7 +643,7 @@ mod tests {
         assert!(hint.contains("on a cluster node"), "{hint}");
         assert!(hint.contains("--set hostNetwork=true"), "{hint}");
         assert!(
-            hint.contains("kubectl -n lade-system port-forward pod/POD PORT:7700"),
+            hint.contains("kubectl -n lade-system port-forward pod/POD PORT:grpc"),
             "{hint}"
         );
         assert!(hint.contains("--agent 127.0.0.1:PORT"), "{hint}");

@@ -420,7 +420,7 @@ fn discovered_agents_are_loaded_by_node_and_unreachable_ones_get_the_options() {
     );
     assert!(
         stderr.contains("--set hostNetwork=true")
-            && stderr.contains("kubectl -n lade-system port-forward pod/POD PORT:7700"),
+            && stderr.contains("kubectl -n lade-system port-forward pod/POD PORT:grpc"),
         "{stderr}"
     );
 }
