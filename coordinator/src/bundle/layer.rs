@@ -128,8 +128,8 @@ impl Bundle {
 
     /// About how many bytes layer blob `digest` unpacks to, from its header and trailer alone
     /// (no decompression): the stored size of a plain tar; gzip's trailer (ISIZE, the size
-    /// modulo 4 GiB of the last member, see [`gzip_unpacked_estimate`]); zstd's frame header
-    /// when it records the size. Never less than the stored size. An estimate for a space check, not a bound: a hostile layer
+    /// modulo 4 GiB of the last member); zstd's frame header when it records the size. Never
+    /// less than the stored size. An estimate for a space check, not a bound: a hostile layer
     /// may lie here, and the layer check and the node's disk catch that.
     pub fn unpacked_size_hint(&self, digest: &str) -> u64 {
         use std::os::unix::fs::FileExt;
@@ -152,7 +152,7 @@ impl Bundle {
             Compression::Gzip if blob.size >= 18 => {
                 let mut tail = [0u8; 4];
                 match file.read_exact_at(&mut tail, offset + blob.size - 4) {
-                    Ok(()) => gzip_unpacked_estimate(u32::from_le_bytes(tail), blob.size),
+                    Ok(()) => u64::from(u32::from_le_bytes(tail)),
                     Err(_) => 0,
                 }
             }
@@ -265,19 +265,6 @@ impl Bundle {
 /// Reads every entry header of a layer tar; returns the first entry (and why) whose name or
 /// hard-link target would leave the unpack root. Symbolic links may point anywhere: the
 /// runtime resolves them inside the root, as a container does.
-/// What a gzip stream of `stored` bytes whose trailer says `isize` unpacks to, at least:
-/// ISIZE is the size modulo 4 GiB, so the smallest `isize + k * 4 GiB` not below the stored
-/// size (a layer that shrinks under gzip, as tars do, never unpacks to less than it takes
-/// compressed). Wrong only for a layer over 4 GiB that compresses more than its wraps show.
-fn gzip_unpacked_estimate(isize: u32, stored: u64) -> u64 {
-    const WRAP: u64 = 1 << 32;
-    let isize = u64::from(isize);
-    if isize >= stored {
-        return isize;
-    }
-    isize + (stored - isize).div_ceil(WRAP) * WRAP
-}
-
 fn walk_entries(plain: &mut impl Read) -> io::Result<Option<(String, String)>> {
     let mut archive = tar::Archive::new(HeaderReader::new(ForwardOnly {
         inner: plain,
@@ -321,18 +308,6 @@ mod tests {
         assert!(err.to_string().contains("limit"), "{err}");
         assert!(counted.over);
         assert_eq!(counted.count, 10_001);
-    }
-
-    #[test]
-    fn a_gzip_trailer_that_wrapped_past_4_gib_is_unwrapped_to_at_least_the_stored_size() {
-        const GIB: u64 = 1 << 30;
-        // Under 4 GiB: the trailer is the size.
-        assert_eq!(gzip_unpacked_estimate(300 << 20, 100 << 20), 300 << 20);
-        // 5 GiB of tar stored in 2 GiB: the trailer says 1 GiB.
-        assert_eq!(gzip_unpacked_estimate(GIB as u32, 2 * GIB), 5 * GIB);
-        // 9 GiB stored in 8.5 GiB (random data): the trailer says 1 GiB.
-        assert_eq!(gzip_unpacked_estimate(GIB as u32, 17 * GIB / 2), 9 * GIB);
-        assert_eq!(gzip_unpacked_estimate(0, 0), 0);
     }
 
     #[test]
