@@ -306,18 +306,31 @@ pub(crate) fn config_facts(
     #[derive(serde::Deserialize)]
     struct Config {
         rootfs: RootFs,
-        #[serde(default)]
-        os: String,
-        #[serde(default)]
-        architecture: String,
-        #[serde(default)]
-        variant: Option<String>,
+        #[serde(flatten)]
+        platform: PlatformField,
     }
     serde_json::from_slice::<Config>(bytes).map(|c| {
-        let platform = (!c.os.is_empty() && !c.architecture.is_empty())
-            .then(|| Platform::new(&c.os, &c.architecture, c.variant.as_deref()));
-        (c.rootfs.diff_ids, platform)
+        let named = !c.platform.os.is_empty() && !c.platform.architecture.is_empty();
+        (c.rootfs.diff_ids, named.then(|| c.platform.platform()))
     })
+}
+
+/// The `os`, `architecture` and `variant` fields of an image config or of an index entry's
+/// `platform`, as written.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub(crate) struct PlatformField {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl PlatformField {
+    pub fn platform(&self) -> Platform {
+        Platform::new(&self.os, &self.architecture, self.variant.as_deref())
+    }
 }
 
 /// Whether `s` is 64 lowercase hex digits.

@@ -10,7 +10,7 @@ use super::platform::Platform;
 use super::tarindex::TarIndex;
 use super::{
     config_facts, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
-    Variant, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
+    PlatformField, Variant, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
     MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
 };
 
@@ -18,16 +18,6 @@ const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// What BuildKit sets on the attestation entries it adds to an image's index.
 const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
-
-#[derive(Clone, Debug, Deserialize)]
-struct PlatformField {
-    #[serde(default)]
-    os: String,
-    #[serde(default)]
-    architecture: String,
-    #[serde(default)]
-    variant: Option<String>,
-}
 
 #[derive(Clone, Debug, Deserialize)]
 struct Descriptor {
@@ -232,7 +222,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                     continue;
                 }
                 let platform = match &child.platform {
-                    Some(p) => Platform::new(&p.os, &p.architecture, p.variant.as_deref()),
+                    Some(p) => p.platform(),
                     None => {
                         return Err(BundleError::BadImage {
                             archive: archive.label.clone(),
