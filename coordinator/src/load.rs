@@ -492,6 +492,22 @@ pub(crate) fn node_choices(
     (chosen, fell_back)
 }
 
+/// The Import request of `planned` on a node that got `chosen`: its names on the manifest (or
+/// index) chosen for the node.
+pub(crate) fn import_spec(bundle: &Bundle, chosen: &Chosen, planned: &PlannedImage) -> ImageSpec {
+    let blob = &bundle.blobs[&chosen.target];
+    ImageSpec {
+        manifest: Some(Descriptor {
+            digest: blob.digest.clone(),
+            size: blob.size,
+            media_type: blob.media_type.clone(),
+            diff_id: String::new(),
+        }),
+        names: planned.names.clone(),
+        source: planned.source.clone(),
+    }
+}
+
 /// One warning per single-platform image whose config names a platform the node of `info`
 /// cannot run (an arm64 image on an amd64 node): loaded as `ctr import` loads it, but its
 /// containers will not start there.
@@ -845,17 +861,7 @@ async fn load_node(
             });
             continue;
         }
-        let blob = &bundle.blobs[&chosen.target];
-        let spec = ImageSpec {
-            manifest: Some(Descriptor {
-                digest: blob.digest.clone(),
-                size: blob.size,
-                media_type: blob.media_type.clone(),
-                diff_id: String::new(),
-            }),
-            names: planned.names.clone(),
-            source: planned.source.clone(),
-        };
+        let spec = import_spec(bundle, chosen, planned);
         imports.spawn(import(client.clone(), session.to_string(), spec));
     }
     progress.phase(agent, "importing");

@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, ImportPhase,
-    InfoRequest, PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint,
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImportPhase, InfoRequest,
+    PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -331,17 +331,7 @@ pub async fn load(
             if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
                 continue; // cannot happen for a live node: a failed delivery fails it
             }
-            let blob = &bundle.blobs[&chosen.target];
-            let spec = ImageSpec {
-                manifest: Some(Descriptor {
-                    digest: blob.digest.clone(),
-                    size: blob.size,
-                    media_type: blob.media_type.clone(),
-                    diff_id: String::new(),
-                }),
-                names: planned.names.clone(),
-                source: planned.source.clone(),
-            };
+            let spec = crate::load::import_spec(&bundle, chosen, planned);
             let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
             imports.spawn(async move { (idx, import(client, session, spec).await) });
         }
