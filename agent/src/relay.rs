@@ -118,10 +118,12 @@ impl Peers {
                         .tls_config(tls.clone())
                         .map_err(|e| format!("TLS to {address}: {e}"))?;
                 }
-                let channel = endpoint
-                    .connect()
-                    .await
-                    .map_err(|e| format!("cannot reach agent {address}: {}", chain(&e)))?;
+                let channel = endpoint.connect().await.map_err(|e| {
+                    format!(
+                        "cannot reach agent {address}: {}",
+                        lade_proto::error_chain(&e)
+                    )
+                })?;
                 self.channels
                     .lock()
                     .expect("peer channels lock")
@@ -158,19 +160,6 @@ impl tonic::service::Interceptor for PeerAuth {
         }
         Ok(req)
     }
-}
-
-fn chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out = format!("{out}: {text}");
-        }
-        source = s.source();
-    }
-    out
 }
 
 /// One place the incoming stream goes: this node's runtime or a child agent.

@@ -700,20 +700,7 @@ pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
     )
 }
 
-/// An error and its sources as one line, skipping a source whose text its parent already
-/// says (transport errors repeat themselves).
-pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out = format!("{out}: {text}");
-        }
-        source = s.source();
-    }
-    out
-}
+pub(crate) use lade_proto::error_chain;
 
 #[allow(clippy::too_many_arguments)]
 #[instrument(skip_all, fields(agent = %agent))]

@@ -1,6 +1,7 @@
 //! The gRPC contract between the `lade` coordinator and `lade-agent` (package `lade.agent.v1`).
 //!
-//! This crate owns the generated tonic/prost code and nothing else; the other crates use the
+//! This crate owns the generated tonic/prost code and the few helpers both halves need around
+//! it (relay hop arithmetic, the wording of transport errors); the other crates use the
 //! re-exports below and never name prost internals. The `.proto` file documents the semantics.
 
 #[allow(clippy::all, missing_docs)]
@@ -14,6 +15,21 @@ pub use generated::*;
 pub use generated::agent_client::AgentClient;
 /// Server trait and wrapper for the agent service.
 pub use generated::agent_server::{Agent, AgentServer};
+
+/// An error and its sources as one line, skipping a source whose text its parent already
+/// says (transport errors repeat themselves).
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out = format!("{out}: {text}");
+        }
+        source = s.source();
+    }
+    out
+}
 
 /// Size of the data chunks PutBlob streams carry.
 pub const CHUNK_SIZE: usize = 1 << 20;
