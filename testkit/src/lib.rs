@@ -5,6 +5,7 @@
 //! registry ([`registry`]) with its token server ([`token`]) and throwaway TLS material
 //! ([`certs`]). Nothing here is used by the product.
 
+pub mod bench;
 pub mod certs;
 pub mod cri;
 pub mod fixtures;

@@ -16,6 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
+use lade_testkit::bench::{cpu_seconds, time_report};
 use lade_testkit::fixtures::{
     random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
     ImageFixture,
@@ -269,19 +270,6 @@ async fn start_node(i: usize) -> Result<SimNode> {
     Ok(SimNode { agent, containerd })
 }
 
-/// CPU seconds (user + system) a process has used so far.
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 #[derive(Clone, Debug, Serialize)]
 struct Sample {
     nodes: usize,
@@ -321,7 +309,7 @@ async fn run_one(
         .collect();
     // SAFETY: sync has no preconditions.
     unsafe { libc::sync() };
-    let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum();
+    let cpu_before: f64 = pids.iter().map(|&p| cpu_seconds(p, false)).sum();
     let tx_before = net.coordinator_tx_bytes()?;
     let report = tempfile::NamedTempFile::new()?;
     let mut cmd = Command::new("ip");
@@ -350,7 +338,7 @@ async fn run_one(
         .context("running lade load (apt-get install time)")?;
     let wall = started.elapsed().as_secs_f64();
     let tx = net.coordinator_tx_bytes()? - tx_before;
-    let cpu_nodes: f64 = pids.iter().map(|&p| cpu_seconds(p)).sum::<f64>() - cpu_before;
+    let cpu_nodes: f64 = pids.iter().map(|&p| cpu_seconds(p, false)).sum::<f64>() - cpu_before;
     let stderr = String::from_utf8_lossy(&out.stderr);
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("lade printed no report: {stderr}"))?;
@@ -366,15 +354,7 @@ async fn run_one(
             "node failed: {r}"
         );
     }
-    let times = std::fs::read_to_string(report.path())?;
-    let nums: Vec<f64> = times
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    ensure!(nums.len() == 3, "unexpected /usr/bin/time output: {times}");
+    let nums = time_report(report.path(), 3)?;
     let coordinator_cpu = nums[1] + nums[2];
     drop(nodes);
     drop(net);

@@ -18,6 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
+use lade_testkit::bench::{cpu_seconds, time_report};
 use lade_testkit::fixtures::{
     random_layer, random_tree_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat,
     Compression, ImageFixture,
@@ -161,21 +162,6 @@ fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
     Ok((images_tar, bundle))
 }
 
-/// CPU seconds (user + system) a process has used so far, with those of its children it has
-/// waited for (containerd's `unpigz`).
-fn cpu_seconds(pid: u32) -> f64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // Fields after the parenthesised command name; utime and stime are the 12th and 13th.
-    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = [11, 12, 13, 14]
-        .iter()
-        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
-        .sum();
-    // SAFETY: sysconf has no preconditions.
-    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
-}
-
 /// Peak resident set of a live process, in MiB.
 fn peak_rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -210,15 +196,7 @@ fn measure(cmd: Command) -> Result<(f64, f64, f64, Vec<u8>)> {
         "{cmd:?} failed: {status}; it printed: {}",
         String::from_utf8_lossy(&std::fs::read(out_file.path())?)
     );
-    let text = std::fs::read_to_string(report.path())?;
-    let nums: Vec<f64> = text
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .split_whitespace()
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    ensure!(nums.len() == 4, "unexpected /usr/bin/time output: {text}");
+    let nums = time_report(report.path(), 4)?;
     Ok((
         nums[0],
         nums[1] + nums[2],
@@ -271,7 +249,10 @@ impl Tool {
         let (images_tar, bundle_path) = bundle(args, version)?;
         let containerd_pid = node.containerd.pid().context("containerd is not running")?;
         let agent_pid = node.agent_pid().context("agent is not running")?;
-        let before = [cpu_seconds(containerd_pid), cpu_seconds(agent_pid)];
+        let before = [
+            cpu_seconds(containerd_pid, true),
+            cpu_seconds(agent_pid, true),
+        ];
         let cmd = match self {
             Tool::Ctr => {
                 let mut c = Command::new("ctr");
@@ -298,8 +279,8 @@ impl Tool {
         let (wall, client_cpu, client_rss, stdout) = measure(cmd)?;
         let parts = [
             client_cpu,
-            cpu_seconds(containerd_pid) - before[0],
-            cpu_seconds(agent_pid) - before[1],
+            cpu_seconds(containerd_pid, true) - before[0],
+            cpu_seconds(agent_pid, true) - before[1],
         ];
         let bytes_sent = match self {
             Tool::Ctr => None,

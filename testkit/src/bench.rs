@@ -1,0 +1,45 @@
+//! What the benchmark binaries (`lade-bench`, `lade-bench-relay`) read about the processes
+//! they measure.
+
+use std::path::Path;
+
+use anyhow::{ensure, Result};
+
+/// CPU seconds (user + system) process `pid` has used so far; with `waited_children`, also
+/// those of the children it has waited for (containerd's `unpigz`). 0 for a process gone.
+pub fn cpu_seconds(pid: u32, waited_children: bool) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the parenthesised command name: utime, stime, cutime and cstime are the
+    // 12th to 15th.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let wanted: &[usize] = if waited_children {
+        &[11, 12, 13, 14]
+    } else {
+        &[11, 12]
+    };
+    let ticks: f64 = wanted
+        .iter()
+        .filter_map(|&i| fields.get(i)?.parse::<f64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    ticks / unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64
+}
+
+/// The `fields` numbers of the last line GNU time (`/usr/bin/time -f ... -o report`) wrote to
+/// `report`.
+pub fn time_report(report: &Path, fields: usize) -> Result<Vec<f64>> {
+    let text = std::fs::read_to_string(report)?;
+    let nums: Vec<f64> = text
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    ensure!(
+        nums.len() == fields,
+        "unexpected /usr/bin/time output: {text}"
+    );
+    Ok(nums)
+}
