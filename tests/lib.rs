@@ -24,6 +24,30 @@ pub fn images() -> Result<Vec<ImageFixture>> {
     sample_images(Path::new(BUSYBOX))
 }
 
+/// A bundle of the sample images (go-containerregistry layout, gzip) at `dir/bad.bundle.tar`
+/// whose app image's own layer has one byte altered inside the nested images.tar; returns
+/// the bundle, the damaged layer's digest and the name of its member.
+pub fn damaged_sample_bundle(dir: &Path) -> Result<(PathBuf, String, String)> {
+    let (bundle_path, written) = write_sample_bundle(
+        dir,
+        "bad.bundle.tar",
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let layer = &written.images[0].layers[1];
+    let bundle = lade::bundle::Bundle::open(&bundle_path)?;
+    let lade::bundle::BlobSource::Member { member, offset } =
+        bundle.blobs[&layer.digest].source.clone()
+    else {
+        bail!("layer {} is not a member of the bundle", layer.digest);
+    };
+    let mut bytes = std::fs::read(&bundle_path)?;
+    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
+    std::fs::write(&bundle_path, bytes)?;
+    Ok((bundle_path, layer.digest.clone(), member))
+}
+
 /// Writes `images` as an image archive of `format` at `dir/images.tar`.
 pub fn write_images_tar(
     dir: &Path,

@@ -11,7 +11,9 @@ use lade_testkit::cri;
 use lade_testkit::fixtures::{ArchiveFormat, Compression, APP_HELLO};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::{images, load_json, u64_of, write_images_tar, write_sample_bundle};
+use lade_tests::{
+    damaged_sample_bundle, images, load_json, u64_of, write_images_tar, write_sample_bundle,
+};
 use serde_json::Value;
 
 const APP: &str = "release.daocloud.io/demo/app:v1";
@@ -194,25 +196,8 @@ async fn altered_layer_is_refused_by_name_and_no_image_appears() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let imgs = images()?;
-    let (bundle_path, written) = write_sample_bundle(
-        dir.path(),
-        "bad.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    // Damage the app image's own layer inside the nested images.tar.
-    let layer = &written.images[0].layers[1];
-    let bundle = Bundle::open(&bundle_path)?;
-    let lade::bundle::BlobSource::Member { member, offset } =
-        bundle.blobs[&layer.digest].source.clone()
-    else {
-        panic!("layers are members");
-    };
-    let mut bytes = std::fs::read(&bundle_path)?;
-    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
-    std::fs::write(&bundle_path, bytes)?;
+    // The app image's own layer is damaged inside the nested images.tar.
+    let (bundle_path, layer_digest, member) = damaged_sample_bundle(dir.path())?;
 
     let node = Node::start("victim").await?;
     let (code, reports, stderr) = load(&bundle_path, &[&node], &[])?;
@@ -241,7 +226,7 @@ async fn altered_layer_is_refused_by_name_and_no_image_appears() -> Result<()> {
     let content = node
         .containerd
         .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
-    assert!(!content.contains(&layer.digest), "{content}");
+    assert!(!content.contains(&layer_digest), "{content}");
     Ok(())
 }
 

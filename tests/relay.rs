@@ -15,7 +15,10 @@ use lade_proto::{
 use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{big_bundle, images, load_json, metric, u64_of, wait_for, write_sample_bundle};
+use lade_tests::{
+    big_bundle, damaged_sample_bundle, images, load_json, metric, u64_of, wait_for,
+    write_sample_bundle,
+};
 use serde_json::Value;
 
 async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
@@ -286,16 +289,21 @@ async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -
         assert_has_every_image(node, 4)?;
     }
     // The base layer a already had was not written again.
-    let have = lade::load::connect(&nodes[0].addr(), &lade_tests::dial())
+    assert!(holding(&nodes[0], &desc).await?.present);
+    Ok(())
+}
+
+/// What `node`'s agent holds of blob `desc` (asked in a throwaway session).
+async fn holding(node: &Node, desc: &Descriptor) -> Result<lade_proto::BlobState> {
+    let mut have = lade::load::connect(&node.addr(), &lade_tests::dial())
         .await?
         .have(HaveRequest {
             session: "check".into(),
-            blobs: vec![desc],
+            blobs: vec![desc.clone()],
         })
         .await?
         .into_inner();
-    assert!(have.blobs[0].present);
-    Ok(())
+    have.blobs.pop().context("Have answered nothing")
 }
 
 /// A stream of `messages`, for client-streaming calls.
@@ -509,16 +517,9 @@ async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result
         assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err}");
     }
     for node in &nodes {
-        let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
-        let have = client
-            .have(HaveRequest {
-                session: "check".into(),
-                blobs: vec![desc.clone()],
-            })
-            .await?
-            .into_inner();
-        assert!(!have.blobs[0].present, "{}", node.name);
-        assert_eq!(have.blobs[0].offset, 0, "{}", node.name);
+        let held = holding(node, &desc).await?;
+        assert!(!held.present, "{}", node.name);
+        assert_eq!(held.offset, 0, "{}", node.name);
         assert_eq!(metric(node, "lade_agent_received_bytes_total"), 0.0);
     }
     // The same request with the token is relayed: both nodes then hold the blob.
@@ -531,15 +532,7 @@ async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result
     assert_eq!(resp.relayed.len(), 1, "{resp:?}");
     assert!(resp.relayed[0].ok, "{resp:?}");
     for node in &nodes {
-        let mut client = lade::load::connect(&node.addr(), &lade_tests::dial()).await?;
-        let have = client
-            .have(HaveRequest {
-                session: "check".into(),
-                blobs: vec![desc.clone()],
-            })
-            .await?
-            .into_inner();
-        assert!(have.blobs[0].present, "{}", node.name);
+        assert!(holding(node, &desc).await?.present, "{}", node.name);
     }
     Ok(())
 }
@@ -643,24 +636,8 @@ async fn an_altered_layer_reaches_no_node_of_the_tree_and_only_its_image_fails()
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle_path, written) = write_sample_bundle(
-        dir.path(),
-        "bad.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    // Damage the app image's own layer inside the nested images.tar.
-    let layer = &written.images[0].layers[1];
-    let bundle = Bundle::open(&bundle_path)?;
-    let lade::bundle::BlobSource::Member { member, offset } =
-        bundle.blobs[&layer.digest].source.clone()
-    else {
-        panic!("layers are members");
-    };
-    let mut bytes = std::fs::read(&bundle_path)?;
-    bytes[(offset + layer.size / 2) as usize] ^= 0x55;
-    std::fs::write(&bundle_path, bytes)?;
+    // The app image's own layer is damaged inside the nested images.tar.
+    let (bundle_path, layer_digest, member) = damaged_sample_bundle(dir.path())?;
 
     let nodes = start_nodes(&["bad-a", "bad-b", "bad-c"]).await?;
     let (code, reports, stderr) = load_json(&bundle_path, &addrs(&nodes), &["--relay", "chain"])?;
@@ -685,7 +662,7 @@ async fn an_altered_layer_reaches_no_node_of_the_tree_and_only_its_image_fails()
         let content = node
             .containerd
             .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
-        assert!(!content.contains(&layer.digest), "{}: {content}", node.name);
+        assert!(!content.contains(&layer_digest), "{}: {content}", node.name);
     }
     Ok(())
 }
