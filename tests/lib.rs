@@ -48,6 +48,39 @@ pub fn damaged_sample_bundle(dir: &Path) -> Result<(PathBuf, String, String)> {
     Ok((bundle_path, layer.digest.clone(), member))
 }
 
+/// Starts an agent for `containerd` that serves TLS with `cert`/`key` and requires client
+/// certificates signed by `ca` (and the test token); returns it and its address.
+pub async fn spawn_tls_agent(
+    name: &str,
+    containerd: &lade_testkit::harness::Containerd,
+    cert: &Path,
+    key: &Path,
+    ca: &Path,
+) -> Result<(lade_testkit::harness::ChildGuard, String)> {
+    use std::ffi::OsStr;
+    let port = lade_testkit::harness::free_port();
+    let socket = containerd.socket();
+    let args = [
+        OsStr::new("--containerd-socket"),
+        socket.as_os_str(),
+        OsStr::new("--tls-cert"),
+        cert.as_os_str(),
+        OsStr::new("--tls-key"),
+        key.as_os_str(),
+        OsStr::new("--tls-client-ca"),
+        ca.as_os_str(),
+    ];
+    let agent = lade_testkit::nodes::spawn_agent(
+        name,
+        port,
+        lade_testkit::harness::free_port(),
+        &args,
+        &containerd.dir().join("agent.log"),
+    )
+    .await?;
+    Ok((agent, format!("127.0.0.1:{port}")))
+}
+
 /// Writes `images` as an image archive of `format` at `dir/images.tar`.
 pub fn write_images_tar(
     dir: &Path,

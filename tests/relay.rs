@@ -540,9 +540,7 @@ async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result
 #[tokio::test(flavor = "multi_thread")]
 async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
     use lade_testkit::certs::make_certs;
-    use lade_testkit::harness::{free_port, Containerd};
-    use lade_testkit::nodes::spawn_agent;
-    use std::ffi::OsStr;
+    use lade_testkit::harness::Containerd;
 
     if !daemon_tests_enabled() {
         return Ok(());
@@ -572,27 +570,9 @@ async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
     let mut agents = Vec::new();
     for name in ["tls-a", "tls-b", "tls-c"] {
         let containerd = Containerd::start(name).await?;
-        let port = free_port();
-        let socket = containerd.socket();
-        let args = [
-            OsStr::new("--containerd-socket"),
-            socket.as_os_str(),
-            OsStr::new("--tls-cert"),
-            cert.as_os_str(),
-            OsStr::new("--tls-key"),
-            key.as_os_str(),
-            OsStr::new("--tls-client-ca"),
-            ca.as_os_str(),
-        ];
-        let agent = spawn_agent(
-            name,
-            port,
-            free_port(),
-            &args,
-            &containerd.dir().join("agent.log"),
-        )
-        .await?;
-        agents.push(format!("127.0.0.1:{port}"));
+        let (agent, addr) =
+            lade_tests::spawn_tls_agent(name, &containerd, &cert, &key, &ca).await?;
+        agents.push(addr);
         nodes.push((agent, containerd));
     }
     let (ca_s, admin_crt, admin_key) = (

@@ -2,7 +2,6 @@
 //! or mutual TLS), nothing written for a caller without the credential, metrics and probes
 //! on the side port. Needs containerd (see tests/load.rs).
 
-use std::ffi::OsStr;
 use std::io::{Read, Write};
 use std::process::Command;
 
@@ -12,7 +11,7 @@ use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, InfoRequest, Put
 use lade_testkit::certs::make_certs;
 use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Containerd};
-use lade_testkit::nodes::{spawn_agent, workspace_bin, Node, TEST_TOKEN};
+use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use lade_tests::{dial, images, load_json, u64_of, write_sample_bundle};
 use tonic::Code;
 
@@ -244,32 +243,15 @@ async fn mutual_tls_admits_only_clients_with_a_certificate() -> Result<()> {
             ("client", "extendedKeyUsage=clientAuth"),
         ],
     )?;
-    let port = free_port();
-    let socket = containerd.socket();
-    let (cert, key, ca) = (
-        certs.join("server.crt"),
-        certs.join("server.key"),
-        certs.join("ca.crt"),
-    );
-    let args = [
-        OsStr::new("--containerd-socket"),
-        socket.as_os_str(),
-        OsStr::new("--tls-cert"),
-        cert.as_os_str(),
-        OsStr::new("--tls-key"),
-        key.as_os_str(),
-        OsStr::new("--tls-client-ca"),
-        ca.as_os_str(),
-    ];
-    let _agent = spawn_agent(
+    let ca = certs.join("ca.crt");
+    let (_agent, addr) = lade_tests::spawn_tls_agent(
         "mtls",
-        port,
-        free_port(),
-        &args,
-        &containerd.dir().join("agent.log"),
+        &containerd,
+        &certs.join("server.crt"),
+        &certs.join("server.key"),
+        &ca,
     )
     .await?;
-    let addr = format!("127.0.0.1:{port}");
     let ca_pem = std::fs::read(&ca)?;
     let tls = || {
         tonic::transport::ClientTlsConfig::new()
