@@ -164,6 +164,19 @@ impl Default for RetryPolicy {
 }
 
 impl LoadError {
+    /// Wraps a failed call `call` to `agent`, naming both.
+    pub(crate) fn agent_call(
+        agent: &str,
+        call: &'static str,
+    ) -> impl FnOnce(tonic::Status) -> LoadError {
+        let agent = agent.to_string();
+        move |status| LoadError::Agent {
+            agent,
+            call,
+            status,
+        }
+    }
+
     /// Whether the bundle's own bytes are at fault (a blob or a layer that fails its check):
     /// the images using that blob fail, the rest of the load goes on.
     pub fn is_bad_content(&self) -> bool {
@@ -702,6 +715,28 @@ pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
 
 pub(crate) use lade_proto::error_chain;
 
+/// Connects to `agent` and asks what its node is, filling `report`'s node, runtime, platform
+/// and pinning from the answer.
+pub(crate) async fn identify(
+    agent: &str,
+    dial: &Dial,
+    progress: &dyn Progress,
+    report: &mut NodeReport,
+) -> Result<(AgentConn, InfoResponse), LoadError> {
+    let mut client = connect(agent, dial).await?;
+    let info = client
+        .info(InfoRequest {})
+        .await
+        .map_err(LoadError::agent_call(agent, "Info"))?
+        .into_inner();
+    report.node = info.node_name.clone();
+    report.runtime = format!("{} {}", info.runtime, info.runtime_version);
+    report.images_pinned = info.images_pinned;
+    report.platform = info.platform.clone();
+    progress.node_identified(agent, &info.node_name);
+    Ok((client, info))
+}
+
 #[allow(clippy::too_many_arguments)]
 #[instrument(skip_all, fields(agent = %agent))]
 async fn load_node(
@@ -716,29 +751,13 @@ async fn load_node(
     progress: &dyn Progress,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
-    let call_err = |call: &'static str| {
-        move |status: tonic::Status| LoadError::Agent {
-            agent: agent.to_string(),
-            call,
-            status,
-        }
-    };
+    let call_err = |call| LoadError::agent_call(agent, call);
     // A retried attempt sees the node afresh; only the bytes sent add up over attempts.
     report.images_loaded = 0;
     report.failed_images.clear();
     report.blobs_skipped = 0;
     report.bytes_skipped = 0;
-    let mut client = connect(agent, dial).await?;
-    let info = client
-        .info(InfoRequest {})
-        .await
-        .map_err(call_err("Info"))?
-        .into_inner();
-    report.node = info.node_name.clone();
-    report.runtime = format!("{} {}", info.runtime, info.runtime_version);
-    report.images_pinned = info.images_pinned;
-    report.platform = info.platform.clone();
-    progress.node_identified(agent, &info.node_name);
+    let (mut client, info) = identify(agent, dial, progress, report).await?;
 
     // A node that checks layers itself as it unpacks them needs no check here.
     let checks = checks.filter(|_| !info.checks_layers);
@@ -903,13 +922,7 @@ pub(crate) async fn verify_and_end(
     agent: &str,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
-    let call_err = |call: &'static str| {
-        move |status: tonic::Status| LoadError::Agent {
-            agent: agent.to_string(),
-            call,
-            status,
-        }
-    };
+    let call_err = |call| LoadError::agent_call(agent, call);
     let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
     let verified = client
         .verify(VerifyRequest { refs })
@@ -1009,11 +1022,7 @@ async fn put_blob(
     let read = reader.await.expect("blob reader task panicked");
     // The bundle's own error explains a refused upload better than the agent's view of it.
     let sent = read?;
-    response.map_err(|status| LoadError::Agent {
-        agent: agent.to_string(),
-        call: "PutBlob",
-        status,
-    })?;
+    response.map_err(LoadError::agent_call(agent, "PutBlob"))?;
     Ok(sent)
 }
 

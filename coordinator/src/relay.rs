@@ -36,7 +36,7 @@ use tracing::{info, warn};
 use crate::bundle::Bundle;
 use crate::layercheck::LayerChecks;
 use crate::load::{
-    check_space, connect, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
+    check_space, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
     unpack_hints, verify_and_end, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
     PlannedImage,
 };
@@ -359,12 +359,7 @@ pub async fn load(
             }
             Err(status) => relay_failures.push((
                 idx,
-                LoadError::Agent {
-                    agent: report.agent.clone(),
-                    call: "Import",
-                    status,
-                }
-                .to_string(),
+                LoadError::agent_call(&report.agent, "Import")(status).to_string(),
             )),
         }
     }
@@ -463,24 +458,8 @@ async fn identify(
     let mut attempt = 0;
     loop {
         let run = async {
-            let call_err = |call: &'static str| {
-                move |status: tonic::Status| LoadError::Agent {
-                    agent: agent.to_string(),
-                    call,
-                    status,
-                }
-            };
-            let mut client = connect(agent, &opts.dial).await?;
-            let info = client
-                .info(InfoRequest {})
-                .await
-                .map_err(call_err("Info"))?
-                .into_inner();
-            report.node = info.node_name.clone();
-            report.runtime = format!("{} {}", info.runtime, info.runtime_version);
-            report.images_pinned = info.images_pinned;
-            report.platform = info.platform.clone();
-            progress.node_identified(agent, &info.node_name);
+            let (mut client, info) =
+                crate::load::identify(agent, &opts.dial, progress, &mut report).await?;
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
             report.warnings = crate::load::foreign_platform_warnings(bundle, &chosen, &info);
@@ -490,7 +469,7 @@ async fn identify(
                     blobs: have_descriptors(bundle, chosen.iter().flatten()),
                 })
                 .await
-                .map_err(call_err("Have"))?
+                .map_err(LoadError::agent_call(agent, "Have"))?
                 .into_inner();
             report.blobs_skipped = 0;
             report.bytes_skipped = 0;
@@ -821,14 +800,8 @@ async fn refresh_offsets(
                 }
             }
             Err(status) => {
-                n.failed = Some(
-                    LoadError::Agent {
-                        agent: reports[n.idx].agent.clone(),
-                        call: "Have",
-                        status,
-                    }
-                    .to_string(),
-                )
+                n.failed =
+                    Some(LoadError::agent_call(&reports[n.idx].agent, "Have")(status).to_string())
             }
         }
     }
@@ -884,11 +857,7 @@ async fn send_tree(
         .expect("blob reader task panicked")
         .map_err(SendError::Bundle)?;
     let response = response.map_err(|status| {
-        SendError::Call(LoadError::Agent {
-            agent: root.address.clone(),
-            call: "PutBlob",
-            status,
-        })
+        SendError::Call(LoadError::agent_call(&root.address, "PutBlob")(status))
     })?;
     Ok((response.into_inner(), sent))
 }
