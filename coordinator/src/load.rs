@@ -353,6 +353,22 @@ pub struct NodeReport {
     pub warnings: Vec<String>,
 }
 
+impl NodeReport {
+    /// Counts the images an Import's `events` say were named, and records the failed ones.
+    pub(crate) fn count_imports(&mut self, events: Vec<ImportEvent>) {
+        for event in events {
+            match ImportPhase::try_from(event.phase) {
+                Ok(ImportPhase::ImageDone) => self.images_loaded += 1,
+                Ok(ImportPhase::ImageFailed) => self.failed_images.push(FailedImage {
+                    image: event.image,
+                    reason: event.message,
+                }),
+                _ => {}
+            }
+        }
+    }
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct FailedImage {
     pub image: String,
@@ -875,16 +891,7 @@ async fn load_node(
         let events = joined
             .expect("import task panicked")
             .map_err(call_err("Import"))?;
-        for event in events {
-            match ImportPhase::try_from(event.phase) {
-                Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
-                Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
-                    image: event.image,
-                    reason: event.message,
-                }),
-                _ => {}
-            }
-        }
+        report.count_imports(events);
     }
 
     progress.phase(agent, "verifying");

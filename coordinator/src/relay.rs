@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImportPhase, InfoRequest,
-    PutBlobRequest, PutBlobResponse, RelayHop, UnpackHint,
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, InfoRequest, PutBlobRequest,
+    PutBlobResponse, RelayHop, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -345,18 +345,7 @@ pub async fn load(
         let (idx, result) = joined.expect("import task panicked");
         let report = &mut reports[idx];
         match result {
-            Ok(events) => {
-                for event in events {
-                    match ImportPhase::try_from(event.phase) {
-                        Ok(ImportPhase::ImageDone) => report.images_loaded += 1,
-                        Ok(ImportPhase::ImageFailed) => report.failed_images.push(FailedImage {
-                            image: event.image,
-                            reason: event.message,
-                        }),
-                        _ => {}
-                    }
-                }
-            }
+            Ok(events) => report.count_imports(events),
             Err(status) => relay_failures.push((
                 idx,
                 LoadError::agent_call(&report.agent, "Import")(status).to_string(),
