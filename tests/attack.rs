@@ -1,0 +1,8 @@
+//! Attacks on the root agent, one test per finding of the red-team review (see SECURITY.md):
+//! crafted layers against its applier, hostile names and bundles against the coordinator's and
+//! the agent's naming, and hostile callers and peers against its ports and its relay.
+//! Each test fails with the defence it exercises disabled.
+
+mod applier;
+mod names;
+mod surface;
