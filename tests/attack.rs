@@ -3,6 +3,10 @@
 //! the agent's naming, and hostile callers and peers against its ports and its relay.
 //! Each test fails with the defence it exercises disabled.
 
+// The crate root is tests/attack.rs, so its modules would be looked up beside it in tests/.
+#[path = "attack/applier.rs"]
 mod applier;
+#[path = "attack/names.rs"]
 mod names;
+#[path = "attack/surface.rs"]
 mod surface;
