@@ -1,6 +1,7 @@
-//! The agent's own layer applier against containerd's, on real containerd 1.6: the same
-//! tricky layers are unpacked by each (one node with `--unpack containerd`, one with
-//! `--unpack agent`) and every snapshot directory is compared file by file; hostile layers
+//! The agent's own layer applier against containerd's, on the real containerd the harness
+//! runs (the machine's, or the one `LADE_CONTAINERD` names; scripts/test-matrix runs 1.7 and
+//! 2.1): the same tricky layers are unpacked by each (one node with `--unpack containerd`,
+//! one with `--unpack agent`) and every snapshot directory is compared file by file; hostile layers
 //! are refused by the agent and kept inside the snapshot by containerd.
 
 use std::collections::{BTreeMap, HashMap};

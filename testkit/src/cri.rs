@@ -31,6 +31,9 @@ pub struct CriImage {
     pub repo_digests: Vec<String>,
     /// Size in bytes as computed by the runtime.
     pub size: u64,
+    /// Whether kubelet's image garbage collection must keep it (containerd reports the
+    /// `io.cri-containerd.pinned` label here from 1.7.3 on).
+    pub pinned: bool,
 }
 
 impl From<pb::Image> for CriImage {
@@ -40,6 +43,7 @@ impl From<pb::Image> for CriImage {
             repo_tags: i.repo_tags,
             repo_digests: i.repo_digests,
             size: i.size,
+            pinned: i.pinned,
         }
     }
 }

@@ -25,6 +25,7 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::cri;
+use crate::runtimes::{ContainerdVersion, Runtime, CONTAINERD_ENV};
 
 /// Environment variable that, set to `1`, makes daemon tests skip (loudly) instead of failing.
 pub const SKIP_ENV: &str = "LADE_SKIP_DAEMON_TESTS";
@@ -242,6 +243,9 @@ pub struct Containerd {
     dir: PathBuf,
     /// `Option` so `Drop` can remove the dir itself, after unmounting, and report failures.
     tempdir: Option<TempDir>,
+    /// The build selected by `LADE_CONTAINERD` (see [`crate::runtimes`]).
+    runtime: Runtime,
+    version: ContainerdVersion,
     containerd_bin: PathBuf,
     ctr_bin: PathBuf,
     process: Option<ChildGuard>,
@@ -253,19 +257,27 @@ impl Containerd {
     /// error carries the tail of the daemon log).
     ///
     /// `name` only labels the temp dir and messages (it is cut to 16 safe characters).
+    ///
+    /// The containerd build is the one `LADE_CONTAINERD` selects ([`crate::runtimes`]): the
+    /// machine's by default, else a runtime fetched by `scripts/fetch-runtimes`, whose `bin`
+    /// dir then comes first on the daemon's `PATH` so it runs that package's shims.
     pub async fn start(name: &str) -> Result<Containerd> {
-        let containerd_bin = require_binary("containerd")?;
-        let ctr_bin = require_binary("ctr")?;
+        let runtime = Runtime::from_env(CONTAINERD_ENV)?;
+        let containerd_bin = runtime.binary("containerd")?;
+        let ctr_bin = runtime.binary("ctr")?;
         // Not used by us directly, but without them every container operation would fail much
         // later with a far less helpful message.
-        require_binary("containerd-shim-runc-v2")?;
+        runtime.binary("containerd-shim-runc-v2")?;
         require_binary("runc")?;
+        let version = ContainerdVersion::of(&containerd_bin)?;
 
         let (tempdir, dir) = short_tempdir(name)?;
         let mut node = Containerd {
             name: name.to_string(),
             dir,
             tempdir: Some(tempdir),
+            runtime,
+            version,
             containerd_bin,
             ctr_bin,
             process: None,
@@ -333,6 +345,16 @@ impl Containerd {
     /// The name given to [`Containerd::start`].
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The containerd build this instance runs (`system` or a fetched runtime's name).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
+    }
+
+    /// The version of the containerd this instance runs.
+    pub fn version(&self) -> ContainerdVersion {
+        self.version
     }
 
     /// Pid of the current containerd process, `None` if it is not running (e.g. after
@@ -467,9 +489,16 @@ disabled_plugins = [
         )
     }
 
-    async fn spawn_and_wait(&mut self) -> Result<()> {
+    /// `containerd --config <ours>`, with the selected runtime's shims first on `PATH`.
+    fn daemon_command(&self) -> Command {
         let mut cmd = Command::new(&self.containerd_bin);
         cmd.arg("--config").arg(self.config_path());
+        self.runtime.apply_path(&mut cmd);
+        cmd
+    }
+
+    async fn spawn_and_wait(&mut self) -> Result<()> {
+        let cmd = self.daemon_command();
         self.process = Some(ChildGuard::spawn(cmd, &self.log_path())?);
         self.wait_ready().await
     }
@@ -514,8 +543,7 @@ disabled_plugins = [
     /// Starts containerd again without the async CRI wait (we are in `Drop`); returns whether
     /// it answers `ctr version` within 10 s.
     fn revive_for_cleanup(&mut self) -> bool {
-        let mut cmd = Command::new(&self.containerd_bin);
-        cmd.arg("--config").arg(self.config_path());
+        let cmd = self.daemon_command();
         let Ok(process) = ChildGuard::spawn(cmd, &self.log_path()) else {
             return false;
         };

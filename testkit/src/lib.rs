@@ -14,4 +14,5 @@ pub mod helm;
 pub mod hostile;
 pub mod nodes;
 pub mod registry;
+pub mod runtimes;
 pub mod token;
