@@ -10,8 +10,9 @@ use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, ImportPhase,
     ImportRequest, PutBlobRequest, PutBlobResponse, VerifyRequest, CHUNK_SIZE,
 };
+use lade_testkit::cri;
 use lade_testkit::fixtures::{random_layer, ArchiveFormat, Compression, ImageFixture};
-use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::harness::{daemon_tests_enabled, Containerd};
 use lade_testkit::nodes::{DockerNode, Node};
 use lade_tests::{images, load_json, write_sample_bundle};
 
@@ -34,6 +35,28 @@ async fn docker_runtime_conforms() -> Result<()> {
     }
     let node = DockerNode::start("conform-dkr").await?;
     conformance(&node.addr()).await
+}
+
+/// The CRI plugin takes the harness's config on every containerd version: a version 2 config
+/// on 1.x, a version 3 one on 2.x, and a version 2 one that 2.x migrates at startup (with
+/// LADE_CONTAINERD_CONFIG_VERSION=2). The snapshotter CRI keeps images in is the one the agent
+/// must unpack into, so a setting lost in migration would leave loaded images unusable.
+#[tokio::test(flavor = "multi_thread")]
+async fn containerd_cri_takes_the_configured_snapshotter() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // `native`, not containerd's default: a config that did not apply would show overlayfs.
+    let node = Containerd::start_with_cri_snapshotter("cri-native", "native").await?;
+    let filesystems = cri::image_filesystems(&node.socket()).await?;
+    assert_eq!(
+        filesystems,
+        vec![node.root().join("io.containerd.snapshotter.v1.native")],
+        "containerd {} with a version {} config",
+        node.version(),
+        node.config_version()?
+    );
+    Ok(())
 }
 
 /// Uploads `data` as blob `desc` from `offset` in one PutBlob call.

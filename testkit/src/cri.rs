@@ -84,6 +84,23 @@ pub async fn list_images(socket: &Path) -> Result<Vec<CriImage>> {
         .collect())
 }
 
+/// The mount points of the filesystems the CRI ImageService behind `socket` keeps images on.
+/// For containerd this is `<root>/io.containerd.snapshotter.v1.<snapshotter>`: which
+/// snapshotter CRI's configuration really selected.
+pub async fn image_filesystems(socket: &Path) -> Result<Vec<PathBuf>> {
+    let mut client = connect(socket).await?;
+    let response = client
+        .image_fs_info(pb::ImageFsInfoRequest {})
+        .await
+        .with_context(|| format!("CRI ImageFsInfo on {}", socket.display()))?;
+    Ok(response
+        .into_inner()
+        .image_filesystems
+        .into_iter()
+        .filter_map(|fs| fs.fs_id.map(|id| PathBuf::from(id.mountpoint)))
+        .collect())
+}
+
 /// One connection per call: these are test assertions, not a hot path, and a fresh
 /// connection never carries state across a daemon restart.
 async fn connect(socket: &Path) -> Result<ImageServiceClient<Channel>> {

@@ -25,10 +25,13 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::cri;
-use crate::runtimes::{ContainerdVersion, Runtime, CONTAINERD_ENV};
+use crate::runtimes::{ContainerdVersion, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV};
 
 /// Environment variable that, set to `1`, makes daemon tests skip (loudly) instead of failing.
 pub const SKIP_ENV: &str = "LADE_SKIP_DAEMON_TESTS";
+
+/// The snapshotter [`Containerd::start`] configures for CRI: the agent's default.
+pub const CRI_SNAPSHOTTER: &str = "overlayfs";
 
 /// How long [`Containerd::start`] and [`Containerd::restart`] wait for gRPC *and* CRI to answer.
 const READY_TIMEOUT: Duration = Duration::from_secs(20);
@@ -246,6 +249,8 @@ pub struct Containerd {
     /// The build selected by `LADE_CONTAINERD` (see [`crate::runtimes`]).
     runtime: Runtime,
     version: ContainerdVersion,
+    /// The snapshotter CRI is configured with.
+    cri_snapshotter: String,
     containerd_bin: PathBuf,
     ctr_bin: PathBuf,
     process: Option<ChildGuard>,
@@ -262,6 +267,11 @@ impl Containerd {
     /// machine's by default, else a runtime fetched by `scripts/fetch-runtimes`, whose `bin`
     /// dir then comes first on the daemon's `PATH` so it runs that package's shims.
     pub async fn start(name: &str) -> Result<Containerd> {
+        Containerd::start_with_cri_snapshotter(name, CRI_SNAPSHOTTER).await
+    }
+
+    /// Like [`Containerd::start`], with CRI configured to keep images in `snapshotter`.
+    pub async fn start_with_cri_snapshotter(name: &str, snapshotter: &str) -> Result<Containerd> {
         let runtime = Runtime::from_env(CONTAINERD_ENV)?;
         let containerd_bin = runtime.binary("containerd")?;
         let ctr_bin = runtime.binary("ctr")?;
@@ -278,6 +288,7 @@ impl Containerd {
             tempdir: Some(tempdir),
             runtime,
             version,
+            cri_snapshotter: snapshotter.to_string(),
             containerd_bin,
             ctr_bin,
             process: None,
@@ -295,7 +306,7 @@ impl Containerd {
             fs::create_dir_all(node.dir.join(sub))
                 .with_context(|| format!("create {}", node.dir.join(sub).display()))?;
         }
-        fs::write(node.config_path(), node.config_toml())
+        fs::write(node.config_path(), node.config_toml()?)
             .with_context(|| format!("write {}", node.config_path().display()))?;
         node.spawn_and_wait().await?;
         Ok(node)
@@ -421,13 +432,32 @@ impl Containerd {
         self.dir.join("config.toml")
     }
 
-    /// The containerd 1.6 config ("version = 2" schema); keys were taken from
-    /// `containerd config default`. Anything left unset falls back to containerd's defaults,
-    /// so every default that points at a host path is overridden here.
-    fn config_toml(&self) -> String {
+    /// The config schema this instance is started with: `version = 3` on containerd 2.x (what
+    /// it writes itself), `version = 2` on 1.x, or the one [`CONFIG_VERSION_ENV`] forces (2 on
+    /// containerd 2.x: a node upgraded in place keeps its 1.x config, which 2.x migrates).
+    pub fn config_version(&self) -> Result<u32> {
+        let native = if self.version.major >= 2 { 3 } else { 2 };
+        match std::env::var(CONFIG_VERSION_ENV).as_deref() {
+            Err(_) | Ok("") => Ok(native),
+            Ok("2") => Ok(2),
+            Ok("3") if self.version.major >= 2 => Ok(3),
+            Ok(other) => bail!(
+                "{CONFIG_VERSION_ENV}={other}: containerd {} takes config version 2{}",
+                self.version,
+                if self.version.major >= 2 { " or 3" } else { "" }
+            ),
+        }
+    }
+
+    /// The config; keys were taken from `containerd config default` of each version. Anything
+    /// left unset falls back to containerd's defaults, so every default that points at a host
+    /// path is overridden here.
+    fn config_toml(&self) -> Result<String> {
         let d = self.dir.display();
-        format!(
-            r#"version = 2
+        let version = self.config_version()?;
+        let snapshotter = &self.cri_snapshotter;
+        let common = format!(
+            r#"version = {version}
 root = "{d}/root"
 state = "{d}/state"
 # Temp files (e.g. during import) stay in our dir instead of the host's TMPDIR.
@@ -457,7 +487,11 @@ disabled_plugins = [
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = "{d}/opt"
-
+"#
+        );
+        let cri = if version == 2 {
+            format!(
+                r#"
   [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
     # Port 0: several instances run at once and must not fight over the default port.
@@ -471,7 +505,7 @@ disabled_plugins = [
       conf_dir = "{d}/cni/conf"
 
     [plugins."io.containerd.grpc.v1.cri".containerd]
-      snapshotter = "overlayfs"
+      snapshotter = "{snapshotter}"
       default_runtime_name = "runc"
 
       [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
@@ -486,7 +520,47 @@ disabled_plugins = [
       # Never read the host's /etc/containerd/certs.d.
       config_path = "{d}/certs.d"
 "#
-        )
+            )
+        } else {
+            // containerd 2.x splits CRI into the image service, the runtime service and the
+            // gRPC server that serves both.
+            format!(
+                r#"
+  [plugins."io.containerd.grpc.v1.cri"]
+    disable_tcp_service = true
+    # Port 0: several instances run at once and must not fight over the default port.
+    stream_server_address = "127.0.0.1"
+    stream_server_port = "0"
+
+  [plugins."io.containerd.cri.v1.images"]
+    snapshotter = "{snapshotter}"
+
+    [plugins."io.containerd.cri.v1.images".registry]
+      # Never read the host's /etc/containerd/certs.d.
+      config_path = "{d}/certs.d"
+
+  [plugins."io.containerd.cri.v1.runtime"]
+    # Default is /var/run/netns on the host.
+    netns_mounts_under_state_dir = true
+
+    [plugins."io.containerd.cri.v1.runtime".cni]
+      bin_dirs = ["{d}/cni/bin"]
+      conf_dir = "{d}/cni/conf"
+
+    [plugins."io.containerd.cri.v1.runtime".containerd]
+      default_runtime_name = "runc"
+
+      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
+        # Must be repeated: this table replaces the default map entry rather than merging.
+        runtime_type = "io.containerd.runc.v2"
+
+        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
+          # Default is /run/containerd/runc, shared by all instances on the host.
+          Root = "{d}/runc"
+"#
+            )
+        };
+        Ok(common + &cri)
     }
 
     /// `containerd --config <ours>`, with the selected runtime's shims first on `PATH`.

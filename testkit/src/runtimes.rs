@@ -17,6 +17,11 @@ use crate::harness::require_binary;
 /// the name of a runtime fetched by `scripts/fetch-runtimes` (e.g. `containerd-2.1`).
 pub const CONTAINERD_ENV: &str = "LADE_CONTAINERD";
 
+/// Forces the config schema the harness writes for containerd: `2` makes containerd 2.x
+/// migrate a 1.x-style config at startup, as on a node upgraded in place (default: 3 on 2.x,
+/// 2 on 1.x).
+pub const CONFIG_VERSION_ENV: &str = "LADE_CONTAINERD_CONFIG_VERSION";
+
 /// Overrides where fetched runtimes live (default: `<workspace>/target/runtimes`).
 pub const RUNTIMES_DIR_ENV: &str = "LADE_RUNTIMES_DIR";
 
