@@ -487,77 +487,76 @@ disabled_plugins = [
 [plugins]
   [plugins."io.containerd.internal.v1.opt"]
     path = "{d}/opt"
-"#
-        );
-        let cri = if version == 2 {
-            format!(
-                r#"
+
+  # containerd 2.x splits CRI into this gRPC server, an image service and a runtime service;
+  # 1.x keeps all of it in this table.
   [plugins."io.containerd.grpc.v1.cri"]
     disable_tcp_service = true
     # Port 0: several instances run at once and must not fight over the default port.
     stream_server_address = "127.0.0.1"
     stream_server_port = "0"
-    # Default is /var/run/netns on the host.
+"#
+        );
+        // `runtimes.runc` must be repeated in full: the table replaces the default map entry
+        // rather than merging. Root: the default is /run/containerd/runc, shared by all
+        // instances on the host.
+        let runc = |runtimes: &str| {
+            format!(
+                r#"
+      [{runtimes}.runc]
+        runtime_type = "io.containerd.runc.v2"
+
+        [{runtimes}.runc.options]
+          Root = "{d}/runc"
+"#
+            )
+        };
+        let cri = if version == 2 {
+            let cri = r#"plugins."io.containerd.grpc.v1.cri""#;
+            format!(
+                r#"    # Default is /var/run/netns on the host.
     netns_mounts_under_state_dir = true
 
-    [plugins."io.containerd.grpc.v1.cri".cni]
+    [{cri}.cni]
       bin_dir = "{d}/cni/bin"
       conf_dir = "{d}/cni/conf"
 
-    [plugins."io.containerd.grpc.v1.cri".containerd]
+    [{cri}.containerd]
       snapshotter = "{snapshotter}"
       default_runtime_name = "runc"
-
-      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
-        # Must be repeated: this table replaces the default map entry rather than merging.
-        runtime_type = "io.containerd.runc.v2"
-
-        [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
-          # Default is /run/containerd/runc, shared by all instances on the host.
-          Root = "{d}/runc"
-
-    [plugins."io.containerd.grpc.v1.cri".registry]
+{runc}
+    [{cri}.registry]
       # Never read the host's /etc/containerd/certs.d.
       config_path = "{d}/certs.d"
-"#
+"#,
+                runc = runc(&format!("{cri}.containerd.runtimes"))
             )
         } else {
-            // containerd 2.x splits CRI into the image service, the runtime service and the
-            // gRPC server that serves both.
+            let (images, runtime) = (
+                r#"plugins."io.containerd.cri.v1.images""#,
+                r#"plugins."io.containerd.cri.v1.runtime""#,
+            );
             format!(
                 r#"
-  [plugins."io.containerd.grpc.v1.cri"]
-    disable_tcp_service = true
-    # Port 0: several instances run at once and must not fight over the default port.
-    stream_server_address = "127.0.0.1"
-    stream_server_port = "0"
-
-  [plugins."io.containerd.cri.v1.images"]
+  [{images}]
     snapshotter = "{snapshotter}"
 
-    [plugins."io.containerd.cri.v1.images".registry]
+    [{images}.registry]
       # Never read the host's /etc/containerd/certs.d.
       config_path = "{d}/certs.d"
 
-  [plugins."io.containerd.cri.v1.runtime"]
+  [{runtime}]
     # Default is /var/run/netns on the host.
     netns_mounts_under_state_dir = true
 
-    [plugins."io.containerd.cri.v1.runtime".cni]
+    [{runtime}.cni]
       bin_dirs = ["{d}/cni/bin"]
       conf_dir = "{d}/cni/conf"
 
-    [plugins."io.containerd.cri.v1.runtime".containerd]
+    [{runtime}.containerd]
       default_runtime_name = "runc"
-
-      [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc]
-        # Must be repeated: this table replaces the default map entry rather than merging.
-        runtime_type = "io.containerd.runc.v2"
-
-        [plugins."io.containerd.cri.v1.runtime".containerd.runtimes.runc.options]
-          # Default is /run/containerd/runc, shared by all instances on the host.
-          Root = "{d}/runc"
-"#
+{runc}"#,
+                runc = runc(&format!("{runtime}.containerd.runtimes"))
             )
         };
         Ok(common + &cri)

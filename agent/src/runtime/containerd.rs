@@ -11,7 +11,7 @@
 //! into its mounts, check the diffID, Commit it under its chain ID.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -69,6 +69,16 @@ pub fn pins_images(version: &str) -> bool {
     match numbers.as_slice() {
         [major, minor, patch, ..] => (*major, *minor, *patch) >= (1, 7, 3),
         _ => false,
+    }
+}
+
+/// `dir`, or its parent while `dir` does not exist but the parent does. containerd 1.7 and
+/// later create the content store's directory with the first blob written, not at startup:
+/// on a fresh node only containerd's root, which will hold it, can be checked and measured.
+fn existing_or_parent(dir: &Path) -> &Path {
+    match dir.parent() {
+        Some(parent) if !dir.exists() && parent.is_dir() => parent,
+        _ => dir,
     }
 }
 
@@ -210,7 +220,13 @@ impl Containerd {
     /// say or the agent cannot see them.
     async fn storage(&self) -> Vec<lade_proto::Storage> {
         let inner = |root: Option<PathBuf>, sub: &str| {
-            root.map(|r| if r.join(sub).is_dir() { r.join(sub) } else { r })
+            root.map(|r| {
+                if r.join(sub).is_dir() {
+                    r.join(sub)
+                } else {
+                    existing_or_parent(&r).to_path_buf()
+                }
+            })
         };
         let (content, snapshots) = match self.store_roots().await {
             Ok((c, s)) => (inner(c, "blobs"), inner(s, "snapshots")),
@@ -266,9 +282,11 @@ impl Containerd {
                 // SAFETY: geteuid has no preconditions.
                 let root = unsafe { libc::geteuid() } == 0;
                 let snapshotter_ok = matches!(self.cfg.snapshotter.as_str(), "overlayfs" | "native");
+                // Judged by where the content store will be if containerd has not created it.
+                let content_dir = content.as_deref().map(|c| existing_or_parent(c).to_path_buf());
                 let ok = root
                     && snapshotter_ok
-                    && usable(&content, libc::R_OK | libc::X_OK)
+                    && usable(&content_dir, libc::R_OK | libc::X_OK)
                     && usable(&snapshots, libc::W_OK | libc::X_OK);
                 match (ok, self.cfg.unpack) {
                     (true, _) => {
@@ -1534,6 +1552,17 @@ mod tests {
         }
         let elsewhere = "failed to rename: rename /data/new-1 /data/2: file exists";
         assert_eq!(orphan_snapshot_dir(elsewhere), None);
+    }
+
+    #[test]
+    fn a_content_store_not_created_yet_is_judged_by_containerds_root() {
+        let root = tempfile::tempdir().unwrap();
+        let content = root.path().join("io.containerd.content.v1.content");
+        assert_eq!(existing_or_parent(&content), root.path());
+        std::fs::create_dir(&content).unwrap();
+        assert_eq!(existing_or_parent(&content), content);
+        let nowhere = root.path().join("a/b");
+        assert_eq!(existing_or_parent(&nowhere), nowhere);
     }
 
     #[test]
