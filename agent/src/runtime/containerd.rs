@@ -72,6 +72,17 @@ pub fn pins_images(version: &str) -> bool {
     }
 }
 
+/// How long a PutBlob waits for containerd to release the ingest of a previous upload of the
+/// same blob, polling every [`REF_LOCKED_POLL`]; a lock held longer is another writer's.
+const REF_LOCKED_WAIT: Duration = Duration::from_secs(2);
+const REF_LOCKED_POLL: Duration = Duration::from_millis(20);
+
+/// Whether containerd refused a write because another stream holds the ingest ref
+/// (`ref <ref> locked for <duration> (since <time>): unavailable`).
+fn ref_locked(status: &tonic::Status) -> bool {
+    status.code() == Code::Unavailable && status.message().contains(" locked for ")
+}
+
 /// `dir`, or its parent while `dir` does not exist but the parent does. containerd 1.7 and
 /// later create the content store's directory with the first blob written, not at startup:
 /// on a fresh node only containerd's root, which will hold it, can be checked and measured.
@@ -199,6 +210,10 @@ impl Containerd {
 
     /// Whether containerd answers and serves the CRI plugin, i.e. could be kubelet's runtime
     /// (for `--runtime auto`). A containerd that runs only under Docker has CRI disabled.
+    /// The plugin asked for is CRI's gRPC server, `io.containerd.grpc.v1.cri`, which 1.x and
+    /// 2.x both have (2.x moved the image and runtime services behind it into the
+    /// `io.containerd.cri.v1.images` and `.runtime` plugins; the matrix runs this on 1.7 and
+    /// 2.1).
     pub async fn serves_cri(&self) -> Result<bool, Error> {
         let plugins = IntrospectionClient::new(self.channel.clone())
             .plugins(self.req(
@@ -1226,40 +1241,53 @@ impl Runtime for Containerd {
             return Ok(present(0));
         }
 
-        let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
         let ref_ = ingest_ref(&digest);
-        // containerd answers the first message before the stream's response headers, so it
-        // must be queued before the call is awaited.
-        tx.send(WriteContentRequest {
-            action: WriteAction::Stat as i32,
-            r#ref: ref_.clone(),
-            total: blob.size as i64,
-            expected: digest.clone(),
-            ..Default::default()
-        })
-        .await
-        .map_err(|_| Error::InvalidRequest("write stream closed".into()))?;
-        let mut responses = match self
-            .content()
-            .write(self.req(ReceiverStream::new(rx), Some(&lease)))
+        let mut waited = Duration::ZERO;
+        let (tx, mut responses, held) = loop {
+            let (tx, rx) = mpsc::channel::<WriteContentRequest>(4);
+            // containerd answers the first message before the stream's response headers, so
+            // it must be queued before the call is awaited.
+            tx.send(WriteContentRequest {
+                action: WriteAction::Stat as i32,
+                r#ref: ref_.clone(),
+                total: blob.size as i64,
+                expected: digest.clone(),
+                ..Default::default()
+            })
             .await
-        {
-            Ok(r) => r.into_inner(),
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(present(0)),
-            Err(s) => {
-                return Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
-                    s,
-                ))
-            }
-        };
-        let held = match responses.message().await {
-            Ok(Some(stat)) => stat.offset.max(0) as u64,
-            Ok(None) => 0,
-            Err(s) if s.code() == Code::AlreadyExists => return Ok(present(0)),
-            Err(s) => {
-                return Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
-                    s,
-                ))
+            .map_err(|_| Error::InvalidRequest("write stream closed".into()))?;
+            let opened = match self
+                .content()
+                .write(self.req(ReceiverStream::new(rx), Some(&lease)))
+                .await
+            {
+                Ok(r) => {
+                    let mut responses = r.into_inner();
+                    match responses.message().await {
+                        Ok(stat) => Ok((responses, stat)),
+                        Err(s) => Err(s),
+                    }
+                }
+                Err(s) => Err(s),
+            };
+            match opened {
+                Ok((responses, stat)) => {
+                    break (tx, responses, stat.map_or(0, |s| s.offset.max(0) as u64))
+                }
+                Err(s) if s.code() == Code::AlreadyExists => return Ok(present(0)),
+                // The ingest of an upload that just ended (refused, cut off) stays locked until
+                // containerd has finished with its stream, which 2.x does a few milliseconds
+                // after the client has gone.
+                Err(s) if ref_locked(&s) && waited < REF_LOCKED_WAIT => {
+                    debug!(%digest, "ingest still locked by the previous upload; waiting");
+                    tokio::time::sleep(REF_LOCKED_POLL).await;
+                    waited += REF_LOCKED_POLL;
+                }
+                Err(s) => {
+                    return Err(Error::runtime(RUNTIME, format!("Content.Write {digest}"))(
+                        s,
+                    ))
+                }
             }
         };
         // containerd can restart an ingest from zero or continue where it stopped, nothing else.
