@@ -19,6 +19,10 @@ pub enum Error {
     },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("relay target {address} refused: {reason}")]
+    RelayTargetRefused { address: String, reason: String },
+    #[error("invalid request: relay tree has more than {limit} {what}")]
+    RelayTreeTooLarge { what: &'static str, limit: usize },
     #[error("blob {digest}: received {received} bytes, descriptor says {expected}")]
     SizeMismatch {
         digest: String,
@@ -147,9 +151,11 @@ impl From<Error> for Status {
                 _ => Code::Internal,
             },
             Error::Connect { .. } => Code::Unavailable,
-            Error::InvalidRequest(_) | Error::BadManifest { .. } | Error::BadConfig { .. } => {
-                Code::InvalidArgument
-            }
+            Error::InvalidRequest(_)
+            | Error::RelayTargetRefused { .. }
+            | Error::RelayTreeTooLarge { .. }
+            | Error::BadManifest { .. }
+            | Error::BadConfig { .. } => Code::InvalidArgument,
             Error::SizeMismatch { .. }
             | Error::DigestMismatch { .. }
             | Error::DiffIdMismatch { .. } => Code::DataLoss,

@@ -9,12 +9,19 @@ use std::sync::Arc;
 use http_body_util::Full;
 use hyper::body::Bytes;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use prometheus::{Encoder, Registry, TextEncoder};
 use tokio::net::TcpListener;
 use tracing::{debug, info};
 
 use crate::runtime::Runtime;
+
+/// A client gets this long to send a request's headers; then the connection is closed, so
+/// slow clients cannot hold connections open on the unauthenticated port.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Most bytes a request's head may take (the probes and scrapes send a few hundred).
+const MAX_HEAD: usize = 16 << 10;
 
 async fn respond<R: Runtime>(
     path: &str,
@@ -63,6 +70,9 @@ pub async fn run<R: Runtime>(
                 async move { Ok::<_, Infallible>(respond(req.uri().path(), &*runtime, &registry).await) }
             });
             if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_buf_size(MAX_HEAD)
                 .serve_connection(TokioIo::new(stream), service)
                 .await
             {

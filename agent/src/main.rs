@@ -65,6 +65,12 @@ struct Config {
     /// host of the address the coordinator gives, usually a pod IP).
     #[arg(long, env = "LADE_PEER_TLS_SERVER_NAME", requires = "tls_cert")]
     peer_tls_server_name: Option<String>,
+    /// Networks (CIDR, comma-separated or repeated) of the other agents, usually the cluster's
+    /// pod network: without TLS this agent relays blobs (and presents its token) only to IP
+    /// addresses in them (none by default); other relay targets are refused and the
+    /// coordinator sends to them directly. With TLS the peer CA vouches for every target.
+    #[arg(long, env = "LADE_PEER_CIDR", value_delimiter = ',')]
+    peer_cidr: Vec<ipnet::IpNet>,
     /// Container runtime to load into.
     #[arg(long, env = "LADE_RUNTIME", value_enum, default_value = "containerd")]
     runtime: RuntimeChoice,
@@ -183,7 +189,8 @@ async fn main() -> anyhow::Result<()> {
         cfg.tls_key.as_deref(),
         cfg.peer_tls_ca.as_deref().or(cfg.tls_client_ca.as_deref()),
         cfg.peer_tls_server_name,
-    )?;
+    )?
+    .with_plaintext_peers(cfg.peer_cidr);
     let serve = Serve {
         grpc: bind(cfg.listen).await?,
         http: bind(cfg.metrics_listen).await?,

@@ -17,14 +17,23 @@
 //! Agents call each other with the credentials they accept: the bearer token of
 //! `--auth-token-file`, and with TLS, their own certificate as client certificate and
 //! `--peer-tls-ca` (default: `--tls-client-ca`) to check the peer's server certificate.
+//!
+//! A forward tree names its targets, so whoever may call this agent could point it at any
+//! address. An agent therefore dials only peers it can tell are agents of its deployment:
+//! over TLS, servers whose certificate the peer CA signed (checked before any header is
+//! sent); without TLS, IP addresses in `--peer-cidr` (none by default). Any other target is
+//! refused before a connection is opened, so the token never leaves for it. The tree's
+//! breadth is bounded too ([`MAX_CHILDREN`], [`MAX_HOPS`]).
 
 use std::collections::HashMap;
+use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use futures::StreamExt;
+use ipnet::IpNet;
 use lade_proto::{
     put_blob_request::Msg, AgentClient, BlobHeader, PutBlobRequest, PutBlobResponse, RelayHop,
     RelayResult,
@@ -44,12 +53,20 @@ use crate::runtime::Runtime;
 /// Chunks queued per sink: a slow sink stalls the stream after this many.
 const SINK_DEPTH: usize = 4;
 
+/// Direct children one hop of a forward tree may have: each is a stream this agent feeds.
+pub const MAX_CHILDREN: usize = 64;
+
+/// Hops a whole forward tree may hold (a cluster's worth of nodes).
+pub const MAX_HOPS: usize = 10_000;
+
 /// How this agent reaches and authenticates to the agents it forwards to.
 pub struct Peers {
     bearer: Option<MetadataValue<Ascii>>,
     tls: Option<ClientTlsConfig>,
     /// Why relaying cannot work with this configuration (TLS without a CA to check peers).
     unusable: Option<String>,
+    /// Networks whose addresses may be dialed without TLS (`--peer-cidr`).
+    plaintext_peers: Vec<IpNet>,
     connect_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
 }
@@ -61,6 +78,7 @@ impl Default for Peers {
             bearer: None,
             tls: None,
             unusable: None,
+            plaintext_peers: Vec::new(),
             connect_timeout: Duration::from_secs(10),
             channels: Mutex::new(HashMap::new()),
         }
@@ -89,10 +107,42 @@ impl Peers {
         self
     }
 
+    /// Without TLS, dials peers at IP addresses in `nets`.
+    pub fn with_plaintext_peers(mut self, nets: Vec<IpNet>) -> Peers {
+        self.plaintext_peers = nets;
+        self
+    }
+
+    /// Whether `address` may be dialed: over TLS any (the peer CA vouches for the server
+    /// before the token is sent); without TLS, only an `ip:port` in `--peer-cidr`.
+    pub fn admit(&self, address: &str) -> Result<(), Error> {
+        if self.tls.is_some() {
+            return Ok(());
+        }
+        let refuse = |why: &str| {
+            Err(Error::RelayTargetRefused {
+                address: address.to_string(),
+                reason: why.to_string(),
+            })
+        };
+        let Ok(addr) = address.parse::<SocketAddr>() else {
+            return refuse("without TLS a relay target must be an ip:port address in --peer-cidr");
+        };
+        let ip = addr.ip().to_canonical();
+        if self.plaintext_peers.iter().any(|net| net.contains(&ip)) {
+            return Ok(());
+        }
+        refuse(
+            "without TLS this agent relays only to addresses in --peer-cidr \
+             (set it to the cluster's pod network, or serve TLS)",
+        )
+    }
+
     async fn client(&self, address: &str) -> Result<PeerClient, String> {
         if let Some(reason) = &self.unusable {
             return Err(reason.clone());
         }
+        self.admit(address).map_err(|e| e.to_string())?;
         let cached = self
             .channels
             .lock()
@@ -192,12 +242,34 @@ impl Sink {
 /// A call to a child agent: its answer, or why it failed.
 type ChildCall = JoinHandle<Result<PutBlobResponse, String>>;
 
-/// Checks that the forward tree asks for nothing the stream cannot give.
-fn check_tree(hop: &RelayHop, stream_start: u64, size: u64, depth: usize) -> Result<(), Error> {
+/// Checks that the forward tree asks for nothing the stream cannot give, is not deeper than
+/// 64, wider than [`MAX_CHILDREN`] at any hop or larger than [`MAX_HOPS`] in all. `hops`
+/// counts the hops seen so far. (Each target is admitted or refused when it is dialed, so a
+/// refused one is reported as lost and the coordinator sends to its subtree directly.)
+fn check_tree(
+    hop: &RelayHop,
+    stream_start: u64,
+    size: u64,
+    depth: usize,
+    hops: &mut usize,
+) -> Result<(), Error> {
     if depth > 64 {
         return Err(Error::InvalidRequest(
             "relay tree deeper than 64 hops".into(),
         ));
+    }
+    *hops += 1;
+    if *hops > MAX_HOPS {
+        return Err(Error::RelayTreeTooLarge {
+            what: "hops in all",
+            limit: MAX_HOPS,
+        });
+    }
+    if hop.forward.len() > MAX_CHILDREN {
+        return Err(Error::RelayTreeTooLarge {
+            what: "direct children of one hop",
+            limit: MAX_CHILDREN,
+        });
     }
     if hop.address.is_empty() {
         return Err(Error::InvalidRequest("relay hop without an address".into()));
@@ -209,7 +281,7 @@ fn check_tree(hop: &RelayHop, stream_start: u64, size: u64, depth: usize) -> Res
         )));
     }
     for child in &hop.forward {
-        check_tree(child, stream_start, size, depth + 1)?;
+        check_tree(child, stream_start, size, depth + 1, hops)?;
     }
     Ok(())
 }
@@ -241,8 +313,15 @@ pub async fn put_blob<R: Runtime>(
             header.store_offset
         )));
     }
+    if header.forward.len() > MAX_CHILDREN {
+        return Err(Error::RelayTreeTooLarge {
+            what: "direct children of one hop",
+            limit: MAX_CHILDREN,
+        });
+    }
+    let mut hops = 0;
     for hop in &header.forward {
-        check_tree(hop, stream_start, blob.size, 1)?;
+        check_tree(hop, stream_start, blob.size, 1, &mut hops)?;
     }
 
     // This node's own copy, through the runtime's verified write.

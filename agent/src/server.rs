@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use lade_proto::AgentServer;
 use prometheus::Registry;
@@ -18,6 +19,12 @@ use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
 use crate::service::AgentService;
+
+/// Concurrent calls one connection may have open (the coordinator uses a few per node).
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 64;
+
+/// Bytes of headers one call may send (the bearer token and gRPC's own take well under 1 KiB).
+pub const MAX_HEADER_LIST: u32 = 16 << 10;
 
 /// Where and how the agent serves.
 pub struct Serve {
@@ -71,10 +78,17 @@ pub async fn run<R: Runtime>(
     );
     // HTTP/2's default 64 KiB windows hold an upload to one window per round trip; blobs
     // stream in 1 MiB chunks, so give a stream room for several in flight.
+    // Bounds for any caller, authenticated or not: streams per connection, header size, and
+    // keep-alive pings so a peer that vanishes is dropped instead of holding its streams.
     let mut builder = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
-        .initial_connection_window_size(Some(16 << 20));
+        .initial_connection_window_size(Some(16 << 20))
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_max_header_list_size(Some(MAX_HEADER_LIST))
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        .tcp_keepalive(Some(Duration::from_secs(60)));
     if let Some(tls) = serve.tls {
         builder = builder.tls_config(tls)?;
     }

@@ -16,6 +16,10 @@ pub use generated::agent_client::AgentClient;
 /// Server trait and wrapper for the agent service.
 pub use generated::agent_server::{Agent, AgentServer};
 
+/// The encoded `FileDescriptorSet` of `agent.proto` (every service and method it defines).
+pub const FILE_DESCRIPTOR_SET: &[u8] =
+    include_bytes!(concat!(env!("OUT_DIR"), "/agent_descriptor.bin"));
+
 /// An error and its sources as one line, skipping a source whose text its parent already
 /// says (transport errors repeat themselves).
 pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {

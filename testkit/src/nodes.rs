@@ -261,6 +261,8 @@ pub async fn spawn_agent(
         .arg(format!("127.0.0.1:{metrics_port}"))
         .arg("--auth-token-file")
         .arg(&token)
+        // The simulated nodes relay to each other on 127.0.0.1 only.
+        .args(["--peer-cidr", "127.0.0.1/32"])
         .args(args)
         .arg("--node-name")
         .arg(name)

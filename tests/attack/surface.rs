@@ -1,1 +1,294 @@
-//! Attack tests: surface.
+//! Attacks on the agent's ports and relay: callers without the token on every RPC, relay
+//! trees that point the agent at an address of the attacker's choosing or fan out without
+//! bound, slow clients on the unauthenticated side port. Needs containerd (see tests/load.rs).
+
+use std::io::{Read, Write};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use lade::load::{connect, Credentials, Dial};
+use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, PutBlobRequest, RelayHop};
+use lade_testkit::fixtures::blob_digest;
+use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::nodes::{Node, TEST_TOKEN};
+use prost::Message;
+use tonic::codegen::http::uri::PathAndQuery;
+use tonic::Code;
+
+/// Connections accepted, and bytes read from them, by a listener that never answers.
+#[derive(Default)]
+struct Recorded {
+    connections: AtomicUsize,
+    bytes: AtomicUsize,
+}
+
+/// Listens on `ip` (any free port) and records whatever arrives; returns its address.
+async fn recorder(ip: &str) -> Result<(String, Arc<Recorded>)> {
+    let listener = tokio::net::TcpListener::bind((ip, 0))
+        .await
+        .with_context(|| format!("binding a recorder on {ip}"))?;
+    let addr = listener.local_addr()?.to_string();
+    let seen = Arc::new(Recorded::default());
+    let counts = seen.clone();
+    tokio::spawn(async move {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            counts.connections.fetch_add(1, Ordering::SeqCst);
+            let counts = counts.clone();
+            tokio::spawn(async move {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n) = stream.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                    counts.bytes.fetch_add(n, Ordering::SeqCst);
+                }
+            });
+        }
+    });
+    Ok((addr, seen))
+}
+
+/// A small blob and the PutBlob messages that store it and forward it to `forward`.
+fn relay_request(forward: Vec<RelayHop>) -> (Descriptor, Vec<PutBlobRequest>) {
+    let blob = b"a blob the attacker asks to be relayed".to_vec();
+    let desc = Descriptor {
+        digest: blob_digest(&blob),
+        size: blob.len() as u64,
+        ..Default::default()
+    };
+    let messages = vec![
+        PutBlobRequest {
+            msg: Some(Msg::Header(BlobHeader {
+                session: "attack".into(),
+                blob: Some(desc.clone()),
+                forward,
+                ..Default::default()
+            })),
+        },
+        PutBlobRequest {
+            msg: Some(Msg::Chunk(blob.into())),
+        },
+    ];
+    (desc, messages)
+}
+
+fn hop(address: &str) -> RelayHop {
+    RelayHop {
+        address: address.into(),
+        store: true,
+        offset: 0,
+        forward: vec![],
+    }
+}
+
+/// A plain HTTP/1.1 GET of `path` on the agent's side port; returns the whole answer.
+fn http_get(port: u16, path: &str) -> Result<String> {
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_never_presents_the_token_to_an_address_outside_peer_cidr() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // The harness's agents accept 127.0.0.1/32 as peers; 127.0.0.2 is also this machine's
+    // loopback, but not in the list.
+    let node = Node::start("relay-target").await?;
+    let (outside, seen) = recorder("127.0.0.2").await?;
+    let (desc, messages) = relay_request(vec![hop(&outside), hop("attacker.example:7700")]);
+    let mut client = connect(&node.addr(), &lade_tests::dial()).await?;
+    let resp = client
+        .put_blob(tokio_stream::iter(messages))
+        .await?
+        .into_inner();
+
+    // The node stores its own copy; both targets are refused before any connection.
+    assert!(resp.local_error.is_empty(), "{resp:?}");
+    assert_eq!(resp.relayed.len(), 2, "{resp:?}");
+    for result in &resp.relayed {
+        assert!(!result.ok && result.lost, "{result:?}");
+        assert!(
+            result
+                .error
+                .contains(&format!("relay target {} refused", result.address))
+                && result.error.contains("--peer-cidr"),
+            "{result:?}"
+        );
+    }
+    // Give a connection attempt, had there been one, time to land.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+    assert_eq!(seen.bytes.load(Ordering::SeqCst), 0);
+    let have = client
+        .have(lade_proto::HaveRequest {
+            session: "attack".into(),
+            blobs: vec![desc.clone()],
+        })
+        .await?
+        .into_inner();
+    assert!(have.blobs[0].present, "{have:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_tree_wider_than_the_cap_is_refused_and_writes_nothing() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let node = Node::start("relay-wide").await?;
+    let (outside, seen) = recorder("127.0.0.1").await?;
+    let children = (0..=lade_agent::relay::MAX_CHILDREN)
+        .map(|_| hop(&outside))
+        .collect();
+    let (desc, messages) = relay_request(children);
+    let mut client = connect(&node.addr(), &lade_tests::dial()).await?;
+    let err = client
+        .put_blob(tokio_stream::iter(messages))
+        .await
+        .expect_err("a relay wider than the cap must be refused");
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(
+        err.message().contains(&format!(
+            "more than {} direct children",
+            lade_agent::relay::MAX_CHILDREN
+        )),
+        "{err}"
+    );
+    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+    let have = client
+        .have(lade_proto::HaveRequest {
+            session: "attack".into(),
+            blobs: vec![desc],
+        })
+        .await?
+        .into_inner();
+    assert!(!have.blobs[0].present, "{have:?}");
+    Ok(())
+}
+
+/// Every method of every service in the agent's descriptor, as gRPC paths.
+fn every_rpc() -> Result<Vec<String>> {
+    let set = prost_types::FileDescriptorSet::decode(lade_proto::FILE_DESCRIPTOR_SET)?;
+    let mut paths = Vec::new();
+    for file in &set.file {
+        for service in &file.service {
+            for method in &service.method {
+                paths.push(format!(
+                    "/{}.{}/{}",
+                    file.package(),
+                    service.name(),
+                    method.name()
+                ));
+            }
+        }
+    }
+    Ok(paths)
+}
+
+/// Calls `path` with one empty message, presenting `token` if given; returns the status.
+async fn call_raw(addr: &str, path: &str, token: Option<&str>) -> Result<Code> {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))?
+        .connect()
+        .await?;
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await?;
+    let mut req = tonic::Request::new(());
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse()?);
+    }
+    let codec = tonic_prost::ProstCodec::<(), ()>::default();
+    let path = PathAndQuery::try_from(path)?;
+    Ok(match grpc.unary(req, path, codec).await {
+        Ok(_) => Code::Ok,
+        Err(status) => status.code(),
+    })
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_refuses_a_caller_without_the_token_and_the_token_leaks_nowhere() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let node = Node::start("every-rpc").await?;
+    let content_before = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    let rpcs = every_rpc()?;
+    assert!(
+        rpcs.contains(&"/lade.agent.v1.Agent/PutBlob".to_string()),
+        "{rpcs:?}"
+    );
+    for path in &rpcs {
+        for token in [None, Some("not-the-token")] {
+            let code = call_raw(&node.addr(), path, token).await?;
+            assert_eq!(code, Code::Unauthenticated, "{path} with {token:?}");
+        }
+        // The same call with the token reaches the method (whatever it makes of it).
+        let code = call_raw(&node.addr(), path, Some(TEST_TOKEN)).await?;
+        assert_ne!(code, Code::Unauthenticated, "{path} with the token");
+    }
+    let content_after = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    assert_eq!(content_before, content_after);
+    assert!(node.image_names()?.is_empty());
+
+    // The token is in no answer, metric or log line, even after failed calls.
+    let info = connect(&node.addr(), &lade_tests::dial())
+        .await?
+        .info(lade_proto::InfoRequest {})
+        .await?
+        .into_inner();
+    assert!(!format!("{info:?}").contains(TEST_TOKEN), "{info:?}");
+    for path in ["/metrics", "/healthz", "/readyz"] {
+        let text = http_get(node.metrics_port, path)?;
+        assert!(!text.contains(TEST_TOKEN), "{path}: {text}");
+    }
+    let wrong = Dial {
+        timeout: Duration::from_secs(5),
+        credentials: Credentials::token(&format!("{TEST_TOKEN}-guess"))?,
+    };
+    let err = connect(&node.addr(), &wrong)
+        .await?
+        .info(lade_proto::InfoRequest {})
+        .await
+        .unwrap_err();
+    assert!(!err.to_string().contains(TEST_TOKEN), "{err}");
+    let log = std::fs::read_to_string(node.agent_log())?;
+    assert!(!log.contains(TEST_TOKEN), "the agent log holds the token");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_client_on_the_side_port_is_cut_off() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let node = Node::start("slowloris").await?;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port))?;
+    // Half a request head, then nothing: the agent must close the connection.
+    stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n")?;
+    let limit = lade_agent::http::HEADER_READ_TIMEOUT + Duration::from_secs(10);
+    stream.set_read_timeout(Some(limit))?;
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    let closed = stream.read_to_end(&mut rest);
+    assert!(
+        closed.is_ok(),
+        "the side port kept a half-sent request open for {:?}: {closed:?}",
+        started.elapsed()
+    );
+    assert!(!String::from_utf8_lossy(&rest).contains("lade_agent_"));
+    Ok(())
+}

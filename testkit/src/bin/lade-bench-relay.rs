@@ -255,6 +255,7 @@ async fn start_node(i: usize) -> Result<SimNode> {
         .args(["--metrics-listen", &format!("{}:7701", node_ip(i))])
         .arg("--auth-token-file")
         .arg(&token)
+        .args(["--peer-cidr", "10.77.0.0/24"])
         .arg("--containerd-socket")
         .arg(containerd.socket())
         .args(["--node-name", &name])
