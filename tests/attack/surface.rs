@@ -24,6 +24,16 @@ struct Recorded {
     bytes: AtomicUsize,
 }
 
+impl Recorded {
+    /// Waits a moment for a connection attempt, had there been one, then asserts there was
+    /// none.
+    async fn assert_untouched(&self) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        assert_eq!(self.connections.load(Ordering::SeqCst), 0);
+        assert_eq!(self.bytes.load(Ordering::SeqCst), 0);
+    }
+}
+
 /// Listens on `ip` (any free port) and records whatever arrives; returns its address.
 async fn recorder(ip: &str) -> Result<(String, Arc<Recorded>)> {
     let listener = tokio::net::TcpListener::bind((ip, 0))
@@ -125,10 +135,7 @@ async fn a_relay_never_presents_the_token_to_an_address_outside_peer_cidr() -> R
             "{result:?}"
         );
     }
-    // Give a connection attempt, had there been one, time to land.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
-    assert_eq!(seen.bytes.load(Ordering::SeqCst), 0);
+    seen.assert_untouched().await;
     let have = client
         .have(lade_proto::HaveRequest {
             session: "attack".into(),
@@ -164,7 +171,7 @@ async fn a_relay_tree_wider_than_the_cap_is_refused_and_writes_nothing() -> Resu
         )),
         "{err}"
     );
-    assert_eq!(seen.connections.load(Ordering::SeqCst), 0);
+    seen.assert_untouched().await;
     let have = client
         .have(lade_proto::HaveRequest {
             session: "attack".into(),
@@ -290,5 +297,98 @@ async fn a_slow_client_on_the_side_port_is_cut_off() -> Result<()> {
         started.elapsed()
     );
     assert!(!String::from_utf8_lossy(&rest).contains("lade_agent_"));
+    Ok(())
+}
+
+/// A registry speaking plain HTTP/1.1 on 127.0.0.1 that answers `/v2/` with `challenge`
+/// (200 once the request carries credentials) and every other path with a redirect to
+/// `redirect`; anything that is not an HTTP request (a TLS hello) is hung up on.
+async fn hostile_registry(challenge: String, redirect: String) -> Result<String> {
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
+    let host = listener.local_addr()?.to_string();
+    tokio::spawn(async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let (challenge, redirect) = (challenge.clone(), redirect.clone());
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 16 << 10];
+                let mut head = Vec::new();
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match stream.read(&mut buf).await {
+                        Ok(n) if n > 0 && buf[..n].is_ascii() => head.extend_from_slice(&buf[..n]),
+                        _ => return,
+                    }
+                }
+                let head = String::from_utf8_lossy(&head).to_lowercase();
+                let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
+                let answer = if path == "/v2/" && head.contains("\r\nauthorization:") {
+                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+                } else if path == "/v2/" {
+                    format!(
+                        "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: {challenge}\r\n\
+                         content-length: 0\r\n\r\n"
+                    )
+                } else {
+                    format!(
+                        "HTTP/1.1 307 Temporary Redirect\r\nlocation: {redirect}\r\n\
+                         content-length: 0\r\n\r\n"
+                    )
+                };
+                let _ = stream.write_all(answer.as_bytes()).await;
+            });
+        }
+    });
+    Ok(host)
+}
+
+fn insecure_login() -> lade::push::registry::Access {
+    lade::push::registry::Access {
+        login: Some(lade::push::registry::Login {
+            username: "alice".into(),
+            password: "s3cret".into(),
+        }),
+        tls: lade::push::registry::Tls::Insecure,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_follows_no_redirect_to_another_origin() -> Result<()> {
+    // Another port of the same host is another origin, as is another host.
+    for ip in ["127.0.0.1", "127.0.0.2"] {
+        let (elsewhere, seen) = recorder(ip).await?;
+        let host = hostile_registry(
+            r#"Basic realm="hostile""#.into(),
+            format!("http://{elsewhere}/v2/stolen"),
+        )
+        .await?;
+        let registry = lade::push::registry::Registry::connect(&host, &insecure_login()).await?;
+        let err = registry
+            .has_blob("demo/app", &blob_digest(b"x"))
+            .await
+            .expect_err("a redirect to another origin must fail");
+        assert!(err.to_string().contains("refusing the redirect"), "{err:?}");
+        seen.assert_untouched().await;
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn push_sends_its_login_to_no_plain_http_realm_on_another_host() -> Result<()> {
+    let (elsewhere, seen) = recorder("127.0.0.2").await?;
+    let host = hostile_registry(
+        format!(r#"Bearer realm="http://{elsewhere}/token",service="hostile""#),
+        String::new(),
+    )
+    .await?;
+    let err = lade::push::registry::Registry::connect(&host, &insecure_login())
+        .await
+        .err()
+        .expect("the login must not go to another host's realm");
+    let text = err.to_string();
+    assert!(
+        text.contains("refusing to send the login to token realm") && !text.contains("s3cret"),
+        "{text}"
+    );
+    seen.assert_untouched().await;
     Ok(())
 }

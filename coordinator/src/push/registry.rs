@@ -6,7 +6,10 @@
 //! and `--ca-file`; with `--insecure` unverified HTTPS, else plain HTTP, as Docker treats an
 //! insecure registry), authentication (HTTP basic, or bearer tokens from the realm a
 //! `WWW-Authenticate` challenge names, one per scope, fetched with the login when there is
-//! one) and the registry's error bodies. It does not own what is pushed, in which order, or
+//! one) and the registry's error bodies. Credentials go only where the registry is: a
+//! redirect or an upload `Location` on another origin (scheme, host, port) is refused, and a
+//! token realm gets the login only over verified HTTPS, or on the registry's own host when
+//! the registry is `--insecure` (see [`Registry::check_realm`]). It does not own what is pushed, in which order, or
 //! where bytes come from: an upload's body is handed in ready to stream.
 //!
 //! Blobs are uploaded monolithically: `POST` opens the upload, one streamed `PUT ?digest=`
@@ -76,6 +79,12 @@ pub enum RegistryError {
         what: String,
         problem: String,
     },
+    #[error("registry {registry}: refusing to send the login to token realm {realm}: {reason}")]
+    UnsafeRealm {
+        registry: String,
+        realm: String,
+        reason: String,
+    },
     #[error("{}: {what}: {source}", path.display())]
     File {
         path: PathBuf,
@@ -139,6 +148,8 @@ pub struct Registry {
     /// `https://HOST` or, for an insecure registry without TLS, `http://HOST`.
     base: String,
     login: Option<Login>,
+    /// Whether the registry's certificate is verified (not `--insecure`).
+    verified: bool,
     challenge: Challenge,
     /// Bearer tokens by scope list.
     tokens: Mutex<HashMap<String, String>>,
@@ -163,6 +174,7 @@ impl Registry {
             host: host.to_string(),
             base: format!("https://{host}"),
             login: access.login.clone(),
+            verified: access.tls != Tls::Insecure,
             challenge: Challenge::None,
             tokens: Mutex::new(HashMap::new()),
         };
@@ -457,9 +469,43 @@ impl Registry {
         }
         let mut request = self.http.get(realm).query(&query);
         if let Some(login) = &self.login {
+            self.check_realm(realm)?;
             request = request.basic_auth(&login.username, Some(&login.password));
         }
         Ok(request)
+    }
+
+    /// Whether the login may go to token `realm`: over HTTPS when the registry's own
+    /// certificate is verified (its challenge, which names the realm, then cannot have been
+    /// forged); otherwise only to the registry's own host, which `--insecure` named.
+    fn check_realm(&self, realm: &str) -> Result<(), RegistryError> {
+        let refuse = |why: &str| {
+            Err(RegistryError::UnsafeRealm {
+                registry: self.host.clone(),
+                realm: realm.to_string(),
+                reason: why.to_string(),
+            })
+        };
+        let Ok(url) = reqwest::Url::parse(realm) else {
+            return refuse("it is not a URL");
+        };
+        let own_host = reqwest::Url::parse(&self.base)
+            .ok()
+            .and_then(|u| u.host_str().map(str::to_string));
+        let same_host = url.host_str().is_some() && url.host_str() == own_host.as_deref();
+        match url.scheme() {
+            "https" if self.verified || same_host => Ok(()),
+            "http" if !self.verified && same_host => Ok(()),
+            "https" => refuse(
+                "the registry is --insecure, so its challenge may be forged: the login goes \
+                 only to a realm on the registry's own host",
+            ),
+            "http" => refuse(
+                "it is plain HTTP: the login goes over HTTP only to an --insecure registry's \
+                 own host",
+            ),
+            _ => refuse("it is neither HTTPS nor HTTP"),
+        }
     }
 
     async fn fetch_token(&self, scopes: &[String]) -> Result<String, RegistryError> {
@@ -509,7 +555,19 @@ impl Registry {
         let location = header(answer, LOCATION.as_str())
             .ok_or_else(|| self.protocol(what, "the answer has no Location"))?;
         if location.starts_with("http://") || location.starts_with("https://") {
-            Ok(location)
+            let base = reqwest::Url::parse(&self.base).ok();
+            let url = reqwest::Url::parse(&location).ok();
+            match (base, url) {
+                (Some(base), Some(url)) if same_origin(&base, &url) => Ok(location),
+                _ => Err(self.protocol(
+                    what,
+                    format!(
+                        "the upload Location {location} is not on {}: lade sends the \
+                         registry's credentials nowhere else",
+                        self.base
+                    ),
+                )),
+            }
         } else {
             Ok(format!(
                 "{}/{}",
@@ -580,9 +638,36 @@ fn push(repository: &str) -> String {
     format!("repository:{repository}:pull,push")
 }
 
+/// Same scheme, host and port: where a request's credentials may follow.
+fn same_origin(a: &reqwest::Url, b: &reqwest::Url) -> bool {
+    a.scheme() == b.scheme()
+        && a.host_str() == b.host_str()
+        && a.port_or_known_default() == b.port_or_known_default()
+}
+
+/// Redirects are followed only on the same origin, so a request's `Authorization` never
+/// reaches another host or goes from HTTPS to HTTP; any other redirect fails the request.
+fn redirect_policy() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let previous = attempt.previous().last().cloned();
+        match previous {
+            _ if attempt.previous().len() > 10 => attempt.error("more than 10 redirects"),
+            Some(previous) if !same_origin(&previous, attempt.url()) => {
+                let error = format!(
+                    "refusing the redirect from {previous} to {}: another scheme, host or port",
+                    attempt.url()
+                );
+                attempt.error(error)
+            }
+            _ => attempt.follow(),
+        }
+    })
+}
+
 fn client(host: &str, tls: &Tls) -> Result<reqwest::Client, RegistryError> {
     let mut builder = reqwest::Client::builder()
         .use_rustls_tls()
+        .redirect(redirect_policy())
         .user_agent(concat!("lade/", env!("CARGO_PKG_VERSION")))
         .connect_timeout(CONNECT_TIMEOUT)
         .read_timeout(READ_TIMEOUT);
