@@ -19,6 +19,8 @@ pub enum Error {
     },
     #[error("invalid request: {0}")]
     InvalidRequest(String),
+    #[error("blob digest \"{digest}\" is not sha256: and 64 lowercase hex digits")]
+    InvalidDigest { digest: String },
     #[error("relay target {address} refused: {reason}")]
     RelayTargetRefused { address: String, reason: String },
     #[error("invalid request: relay tree has more than {limit} {what}")]
@@ -152,6 +154,7 @@ impl From<Error> for Status {
             },
             Error::Connect { .. } => Code::Unavailable,
             Error::InvalidRequest(_)
+            | Error::InvalidDigest { .. }
             | Error::RelayTargetRefused { .. }
             | Error::RelayTreeTooLarge { .. }
             | Error::BadManifest { .. }

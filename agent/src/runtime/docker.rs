@@ -351,7 +351,7 @@ impl Docker {
                     None
                 } else if self.cache.contains(&layer.digest).await? {
                     phases.push(ImportPhase::LayerUnpacked);
-                    Some(self.cache.blob_path(&layer.digest))
+                    Some(self.cache.blob_path(&layer.digest)?)
                 } else if holdings.diff_ids.contains(diff_id) {
                     // Have judged by diffID before this image's config was here; with the
                     // config now cached, the next Have asks for the layer.

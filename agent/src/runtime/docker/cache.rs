@@ -7,11 +7,16 @@
 //! interrupted upload stays in `ingest/` so the next one resumes where it stopped, as
 //! containerd's ingests do. It does not know images, sessions or dockerd.
 //!
+//! Paths are built only from digests that are `sha256:` and 64 lowercase hex digits, checked
+//! here whatever the caller did, so no digest can name a path outside the cache. The
+//! directories are 0700 and the files 0600: blobs of private images stay root's.
+//!
 //! File work and hashing run on blocking threads, never on the async workers.
 
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -61,18 +66,19 @@ impl BlobCache {
         &self.root
     }
 
-    /// Where the verified blob `digest` lives (whether or not it is there).
-    pub fn blob_path(&self, digest: &str) -> PathBuf {
-        self.root.join("blobs/sha256").join(hex_of(digest))
+    /// Where the verified blob `digest` lives (whether or not it is there); an error for a
+    /// digest that is not `sha256:<64 lowercase hex>`.
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, Error> {
+        Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
     }
 
-    fn ingest_path(&self, digest: &str) -> PathBuf {
-        self.root.join("ingest/sha256").join(hex_of(digest))
+    fn ingest_path(&self, digest: &str) -> Result<PathBuf, Error> {
+        Ok(self.root.join("ingest/sha256").join(hex_of(digest)?))
     }
 
     /// Whether the verified blob is stored.
     pub async fn contains(&self, digest: &str) -> Result<bool, Error> {
-        let path = self.blob_path(digest);
+        let path = self.blob_path(digest)?;
         tokio::fs::try_exists(&path)
             .await
             .map_err(Error::cache(&path, "stat"))
@@ -80,7 +86,7 @@ impl BlobCache {
 
     /// Bytes an interrupted upload of `digest` left, 0 if none.
     pub async fn partial(&self, digest: &str) -> Result<u64, Error> {
-        let path = self.ingest_path(digest);
+        let path = self.ingest_path(digest)?;
         match tokio::fs::metadata(&path).await {
             Ok(m) => Ok(m.len()),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(0),
@@ -91,7 +97,7 @@ impl BlobCache {
     /// Reads a stored manifest or config whole; `image` names the image in errors.
     pub async fn read_small(&self, image: &str, desc: &oci::Descriptor) -> Result<Vec<u8>, Error> {
         oci::check_metadata_size(desc)?;
-        let path = self.blob_path(&desc.digest);
+        let path = self.blob_path(&desc.digest)?;
         let bytes = match tokio::fs::read(&path).await {
             Ok(b) => b,
             Err(e) if e.kind() == ErrorKind::NotFound => {
@@ -123,6 +129,7 @@ impl BlobCache {
         offset: u64,
         mut chunks: BoxStream<'static, Result<Bytes, Error>>,
     ) -> Result<Written, Error> {
+        let (ingest, blob) = (self.ingest_path(digest)?, self.blob_path(digest)?);
         let lock = self
             .writers
             .lock()
@@ -143,8 +150,9 @@ impl BlobCache {
                 digest: digest.to_string(),
                 size,
                 offset,
-                ingest: self.ingest_path(digest),
-                blob: self.blob_path(digest),
+                root: self.root.clone(),
+                ingest: ingest.clone(),
+                blob,
             };
             let writer = tokio::task::spawn_blocking(move || job.run(rx));
             // A failed stream stops the upload; its error says more than the short blob would.
@@ -164,7 +172,7 @@ impl BlobCache {
             }
             drop(tx);
             let written = writer.await.map_err(|e| Error::Cache {
-                path: self.ingest_path(digest).display().to_string(),
+                path: ingest.display().to_string(),
                 op: "write",
                 source: std::io::Error::other(e),
             })?;
@@ -188,7 +196,10 @@ impl BlobCache {
 
     /// Deletes stored blobs; ones already gone are fine.
     pub async fn remove(&self, digests: Vec<String>) {
-        let paths: Vec<PathBuf> = digests.iter().map(|d| self.blob_path(d)).collect();
+        let paths: Vec<PathBuf> = digests
+            .iter()
+            .filter_map(|d| self.blob_path(d).ok())
+            .collect();
         let _ = tokio::task::spawn_blocking(move || {
             for path in paths {
                 match fs::remove_file(&path) {
@@ -224,9 +235,34 @@ impl BlobCache {
     }
 }
 
-/// The hex part of a validated `sha256:<hex>` digest (callers validate; this never panics).
-fn hex_of(digest: &str) -> &str {
-    digest.strip_prefix("sha256:").unwrap_or(digest)
+/// The hex part of `digest`, which must be `sha256:` and 64 lowercase hex digits: the only
+/// text that becomes a file name in the cache.
+fn hex_of(digest: &str) -> Result<&str, Error> {
+    match digest.strip_prefix("sha256:") {
+        Some(hex)
+            if hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f')) =>
+        {
+            Ok(hex)
+        }
+        _ => Err(Error::InvalidDigest {
+            digest: digest.escape_debug().to_string(),
+        }),
+    }
+}
+
+/// Makes `dir` (beneath `root`) and every directory between them, all mode 0700, tightening
+/// ones an older agent made with the default mode.
+fn private_dir(root: &Path, dir: &Path) -> Result<(), Error> {
+    fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(Error::cache(dir, "create"))?;
+    for d in dir.ancestors().take_while(|d| d.starts_with(root)) {
+        fs::set_permissions(d, fs::Permissions::from_mode(0o700))
+            .map_err(Error::cache(d, "chmod"))?;
+    }
+    Ok(())
 }
 
 /// One upload, run on a blocking thread.
@@ -234,6 +270,8 @@ struct Ingest {
     digest: String,
     size: u64,
     offset: u64,
+    /// The cache's root: every directory from it down is made private.
+    root: PathBuf,
     ingest: PathBuf,
     blob: PathBuf,
 }
@@ -242,7 +280,7 @@ impl Ingest {
     /// Writes the chunks from `rx` after the kept prefix; returns the bytes taken from `rx`.
     fn run(self, mut rx: mpsc::Receiver<Bytes>) -> Result<u64, Error> {
         let dir = self.ingest.parent().expect("ingest path has a parent");
-        fs::create_dir_all(dir).map_err(Error::cache(dir, "create"))?;
+        private_dir(&self.root, dir)?;
         let mut hasher = Sha256::new();
         let mut file = self.open(&mut hasher)?;
         let mut written = self.offset;
@@ -288,7 +326,7 @@ impl Ingest {
         file.sync_all()
             .map_err(Error::cache(&self.ingest, "sync"))?;
         let blobs = self.blob.parent().expect("blob path has a parent");
-        fs::create_dir_all(blobs).map_err(Error::cache(blobs, "create"))?;
+        private_dir(&self.root, blobs)?;
         fs::rename(&self.ingest, &self.blob).map_err(Error::cache(&self.blob, "rename"))?;
         File::open(blobs)
             .and_then(|d| d.sync_all())
@@ -299,7 +337,13 @@ impl Ingest {
     /// Opens the ingest file for writing at `self.offset`, feeding the kept prefix to `hasher`.
     fn open(&self, hasher: &mut Sha256) -> Result<File, Error> {
         if self.offset == 0 {
-            return File::create(&self.ingest).map_err(Error::cache(&self.ingest, "create"));
+            return OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&self.ingest)
+                .map_err(Error::cache(&self.ingest, "create"));
         }
         let held = match fs::metadata(&self.ingest) {
             Ok(m) => m.len(),
@@ -361,7 +405,7 @@ mod tests {
             .unwrap();
         assert_eq!(w.received, data.len() as u64);
         assert!(cache.contains(&digest).await.unwrap());
-        assert_eq!(fs::read(cache.blob_path(&digest)).unwrap(), data);
+        assert_eq!(fs::read(cache.blob_path(&digest).unwrap()).unwrap(), data);
         let again = cache
             .write(&digest, data.len() as u64, 0, chunks(&[data]))
             .await
@@ -394,7 +438,7 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(w.received, 6);
-        assert_eq!(fs::read(cache.blob_path(&digest)).unwrap(), data);
+        assert_eq!(fs::read(cache.blob_path(&digest).unwrap()).unwrap(), data);
         assert_eq!(cache.partial(&digest).await.unwrap(), 0);
     }
 
@@ -419,5 +463,75 @@ mod tests {
             "{err}"
         );
         assert_eq!(cache.partial(&digest).await.unwrap(), 0);
+    }
+
+    #[tokio::test]
+    async fn hostile_digests_name_no_path_and_write_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        let cache = BlobCache::new(root.clone());
+        let data = b"layer";
+        let hex = &digest_of(data)["sha256:".len()..];
+        let hostile = [
+            "sha256:../../outside".to_string(),
+            format!("sha256:../{}", &hex[3..]),
+            format!("sha256:{}/x", &hex[2..]),
+            format!("sha256:{}", hex.to_uppercase()),
+            format!("sha512:{hex}"),
+            hex.to_string(),
+            format!("sha256:{hex}\0"),
+            "/etc/passwd".to_string(),
+            String::new(),
+        ];
+        for digest in &hostile {
+            let err = cache
+                .write(digest, data.len() as u64, 0, chunks(&[data]))
+                .await
+                .unwrap_err();
+            assert!(
+                matches!(err, Error::InvalidDigest { .. }),
+                "{digest:?}: {err}"
+            );
+            assert!(matches!(
+                cache.contains(digest).await,
+                Err(Error::InvalidDigest { .. })
+            ));
+            assert!(matches!(
+                cache.partial(digest).await,
+                Err(Error::InvalidDigest { .. })
+            ));
+            assert!(cache.blob_path(digest).is_err());
+        }
+        cache.remove(hostile.to_vec()).await;
+        assert!(!root.exists(), "a hostile digest made the cache directory");
+        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    #[tokio::test]
+    async fn blobs_are_private_to_root() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().join("cache");
+        // An older agent's directory, made with the default mode.
+        fs::create_dir_all(root.join("blobs")).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        let cache = BlobCache::new(root.clone());
+        let (done, partial) = (b"whole blob".as_slice(), b"cut".as_slice());
+        cache
+            .write(&digest_of(done), done.len() as u64, 0, chunks(&[done]))
+            .await
+            .unwrap();
+        cache
+            .write(&digest_of(partial), 10, 0, chunks(&[partial]))
+            .await
+            .unwrap_err();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+        for d in ["", "blobs", "blobs/sha256", "ingest", "ingest/sha256"] {
+            assert_eq!(mode(&root.join(d)), 0o700, "{d}");
+        }
+        assert_eq!(mode(&cache.blob_path(&digest_of(done)).unwrap()), 0o600);
+        assert_eq!(
+            mode(&cache.ingest_path(&digest_of(partial)).unwrap()),
+            0o600
+        );
     }
 }
