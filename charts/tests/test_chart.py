@@ -46,6 +46,7 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
     },
     "tls": {"tls": {"existingSecret": "lade-tls"}},
     "tls-peer-name": {"tls": {"existingSecret": "lade-tls", "peerServerName": "lade.lade-system.svc"}},
+    "peer-cidrs": {"peerCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"]},
     "policy-without-relay": {"networkPolicy": {"enabled": True, "allowedCIDRs": ["10.6.0.5/32"], "relay": False}},
     "host-network": {"hostNetwork": True},
     "everything-set": {
@@ -495,6 +496,12 @@ def test_relaying_agents_check_each_other_against_the_peer_server_name() -> None
     # Without TLS the name means nothing and is not passed.
     r = render({"tls": {"peerServerName": "lade.lade-system.svc"}})
     assert not [a for a in r.args if a.startswith("--peer-tls")]
+
+
+def test_peer_cidrs_become_the_agents_relay_allow_list() -> None:
+    assert render().flag("peer-cidr") is None
+    r = render(VALUES_SETS["peer-cidrs"])
+    assert r.flag("peer-cidr") == "10.244.0.0/16,fd00:10:244::/56"
 
 
 def test_no_tls_flags_without_a_tls_secret() -> None:
