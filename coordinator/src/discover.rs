@@ -8,6 +8,11 @@
 //! runs ([`Discovery::complete`], [`pod_network_hint`]). It does not own connecting to agents
 //! or loading ([`crate::load`]).
 //!
+//! Only pods a DaemonSet matching the selector controls (by owner UID) count as agents: anyone
+//! who can create a pod with the chart's labels could otherwise have `lade` send it the
+//! agents' token and the images. Other matching pods are named in a warning and ignored
+//! ([`owned_by`]).
+//!
 //! A node whose agent pod is not ready is never skipped silently: it stays in the
 //! [`Discovery`] as an [`UnreadyAgent`], and a load reports it as a failed node.
 
@@ -15,6 +20,7 @@ use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 
+use k8s_openapi::api::apps::v1::DaemonSet;
 use k8s_openapi::api::core::v1::{ContainerStatus, Pod};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use kube::api::ListParams;
@@ -68,6 +74,26 @@ pub enum DiscoverError {
          there? (--discover-namespace, --selector)"
     )]
     NoPods { namespace: String, selector: String },
+    #[error(
+        "--discover: listing the DaemonSets {selector} in namespace {namespace} through {server} \
+         failed (lade sends only to pods a DaemonSet of the chart controls): {reason}"
+    )]
+    ListDaemonSets {
+        namespace: String,
+        selector: String,
+        server: String,
+        reason: String,
+    },
+    #[error(
+        "--discover: pods in namespace {namespace} match {selector}, but no DaemonSet matching it \
+         controls any of them ({}); lade sends only to the chart's agent pods",
+        .foreign.join(", ")
+    )]
+    NoOwnedPods {
+        namespace: String,
+        selector: String,
+        foreign: Vec<String>,
+    },
     #[error(
         "--node {}: no lade agent pod runs on {}; agent pods run on: {}",
         .missing.join(", "),
@@ -123,6 +149,10 @@ pub struct Discovery {
     /// Pods matching the selector that are bound to no node (and are not a DaemonSet's pod
     /// waiting for one): they stand for no node, so they are only mentioned.
     pub unbound: Vec<String>,
+    /// Pods matching the selector that no DaemonSet matching it controls: not agents, so
+    /// they get nothing and are only mentioned.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub foreign: Vec<String>,
 }
 
 /// Lists the agent pods through the Kubernetes API and maps them ([`agents_from_pods`]).
@@ -133,13 +163,13 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Discovery, DiscoverError
         server: server.clone(),
         reason: error_chain(&e),
     })?;
-    let pods = Api::<Pod>::namespaced(client, &opts.namespace)
+    let pods = Api::<Pod>::namespaced(client.clone(), &opts.namespace)
         .list(&ListParams::default().labels(&opts.selector))
         .await
         .map_err(|e| DiscoverError::List {
             namespace: opts.namespace.clone(),
             selector: opts.selector.clone(),
-            server,
+            server: server.clone(),
             reason: error_chain(&e),
         })?;
     if pods.items.is_empty() {
@@ -148,7 +178,47 @@ pub async fn discover(opts: &DiscoverOptions) -> Result<Discovery, DiscoverError
             selector: opts.selector.clone(),
         });
     }
-    agents_from_pods(&pods.items, &opts.nodes)
+    let daemonsets = Api::<DaemonSet>::namespaced(client, &opts.namespace)
+        .list(&ListParams::default().labels(&opts.selector))
+        .await
+        .map_err(|e| DiscoverError::ListDaemonSets {
+            namespace: opts.namespace.clone(),
+            selector: opts.selector.clone(),
+            server,
+            reason: error_chain(&e),
+        })?;
+    let owners: Vec<String> = daemonsets
+        .items
+        .iter()
+        .filter_map(|d| d.metadata.uid.clone())
+        .collect();
+    let (owned, foreign) = owned_by(pods.items, &owners);
+    if owned.is_empty() {
+        return Err(DiscoverError::NoOwnedPods {
+            namespace: opts.namespace.clone(),
+            selector: opts.selector.clone(),
+            foreign,
+        });
+    }
+    let mut discovery = agents_from_pods(&owned, &opts.nodes)?;
+    discovery.foreign = foreign;
+    Ok(discovery)
+}
+
+/// Splits `pods` into those whose controller is a DaemonSet with one of the UIDs `owners`
+/// and the names of the others.
+pub fn owned_by(pods: Vec<Pod>, owners: &[String]) -> (Vec<Pod>, Vec<String>) {
+    let (owned, foreign): (Vec<Pod>, Vec<Pod>) =
+        pods.into_iter().partition(|pod| {
+            pod.metadata.owner_references.iter().flatten().any(|o| {
+                o.controller == Some(true) && o.kind == "DaemonSet" && owners.contains(&o.uid)
+            })
+        });
+    let names = foreign
+        .into_iter()
+        .map(|p| p.metadata.name.unwrap_or_default())
+        .collect();
+    (owned, names)
 }
 
 /// The client configuration, as kubectl and helm find it: `--kubeconfig`, else `$KUBECONFIG`
@@ -436,6 +506,12 @@ impl Discovery {
                 "warning: pod {pod} matches {selector} but is bound to no node; ignored\n"
             ));
         }
+        for pod in &self.foreign {
+            out.push_str(&format!(
+                "warning: pod {pod} matches {selector} but no DaemonSet of the chart controls it; \
+                 ignored\n"
+            ));
+        }
         out
     }
 
@@ -549,6 +625,7 @@ mod tests {
                 reason: "not ready: container agent is waiting (CrashLoopBackOff)".into(),
             }],
             unbound: vec![],
+            foreign: vec![],
         };
         let mut reports = vec![
             NodeReport {

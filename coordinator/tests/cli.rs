@@ -256,8 +256,11 @@ fn discover_without_a_kubeconfig_says_so_and_touches_no_node() {
     );
 }
 
-/// A stand-in for the Kubernetes API server: answers every request with `body` (JSON) and
-/// keeps the request lines. Its thread ends with the test process.
+/// The chart's DaemonSet as the API lists it: the controller of every fixture pod.
+const DAEMONSETS: &str = r#"{"apiVersion":"apps/v1","kind":"DaemonSetList","metadata":{},"items":[{"metadata":{"name":"lade","namespace":"lade-system","uid":"0b7f3c52-8d1e-4a53-9f0e-2c4b6f1d9a10"}}]}"#;
+
+/// A stand-in for the Kubernetes API server: answers a DaemonSet list with [`DAEMONSETS`] and
+/// every other request with `body` (JSON), and keeps the request lines. Its thread ends with the test process.
 struct StubApi {
     url: String,
     requests: Arc<Mutex<Vec<String>>>,
@@ -275,6 +278,11 @@ fn stub_api(body: String) -> StubApi {
             let mut line = String::new();
             let _ = reader.read_line(&mut line);
             seen.lock().unwrap().push(line.trim_end().to_string());
+            let body = if line.contains("/daemonsets") {
+                DAEMONSETS
+            } else {
+                body.as_str()
+            };
             // The rest of the request: headers up to the blank line (a GET has no body).
             loop {
                 let mut header = String::new();
@@ -366,12 +374,18 @@ fn discovered_agents_are_loaded_by_node_and_unreachable_ones_get_the_options() {
         String::from_utf8_lossy(&out.stderr),
     );
     assert_eq!(out.status.code(), Some(1), "{stdout}\n{stderr}");
-    // One list call, for the chart's pods in the chart's namespace, through context `stub`.
+    // Two list calls, for the chart's pods and the DaemonSet that must control them, in the
+    // chart's namespace, through context `stub`.
     let requests = api.requests.lock().unwrap().clone();
-    assert_eq!(requests.len(), 1, "{requests:?}");
+    assert_eq!(requests.len(), 2, "{requests:?}");
     assert!(
         requests[0].starts_with("GET /api/v1/namespaces/lade-system/pods?")
             && requests[0].contains("labelSelector=app.kubernetes.io%2Fname%3Dlade"),
+        "{requests:?}"
+    );
+    assert!(
+        requests[1].starts_with("GET /apis/apps/v1/namespaces/lade-system/daemonsets?")
+            && requests[1].contains("labelSelector=app.kubernetes.io%2Fname%3Dlade"),
         "{requests:?}"
     );
     // What was found, before anything is sent.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::ObjectList;
-use lade::discover::{agents_from_pods, DiscoverError, DiscoveredAgent, Discovery};
+use lade::discover::{agents_from_pods, owned_by, DiscoverError, DiscoveredAgent, Discovery};
 
 fn pods(fixture: &str) -> Vec<Pod> {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -177,4 +177,39 @@ fn the_port_is_the_one_named_grpc_and_ipv6_addresses_get_brackets() {
             agent("node-3", "lade-tz5wd", "10.244.3.9:7700"),
         ]
     );
+}
+
+/// The chart's DaemonSet in the fixtures (every fixture pod's controller).
+const CHART_DAEMONSET: &str = "0b7f3c52-8d1e-4a53-9f0e-2c4b6f1d9a10";
+
+#[test]
+fn only_pods_the_charts_daemonset_controls_are_agents() {
+    let mut listed = pods("pods-ready.json");
+    let ready = listed.len();
+    // Someone who may create pods copies a ready agent pod, labels and all, minus the owner.
+    let mut impostor = listed[0].clone();
+    impostor.metadata.name = Some("lade-impostor".into());
+    impostor.metadata.owner_references = None;
+    listed.push(impostor.clone());
+    // Or names a DaemonSet of its own as controller.
+    let mut other = listed[0].clone();
+    other.metadata.name = Some("lade-other-ds".into());
+    for o in other.metadata.owner_references.iter_mut().flatten() {
+        o.uid = "6f1c2d9e-0000-4000-8000-000000000000".into();
+    }
+    listed.push(other);
+
+    let (owned, foreign) = owned_by(listed.clone(), &[CHART_DAEMONSET.into()]);
+    assert_eq!(owned.len(), ready);
+    assert_eq!(foreign, ["lade-impostor", "lade-other-ds"]);
+    let d = agents_from_pods(&owned, &[]).unwrap();
+    assert!(d
+        .agents
+        .iter()
+        .all(|a| !a.pod.contains("impostor") && !a.pod.contains("other")));
+
+    // No DaemonSet matching the selector: nothing is an agent.
+    let (owned, foreign) = owned_by(listed, &[]);
+    assert!(owned.is_empty());
+    assert_eq!(foreign.len(), ready + 2);
 }
