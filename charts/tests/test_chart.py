@@ -468,6 +468,9 @@ def test_notes_give_the_next_commands() -> None:
     ) in notes
     assert "-o wide" in notes and "--agent" in notes
     assert f"rollout status daemonset/lade" in notes
+    # Plain gRPC by default: lade sends the token over it only when told.
+    assert notes.count("--auth-token-file lade-token --insecure-plaintext") == 2
+    assert "--insecure-plaintext" not in render(VALUES_SETS["tls"]).notes
 
 
 # ----------------------------------------------------------------------------------------------

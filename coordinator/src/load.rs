@@ -217,6 +217,8 @@ pub struct Dial {
 pub struct Credentials {
     bearer: Option<MetadataValue<Ascii>>,
     tls: Option<ClientTlsConfig>,
+    /// The token may cross the network without TLS (`--insecure-plaintext`).
+    plaintext: bool,
 }
 
 impl Credentials {
@@ -228,7 +230,39 @@ impl Credentials {
         Ok(Credentials {
             bearer: Some(bearer),
             tls: None,
+            plaintext: false,
         })
+    }
+
+    /// Sends the token over plain gRPC to any address, not only to loopback ones.
+    pub fn allow_plaintext(mut self) -> Credentials {
+        self.plaintext = true;
+        self
+    }
+
+    /// Whether these credentials may be sent to `agent`: a token without TLS goes only to a
+    /// loopback address (a port-forward, a test) unless plain text was allowed.
+    fn check_destination(&self, agent: &str) -> Result<(), LoadError> {
+        if self.bearer.is_none() || self.tls.is_some() || self.plaintext {
+            return Ok(());
+        }
+        let host = agent
+            .rsplit_once(':')
+            .map_or(agent, |(host, _)| host)
+            .trim_start_matches('[')
+            .trim_end_matches(']');
+        let loopback = host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.to_canonical().is_loopback());
+        if loopback {
+            return Ok(());
+        }
+        Err(LoadError::Credentials(format!(
+            "agent {agent}: refusing to send the bearer token over plain gRPC to a non-loopback \
+             address: connect with TLS (--tls-ca), or pass --insecure-plaintext where the \
+             network to the agents is trusted"
+        )))
     }
 
     /// Connects with TLS as `tls` says.
@@ -699,6 +733,7 @@ pub fn space_needed(
 
 /// Connects to an agent with the credentials of `dial`.
 pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
+    dial.credentials.check_destination(agent)?;
     let err = |reason: String| LoadError::Connect {
         agent: agent.to_string(),
         reason,

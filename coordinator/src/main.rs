@@ -386,6 +386,11 @@ struct ConnectArgs {
     /// Name the agents' certificates are checked against (default: the --agent host).
     #[arg(long, env = "LADE_TLS_SERVER_NAME", requires = "tls_ca")]
     tls_server_name: Option<String>,
+    /// Send the bearer token over plain gRPC (no --tls-ca) to non-loopback agents too. Anyone
+    /// who can read the traffic then holds root on every node: only where the network to the
+    /// agents is trusted.
+    #[arg(long, env = "LADE_INSECURE_PLAINTEXT", conflicts_with = "tls_ca")]
+    insecure_plaintext: bool,
 }
 
 impl ConnectArgs {
@@ -412,6 +417,9 @@ impl ConnectArgs {
                 tls = tls.domain_name(name.clone());
             }
             credentials = credentials.with_tls(tls);
+        }
+        if self.insecure_plaintext {
+            credentials = credentials.allow_plaintext();
         }
         Ok(Dial {
             timeout: self.connect_timeout,

@@ -481,3 +481,53 @@ fn a_missing_bundle_is_named_once_with_its_cause() {
     );
     assert_eq!(err.matches("No such file").count(), 1, "{err}");
 }
+
+#[test]
+fn the_token_goes_over_plain_grpc_only_to_loopback_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle = sample_bundle(dir.path());
+    let run = |agent: &str, extra: &[&str]| {
+        let args = [
+            &[
+                "load",
+                bundle.to_str().unwrap(),
+                "--agent",
+                agent,
+                "--connect-timeout",
+                "1s",
+                "--progress",
+                "none",
+            ][..],
+            extra,
+        ]
+        .concat();
+        let out = lade_with_env(&args, &[("LADE_AUTH_TOKEN", "t0ken")]);
+        assert_ne!(out.status.code(), Some(0));
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    };
+    // TEST-NET-1: nothing answers there, but lade must not even try.
+    let text = run("192.0.2.1:7700", &[]);
+    assert!(
+        text.contains("agent 192.0.2.1:7700: refusing to send the bearer token over plain gRPC")
+            && text.contains("--insecure-plaintext"),
+        "{text}"
+    );
+    // Allowed: it tries (and cannot connect).
+    let text = run("192.0.2.1:7700", &["--insecure-plaintext"]);
+    assert!(
+        !text.contains("refusing to send the bearer token"),
+        "{text}"
+    );
+    // Loopback (a port-forward) needs no opt-in.
+    for agent in ["127.0.0.1:9", "localhost:9", "[::1]:9"] {
+        let text = run(agent, &[]);
+        assert!(
+            !text.contains("refusing to send the bearer token"),
+            "{agent}: {text}"
+        );
+    }
+}
