@@ -185,6 +185,25 @@ pub fn big_bundle(dir: &Path, layer_bytes: usize, seed: u64) -> Result<(PathBuf,
     )
 }
 
+/// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body).
+pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    stream.read_to_string(&mut text)?;
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .with_context(|| format!("not an HTTP answer: {text}"))?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
+    Ok((status, body.to_string()))
+}
+
 /// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
 pub fn metric(node: &Node, name: &str) -> f64 {
     use std::io::{Read, Write};

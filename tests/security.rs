@@ -2,36 +2,17 @@
 //! or mutual TLS), nothing written for a caller without the credential, metrics and probes
 //! on the side port. Needs containerd (see tests/load.rs).
 
-use std::io::{Read, Write};
 use std::process::Command;
 
-use anyhow::{ensure, Context, Result};
+use anyhow::{ensure, Result};
 use lade::load::{connect, Credentials, Dial};
 use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, InfoRequest, PutBlobRequest};
 use lade_testkit::certs::make_certs;
 use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Containerd};
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{dial, images, load_json, u64_of, write_sample_bundle};
+use lade_tests::{dial, http_get, images, load_json, u64_of, write_sample_bundle};
 use tonic::Code;
-
-/// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body).
-fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .with_context(|| format!("not an HTTP answer: {text}"))?;
-    let body = text.split_once("\r\n\r\n").map(|(_, b)| b).unwrap_or("");
-    Ok((status, body.to_string()))
-}
 
 fn metric(text: &str, name: &str) -> f64 {
     text.lines()

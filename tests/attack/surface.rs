@@ -61,6 +61,18 @@ async fn recorder(ip: &str) -> Result<(String, Arc<Recorded>)> {
     Ok((addr, seen))
 }
 
+/// Whether the agent at `client` holds `desc` (for session `attack`).
+async fn holds(client: &mut lade::load::AgentConn, desc: &Descriptor) -> Result<bool> {
+    let have = client
+        .have(lade_proto::HaveRequest {
+            session: "attack".into(),
+            blobs: vec![desc.clone()],
+        })
+        .await?
+        .into_inner();
+    Ok(have.blobs[0].present)
+}
+
 /// A small blob and the PutBlob messages that store it and forward it to `forward`.
 fn relay_request(forward: Vec<RelayHop>) -> (Descriptor, Vec<PutBlobRequest>) {
     let blob = b"a blob the attacker asks to be relayed".to_vec();
@@ -94,18 +106,6 @@ fn hop(address: &str) -> RelayHop {
     }
 }
 
-/// A plain HTTP/1.1 GET of `path` on the agent's side port; returns the whole answer.
-fn http_get(port: u16, path: &str) -> Result<String> {
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: agent\r\nConnection: close\r\n\r\n"
-    )?;
-    let mut text = String::new();
-    stream.read_to_string(&mut text)?;
-    Ok(text)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_never_presents_the_token_to_an_address_outside_peer_cidr() -> Result<()> {
     if !daemon_tests_enabled() {
@@ -136,14 +136,7 @@ async fn a_relay_never_presents_the_token_to_an_address_outside_peer_cidr() -> R
         );
     }
     seen.assert_untouched().await;
-    let have = client
-        .have(lade_proto::HaveRequest {
-            session: "attack".into(),
-            blobs: vec![desc.clone()],
-        })
-        .await?
-        .into_inner();
-    assert!(have.blobs[0].present, "{have:?}");
+    assert!(holds(&mut client, &desc).await?);
     Ok(())
 }
 
@@ -172,14 +165,7 @@ async fn a_relay_tree_wider_than_the_cap_is_refused_and_writes_nothing() -> Resu
         "{err}"
     );
     seen.assert_untouched().await;
-    let have = client
-        .have(lade_proto::HaveRequest {
-            session: "attack".into(),
-            blobs: vec![desc],
-        })
-        .await?
-        .into_inner();
-    assert!(!have.blobs[0].present, "{have:?}");
+    assert!(!holds(&mut client, &desc).await?);
     Ok(())
 }
 
@@ -259,8 +245,8 @@ async fn every_rpc_refuses_a_caller_without_the_token_and_the_token_leaks_nowher
         .into_inner();
     assert!(!format!("{info:?}").contains(TEST_TOKEN), "{info:?}");
     for path in ["/metrics", "/healthz", "/readyz"] {
-        let text = http_get(node.metrics_port, path)?;
-        assert!(!text.contains(TEST_TOKEN), "{path}: {text}");
+        let (_, body) = lade_tests::http_get(node.metrics_port, path)?;
+        assert!(!body.contains(TEST_TOKEN), "{path}: {body}");
     }
     let wrong = Dial {
         timeout: Duration::from_secs(5),
