@@ -21,6 +21,13 @@ pub enum Error {
     InvalidRequest(String),
     #[error("blob digest \"{digest}\" is not sha256: and 64 lowercase hex digits")]
     InvalidDigest { digest: String },
+    #[error("this agent already takes {limit} uploads at a time; retry later")]
+    TooManyUploads { limit: usize },
+    #[error("upload of {digest} sent nothing for {timeout:?}; dropped")]
+    Stalled {
+        digest: String,
+        timeout: std::time::Duration,
+    },
     #[error("relay target {address} refused: {reason}")]
     RelayTargetRefused { address: String, reason: String },
     #[error("invalid request: relay tree has more than {limit} {what}")]
@@ -173,6 +180,8 @@ impl From<Error> for Status {
                 _ => Code::DataLoss,
             },
             Error::Cancelled { .. } => Code::Cancelled,
+            Error::TooManyUploads { .. } => Code::ResourceExhausted,
+            Error::Stalled { .. } => Code::DeadlineExceeded,
             Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
             Error::LoadedOtherImage { .. } => Code::Internal,
             Error::Cache { source, .. } => match source.kind() {

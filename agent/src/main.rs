@@ -129,6 +129,10 @@ struct Config {
     /// How long an unfinished load's uploads are kept (containerd's lease; Docker's cache).
     #[arg(long, env = "LADE_LEASE_TTL", default_value = "6h", value_parser = humantime::parse_duration)]
     lease_ttl: Duration,
+    /// Drop an upload that sends nothing for this long (a stalled or hostile caller), so it
+    /// holds no upload slot or memory.
+    #[arg(long, env = "LADE_UPLOAD_STALL_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
+    upload_stall_timeout: Duration,
     /// Log format.
     #[arg(long, env = "LADE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -197,6 +201,7 @@ async fn main() -> anyhow::Result<()> {
         auth,
         tls: tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)?,
         peers,
+        stall_timeout: cfg.upload_stall_timeout,
     };
     match cfg.runtime {
         RuntimeChoice::Containerd => run(serve, Containerd::new(containerd)?).await,

@@ -37,6 +37,8 @@ pub struct Serve {
     pub tls: Option<ServerTlsConfig>,
     /// How to reach the agents this one relays blobs to.
     pub peers: Peers,
+    /// How long an upload may go without a message before it is dropped.
+    pub stall_timeout: std::time::Duration,
 }
 
 /// Serves `runtime` until `shutdown` completes.
@@ -71,9 +73,13 @@ pub async fn run<R: Runtime>(
     info!(addr = %serve.grpc.local_addr()?, runtime = R::NAME, "lade-agent listening");
     let auth = serve.auth;
     let service = InterceptedService::new(
-        AgentServer::new(AgentService::new(runtime, metrics).with_peers(serve.peers))
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20),
+        AgentServer::new(
+            AgentService::new(runtime, metrics)
+                .with_peers(serve.peers)
+                .with_stall_timeout(serve.stall_timeout),
+        )
+        .max_decoding_message_size(8 << 20)
+        .max_encoding_message_size(8 << 20),
         move |req| auth.check(req),
     );
     // HTTP/2's default 64 KiB windows hold an upload to one window per round trip; blobs

@@ -12,7 +12,7 @@ use lade_proto::{
     ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse,
     PutBlobRequest, PutBlobResponse, VerifyRequest, VerifyResponse,
 };
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
@@ -22,11 +22,20 @@ use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
 
+/// Uploads (PutBlob calls) one agent takes at a time, over all connections; more are
+/// refused with RESOURCE_EXHAUSTED. The coordinator sends a node a few at a time.
+pub const MAX_UPLOADS: usize = 64;
+
+/// How long an upload may go without a message before it is dropped, by default.
+pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// Serves one runtime over gRPC.
 pub struct AgentService<R> {
     runtime: Arc<R>,
     metrics: Metrics,
     peers: Arc<Peers>,
+    uploads: Arc<Semaphore>,
+    stall_timeout: Duration,
 }
 
 impl<R> AgentService<R> {
@@ -35,7 +44,15 @@ impl<R> AgentService<R> {
             runtime,
             metrics,
             peers: Arc::new(Peers::default()),
+            uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
+            stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
+    }
+
+    /// Drops an upload that sends no message for `timeout`.
+    pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
+        self.stall_timeout = timeout;
+        self
     }
 
     /// How this agent reaches the agents it relays blobs to.
@@ -87,10 +104,24 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         &self,
         req: Request<Streaming<PutBlobRequest>>,
     ) -> Result<Response<PutBlobResponse>, Status> {
+        let _upload = self
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.fail(Error::TooManyUploads { limit: MAX_UPLOADS }))?;
         self.metrics.inflight_uploads.inc();
         let _inflight = InFlight(self.metrics.inflight_uploads.clone());
+        let stall = self.stall_timeout;
         let mut stream = req.into_inner();
-        let header = match stream.message().await? {
+        let first = tokio::time::timeout(stall, stream.message())
+            .await
+            .map_err(|_| {
+                self.fail(Error::Stalled {
+                    digest: "(no header yet)".into(),
+                    timeout: stall,
+                })
+            })?;
+        let header = match first? {
             Some(PutBlobRequest {
                 msg: Some(Msg::Header(h)),
             }) => h,
@@ -106,19 +137,33 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
             .map(|b| b.digest.clone())
             .unwrap_or_default();
         let received = self.metrics.received_bytes.clone();
-        let chunks = stream
+        // Each message must come within the stall timeout; after one that does not, the
+        // stream ends with the error (and the upload is dropped uncommitted).
+        let timed = futures::stream::unfold(Some(stream), move |stream| async move {
+            let mut stream = stream?;
+            match tokio::time::timeout(stall, stream.next()).await {
+                Ok(Some(m)) => Some((Some(m), Some(stream))),
+                Ok(None) => None,
+                Err(_) => Some((None, None)),
+            }
+        });
+        let chunks = timed
             .map(move |m| match m {
-                Ok(PutBlobRequest {
+                Some(Ok(PutBlobRequest {
                     msg: Some(Msg::Chunk(c)),
-                }) => {
+                })) => {
                     received.inc_by(c.len() as u64);
                     Ok(c)
                 }
-                Ok(_) => Err(Error::InvalidRequest(format!(
+                Some(Ok(_)) => Err(Error::InvalidRequest(format!(
                     "blob {digest}: only data chunks may follow the header"
                 ))),
-                Err(_) => Err(Error::Cancelled {
+                Some(Err(_)) => Err(Error::Cancelled {
                     digest: digest.clone(),
+                }),
+                None => Err(Error::Stalled {
+                    digest: digest.clone(),
+                    timeout: stall,
                 }),
             })
             .boxed();

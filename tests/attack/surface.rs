@@ -378,3 +378,81 @@ async fn push_sends_its_login_to_no_plain_http_realm_on_another_host() -> Result
     seen.assert_untouched().await;
     Ok(())
 }
+
+/// PutBlob messages for a blob of `size` bytes (blob number `n`: each its own digest) that
+/// send the header and `sent`, then nothing more while the stream stays open.
+fn stalled_upload(
+    n: usize,
+    sent: &'static [u8],
+    size: u64,
+) -> impl tokio_stream::Stream<Item = PutBlobRequest> + Send + 'static {
+    use tokio_stream::StreamExt;
+    let desc = Descriptor {
+        digest: blob_digest(format!("never completes {n}").as_bytes()),
+        size,
+        ..Default::default()
+    };
+    let mut messages = vec![PutBlobRequest {
+        msg: Some(Msg::Header(BlobHeader {
+            session: "attack".into(),
+            blob: Some(desc),
+            ..Default::default()
+        })),
+    }];
+    if !sent.is_empty() {
+        messages.push(PutBlobRequest {
+            msg: Some(Msg::Chunk(sent.into())),
+        });
+    }
+    tokio_stream::iter(messages).chain(tokio_stream::pending())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_stalled_upload_is_dropped_and_uploads_per_agent_are_capped() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let node = Node::start_with("stalled", &["--upload-stall-timeout", "2s"]).await?;
+    // An upload that stops sending is dropped (not held until the caller goes away).
+    let mut client = connect(&node.addr(), &lade_tests::dial()).await?;
+    let err = tokio::time::timeout(
+        Duration::from_secs(60),
+        client.put_blob(stalled_upload(0, b"first bytes", 1 << 20)),
+    )
+    .await
+    .context("a stalled upload was held open")?
+    .expect_err("a stalled upload must fail");
+    assert_eq!(err.code(), Code::DeadlineExceeded, "{err}");
+    assert!(err.message().contains("sent nothing for 2s"), "{err}");
+
+    // More uploads than the cap, held open over two connections (each takes at most 64
+    // streams): the ones beyond the cap are refused at once.
+    let limit = lade_agent::service::MAX_UPLOADS;
+    let mut calls = tokio::task::JoinSet::new();
+    for c in 0..2 {
+        let client = connect(&node.addr(), &lade_tests::dial()).await?;
+        for i in 0..(limit / 2 + 1) {
+            let mut client = client.clone();
+            let n = 1 + c * limit + i;
+            calls.spawn(async move { client.put_blob(stalled_upload(n, b"", 1 << 20)).await });
+        }
+    }
+    let mut refused = 0;
+    while let Some(call) = calls.join_next().await {
+        let err = call?.expect_err("a held upload cannot succeed");
+        match err.code() {
+            Code::ResourceExhausted => {
+                assert!(
+                    err.message()
+                        .contains(&format!("already takes {limit} uploads")),
+                    "{err}"
+                );
+                refused += 1;
+            }
+            Code::DeadlineExceeded => {}
+            other => panic!("{other:?}: {err}"),
+        }
+    }
+    assert!(refused >= 1, "{} uploads at once were all taken", limit + 2);
+    Ok(())
+}
