@@ -6,7 +6,8 @@
 //! followed here, entry by entry:
 //! - names are cleaned; one that climbs out of the root with `..` is refused (containerd
 //!   clamps it to the root instead), as is a hard link whose target does, and any entry
-//!   below a symbolic link the layer itself created (containerd would follow it);
+//!   below a symbolic link the layer itself created, or below a second name (hard link) of
+//!   one (containerd would follow it);
 //! - a missing parent directory is created 0755, taking owner, mode, times and xattrs from
 //!   the first lower layer that has it as a directory;
 //! - an existing path is replaced unless both it and the entry are directories (then only
@@ -20,13 +21,30 @@
 //!   become 1970), without following symlinks; directory times once every entry is written;
 //! - the diffID covers the whole decompressed stream, bytes after the tar's end included.
 //!
+//! Those string checks are the first line. The second is the kernel: the snapshot directory
+//! is opened once, and every entry's parent directory is opened from it with `openat2`
+//! (`RESOLVE_IN_ROOT | RESOLVE_NO_MAGICLINKS | RESOLVE_NO_XDEV`), so any symbolic link on the
+//! way (made by this layer, copied from the parent by the native snapshotter, or raced in) is
+//! resolved as if the snapshot were `/`, as containerd's own applier resolves it. Every call
+//! on the entry itself goes through `/proc/self/fd/<parent>/<name>` and never follows `name`
+//! (chmod opens it `O_PATH | O_NOFOLLOW` first and leaves symbolic links alone). Lower layers
+//! are only ever read. Without `openat2` (Linux < 5.6) the applier refuses to run.
+//!
+//! Bounds, each refused with a named [`ApplyError`] that marks the blob bad: the expansion
+//! limit counts both the decompressed stream and every file's full size (a sparse entry's
+//! holes included; they are written as holes), and entries, name length, path depth, xattr
+//! count and xattr size are capped far above what real images use.
+//!
 //! `tests/apply.rs` applies a set of tricky and hostile layers both ways on real containerd
-//! and compares the trees file by file.
+//! and compares the trees file by file; `tests/attack/applier.rs` aims crafted layers at
+//! files outside the snapshot.
 
 use std::collections::HashSet;
 use std::ffi::{CString, OsStr};
 use std::fs;
+use std::io::Seek;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Component, Path, PathBuf};
@@ -58,6 +76,13 @@ pub enum ApplyError {
     Escape { entry: String, reason: String },
     #[error("unpacks to more than {limit} bytes (a decompression bomb?)")]
     TooLarge { limit: u64 },
+    #[error("entry {entry:?}: {what} {value} is over the applier's limit of {limit}")]
+    Limit {
+        entry: String,
+        what: &'static str,
+        value: u64,
+        limit: u64,
+    },
     #[error("entry {entry:?}: {source}")]
     Entry {
         entry: String,
@@ -73,6 +98,14 @@ const WHITEOUT_OPAQUE: &str = ".wh..wh..opq";
 const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// Symbolic links followed while resolving one path in a lower layer, as Linux allows.
 const MAX_LINKS: usize = 40;
+/// Bounds on what one layer may ask of the applier, each far above what real images hold
+/// (the largest layers seen carry a few hundred thousand entries): they keep a hostile layer
+/// from exhausting the node's inodes or the agent's memory (`written` holds every path).
+const MAX_ENTRIES: u64 = 2_000_000;
+const MAX_PATH_BYTES: u64 = 4096;
+const MAX_DEPTH: u64 = 256;
+const MAX_XATTRS: u64 = 128;
+const MAX_XATTR_BYTES: u64 = 64 << 10;
 
 /// Applies the layer read from `blob` (gzip, zstd or plain tar, sniffed) to `target`,
 /// refusing it once it unpacks to more than `limit` bytes.
@@ -92,7 +125,11 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         count: 0,
         limit,
     };
-    let result = Applier::new(target).run(BufReader::with_capacity(256 << 10, &mut counted));
+    let applier = Applier::new(target, limit).map_err(|source| ApplyError::Entry {
+        entry: target.root.display().to_string(),
+        source,
+    })?;
+    let result = applier.run(BufReader::with_capacity(256 << 10, &mut counted));
     if counted.count > limit {
         return Err(ApplyError::TooLarge { limit });
     }
@@ -127,6 +164,14 @@ impl<R: Read> Read for Counted<R> {
 
 struct Applier<'a> {
     target: &'a Target,
+    /// The snapshot's own directory, opened once: every path this layer names is resolved
+    /// from it by the kernel (`openat2` with `RESOLVE_IN_ROOT`), never by joining strings.
+    root: OwnedFd,
+    /// The expansion limit, also charged with every file's full size (sparse files included).
+    limit: u64,
+    /// Bytes of file content the entries so far claim.
+    expanded: u64,
+    entries: u64,
     /// Directories whose times are set last, as (relative path, atime, mtime).
     dirs: Vec<(PathBuf, Times)>,
     /// What this layer wrote: an opaque marker on a plain directory keeps these.
@@ -142,13 +187,34 @@ struct Times {
 }
 
 impl<'a> Applier<'a> {
-    fn new(target: &'a Target) -> Self {
-        Self {
+    fn new(target: &'a Target, limit: u64) -> io::Result<Self> {
+        let root = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW)
+            .open(&target.root)?;
+        Ok(Self {
             target,
+            root: root.into(),
+            limit,
+            expanded: 0,
+            entries: 0,
             dirs: Vec::new(),
             written: HashSet::new(),
             links: HashSet::new(),
-        }
+        })
+    }
+
+    /// Opens the directory `rel` of the snapshot, resolved by the kernel as if the snapshot
+    /// were `/`: no symbolic link (made by this layer, copied from a parent by the native
+    /// snapshotter, or raced in) and no `..` can lead out of it, nor can a mount point or a
+    /// `/proc` magic link.
+    fn open_dir(&self, rel: &Path) -> io::Result<OwnedFd> {
+        let rel = if rel.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            rel
+        };
+        openat2_in_root(&self.root, rel)
     }
 
     fn run(mut self, plain: impl Read) -> Result<(), ApplyError> {
@@ -162,11 +228,15 @@ impl<'a> Applier<'a> {
             }
         }
         for (rel, times) in std::mem::take(&mut self.dirs) {
-            let path = self.target.root.join(&rel);
-            set_times(&path, times).map_err(|source| ApplyError::Entry {
+            let io_err = |source| ApplyError::Entry {
                 entry: rel.display().to_string(),
                 source,
-            })?;
+            };
+            let parent = self
+                .open_dir(rel.parent().unwrap_or(Path::new("")))
+                .map_err(io_err)?;
+            let base = rel.file_name().unwrap_or_default();
+            set_times(&fd_path(&parent).join(base), times).map_err(io_err)?;
         }
         // The diffID covers what follows the end-of-archive blocks too.
         io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(stream)?;
@@ -196,23 +266,41 @@ impl<'a> Applier<'a> {
         if self.through_link(&parent_rel) {
             return Err(escape("is below a symbolic link this layer created"));
         }
+        self.entries += 1;
+        let depth = rel.components().count() as u64;
+        for (what, value, limit) in [
+            ("entry count", self.entries, MAX_ENTRIES),
+            ("name length", raw_name.len() as u64, MAX_PATH_BYTES),
+            ("path depth", depth, MAX_DEPTH),
+        ] {
+            if value > limit {
+                return Err(ApplyError::Limit {
+                    entry: name.clone(),
+                    what,
+                    value,
+                    limit,
+                });
+            }
+        }
         let io_err = |source: io::Error| ApplyError::Entry {
             entry: name.clone(),
             source,
         };
-        self.make_parent(&parent_rel).map_err(io_err)?;
-
-        let root = &self.target.root;
-        let path = root.join(&rel);
-        let parent = root.join(&parent_rel);
+        // Every path below is `/proc/self/fd/<parent>/<base>`: the parent was resolved by the
+        // kernel inside the snapshot, and each call below acts on `base` itself, never
+        // following it if it is a symbolic link.
+        let parent_fd = self.make_parent(&parent_rel).map_err(io_err)?;
+        let parent = fd_path(&parent_fd);
+        let path = parent.join(&base);
         let base = base.as_bytes();
         let meta = Meta::of(&mut entry).map_err(io_err)?;
         if base == WHITEOUT_OPAQUE.as_bytes() {
             if self.target.overlay {
-                // `parent` is a directory of this snapshot (made above), never a symlink.
-                lset_xattr(&parent, OPAQUE_XATTR, b"y").map_err(io_err)?;
+                // `parent/.` names the directory itself, not the /proc link to it.
+                lset_xattr(&parent.join("."), OPAQUE_XATTR, b"y").map_err(io_err)?;
             } else {
-                self.clear_opaque(&parent).map_err(io_err)?;
+                self.clear_opaque(&parent.join("."), &parent_rel)
+                    .map_err(io_err)?;
             }
             return Ok(());
         }
@@ -248,6 +336,11 @@ impl<'a> Applier<'a> {
                 }
             }
             tar::EntryType::Regular | tar::EntryType::GNUSparse => {
+                // A sparse entry's size is what it expands to, holes included.
+                self.expanded = self.expanded.saturating_add(entry.size());
+                if self.expanded > self.limit {
+                    return Err(ApplyError::TooLarge { limit: self.limit });
+                }
                 let mut file = fs::OpenOptions::new()
                     .write(true)
                     .create(true)
@@ -256,7 +349,8 @@ impl<'a> Applier<'a> {
                     .custom_flags(libc::O_NOFOLLOW)
                     .open(&path)
                     .map_err(io_err)?;
-                copy_file(&mut entry, &mut file).map_err(io_err)?;
+                copy_file(&mut entry, &mut file, kind == tar::EntryType::GNUSparse)
+                    .map_err(io_err)?;
             }
             tar::EntryType::Block | tar::EntryType::Char | tar::EntryType::Fifo => {
                 let file_type = match kind {
@@ -276,7 +370,19 @@ impl<'a> Applier<'a> {
                         "is a hard link below a symbolic link this layer created",
                     ));
                 }
-                fs::hard_link(root.join(&target_rel), &path).map_err(io_err)?;
+                let Some(target_base) = target_rel.file_name() else {
+                    return Err(escape("is a hard link to the root"));
+                };
+                let target_dir = self
+                    .open_dir(target_rel.parent().unwrap_or(Path::new("")))
+                    .map_err(io_err)?;
+                let source = fd_path(&target_dir).join(target_base);
+                // linkat without AT_SYMLINK_FOLLOW links a symbolic link itself: the new name
+                // is then a symbolic link too, and is tracked as one.
+                if fs::symlink_metadata(&source).is_ok_and(|m| m.file_type().is_symlink()) {
+                    self.links.insert(rel.clone());
+                }
+                fs::hard_link(&source, &path).map_err(io_err)?;
             }
             tar::EntryType::Symlink => {
                 let target = entry.link_name_bytes().unwrap_or_default();
@@ -291,6 +397,20 @@ impl<'a> Applier<'a> {
             }
         }
         lchown(&path, meta.uid, meta.gid).map_err(io_err)?;
+        let largest = meta.xattrs.iter().map(|(_, v)| v.len()).max().unwrap_or(0);
+        for (what, value, limit) in [
+            ("xattr count", meta.xattrs.len() as u64, MAX_XATTRS),
+            ("xattr size", largest as u64, MAX_XATTR_BYTES),
+        ] {
+            if value > limit {
+                return Err(ApplyError::Limit {
+                    entry: name.clone(),
+                    what,
+                    value,
+                    limit,
+                });
+            }
+        }
         for (key, value) in &meta.xattrs {
             if key.starts_with("trusted.") {
                 continue; // containerd refuses admin attributes from an archive
@@ -306,9 +426,7 @@ impl<'a> Applier<'a> {
                 Err(e) => return Err(io_err(e)),
             }
         }
-        if kind != tar::EntryType::Symlink {
-            fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(io_err)?;
-        }
+        set_mode(&path, mode).map_err(io_err)?;
         if kind == tar::EntryType::Directory {
             self.dirs.push((rel.clone(), meta.times));
         } else {
@@ -323,42 +441,38 @@ impl<'a> Applier<'a> {
         !self.links.is_empty() && rel.ancestors().any(|a| self.links.contains(a))
     }
 
-    /// Creates the missing directories of `rel`, outermost first, each with the metadata of
-    /// the same directory in the first lower layer that has one (0755 root:root otherwise).
-    fn make_parent(&self, rel: &Path) -> io::Result<()> {
-        if rel.as_os_str().is_empty() {
-            return Ok(());
+    /// Opens the directory `rel`, first creating what is missing of it, outermost first, each
+    /// with the metadata of the same directory in the first lower layer that has one (0755
+    /// root:root otherwise). Lower layers are only read.
+    fn make_parent(&self, rel: &Path) -> io::Result<OwnedFd> {
+        match self.open_dir(rel) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && rel.parent().is_some() => {}
+            opened => return opened,
         }
-        let path = self.target.root.join(rel);
-        match fs::symlink_metadata(&path) {
-            Ok(m) if m.is_dir() => return Ok(()),
-            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
-            Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
-            Err(_) => {}
-        }
-        if let Some(up) = rel.parent() {
-            self.make_parent(up)?;
-        }
+        let up = self.make_parent(rel.parent().unwrap_or(Path::new("")))?;
+        let path = fd_path(&up).join(rel.file_name().unwrap_or_default());
         fs::DirBuilder::new().mode(0o755).create(&path)?;
-        fs::set_permissions(&path, fs::Permissions::from_mode(0o755))?;
+        set_mode(&path, 0o755)?;
         for lower in &self.target.parents {
             let Some(found) = resolve_in(lower, rel) else {
                 continue;
             };
             match fs::symlink_metadata(&found) {
-                Ok(m) if m.is_dir() => return copy_dir_info(&found, &m, &path),
+                Ok(m) if m.is_dir() => {
+                    copy_dir_info(&found, &m, &path)?;
+                    break;
+                }
                 Ok(_) => break, // replaced by a non-directory there: keep the defaults
                 Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
                 Err(e) => return Err(e),
             }
         }
-        Ok(())
+        self.open_dir(rel)
     }
 
     /// An opaque marker on a plain directory: removes what lower entries of this layer did
-    /// not write below `dir`.
-    fn clear_opaque(&self, dir: &Path) -> io::Result<()> {
-        let root = &self.target.root;
+    /// not write below `dir` (opened at `dir_rel`). Only real directories are descended into.
+    fn clear_opaque(&self, dir: &Path, dir_rel: &Path) -> io::Result<()> {
         let mut stack = vec![dir.to_path_buf()];
         while let Some(d) = stack.pop() {
             let read = match fs::read_dir(&d) {
@@ -368,7 +482,7 @@ impl<'a> Applier<'a> {
             };
             for child in read {
                 let child = child?.path();
-                let rel = child.strip_prefix(root).unwrap_or(&child).to_path_buf();
+                let rel = dir_rel.join(child.strip_prefix(dir).unwrap_or(&child));
                 if self.written.contains(&rel) {
                     if fs::symlink_metadata(&child)?.is_dir() {
                         stack.push(child);
@@ -526,7 +640,7 @@ fn resolve_in(root: &Path, rel: &Path) -> Option<PathBuf> {
 
 fn copy_dir_info(src: &Path, meta: &fs::Metadata, dst: &Path) -> io::Result<()> {
     lchown(dst, meta.uid(), meta.gid())?;
-    fs::set_permissions(dst, fs::Permissions::from_mode(meta.mode() & 0o7777))?;
+    set_mode(dst, meta.mode() & 0o7777)?;
     set_times(
         dst,
         Times {
@@ -545,17 +659,81 @@ fn copy_dir_info(src: &Path, meta: &fs::Metadata, dst: &Path) -> io::Result<()> 
     Ok(())
 }
 
-fn copy_file(from: &mut impl Read, to: &mut fs::File) -> io::Result<()> {
-    let mut buf = vec![0u8; 256 << 10];
+/// Copies a file's content; for a sparse entry, runs of zeros (its holes among them) are
+/// skipped with a seek, so they take no space on disk.
+fn copy_file(from: &mut impl Read, to: &mut fs::File, sparse: bool) -> io::Result<()> {
+    let mut buf = vec![0u8; 64 << 10];
+    let mut len = 0u64;
     loop {
         let n = match from.read(&mut buf) {
-            Ok(0) => return Ok(()),
+            Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
             Err(e) => return Err(e),
         };
-        to.write_all(&buf[..n])?;
+        if sparse && buf[..n].iter().all(|b| *b == 0) {
+            to.seek(io::SeekFrom::Current(n as i64))?;
+        } else {
+            to.write_all(&buf[..n])?;
+        }
+        len += n as u64;
     }
+    if sparse {
+        to.set_len(len)?;
+    }
+    Ok(())
+}
+
+/// `/proc/self/fd/N` for an open directory: a path prefix the kernel resolves to exactly
+/// that directory, whatever happens to the names above it.
+fn fd_path(fd: &OwnedFd) -> PathBuf {
+    PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
+/// Opens directory `rel` below `root` with `openat2`, resolving as if `root` were `/`.
+fn openat2_in_root(root: &OwnedFd, rel: &Path) -> io::Result<OwnedFd> {
+    let p = c_path(rel)?;
+    // SAFETY: open_how is plain data; zeroed is a valid value that is then filled in.
+    let mut how: libc::open_how = unsafe { std::mem::zeroed() };
+    how.flags = (libc::O_PATH | libc::O_DIRECTORY | libc::O_CLOEXEC) as u64;
+    how.resolve = libc::RESOLVE_IN_ROOT | libc::RESOLVE_NO_MAGICLINKS | libc::RESOLVE_NO_XDEV;
+    // SAFETY: a valid dirfd, NUL-terminated path and an open_how of the size passed.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_openat2,
+            root.as_raw_fd(),
+            p.as_ptr(),
+            &how as *const libc::open_how,
+            std::mem::size_of::<libc::open_how>(),
+        )
+    };
+    if fd < 0 {
+        let e = io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::ENOSYS) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "openat2 is not available (Linux 5.6 or later is needed for the agent to \
+                 unpack layers safely; run it with --unpack containerd)",
+            ));
+        }
+        return Err(e);
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// chmod of `path` itself: a symbolic link (whose mode Linux ignores) is left alone, and no
+/// link is ever followed to the file it names.
+fn set_mode(path: &Path, mode: u32) -> io::Result<()> {
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)?;
+    if file.metadata()?.file_type().is_symlink() {
+        return Ok(());
+    }
+    let fd: OwnedFd = file.into();
+    fs::set_permissions(fd_path(&fd), fs::Permissions::from_mode(mode))
 }
 
 fn remove_all(path: &Path) -> io::Result<()> {
@@ -858,5 +1036,154 @@ mod tests {
         assert!(!dir.path().join("d/old").exists());
         assert!(!dir.path().join("gone").exists());
         assert!(!dir.path().join(".wh.gone").exists());
+    }
+
+    /// A scratch "outside" directory holding one file, to aim escapes at.
+    fn outside() -> (tempfile::TempDir, PathBuf) {
+        let out = tempfile::tempdir().unwrap();
+        let victim = out.path().join("victim");
+        fs::write(&victim, "keep").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o644)).unwrap();
+        (out, victim)
+    }
+
+    fn apply_raw(members: &[lade_testkit::hostile::Member], t: &Target) -> Result<(), ApplyError> {
+        let bytes = lade_testkit::hostile::raw_tar(members);
+        apply_layer(&bytes[..], t, 1 << 30).map(|_| ())
+    }
+
+    #[test]
+    fn a_hard_link_to_a_symlink_is_a_symlink_and_changes_nothing_it_points_at() {
+        use lade_testkit::hostile::Member;
+        let (out, victim) = outside();
+        let dir = tempfile::tempdir().unwrap();
+        let v = victim.to_str().unwrap();
+        let o = out.path().to_str().unwrap();
+        // chmod through the second name: the victim keeps its mode.
+        apply_raw(
+            &[
+                Member::symlink("s", v),
+                Member::hardlink("h", "s").with_mode(0o4777),
+            ],
+            &target(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
+        assert!(fs::symlink_metadata(dir.path().join("h"))
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        // Writing or whiting out below the second name is refused, on both kinds of target.
+        for overlay in [false, true] {
+            let dir = tempfile::tempdir().unwrap();
+            let t = Target {
+                overlay,
+                ..target(dir.path())
+            };
+            for below in ["h/owned", "h/.wh.victim"] {
+                let err = apply_raw(
+                    &[
+                        Member::symlink("s", o),
+                        Member::hardlink("h", "s"),
+                        Member::file(below, "x"),
+                    ],
+                    &t,
+                )
+                .unwrap_err();
+                assert!(matches!(err, ApplyError::Escape { .. }), "{below}: {err}");
+            }
+        }
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn a_symlink_already_in_the_snapshot_is_resolved_inside_it() {
+        use lade_testkit::hostile::Member;
+        // What the native snapshotter leaves: the parent's files, symlinks included, copied in.
+        let (out, victim) = outside();
+        let dir = tempfile::tempdir().unwrap();
+        std::os::unix::fs::symlink(out.path(), dir.path().join("x")).unwrap();
+        std::os::unix::fs::symlink(&victim, dir.path().join("v")).unwrap();
+        fs::create_dir_all(dir.path().join("usr/lib")).unwrap();
+        std::os::unix::fs::symlink("/usr/lib", dir.path().join("lib")).unwrap();
+        // Each its own layer: a refusal of one must not hide what another did.
+        for member in [
+            Member::file("x/sub/owned", "x"),
+            Member::file("x/.wh.victim", ""),
+            Member::dir("x/d").with_mode(0o4777),
+            Member::file("v", "overwritten").with_mode(0o4777),
+        ] {
+            let _ = apply_raw(&[member], &target(dir.path()));
+        }
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "keep");
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o644);
+        assert_eq!(fs::read_dir(out.path()).unwrap().count(), 1);
+        // A link that resolves inside the snapshot is followed there, as containerd does.
+        apply_raw(&[Member::file("lib/libc.so", "c")], &target(dir.path())).unwrap();
+        assert_eq!(fs::read(dir.path().join("usr/lib/libc.so")).unwrap(), b"c");
+    }
+
+    #[test]
+    fn a_sparse_entry_is_charged_its_full_size_and_written_sparse() {
+        let dir = tempfile::tempdir().unwrap();
+        let bomb = lade_testkit::hostile::sparse_tar("big", 64 << 20, b"end");
+        let err = apply_layer(&bomb[..], &target(dir.path()), 1 << 20).unwrap_err();
+        assert!(matches!(err, ApplyError::TooLarge { .. }), "{err}");
+        assert!(!dir.path().join("big").exists());
+
+        apply_layer(&bomb[..], &target(dir.path()), 1 << 30).unwrap();
+        let m = fs::metadata(dir.path().join("big")).unwrap();
+        assert_eq!(m.len(), 64 << 20);
+        assert!(m.blocks() * 512 < 1 << 20, "{} blocks", m.blocks());
+        let mut f = fs::File::open(dir.path().join("big")).unwrap();
+        f.seek(io::SeekFrom::End(-512)).unwrap();
+        let mut tail = [0u8; 3];
+        f.read_exact(&mut tail).unwrap();
+        assert_eq!(&tail, b"end");
+    }
+
+    #[test]
+    fn names_too_deep_or_long_and_too_many_xattrs_are_refused_by_name() {
+        let deep = "d/".repeat(MAX_DEPTH as usize + 1) + "f";
+        let bytes = layer(|b| {
+            let mut h = tar::Header::new_gnu();
+            h.set_entry_type(tar::EntryType::Regular);
+            h.set_size(0);
+            b.append_data(&mut h, &deep, &b""[..]).unwrap();
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "path depth",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        let bytes = layer(|b| {
+            let records: Vec<(String, Vec<u8>)> = (0..=MAX_XATTRS)
+                .map(|i| (format!("SCHILY.xattr.user.k{i}"), b"v".to_vec()))
+                .collect();
+            b.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), &v[..])))
+                .unwrap();
+            entry(b, tar::EntryType::Regular, "f", "", b"");
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 20).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "xattr count",
+                    ..
+                }
+            ),
+            "{err}"
+        );
     }
 }

@@ -133,13 +133,15 @@ impl Error {
     }
 
     /// Whether the blob itself is at fault, whatever image uses it: it does not decompress,
-    /// expands past its limit or has an entry escaping its snapshot.
+    /// expands past its limit, exceeds one of the applier's bounds or has an entry escaping its
+    /// snapshot.
     pub fn blob_is_bad(&self) -> bool {
         matches!(
             self,
             Error::BadLayer {
                 source: crate::apply::ApplyError::Escape { .. }
                     | crate::apply::ApplyError::TooLarge { .. }
+                    | crate::apply::ApplyError::Limit { .. }
                     | crate::apply::ApplyError::Stream(_),
                 ..
             }

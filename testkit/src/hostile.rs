@@ -30,6 +30,8 @@ pub struct Member {
     pub data: Vec<u8>,
     /// Link target for symlinks and hard links, verbatim.
     pub link: String,
+    /// Permission bits; 0755 for directories and 0644 otherwise when `None`.
+    pub mode: Option<u32>,
 }
 
 impl Member {
@@ -39,6 +41,7 @@ impl Member {
             kind: tar::EntryType::Regular,
             data: data.into(),
             link: String::new(),
+            mode: None,
         }
     }
 
@@ -48,6 +51,7 @@ impl Member {
             kind: tar::EntryType::Directory,
             data: Vec::new(),
             link: String::new(),
+            mode: None,
         }
     }
 
@@ -57,6 +61,15 @@ impl Member {
             kind: tar::EntryType::Symlink,
             data: Vec::new(),
             link: target.into(),
+            mode: None,
+        }
+    }
+
+    /// The same member with permission bits `mode` (setuid and the like included).
+    pub fn with_mode(self, mode: u32) -> Member {
+        Member {
+            mode: Some(mode),
+            ..self
         }
     }
 
@@ -66,6 +79,7 @@ impl Member {
             kind: tar::EntryType::Link,
             data: Vec::new(),
             link: target.into(),
+            mode: None,
         }
     }
 }
@@ -75,11 +89,11 @@ impl Member {
 fn header(m: &Member) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(m.kind);
-    h.set_mode(if m.kind == tar::EntryType::Directory {
+    h.set_mode(m.mode.unwrap_or(if m.kind == tar::EntryType::Directory {
         0o755
     } else {
         0o644
-    });
+    }));
     h.set_size(m.data.len() as u64);
     h.set_uid(0);
     h.set_gid(0);
@@ -238,6 +252,31 @@ pub fn gzip_image(name: &str, blob: Vec<u8>, diff_id: &str) -> OciImage {
 pub fn nested_json(depth: usize) -> Vec<u8> {
     let mut out = vec![b'['; depth];
     out.extend(std::iter::repeat_n(b']', depth));
+    out
+}
+
+/// A tar holding one GNU sparse file `name` that expands to `real_size` bytes: all hole but
+/// its last 512 bytes, which hold `tail` (padded). The tar is a few KiB whatever `real_size`.
+pub fn sparse_tar(name: &str, real_size: u64, tail: &[u8]) -> Vec<u8> {
+    assert!(real_size >= 512 && tail.len() <= 512);
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNUSparse);
+    h.set_mode(0o644);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h.set_size(512);
+    let gnu = h.as_gnu_mut().expect("a GNU header");
+    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+    gnu.set_real_size(real_size);
+    gnu.sparse[0].set_offset(real_size - 512);
+    gnu.sparse[0].set_length(512);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    let mut data = tail.to_vec();
+    data.resize(512, 0);
+    out.extend_from_slice(&data);
+    out.resize(out.len() + 1024, 0);
     out
 }
 
