@@ -451,7 +451,18 @@ impl<'a> Applier<'a> {
         }
         let up = self.make_parent(rel.parent().unwrap_or(Path::new("")))?;
         let path = fd_path(&up).join(rel.file_name().unwrap_or_default());
-        fs::DirBuilder::new().mode(0o755).create(&path)?;
+        fs::DirBuilder::new()
+            .mode(0o755)
+            .create(&path)
+            .map_err(|e| match e.kind() {
+                // Not found as a directory, yet there: a symbolic link leading nowhere in
+                // the snapshot (taken as `/`), typically one aimed at the host.
+                io::ErrorKind::AlreadyExists => io::Error::other(format!(
+                    "{} is a symbolic link to nothing inside the snapshot",
+                    rel.display()
+                )),
+                _ => e,
+            })?;
         set_mode(&path, 0o755)?;
         for lower in &self.target.parents {
             let Some(found) = resolve_in(lower, rel) else {

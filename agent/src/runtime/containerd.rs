@@ -271,10 +271,14 @@ impl Containerd {
             let p = plugins.iter().find(|p| p.r#type == r#type && p.id == id)?;
             Some(PathBuf::from(p.exports.get("root")?))
         };
-        Ok((
-            root("io.containerd.content.v1", "content"),
-            root("io.containerd.snapshotter.v1", &self.cfg.snapshotter),
-        ))
+        let content = root("io.containerd.content.v1", "content");
+        // Some snapshotters (native on 1.6) export no root; containerd gives every plugin the
+        // directory `<root>/<type>.<id>`, beside the content store's.
+        let snapshots = root("io.containerd.snapshotter.v1", &self.cfg.snapshotter).or_else(|| {
+            let dir = format!("io.containerd.snapshotter.v1.{}", self.cfg.snapshotter);
+            Some(content.as_ref()?.parent()?.join(dir))
+        });
+        Ok((content, snapshots))
     }
 
     /// Whether this agent applies layers itself, decided once: it must run as root and see
