@@ -219,6 +219,7 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         req: Request<ImportRequest>,
     ) -> Result<Response<Self::ImportStream>, Status> {
         let req = req.into_inner();
+        foreign_digest_name(&req.images).map_err(|e| self.fail(e))?;
         let (tx, rx) = mpsc::channel::<ImportEvent>(64);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
         let runtime = self.runtime.clone();
@@ -299,4 +300,29 @@ fn observe(metrics: &Metrics, event: &ImportEvent) {
         }
         _ => {}
     }
+}
+
+/// Refuses a request that would give an image a digest reference (`repo@sha256:…`) naming
+/// any digest but the image's own: such a name claims to be content the node does not hold
+/// (say the real `nginx@sha256:…` a pod pins), and kubelet would run this image in its place.
+fn foreign_digest_name(images: &[lade_proto::ImageSpec]) -> Result<(), Error> {
+    for image in images {
+        let own = image
+            .manifest
+            .as_ref()
+            .map(|m| m.digest.as_str())
+            .unwrap_or("");
+        for name in &image.names {
+            if let Some((_, digest)) = name.split_once('@') {
+                if digest != own {
+                    return Err(Error::InvalidRequest(format!(
+                        "image {}: name {name} names digest {digest}, but the image is {own}; \
+                         a digest reference may only name the image's own digest",
+                        image.source
+                    )));
+                }
+            }
+        }
+    }
+    Ok(())
 }

@@ -305,6 +305,14 @@ pub enum PlanError {
         first: String,
         second: String,
     },
+    #[error(
+        "image {image}: name {name} is a digest reference to other content than the image ({manifest}); a bundle may only name an image by its own digest"
+    )]
+    ForeignDigest {
+        image: String,
+        name: String,
+        manifest: String,
+    },
 }
 
 /// Names every image of the bundle gets, the same on every node. Fails before anything is
@@ -322,6 +330,13 @@ pub fn plan_names(
         for raw in &image.names {
             let original = Reference::parse(raw)?;
             for target in target_names(&original, rules, keep_original)? {
+                if target.digest().is_some_and(|d| d != image.manifest) {
+                    return Err(PlanError::ForeignDigest {
+                        image: image.label().to_string(),
+                        name: target.to_string(),
+                        manifest: image.manifest.clone(),
+                    });
+                }
                 let target = target.to_string();
                 if let Some((manifest, first)) = owner.get(&target) {
                     if *manifest != image.manifest {

@@ -1,1 +1,106 @@
-//! Attack tests: names.
+//! Attacks through names: a bundle, or a caller talking to the agent directly, claiming a
+//! digest reference (`repo@sha256:…`) of content the image is not — the name a pod pinned by
+//! digest would then run. Needs containerd (see tests/load.rs).
+
+use anyhow::{Context, Result};
+use lade::load::connect;
+use lade_proto::{Descriptor, ImageSpec, ImportRequest};
+use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::hostile::{oci_layout, raw_tar, Member, OciImage};
+use lade_testkit::nodes::{run_lade, Node};
+use lade_tests::load_json;
+use tonic::Code;
+
+/// A digest no image of these tests has: what `docker.io/library/nginx@sha256:…` might pin.
+const FOREIGN: &str = "sha256:4c0fdaa8b6341bfdeca5f18f7837462c80cff90527ee35ef185571e1c327beac";
+
+fn image(name: &str) -> OciImage {
+    OciImage::plain(name, vec![raw_tar(&[Member::file("hello", "hi")])])
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_bundle_naming_its_image_by_another_digest_is_refused_before_anything_is_sent(
+) -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("images.tar");
+    let claimed = format!("docker.io/library/nginx@{FOREIGN}");
+    std::fs::write(&path, oci_layout(&[image(&claimed)]))?;
+    let node = Node::start("attack-foreign-digest").await?;
+    let out = run_lade(&[
+        "load",
+        path.to_str().context("utf-8")?,
+        "--agent",
+        &node.addr(),
+    ])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("digest reference to other content") && stderr.contains(&claimed),
+        "{stderr}"
+    );
+    assert!(
+        node.image_names()?.iter().all(|n| !n.contains("nginx")),
+        "the claimed name was created"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn an_import_naming_another_digest_creates_no_name() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // The image's content is on the node (an honest load), so only the name check stands
+    // between the caller and a digest reference to it.
+    let dir = tempfile::tempdir()?;
+    let path = dir.path().join("images.tar");
+    std::fs::write(&path, oci_layout(&[image("x.io/attack/honest:1")]))?;
+    let node = Node::start("attack-import-digest").await?;
+    let (code, _, stderr) = load_json(&path, &[node.addr()], &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    let bundle = lade::bundle::Bundle::open(&path)?;
+    let own = &bundle.images[0].manifest;
+    let blob = bundle.blobs.get(own).context("the manifest blob")?;
+
+    let claimed = format!("docker.io/library/nginx@{FOREIGN}");
+    let mut client = connect(&node.addr(), &lade_tests::dial()).await?;
+    let request = ImportRequest {
+        session: "attack-import-digest".into(),
+        images: vec![ImageSpec {
+            manifest: Some(Descriptor {
+                digest: own.clone(),
+                size: blob.size,
+                media_type: blob.media_type.clone(),
+                ..Default::default()
+            }),
+            names: vec!["x.io/attack/also:1".into(), claimed.clone()],
+            source: "attack".into(),
+        }],
+    };
+    let err = match client.import(request).await {
+        Err(status) => status,
+        Ok(events) => {
+            let mut events = events.into_inner();
+            loop {
+                match events.message().await {
+                    Ok(Some(_)) => continue,
+                    Ok(None) => anyhow::bail!("the import of {claimed} succeeded"),
+                    Err(status) => break status,
+                }
+            }
+        }
+    };
+    assert_eq!(err.code(), Code::InvalidArgument, "{err}");
+    assert!(err.message().contains("own digest"), "{err}");
+    let names = node.image_names()?;
+    assert!(
+        names
+            .iter()
+            .all(|n| !n.contains("nginx") && !n.contains("attack/also")),
+        "{names:?}"
+    );
+    Ok(())
+}
