@@ -235,6 +235,7 @@ async fn conformance(agent: &str) -> Result<()> {
         }),
         names: vec![MISSING_REF.to_string()],
         source: "never-uploaded".to_string(),
+        allow_overwrite: false,
     };
     let outcome = import(&mut client, session, vec![nothing]).await?;
     ensure!(
@@ -255,6 +256,7 @@ async fn conformance(agent: &str) -> Result<()> {
                 .expect("fixture names parse")
                 .to_string()],
             source: i.label().to_string(),
+            allow_overwrite: false,
         })
         .collect();
     let names: Vec<String> = specs.iter().map(|s| s.names[0].clone()).collect();

@@ -205,6 +205,7 @@ async fn an_agent_given_a_wrong_layer_media_type_directly_creates_no_name() -> R
                 manifest: Some(manifest_desc),
                 names: vec![name.into()],
                 source: name.into(),
+                allow_overwrite: false,
             }],
         })
         .await?

@@ -106,8 +106,13 @@ async fn each_node_gets_the_manifest_of_its_own_platform() -> Result<()> {
     let out = amd.run_container(NAME, "plat", &["/bin/busybox", "cat", "/app/hello.txt"])?;
     assert_eq!(out.as_bytes(), APP_HELLO);
 
-    // --platform picks one platform for every node.
-    let (code, reports, stderr) = load_json(&path, &[amd.addr()], &["--platform", "linux/arm64"])?;
+    // --platform picks one platform for every node; moving the name the node already has to
+    // another manifest is an overwrite, so it is asked for.
+    let (code, reports, stderr) = load_json(
+        &path,
+        &[amd.addr()],
+        &["--platform", "linux/arm64", "--allow-overwrite"],
+    )?;
     assert_eq!(code, 0, "{reports:#?}\n{stderr}");
     assert_eq!(target(&amd, NAME)?.1, manifest_of(&written, "arm64"));
     Ok(())

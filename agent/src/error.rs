@@ -91,6 +91,15 @@ pub enum Error {
         source: Box<bollard::errors::Error>,
     },
     #[error(
+        "image {image}: name {name} already points at {existing} on this node, not at {wanted}; nothing was renamed (lade load --allow-overwrite moves it)"
+    )]
+    NameTaken {
+        image: String,
+        name: String,
+        existing: String,
+        wanted: String,
+    },
+    #[error(
         "image {image} on node {node}: dockerd loaded image {actual}, but the config digest is {expected}"
     )]
     LoadedOtherImage {
@@ -173,7 +182,8 @@ impl From<Error> for Status {
             | Error::DiffIdMismatch { .. } => Code::DataLoss,
             Error::ResumeOffset { .. }
             | Error::MissingBlob { .. }
-            | Error::LayerOnOtherBase { .. } => Code::FailedPrecondition,
+            | Error::LayerOnOtherBase { .. }
+            | Error::NameTaken { .. } => Code::FailedPrecondition,
             Error::BadLayer { source, .. } => match source {
                 crate::apply::ApplyError::Entry { source, .. } => match source.kind() {
                     std::io::ErrorKind::StorageFull => Code::ResourceExhausted,

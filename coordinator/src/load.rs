@@ -290,6 +290,9 @@ pub struct PlannedImage {
     pub source: String,
     pub manifest: String,
     pub names: Vec<String>,
+    /// Names may be moved from other content the node has under them (`--allow-overwrite`).
+    #[serde(skip)]
+    pub allow_overwrite: bool,
 }
 
 /// Why the bundle's images cannot be named as asked.
@@ -322,6 +325,7 @@ pub fn plan_names(
     bundle: &Bundle,
     rules: &[RetagRule],
     keep_original: bool,
+    allow_overwrite: bool,
 ) -> Result<Vec<PlannedImage>, PlanError> {
     let mut owner: HashMap<String, (String, String)> = HashMap::new();
     let mut plan = Vec::with_capacity(bundle.images.len());
@@ -360,6 +364,7 @@ pub fn plan_names(
             source: image.label().to_string(),
             manifest: image.manifest.clone(),
             names,
+            allow_overwrite,
         });
     }
     Ok(plan)
@@ -583,6 +588,7 @@ pub(crate) fn import_spec(bundle: &Bundle, chosen: &Chosen, planned: &PlannedIma
         }),
         names: planned.names.clone(),
         source: planned.source.clone(),
+        allow_overwrite: planned.allow_overwrite,
     }
 }
 

@@ -98,6 +98,10 @@ struct LoadArgs {
     /// Do not also keep the names the bundle gives (retagged names only).
     #[arg(long)]
     no_keep_original: bool,
+    /// Move names a node already has for other content (say its CNI or kube-proxy image) to
+    /// the bundle's images; without it such an image fails on that node and names nothing.
+    #[arg(long, env = "LADE_ALLOW_OVERWRITE")]
+    allow_overwrite: bool,
     /// Nodes loaded at the same time.
     #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
     parallel: usize,
@@ -704,7 +708,12 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     check_rules(&args.retag)?;
     let path = args.bundle.clone();
     let bundle = tokio::task::spawn_blocking(move || Bundle::open(&path)).await??;
-    let plan = plan_names(&bundle, &args.retag, !args.no_keep_original)?;
+    let plan = plan_names(
+        &bundle,
+        &args.retag,
+        !args.no_keep_original,
+        args.allow_overwrite,
+    )?;
     let progress = progress(args.progress);
     let dial = args.connect.dial()?;
     let images = plan.len();

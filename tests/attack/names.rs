@@ -78,6 +78,7 @@ async fn an_import_naming_another_digest_creates_no_name() -> Result<()> {
             }),
             names: vec!["x.io/attack/also:1".into(), claimed.clone()],
             source: "attack".into(),
+            allow_overwrite: false,
         }],
     };
     let err = match client.import(request).await {
@@ -101,6 +102,57 @@ async fn an_import_naming_another_digest_creates_no_name() -> Result<()> {
             .iter()
             .all(|n| !n.contains("nginx") && !n.contains("attack/also")),
         "{names:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // What the node had: its own image under a name the bundle also uses (a CNI image, say).
+    let dir = tempfile::tempdir()?;
+    let theirs = dir.path().join("theirs.tar");
+    let ours = dir.path().join("ours.tar");
+    let name = "x.io/attack/cni:v1";
+    std::fs::write(&theirs, oci_layout(&[image(name)]))?;
+    let bundle_image = OciImage::plain(name, vec![raw_tar(&[Member::file("evil", "1")])]);
+    std::fs::write(&ours, oci_layout(&[bundle_image]))?;
+    let node = Node::start("attack-overwrite").await?;
+    let (code, _, stderr) = load_json(&theirs, &[node.addr()], &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    let before = lade::bundle::Bundle::open(&theirs)?.images[0]
+        .manifest
+        .clone();
+    let after = lade::bundle::Bundle::open(&ours)?.images[0]
+        .manifest
+        .clone();
+    let target = |node: &Node| -> Result<String> {
+        let listed = node.containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"])?;
+        let line = listed
+            .lines()
+            .find(|l| l.starts_with(name))
+            .with_context(|| format!("{name} is gone: {listed}"))?;
+        Ok(line.to_string())
+    };
+
+    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{stderr}");
+    let reason = reports[0]["failed_images"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("already points at") && reason.contains(&before),
+        "{reports:#?}"
+    );
+    assert!(target(&node)?.contains(&before), "the name was moved");
+
+    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert!(
+        target(&node)?.contains(&after),
+        "--allow-overwrite did not move it"
     );
     Ok(())
 }

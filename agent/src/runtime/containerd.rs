@@ -743,6 +743,20 @@ impl Containerd {
         events: &mpsc::Sender<ImportEvent>,
     ) -> Result<Vec<String>, Error> {
         let mdesc = manifest_descriptor(spec)?;
+        if !spec.allow_overwrite {
+            for name in &spec.names {
+                if let Some(existing) = self.image_target(name).await? {
+                    if existing != mdesc.digest {
+                        return Err(Error::NameTaken {
+                            image: spec.source.clone(),
+                            name: name.clone(),
+                            existing,
+                            wanted: mdesc.digest.clone(),
+                        });
+                    }
+                }
+            }
+        }
         let media_type = if oci::is_index(&mdesc.media_type) {
             self.import_index(lease, spec, &mdesc, events).await?;
             mdesc.media_type.clone()
@@ -1000,6 +1014,27 @@ impl Containerd {
         // Two references left: the map's and `lock`.
         if Arc::strong_count(&lock) == 2 {
             chains.remove(chain_id);
+        }
+    }
+
+    /// The digest image `name` points at, if the node has that name.
+    async fn image_target(&self, name: &str) -> Result<Option<String>, Error> {
+        match ImagesClient::new(self.channel.clone())
+            .get(self.req(
+                GetImageRequest {
+                    name: name.to_string(),
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => Ok(r
+                .into_inner()
+                .image
+                .and_then(|i| i.target)
+                .map(|t| t.digest)),
+            Err(s) if s.code() == Code::NotFound => Ok(None),
+            Err(s) => Err(Error::runtime(RUNTIME, format!("Images.Get {name}"))(s)),
         }
     }
 

@@ -496,7 +496,7 @@ fn fail(image: &mut ImageReport, error: String) {
 /// Every image of the bundle with its names in the registry and its content. Fails on a name
 /// that is not valid or would be given to two different images.
 fn plan(bundle: &Bundle, target: &Target, rules: &[RetagRule]) -> Result<Vec<Planned>, PushError> {
-    let names = plan_names(bundle, rules, false)?;
+    let names = plan_names(bundle, rules, false, false)?;
     let indexes = platforms::read(bundle)?;
     let mut owner: HashMap<String, (String, String)> = HashMap::new();
     let mut planned = Vec::with_capacity(names.len());
