@@ -235,7 +235,7 @@ async fn every_rpc_refuses_a_caller_without_the_token_and_the_token_leaks_nowher
         .containerd
         .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
     assert_eq!(content_before, content_after);
-    assert!(node.image_names()?.is_empty());
+    assert!(node.all_image_names()?.is_empty());
 
     // The token is in no answer, metric or log line, even after failed calls.
     let info = connect(&node.addr(), &lade_tests::dial())
@@ -288,7 +288,9 @@ async fn a_slow_client_on_the_side_port_is_cut_off() -> Result<()> {
 
 /// A registry speaking plain HTTP/1.1 on 127.0.0.1 that answers `/v2/` with `challenge`
 /// (200 once the request carries credentials) and every other path with a redirect to
-/// `redirect`; anything that is not an HTTP request (a TLS hello) is hung up on.
+/// `redirect`; anything that is not an HTTP request (a TLS hello) is hung up on. It answers
+/// one request per connection and says so (`connection: close`), or a client reusing the
+/// connection would now and then find it reset.
 async fn hostile_registry(challenge: String, redirect: String) -> Result<String> {
     let listener = tokio::net::TcpListener::bind(("127.0.0.1", 0)).await?;
     let host = listener.local_addr()?.to_string();
@@ -308,16 +310,16 @@ async fn hostile_registry(challenge: String, redirect: String) -> Result<String>
                 let head = String::from_utf8_lossy(&head).to_lowercase();
                 let path = head.split_whitespace().nth(1).unwrap_or("").to_string();
                 let answer = if path == "/v2/" && head.contains("\r\nauthorization:") {
-                    "HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n".to_string()
+                    "HTTP/1.1 200 OK\r\nconnection: close\r\ncontent-length: 0\r\n\r\n".to_string()
                 } else if path == "/v2/" {
                     format!(
                         "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: {challenge}\r\n\
-                         content-length: 0\r\n\r\n"
+                         connection: close\r\ncontent-length: 0\r\n\r\n"
                     )
                 } else {
                     format!(
                         "HTTP/1.1 307 Temporary Redirect\r\nlocation: {redirect}\r\n\
-                         content-length: 0\r\n\r\n"
+                         connection: close\r\ncontent-length: 0\r\n\r\n"
                     )
                 };
                 let _ = stream.write_all(answer.as_bytes()).await;
