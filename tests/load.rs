@@ -69,6 +69,31 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         BUSYBOX,
         BUSYBOX_RETAGGED,
     ];
+    // Each repository also gets its digest reference, as a registry pull records it.
+    let opened = Bundle::open(&bundle)?;
+    let manifest_of = |tag: &str| -> String {
+        let base = tag.rsplit('/').next().unwrap_or(tag);
+        let repo = base.split(':').next().unwrap_or(base);
+        opened
+            .images
+            .iter()
+            .find(|i| {
+                i.names.iter().any(|n| {
+                    lade::reference::Reference::parse(n)
+                        .is_ok_and(|r| r.to_string().contains(&format!("/{repo}:")))
+                })
+            })
+            .map(|i| i.manifest.clone())
+            .unwrap_or_default()
+    };
+    let digest_ref = |tag: &str| {
+        let repo = &tag[..tag.rfind(':').expect("a tagged name")];
+        format!("{repo}@{}", manifest_of(tag))
+    };
+    let mut expected: Vec<String> = expected
+        .iter()
+        .flat_map(|t| [t.to_string(), digest_ref(t)])
+        .collect();
     expected.sort();
     for (node, report) in nodes.iter().zip(&reports) {
         assert_eq!(report["node"], node.name.as_str());
@@ -77,7 +102,7 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         assert_eq!(u64_of(report, "bytes_sent"), unique_bytes, "{report}");
         // CRI adds a `sha256:<config>` record per image it sees; everything else is lade's.
         let (ids, names): (Vec<String>, Vec<String>) = node
-            .image_names()?
+            .all_image_names()?
             .into_iter()
             .partition(|n| n.starts_with("sha256:"));
         assert_eq!(names, expected, "names on {}", node.name);
@@ -142,6 +167,13 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
             node.name,
             node.containerd.version()
         );
+        // A pod pinning the image by digest finds it, and CRI lists the digest reference.
+        let pinned_ref = digest_ref(APP_RETAGGED);
+        assert!(seen.repo_digests.contains(&pinned_ref), "{seen:?}");
+        let by_digest = cri::image_status(&node.containerd.socket(), &pinned_ref)
+            .await?
+            .with_context(|| format!("CRI on {} does not know {pinned_ref}", node.name))?;
+        assert_eq!(by_digest.id, seen.id);
     }
 
     // A loaded image runs: the app layer's file is there on top of busybox.

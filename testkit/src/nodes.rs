@@ -110,8 +110,19 @@ impl Node {
         }
     }
 
-    /// Image names in namespace `k8s.io`, sorted.
+    /// Image names in namespace `k8s.io` but digest references (tags and CRI's config-digest
+    /// records), sorted.
     pub fn image_names(&self) -> Result<Vec<String>> {
+        Ok(self
+            .all_image_names()?
+            .into_iter()
+            .filter(|n| !n.contains('@'))
+            .collect())
+    }
+
+    /// Every image record in `k8s.io`, sorted: [`Node::image_names`] plus the digest
+    /// references (`repo@sha256:…`) lade creates beside each tag.
+    pub fn all_image_names(&self) -> Result<Vec<String>> {
         let out = self
             .containerd
             .ctr_ok(&["-n", "k8s.io", "images", "ls", "-q"])?;

@@ -176,7 +176,7 @@ async fn a_sparse_entry_cannot_grow_the_node_past_the_expansion_limit() -> Resul
         .unwrap_or("(did not fail)");
     assert!(reason.contains("decompression bomb"), "{report}");
     assert!(
-        node.image_names()?
+        node.all_image_names()?
             .iter()
             .all(|n| !n.contains("x.io/attack/sparse")),
         "the refused image got a name"

@@ -42,7 +42,7 @@ async fn a_bundle_naming_its_image_by_another_digest_is_refused_before_anything_
         "{stderr}"
     );
     assert!(
-        node.image_names()?.iter().all(|n| !n.contains("nginx")),
+        node.all_image_names()?.iter().all(|n| !n.contains("nginx")),
         "the claimed name was created"
     );
     Ok(())
@@ -96,7 +96,7 @@ async fn an_import_naming_another_digest_creates_no_name() -> Result<()> {
     };
     assert_eq!(err.code(), Code::InvalidArgument, "{err}");
     assert!(err.message().contains("own digest"), "{err}");
-    let names = node.image_names()?;
+    let names = node.all_image_names()?;
     assert!(
         names
             .iter()

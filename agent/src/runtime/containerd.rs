@@ -779,10 +779,11 @@ impl Containerd {
             annotations: HashMap::new(),
         };
         let pin = self.pins().await?;
-        for name in &spec.names {
+        let names = with_digest_references(&spec.names, &mdesc.digest);
+        for name in &names {
             self.put_image(name, &target, pin).await?;
         }
-        Ok(spec.names.clone())
+        Ok(names)
     }
 
     /// Every manifest of index `idesc`, then the index's own GC references to them. Only the
@@ -1673,5 +1674,51 @@ mod tests {
             "x/y"
         );
         assert_eq!(labels.len(), 3);
+    }
+}
+
+/// `names` and, for each tagged one, its digest reference `repo@<digest>`, as a registry pull
+/// records both: CRI lists those in `repoDigests`, and a pod that pins the image by digest
+/// finds it instead of pulling.
+fn with_digest_references(names: &[String], digest: &str) -> Vec<String> {
+    let mut all = names.to_vec();
+    for name in names {
+        if name.contains('@') {
+            continue;
+        }
+        let last = name.rfind('/').map_or(0, |i| i + 1);
+        let repo = match name[last..].rfind(':') {
+            Some(i) => &name[..last + i],
+            None => name.as_str(),
+        };
+        let reference = format!("{repo}@{digest}");
+        if !all.contains(&reference) {
+            all.push(reference);
+        }
+    }
+    all
+}
+
+#[cfg(test)]
+mod digest_reference_tests {
+    use super::with_digest_references;
+
+    #[test]
+    fn every_tagged_name_gets_its_repository_at_the_digest_once() {
+        let d = format!("sha256:{}", "a".repeat(64));
+        let names = [
+            "10.6.0.9:5000/ghippo/api:v1".to_string(),
+            "10.6.0.9:5000/ghippo/api:v2".to_string(),
+            format!("docker.io/library/busybox@{d}"),
+        ];
+        assert_eq!(
+            with_digest_references(&names, &d),
+            [
+                names[0].clone(),
+                names[1].clone(),
+                names[2].clone(),
+                format!("10.6.0.9:5000/ghippo/api@{d}"),
+            ]
+        );
     }
 }
