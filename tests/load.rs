@@ -61,7 +61,7 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
     let retag = ["--retag", RETAG_DEMO, "--retag", RETAG_LIBRARY];
     let (code, reports, stderr) = load(&bundle, &refs, &retag)?;
     ensure!(code == 0, "first load failed: {reports:#?}\n{stderr}");
-    let mut expected = vec![
+    let tags = [
         APP,
         APP_RETAGGED,
         SIDECAR,
@@ -90,7 +90,7 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
         let repo = &tag[..tag.rfind(':').expect("a tagged name")];
         format!("{repo}@{}", manifest_of(tag))
     };
-    let mut expected: Vec<String> = expected
+    let mut expected: Vec<String> = tags
         .iter()
         .flat_map(|t| [t.to_string(), digest_ref(t)])
         .collect();
