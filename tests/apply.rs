@@ -8,7 +8,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::SystemTime;
 
 use anyhow::{Context, Result};
@@ -19,7 +19,7 @@ use lade_testkit::hostile::{
     oci_layout, OciImage, MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP,
 };
 use lade_testkit::nodes::Node;
-use lade_tests::load_json;
+use lade_tests::{layer_dirs, load_json};
 use sha2::{Digest, Sha256};
 
 const T: u64 = 1_600_000_000;
@@ -290,33 +290,6 @@ fn tree(root: &Path, started: SystemTime) -> Result<BTreeMap<String, Seen>> {
         }
     }
     Ok(out)
-}
-
-/// The directories of the layers of the snapshot chain `top` on `node`, lowest first: the
-/// `lowerdir`s of a scratch snapshot prepared on it.
-fn layer_dirs(node: &Node, top: &str) -> Result<Vec<PathBuf>> {
-    let key = format!("compare-{}", std::process::id());
-    let out = node.containerd.ctr_ok(&[
-        "-n",
-        "k8s.io",
-        "snapshots",
-        "prepare",
-        "--mounts",
-        &key,
-        top,
-    ])?;
-    node.containerd
-        .ctr_ok(&["-n", "k8s.io", "snapshots", "rm", &key])?;
-    let mounts: serde_json::Value = serde_json::from_str(&out)?;
-    let lower = mounts[0]["Options"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .find_map(|o| o.as_str()?.strip_prefix("lowerdir="))
-        .with_context(|| format!("no lowerdir in {out}"))?;
-    let mut dirs: Vec<PathBuf> = lower.trim().split(':').map(PathBuf::from).collect();
-    dirs.reverse();
-    Ok(dirs)
 }
 
 /// chain IDs of `diff_ids`, as containerd names committed snapshots.

@@ -233,3 +233,30 @@ pub fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool
     }
     Ok(())
 }
+
+/// The directories of the layers of the snapshot chain `top` on `node`, lowest first: the
+/// `lowerdir`s of a scratch snapshot prepared on it.
+pub fn layer_dirs(node: &Node, top: &str) -> Result<Vec<PathBuf>> {
+    let key = format!("compare-{}", std::process::id());
+    let out = node.containerd.ctr_ok(&[
+        "-n",
+        "k8s.io",
+        "snapshots",
+        "prepare",
+        "--mounts",
+        &key,
+        top,
+    ])?;
+    node.containerd
+        .ctr_ok(&["-n", "k8s.io", "snapshots", "rm", &key])?;
+    let mounts: serde_json::Value = serde_json::from_str(&out)?;
+    let lower = mounts[0]["Options"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find_map(|o| o.as_str()?.strip_prefix("lowerdir="))
+        .with_context(|| format!("no lowerdir in {out}"))?;
+    let mut dirs: Vec<PathBuf> = lower.trim().split(':').map(PathBuf::from).collect();
+    dirs.reverse();
+    Ok(dirs)
+}

@@ -183,3 +183,83 @@ async fn a_sparse_entry_cannot_grow_the_node_past_the_expansion_limit() -> Resul
     );
     Ok(())
 }
+
+/// Every path below `dir` with its type, mode, owner, size, mtime and content hash: what a
+/// layer shared by other images must keep.
+fn fingerprint(dir: &Path) -> Result<Vec<String>> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for entry in std::fs::read_dir(&d)? {
+            let path = entry?.path();
+            let m = std::fs::symlink_metadata(&path)?;
+            let content = if m.is_file() {
+                lade_testkit::fixtures::blob_digest(&std::fs::read(&path)?)
+            } else {
+                String::new()
+            };
+            if m.is_dir() {
+                stack.push(path.clone());
+            }
+            out.push(format!(
+                "{} {:o} {}:{} {} {} {content}",
+                path.strip_prefix(dir)?.display(),
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                m.len(),
+                m.mtime()
+            ));
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn hostile_layers_on_a_shared_base_leave_the_base_snapshot_as_it_was() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let base = raw_tar(&[
+        Member::dir("etc/"),
+        Member::file("etc/passwd", "root:x:0:0::/root:/bin/sh\n"),
+        Member::symlink("etc/link", "passwd"),
+    ]);
+    let node = Node::start_with("attack-lower", &["--unpack", "agent"]).await?;
+    load(
+        &node,
+        &[OciImage::plain("x.io/attack/base:1", vec![base.clone()])],
+    )?;
+    let chain = lade_testkit::fixtures::blob_digest(&base);
+    let lower = lade_tests::layer_dirs(&node, &chain)?;
+    let lower = lower.last().context("the base layer's directory")?;
+    let before = fingerprint(lower)?;
+    assert!(
+        before.iter().any(|l| l.starts_with("etc/passwd ")),
+        "{before:?}"
+    );
+
+    // Layers on top of that base that reach for its files: a hard link then chmod, a write
+    // through its symlink, a chmod of its directory by re-declaring it, a whiteout of it.
+    let attacks = [
+        raw_tar(&[Member::hardlink("h", "etc/passwd").with_mode(0o4777)]),
+        raw_tar(&[Member::file("etc/link", "rewritten").with_mode(0o4777)]),
+        raw_tar(&[Member::dir("etc/").with_mode(0o777)]),
+        raw_tar(&[Member::file("etc/.wh.passwd", "")]),
+        raw_tar(&[Member::file("etc/.wh..wh..opq", "")]),
+    ];
+    let images: Vec<OciImage> = attacks
+        .iter()
+        .enumerate()
+        .map(|(i, layer)| {
+            OciImage::plain(
+                &format!("x.io/attack/on-base-{i}:1"),
+                vec![base.clone(), layer.clone()],
+            )
+        })
+        .collect();
+    let (_, report) = load(&node, &images)?;
+    assert_eq!(fingerprint(lower)?, before, "{report}");
+    Ok(())
+}
