@@ -4,7 +4,7 @@
 //! one with `--unpack agent`) and every snapshot directory is compared file by file; hostile layers
 //! are refused by the agent and kept inside the snapshot by containerd.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
@@ -434,17 +434,7 @@ async fn hostile_layers_are_refused_by_the_agent_and_stay_inside_with_containerd
     let by_agent = Node::start_with("hostile-agent", &["--unpack", "agent"]).await?;
     let (code, reports, stderr) = load_json(&path, &[by_agent.addr()], &["--no-layer-check"])?;
     assert_eq!(code, 1, "{reports:#?}\n{stderr}");
-    let failed: HashMap<String, String> = reports[0]["failed_images"]
-        .as_array()
-        .context("failed_images")?
-        .iter()
-        .map(|f| {
-            (
-                f["image"].as_str().unwrap_or_default().to_string(),
-                f["reason"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let failed = lade_tests::failed_images(&reports[0])?;
     for (name, _, says) in &cases {
         let reason = failed
             .get(*name)

@@ -260,3 +260,18 @@ pub fn layer_dirs(node: &Node, top: &str) -> Result<Vec<PathBuf>> {
     dirs.reverse();
     Ok(dirs)
 }
+
+/// A node report's failed images, image name → reason.
+pub fn failed_images(report: &Value) -> Result<std::collections::HashMap<String, String>> {
+    Ok(report["failed_images"]
+        .as_array()
+        .context("failed_images")?
+        .iter()
+        .map(|f| {
+            (
+                f["image"].as_str().unwrap_or_default().to_string(),
+                f["reason"].as_str().unwrap_or_default().to_string(),
+            )
+        })
+        .collect())
+}

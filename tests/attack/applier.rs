@@ -57,17 +57,7 @@ fn load(node: &Node, images: &[OciImage]) -> Result<(HashMap<String, String>, St
     let path = dir.path().join("images.tar");
     std::fs::write(&path, oci_layout(images))?;
     let (_, reports, stderr) = load_json(Path::new(&path), &[node.addr()], &["--no-layer-check"])?;
-    let failed = reports[0]["failed_images"]
-        .as_array()
-        .context("failed_images")?
-        .iter()
-        .map(|f| {
-            (
-                f["image"].as_str().unwrap_or_default().to_string(),
-                f["reason"].as_str().unwrap_or_default().to_string(),
-            )
-        })
-        .collect();
+    let failed = lade_tests::failed_images(&reports[0])?;
     Ok((failed, format!("{reports:#?}\n{stderr}")))
 }
 
