@@ -100,6 +100,15 @@ pub enum Error {
         wanted: String,
     },
     #[error(
+        "image {image}: name {name} is the CRI pod sandbox image and points at {existing} on this node, not at {wanted}; lade never moves it (not even with --allow-overwrite)"
+    )]
+    SandboxImage {
+        image: String,
+        name: String,
+        existing: String,
+        wanted: String,
+    },
+    #[error(
         "image {image} on node {node}: dockerd loaded image {actual}, but the config digest is {expected}"
     )]
     LoadedOtherImage {
@@ -183,7 +192,8 @@ impl From<Error> for Status {
             Error::ResumeOffset { .. }
             | Error::MissingBlob { .. }
             | Error::LayerOnOtherBase { .. }
-            | Error::NameTaken { .. } => Code::FailedPrecondition,
+            | Error::NameTaken { .. }
+            | Error::SandboxImage { .. } => Code::FailedPrecondition,
             Error::BadLayer { source, .. } => match source {
                 crate::apply::ApplyError::Entry { source, .. } => match source.kind() {
                     std::io::ErrorKind::StorageFull => Code::ResourceExhausted,

@@ -101,6 +101,12 @@ struct Config {
     /// 256 MiB) is refused as a decompression bomb when the agent unpacks it.
     #[arg(long, env = "LADE_MAX_LAYER_RATIO", default_value_t = 100)]
     max_layer_ratio: u64,
+    /// The CRI pod sandbox (pause) image, whose name lade never moves to other content, not
+    /// even with `lade load --allow-overwrite`. Default: the `sandbox_image` containerd 1.x's
+    /// CRI status reports; containerd 2.x does not report its `pinned_images.sandbox`, so its
+    /// built-in default registry.k8s.io/pause:3.10 is assumed: set this where it differs.
+    #[arg(long, env = "LADE_SANDBOX_IMAGE")]
+    sandbox_image: Option<String>,
     /// dockerd's API socket.
     #[arg(
         long,
@@ -173,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
         platform: platform.clone(),
         unpack: cfg.unpack,
         max_layer_ratio: cfg.max_layer_ratio,
+        sandbox_image: cfg.sandbox_image,
     };
     let docker = DockerConfig {
         socket: cfg.docker_socket,

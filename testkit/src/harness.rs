@@ -432,6 +432,38 @@ impl Containerd {
         self.dir.join("config.toml")
     }
 
+    /// The CRI pod sandbox image this instance is configured with, as `containerd config
+    /// dump` shows the effective configuration: `sandbox_image` on 1.x,
+    /// `pinned_images.sandbox` on 2.x.
+    pub fn sandbox_image(&self) -> Result<String> {
+        let out = Command::new(&self.containerd_bin)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["config", "dump"])
+            .output()
+            .with_context(|| format!("run {} config dump", self.containerd_bin.display()))?;
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let mut in_pins = false;
+        for line in dump.lines().map(str::trim) {
+            if line.starts_with('[') {
+                in_pins = line.ends_with(".pinned_images]");
+                continue;
+            }
+            let Some((key, value)) = line.split_once('=') else {
+                continue;
+            };
+            let key = key.trim();
+            if key == "sandbox_image" || (in_pins && key == "sandbox") {
+                return Ok(value.trim().trim_matches(['"', '\'']).to_string());
+            }
+        }
+        bail!(
+            "{}: containerd config dump names no sandbox image: {}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        )
+    }
+
     /// The config schema this instance is started with: `version = 3` on containerd 2.x (what
     /// it writes itself), `version = 2` on 1.x, or the one [`CONFIG_VERSION_ENV`] forces (2 on
     /// containerd 2.x: a node upgraded in place keeps its 1.x config, which 2.x migrates).

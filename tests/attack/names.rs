@@ -18,6 +18,16 @@ fn image(name: &str) -> OciImage {
     OciImage::plain(name, vec![raw_tar(&[Member::file("hello", "hi")])])
 }
 
+/// `ctr images ls`'s line of `name` on `node` (name, type, digest, …).
+fn listed(node: &Node, name: &str) -> Result<String> {
+    let listed = node.containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"])?;
+    let line = listed
+        .lines()
+        .find(|l| l.split_whitespace().next() == Some(name))
+        .with_context(|| format!("{name} is gone: {listed}"))?;
+    Ok(line.to_string())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_bundle_naming_its_image_by_another_digest_is_refused_before_anything_is_sent(
 ) -> Result<()> {
@@ -128,14 +138,7 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
     let after = lade::bundle::Bundle::open(&ours)?.images[0]
         .manifest
         .clone();
-    let target = |node: &Node| -> Result<String> {
-        let listed = node.containerd.ctr_ok(&["-n", "k8s.io", "images", "ls"])?;
-        let line = listed
-            .lines()
-            .find(|l| l.starts_with(name))
-            .with_context(|| format!("{name} is gone: {listed}"))?;
-        Ok(line.to_string())
-    };
+    let target = |node: &Node| listed(node, name);
 
     let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
     assert_eq!(code, 1, "{stderr}");
@@ -154,5 +157,69 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
         target(&node)?.contains(&after),
         "--allow-overwrite did not move it"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_sandbox_image_is_never_moved_even_with_allow_overwrite() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // The node's pause image, as containerd's CRI configuration names it (its default here):
+    // every new pod starts from it.
+    let node = Node::start("attack-sandbox").await?;
+    let sandbox = node.containerd.sandbox_image()?;
+    sandbox_name_stays(&node, &sandbox)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sandbox_image_named_by_the_agent_flag_is_never_moved() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let sandbox = "x.io/attack/pause:custom";
+    let node = Node::start_with("attack-sandbox-flag", &["--sandbox-image", sandbox]).await?;
+    sandbox_name_stays(&node, sandbox)
+}
+
+/// The node gets `sandbox` from an honest bundle (creating it is how an air-gapped node gets
+/// its pause image), then a bundle with other content under that name and another image
+/// beside it, loaded with `--allow-overwrite`: the name stays, the other image is loaded.
+fn sandbox_name_stays(node: &Node, sandbox: &str) -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let theirs = dir.path().join("theirs.tar");
+    let ours = dir.path().join("ours.tar");
+    std::fs::write(&theirs, oci_layout(&[image(sandbox)]))?;
+    let other = "x.io/attack/beside:1";
+    let evil = OciImage::plain(sandbox, vec![raw_tar(&[Member::file("evil", "1")])]);
+    std::fs::write(&ours, oci_layout(&[evil, image(other)]))?;
+    let (code, _, stderr) = load_json(&theirs, &[node.addr()], &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    let before = lade::bundle::Bundle::open(&theirs)?.images[0]
+        .manifest
+        .clone();
+    let after = lade::bundle::Bundle::open(&ours)?.images[0]
+        .manifest
+        .clone();
+
+    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
+    assert_eq!(code, 1, "{stderr}");
+    let failed = reports[0]["failed_images"]
+        .as_array()
+        .context("failed_images")?;
+    assert_eq!(failed.len(), 1, "{reports:#?}");
+    let reason = failed[0]["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains("sandbox image")
+            && reason.contains(sandbox)
+            && reason.contains(&before)
+            && reason.contains(&after),
+        "{reports:#?}"
+    );
+    assert!(
+        listed(node, sandbox)?.contains(&before),
+        "the sandbox image was moved"
+    );
+    listed(node, other)?;
     Ok(())
 }

@@ -41,9 +41,14 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tracing::{debug, info, instrument, warn};
 
-use super::{finished_event, manifest_descriptor, validate_session, Runtime};
+use super::{canonical_name, finished_event, manifest_descriptor, validate_session, Runtime};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
+
+#[allow(clippy::all, missing_docs)]
+mod cri {
+    tonic::include_proto!("runtime.v1");
+}
 
 const RUNTIME: &str = "containerd";
 /// Label containerd's unpacker sets on a layer blob once its diffID was verified by applying it.
@@ -57,20 +62,69 @@ const LABEL_PINNED: &str = "io.cri-containerd.pinned";
 /// the node (spegel, for one) serve the loaded images to other nodes.
 const LABEL_SOURCE_PREFIX: &str = "containerd.io/distribution.source.";
 
+/// The sandbox image named by CRI's verbose status `info`, whose values are JSON documents:
+/// containerd 1.x reports its CRI configuration there, with `sandboxImage`. containerd 2.1
+/// reports only the runtime part (the image part holds `pinned_images.sandbox`); that key is
+/// taken too, at any depth, should a later version report it.
+fn sandbox_image_in(info: &HashMap<String, String>) -> Option<String> {
+    fn find(value: &serde_json::Value) -> Option<String> {
+        match value {
+            serde_json::Value::Object(map) => {
+                for (key, inner) in map {
+                    let found = match (key.as_str(), inner) {
+                        ("sandboxImage" | "sandbox_image", serde_json::Value::String(s)) => {
+                            Some(s.clone())
+                        }
+                        ("pinned_images" | "pinnedImages", serde_json::Value::Object(pins)) => pins
+                            .get("sandbox")
+                            .and_then(|s| s.as_str())
+                            .map(str::to_string),
+                        _ => find(inner),
+                    };
+                    if let Some(name) = found.filter(|n| !n.is_empty()) {
+                        return Some(name);
+                    }
+                }
+                None
+            }
+            serde_json::Value::Array(items) => items.iter().find_map(find),
+            _ => None,
+        }
+    }
+    let mut keys: Vec<&String> = info.keys().collect();
+    keys.sort();
+    keys.into_iter()
+        .filter_map(|k| serde_json::from_str::<serde_json::Value>(&info[k]).ok())
+        .find_map(|v| find(&v))
+}
+
 /// Whether containerd `version` (as its Version service reports it, e.g. `1.6.20~ds1` or
 /// `v1.7.13`) honours the CRI pin label, added in 1.7.3.
 pub fn pins_images(version: &str) -> bool {
-    let numbers: Vec<u64> = version
-        .trim_start_matches('v')
-        .split(|c: char| !c.is_ascii_digit())
-        .take(3)
-        .map(|n| n.parse().unwrap_or(0))
-        .collect();
-    match numbers.as_slice() {
+    match version_numbers(version).as_slice() {
         [major, minor, patch, ..] => (*major, *minor, *patch) >= (1, 7, 3),
         _ => false,
     }
 }
+
+/// The leading numbers of a containerd version (`v1.7.13`, `1.6.20~ds1`).
+fn version_numbers(version: &str) -> Vec<u64> {
+    version
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .take(3)
+        .map(|n| n.parse().unwrap_or(0))
+        .collect()
+}
+
+/// The major version of a containerd version string (0 when unreadable).
+fn major_version(version: &str) -> u64 {
+    version_numbers(version).first().copied().unwrap_or(0)
+}
+
+/// containerd 2.x's default `pinned_images.sandbox` (2.0 and 2.1), what its CRI runs pods
+/// from unless configured otherwise. Its CRI status does not report the configured one.
+const CONTAINERD2_SANDBOX_IMAGE: &str = "registry.k8s.io/pause:3.10";
 
 /// How long a PutBlob waits for containerd to release the ingest of a previous upload of the
 /// same blob, polling every [`REF_LOCKED_POLL`]; a lock held longer is another writer's.
@@ -145,6 +199,9 @@ pub struct ContainerdConfig {
     pub unpack: UnpackMode,
     /// Decompression bound of a layer the agent applies, times its stored size.
     pub max_layer_ratio: u64,
+    /// The CRI pod sandbox (pause) image, never repointed; `None`: as CRI's configuration
+    /// reports it.
+    pub sandbox_image: Option<String>,
 }
 
 /// Who applies layers to snapshots.
@@ -743,20 +800,7 @@ impl Containerd {
         events: &mpsc::Sender<ImportEvent>,
     ) -> Result<Vec<String>, Error> {
         let mdesc = manifest_descriptor(spec)?;
-        if !spec.allow_overwrite {
-            for name in &spec.names {
-                if let Some(existing) = self.image_target(name).await? {
-                    if existing != mdesc.digest {
-                        return Err(Error::NameTaken {
-                            image: spec.source.clone(),
-                            name: name.clone(),
-                            existing,
-                            wanted: mdesc.digest.clone(),
-                        });
-                    }
-                }
-            }
-        }
+        self.check_names(spec, &mdesc.digest).await?;
         let media_type = if oci::is_index(&mdesc.media_type) {
             self.import_index(lease, spec, &mdesc, events).await?;
             mdesc.media_type.clone()
@@ -995,13 +1039,7 @@ impl Containerd {
         if !self.cfg.pin_images {
             return Ok(false);
         }
-        let version = VersionClient::new(self.channel.clone())
-            .version(())
-            .await
-            .map_err(Error::runtime(RUNTIME, "Version"))?
-            .into_inner()
-            .version;
-        Ok(pins_images(&version))
+        Ok(pins_images(&self.version().await?))
     }
 
     fn chain_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
@@ -1016,6 +1054,83 @@ impl Containerd {
         if Arc::strong_count(&lock) == 2 {
             chains.remove(chain_id);
         }
+    }
+
+    /// Refuses `spec` before anything of it is written when one of its names already points
+    /// at other content than `digest`: always for CRI's sandbox image (every new pod runs
+    /// it), otherwise unless the caller allows overwriting. A name the node lacks, or has for
+    /// this very digest (a re-run), is fine.
+    async fn check_names(&self, spec: &ImageSpec, digest: &str) -> Result<(), Error> {
+        let mut sandbox = None;
+        for name in &spec.names {
+            let Some(existing) = self.image_target(name).await? else {
+                continue;
+            };
+            if existing == digest {
+                continue;
+            }
+            if sandbox.is_none() {
+                sandbox = Some(self.sandbox_image().await?);
+            }
+            if sandbox.as_ref().and_then(Option::as_deref) == Some(name.as_str()) {
+                return Err(Error::SandboxImage {
+                    image: spec.source.clone(),
+                    name: name.clone(),
+                    existing,
+                    wanted: digest.to_string(),
+                });
+            }
+            if !spec.allow_overwrite {
+                return Err(Error::NameTaken {
+                    image: spec.source.clone(),
+                    name: name.clone(),
+                    existing,
+                    wanted: digest.to_string(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The CRI pod sandbox image in its full form: `--sandbox-image`; else what CRI's
+    /// configuration says (RuntimeService.Status, verbose: containerd 1.x); else, on
+    /// containerd 2.x, whose CRI status leaves the image configuration out, its built-in
+    /// default. `None` when containerd serves no CRI.
+    async fn sandbox_image(&self) -> Result<Option<String>, Error> {
+        if let Some(name) = &self.cfg.sandbox_image {
+            return Ok(Some(canonical_name(name)));
+        }
+        let status = cri::runtime_service_client::RuntimeServiceClient::new(self.channel.clone())
+            .status(cri::StatusRequest { verbose: true })
+            .await;
+        let reported = match status {
+            Ok(r) => sandbox_image_in(&r.into_inner().info),
+            Err(s) if s.code() == Code::Unimplemented => return Ok(None),
+            Err(s) => return Err(Error::runtime(RUNTIME, "CRI RuntimeService.Status")(s)),
+        };
+        if let Some(name) = reported {
+            return Ok(Some(canonical_name(&name)));
+        }
+        let version = self.version().await?;
+        if major_version(&version) >= 2 {
+            warn!(
+                %version,
+                default = CONTAINERD2_SANDBOX_IMAGE,
+                "containerd's CRI status does not name its sandbox image; protecting its built-in default (set --sandbox-image if pinned_images.sandbox says otherwise)"
+            );
+            return Ok(Some(CONTAINERD2_SANDBOX_IMAGE.to_string()));
+        }
+        Ok(None)
+    }
+
+    /// containerd's version as its Version service reports it (e.g. `1.6.20~ds1`).
+    async fn version(&self) -> Result<String, Error> {
+        Ok(VersionClient::new(self.channel.clone())
+            .version(())
+            .await
+            .map_err(Error::runtime(RUNTIME, "Version"))?
+            .into_inner()
+            .version)
     }
 
     /// The digest image `name` points at, if the node has that name.
@@ -1598,6 +1713,39 @@ impl Runtime for Containerd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sandbox_image_is_read_from_cri_status_info() {
+        let one = HashMap::from([
+            ("golang".to_string(), "\"go1.20\"".to_string()),
+            (
+                "config".to_string(),
+                r#"{"containerd":{"snapshotter":"overlayfs"},"sandboxImage":"registry.k8s.io/pause:3.6"}"#
+                    .to_string(),
+            ),
+        ]);
+        assert_eq!(
+            sandbox_image_in(&one).as_deref(),
+            Some("registry.k8s.io/pause:3.6")
+        );
+        let two = HashMap::from([(
+            "imageConfig".to_string(),
+            r#"{"snapshotter":"overlayfs","pinned_images":{"sandbox":"registry.k8s.io/pause:3.10"}}"#
+                .to_string(),
+        )]);
+        assert_eq!(
+            sandbox_image_in(&two).as_deref(),
+            Some("registry.k8s.io/pause:3.10")
+        );
+        let none = HashMap::from([
+            ("config".to_string(), r#"{"sandboxImage":""}"#.to_string()),
+            ("lastCNILoadStatus".to_string(), "OK".to_string()),
+        ]);
+        assert_eq!(sandbox_image_in(&none), None);
+        assert_eq!(major_version("2.1.9+ds1-5"), 2);
+        assert_eq!(major_version("v1.7.13"), 1);
+        assert_eq!(major_version("devel"), 0);
+    }
 
     #[test]
     fn only_a_numbered_snapshot_directory_named_by_a_failed_rename_is_an_orphan() {

@@ -41,7 +41,7 @@ use tracing::{debug, info, instrument, warn};
 
 use self::archive::{Archive, Layer};
 use self::cache::BlobCache;
-use super::{finished_event, manifest_descriptor, validate_session, Runtime};
+use super::{canonical_name, finished_event, manifest_descriptor, validate_session, Runtime};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -525,21 +525,6 @@ fn is_not_found(e: &DockerError) -> bool {
             ..
         }
     )
-}
-
-/// The full name of a tag as Docker shows it (`busybox:latest` ->
-/// `docker.io/library/busybox:latest`), the form containerd and the coordinator use.
-fn canonical_name(name: &str) -> String {
-    let has_host = name.split_once('/').is_some_and(|(first, _)| {
-        first.contains('.') || first.contains(':') || first == "localhost"
-    });
-    if has_host {
-        name.to_string()
-    } else if name.contains('/') {
-        format!("docker.io/{name}")
-    } else {
-        format!("docker.io/library/{name}")
-    }
 }
 
 impl Runtime for Docker {

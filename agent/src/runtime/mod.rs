@@ -199,3 +199,19 @@ pub async fn detect(
         }),
     }
 }
+
+/// The full name of a short image name (`busybox:latest` -> `docker.io/library/busybox:latest`),
+/// the form containerd and the coordinator use: Docker shows tags short, and CRI's
+/// configured sandbox image may be written short.
+pub(crate) fn canonical_name(name: &str) -> String {
+    let has_host = name.split_once('/').is_some_and(|(first, _)| {
+        first.contains('.') || first.contains(':') || first == "localhost"
+    });
+    if has_host {
+        name.to_string()
+    } else if name.contains('/') {
+        format!("docker.io/{name}")
+    } else {
+        format!("docker.io/library/{name}")
+    }
+}
