@@ -100,6 +100,7 @@ struct LoadArgs {
     no_keep_original: bool,
     /// Move names a node already has for other content (say its CNI or kube-proxy image) to
     /// the bundle's images; without it such an image fails on that node and names nothing.
+    /// The CRI pod sandbox (pause) image is never moved.
     #[arg(long, env = "LADE_ALLOW_OVERWRITE")]
     allow_overwrite: bool,
     /// Nodes loaded at the same time.

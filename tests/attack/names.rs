@@ -7,7 +7,7 @@ use lade::load::connect;
 use lade_proto::{Descriptor, ImageSpec, ImportRequest};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::hostile::{oci_layout, raw_tar, Member, OciImage};
-use lade_testkit::nodes::{run_lade, Node};
+use lade_testkit::nodes::{run_lade, DockerNode, Node};
 use lade_tests::load_json;
 use tonic::Code;
 
@@ -16,6 +16,44 @@ const FOREIGN: &str = "sha256:4c0fdaa8b6341bfdeca5f18f7837462c80cff90527ee35ef18
 
 fn image(name: &str) -> OciImage {
     OciImage::plain(name, vec![raw_tar(&[Member::file("hello", "hi")])])
+}
+
+/// A name the node holds and a bundle that claims it for other content.
+struct Claim {
+    /// Holds the bundles: bind it (not `..`) to keep them.
+    _dir: tempfile::TempDir,
+    /// The claiming bundle: other content under the name, then the images `beside` it.
+    ours: std::path::PathBuf,
+    /// What the node had under the name, and what the claiming bundle has there.
+    before: lade::bundle::Image,
+    after: lade::bundle::Image,
+}
+
+/// Loads an honest image named `name` onto the agent at `addr` (what the node had: its CNI
+/// image, say), and writes a bundle claiming `name` for other content, with `beside`.
+fn claim(addr: &str, name: &str, beside: &[OciImage]) -> Result<Claim> {
+    let dir = tempfile::tempdir()?;
+    let theirs = dir.path().join("theirs.tar");
+    let ours = dir.path().join("ours.tar");
+    std::fs::write(&theirs, oci_layout(&[image(name)]))?;
+    let mut images = vec![OciImage::plain(
+        name,
+        vec![raw_tar(&[Member::file("evil", "1")])],
+    )];
+    images.extend(beside.iter().cloned());
+    std::fs::write(&ours, oci_layout(&images))?;
+    let (code, _, stderr) = load_json(&theirs, &[addr.to_string()], &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    let first = |path: &std::path::Path| -> Result<lade::bundle::Image> {
+        let mut bundle = lade::bundle::Bundle::open(path)?;
+        Ok(bundle.images.swap_remove(0))
+    };
+    Ok(Claim {
+        before: first(&theirs)?,
+        after: first(&ours)?,
+        ours,
+        _dir: dir,
+    })
 }
 
 /// `ctr images ls`'s line of `name` on `node` (name, type, digest, …).
@@ -121,23 +159,15 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
     if !daemon_tests_enabled() {
         return Ok(());
     }
-    // What the node had: its own image under a name the bundle also uses (a CNI image, say).
-    let dir = tempfile::tempdir()?;
-    let theirs = dir.path().join("theirs.tar");
-    let ours = dir.path().join("ours.tar");
     let name = "x.io/attack/cni:v1";
-    std::fs::write(&theirs, oci_layout(&[image(name)]))?;
-    let bundle_image = OciImage::plain(name, vec![raw_tar(&[Member::file("evil", "1")])]);
-    std::fs::write(&ours, oci_layout(&[bundle_image]))?;
     let node = Node::start("attack-overwrite").await?;
-    let (code, _, stderr) = load_json(&theirs, &[node.addr()], &[])?;
-    assert_eq!(code, 0, "{stderr}");
-    let before = lade::bundle::Bundle::open(&theirs)?.images[0]
-        .manifest
-        .clone();
-    let after = lade::bundle::Bundle::open(&ours)?.images[0]
-        .manifest
-        .clone();
+    let Claim {
+        _dir,
+        ours,
+        before,
+        after,
+    } = claim(&node.addr(), name, &[])?;
+    let (before, after) = (before.manifest, after.manifest);
     let target = |node: &Node| listed(node, name);
 
     let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
@@ -186,21 +216,14 @@ async fn a_sandbox_image_named_by_the_agent_flag_is_never_moved() -> Result<()> 
 /// its pause image), then a bundle with other content under that name and another image
 /// beside it, loaded with `--allow-overwrite`: the name stays, the other image is loaded.
 fn sandbox_name_stays(node: &Node, sandbox: &str) -> Result<()> {
-    let dir = tempfile::tempdir()?;
-    let theirs = dir.path().join("theirs.tar");
-    let ours = dir.path().join("ours.tar");
-    std::fs::write(&theirs, oci_layout(&[image(sandbox)]))?;
     let other = "x.io/attack/beside:1";
-    let evil = OciImage::plain(sandbox, vec![raw_tar(&[Member::file("evil", "1")])]);
-    std::fs::write(&ours, oci_layout(&[evil, image(other)]))?;
-    let (code, _, stderr) = load_json(&theirs, &[node.addr()], &[])?;
-    assert_eq!(code, 0, "{stderr}");
-    let before = lade::bundle::Bundle::open(&theirs)?.images[0]
-        .manifest
-        .clone();
-    let after = lade::bundle::Bundle::open(&ours)?.images[0]
-        .manifest
-        .clone();
+    let Claim {
+        _dir,
+        ours,
+        before,
+        after,
+    } = claim(&node.addr(), sandbox, &[image(other)])?;
+    let (before, after) = (before.manifest, after.manifest);
 
     let (code, reports, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
     assert_eq!(code, 1, "{stderr}");
@@ -221,5 +244,45 @@ fn sandbox_name_stays(node: &Node, sandbox: &str) -> Result<()> {
         "the sandbox image was moved"
     );
     listed(node, other)?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_docker_tag_for_another_image_is_not_moved_unless_allowed() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let name = "x.io/attack/cni:v1";
+    let node = DockerNode::start("attack-docker-tag").await?;
+    let Claim {
+        _dir,
+        ours,
+        before,
+        after,
+    } = claim(&node.addr(), name, &[])?;
+    // Docker's image ID is the config digest.
+    let (before, after) = (before.config, after.config);
+    let target = |node: &DockerNode| -> Result<String> {
+        Ok(node
+            .dockerd
+            .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?
+            .trim()
+            .to_string())
+    };
+
+    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
+    assert_eq!(code, 1, "{stderr}");
+    let reason = reports[0]["failed_images"][0]["reason"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        reason.contains("already points at") && reason.contains(&before) && reason.contains(&after),
+        "{reports:#?}"
+    );
+    assert_eq!(target(&node)?, before, "the tag was moved");
+
+    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(target(&node)?, after, "--allow-overwrite did not move it");
     Ok(())
 }

@@ -336,6 +336,10 @@ impl Docker {
             Manifest::parse(&mdesc.digest, &self.cache.read_small(image, &mdesc).await?)?;
         let config_digest = manifest.config.digest.clone();
         used_layers.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+        if !spec.allow_overwrite {
+            self.check_tags(docker, image, &config_digest, &tags)
+                .await?;
+        }
 
         let phases = if holdings.images.contains(&config_digest) {
             vec![ImportPhase::LayerPresent; manifest.layers.len()]
@@ -449,6 +453,45 @@ impl Docker {
         }
     }
 
+    /// Refuses the image before it is loaded when one of its tags already names another image
+    /// (Docker's image ID is the config digest): moving it needs `--allow-overwrite`.
+    async fn check_tags(
+        &self,
+        docker: &bollard::Docker,
+        image: &str,
+        id: &str,
+        tags: &[Tag],
+    ) -> Result<(), Error> {
+        for tag in tags {
+            match self.tagged(docker, image, tag).await? {
+                Some(existing) if existing != id => {
+                    return Err(Error::NameTaken {
+                        image: image.to_string(),
+                        name: tag.name.clone(),
+                        existing,
+                        wanted: id.to_string(),
+                    })
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The image ID `tag` names on this node, if it names one.
+    async fn tagged(
+        &self,
+        docker: &bollard::Docker,
+        image: &str,
+        tag: &Tag,
+    ) -> Result<Option<String>, Error> {
+        match docker.inspect_image(&tag.name).await {
+            Ok(held) => Ok(held.id),
+            Err(e) if is_not_found(&e) => Ok(None),
+            Err(e) => Err(self.image_err(image, format!("inspect {}", tag.name))(e)),
+        }
+    }
+
     /// Points every tag at image `id`. If one fails, the tags this call created or moved are
     /// put back as they were, so the image gains no name.
     async fn tag(
@@ -461,13 +504,7 @@ impl Docker {
         let mut done: Vec<(&Tag, Option<String>)> = Vec::new();
         for tag in tags {
             let result = async {
-                let before = match docker.inspect_image(&tag.name).await {
-                    Ok(i) => i.id,
-                    Err(e) if is_not_found(&e) => None,
-                    Err(e) => {
-                        return Err(self.image_err(image, format!("inspect {}", tag.name))(e))
-                    }
-                };
+                let before = self.tagged(docker, image, tag).await?;
                 if before.as_deref() != Some(id) {
                     docker
                         .tag_image(id, Some(tag_options(tag)))
