@@ -21,6 +21,15 @@ const NAME: &str = "release.daocloud.io/demo/multi:v1";
 /// An OCI archive of [`NAME`] for amd64 (the runnable sample app) and arm64 (another top
 /// layer over the same base), whose index also lists the architectures of `listed_only`.
 fn write_multi(dir: &Path, listed_only: &[&str]) -> Result<(PathBuf, WrittenIndex, u64)> {
+    write_multi_named(dir, NAME, listed_only)
+}
+
+/// [`write_multi`] with the index annotated `name`.
+fn write_multi_named(
+    dir: &Path,
+    name: &str,
+    listed_only: &[&str],
+) -> Result<(PathBuf, WrittenIndex, u64)> {
     let imgs = images()?;
     let arm_only = random_layer(11, 64 << 10, 1.0);
     let arm = ImageFixture::new(
@@ -31,7 +40,7 @@ fn write_multi(dir: &Path, listed_only: &[&str]) -> Result<(PathBuf, WrittenInde
     let path = dir.join("multi.tar");
     let mut out = BufWriter::new(File::create(&path)?);
     let written = write_oci_partial_multiplatform(
-        NAME,
+        name,
         &[("amd64", imgs[0].clone()), ("arm64", arm)],
         listed_only,
         Compression::None,
@@ -256,6 +265,38 @@ async fn a_single_platform_image_of_another_platform_loads_with_a_warning() -> R
     assert!(
         text.contains("warning: warn-arm: image ") && text.contains("will not start here"),
         "{text}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_by_the_index_digest_names_each_node_s_own_target() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // What `ctr export` writes for an image pulled by digest: the index's own digest is a
+    // name of the image, not a claim on other content.
+    let tagged = tempfile::tempdir()?;
+    let (_, written, _) = write_multi(tagged.path(), &[])?;
+    let repo = NAME.rsplit_once(':').context("a tag")?.0;
+    let by_index = format!("{repo}@{}", written.index_digest);
+    let dir = tempfile::tempdir()?;
+    let (path, again, _) = write_multi_named(dir.path(), &by_index, &[])?;
+    assert_eq!(again, written, "the name changed the index");
+
+    let all = Node::start("digest-all").await?;
+    let own = Node::start("digest-own").await?;
+    let (code, _, stderr) = load_json(&path, &[all.addr()], &["--all-platforms"])?;
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(target(&all, &by_index)?.1, written.index_digest);
+    // A node that gets one platform's manifest has that manifest's digest reference instead.
+    let (code, _, stderr) = load_json(&path, &[own.addr()], &[])?;
+    assert_eq!(code, 0, "{stderr}");
+    let amd64 = manifest_of(&written, "amd64");
+    assert_eq!(target(&own, &format!("{repo}@{amd64}"))?.1, amd64);
+    assert!(
+        target(&own, &by_index).is_err(),
+        "the index name names a manifest"
     );
     Ok(())
 }

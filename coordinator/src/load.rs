@@ -318,6 +318,14 @@ pub enum PlanError {
     },
 }
 
+/// Whether `digest` is one of `image`'s own: its manifest, its index, or one of its
+/// platforms' manifests. A digest reference to anything else claims other content.
+fn is_own_digest(image: &crate::bundle::Image, digest: &str) -> bool {
+    image.manifest == digest
+        || image.index.as_deref() == Some(digest)
+        || image.platforms.iter().any(|v| v.manifest == digest)
+}
+
 /// Names every image of the bundle gets, the same on every node. Fails before anything is
 /// sent if a name in the bundle or a retag result is not a valid reference, or if two
 /// different images would end up under one name (the last import would silently win).
@@ -334,7 +342,7 @@ pub fn plan_names(
         for raw in &image.names {
             let original = Reference::parse(raw)?;
             for target in target_names(&original, rules, keep_original)? {
-                if target.digest().is_some_and(|d| d != image.manifest) {
+                if target.digest().is_some_and(|d| !is_own_digest(image, d)) {
                     return Err(PlanError::ForeignDigest {
                         image: image.label().to_string(),
                         name: target.to_string(),
@@ -575,18 +583,35 @@ pub(crate) fn node_choices(
     (chosen, fell_back)
 }
 
+/// `names` on a node whose names point at `target`: a digest reference to the image's index
+/// or to one platform's manifest is true there only if that is the target, so elsewhere it
+/// names the target instead (`repo@<target>`), as it would otherwise name other content.
+fn node_names(names: &[String], target: &str) -> Vec<String> {
+    let mut out: Vec<String> = Vec::with_capacity(names.len());
+    for name in names {
+        let name = match name.split_once('@') {
+            Some((repo, digest)) if digest != target => format!("{repo}@{target}"),
+            _ => name.clone(),
+        };
+        if !out.contains(&name) {
+            out.push(name);
+        }
+    }
+    out
+}
+
 /// The Import request of `planned` on a node that got `chosen`: its names on the manifest (or
 /// index) chosen for the node.
 pub(crate) fn import_spec(bundle: &Bundle, chosen: &Chosen, planned: &PlannedImage) -> ImageSpec {
     let blob = &bundle.blobs[&chosen.target];
     ImageSpec {
+        names: node_names(&planned.names, &chosen.target),
         manifest: Some(Descriptor {
             digest: blob.digest.clone(),
             size: blob.size,
             media_type: blob.media_type.clone(),
             diff_id: String::new(),
         }),
-        names: planned.names.clone(),
         source: planned.source.clone(),
         allow_overwrite: planned.allow_overwrite,
     }
@@ -951,7 +976,7 @@ async fn load_node(
     }
 
     progress.phase(agent, "verifying");
-    verify_and_end(&mut client, plan, session, agent, report).await
+    verify_and_end(&mut client, plan, &chosen, session, agent, report).await
 }
 
 /// What a load checks besides digests, set up once for all nodes: the unpacked size of
@@ -981,12 +1006,22 @@ pub(crate) async fn checks_of(
 pub(crate) async fn verify_and_end(
     client: &mut AgentConn,
     plan: &[PlannedImage],
+    chosen: &[Result<Chosen, String>],
     session: &str,
     agent: &str,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
     let call_err = |call| LoadError::agent_call(agent, call);
-    let refs = plan.iter().flat_map(|p| p.names.iter().cloned()).collect();
+    // The names as this node was asked to create them.
+    let names: Vec<(&str, Vec<String>)> = plan
+        .iter()
+        .zip(chosen)
+        .map(|(p, c)| match c {
+            Ok(c) => (p.source.as_str(), node_names(&p.names, &c.target)),
+            Err(_) => (p.source.as_str(), p.names.clone()),
+        })
+        .collect();
+    let refs = names.iter().flat_map(|(_, n)| n.iter().cloned()).collect();
     let verified = client
         .verify(VerifyRequest { refs })
         .await
@@ -994,8 +1029,9 @@ pub(crate) async fn verify_and_end(
         .into_inner();
     for r in verified.refs.into_iter().filter(|r| !r.ok) {
         if !report.failed_images.iter().any(|f| {
-            plan.iter()
-                .any(|p| p.source == f.image && p.names.contains(&r.r#ref))
+            names
+                .iter()
+                .any(|(source, n)| *source == f.image && n.contains(&r.r#ref))
         }) {
             report.failed_images.push(FailedImage {
                 image: r.r#ref,
@@ -1147,6 +1183,23 @@ mod tests {
         fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
             self.1.as_deref().map(|e| e as _)
         }
+    }
+
+    #[test]
+    fn a_digest_reference_names_the_node_s_own_target() {
+        let names = [
+            "x.io/a:1".to_string(),
+            "x.io/a@sha256:index".to_string(),
+            "x.io/a@sha256:amd64".to_string(),
+        ];
+        assert_eq!(
+            super::node_names(&names, "sha256:amd64"),
+            ["x.io/a:1", "x.io/a@sha256:amd64"]
+        );
+        assert_eq!(
+            super::node_names(&names, "sha256:index"),
+            ["x.io/a:1", "x.io/a@sha256:index"]
+        );
     }
 
     #[test]

@@ -365,9 +365,12 @@ pub async fn load(
                 let mut report = reports[n.idx].clone();
                 let (plan, session, progress) = (plan.clone(), session.clone(), progress.clone());
                 let (mut client, agent, idx) = (n.client.clone(), n.agent.clone(), n.idx);
+                let chosen = n.chosen.clone();
                 async move {
                     progress.phase(&agent, "verifying");
-                    let r = verify_and_end(&mut client, &plan, &session, &agent, &mut report).await;
+                    let r =
+                        verify_and_end(&mut client, &plan, &chosen, &session, &agent, &mut report)
+                            .await;
                     (idx, r.map(|()| report.failed_images))
                 }
             })
