@@ -32,14 +32,27 @@ const RETAG: [&str; 4] = [
 const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
 const CURRENT_VALUES: &str = "replicas: 2\nglobal:\n  imageRegistry: release.daocloud.io\n";
 
-fn write_hinted_bundle(dir: &Path) -> Result<PathBuf> {
+/// The stand-in helm answering an upgrade of release `demo` (revision 5) that succeeds.
+fn upgrading_helm() -> Result<FakeHelm> {
+    let helm = FakeHelm::new()?;
+    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
+    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
+    helm.reply(
+        "upgrade",
+        Reply::ok("Release \"demo\" has been upgraded.\n"),
+    )?;
+    Ok(helm)
+}
+
+/// A bundle of the sample images and chart with `hints` as its hints.yaml.
+fn write_hinted_bundle(dir: &Path, hints: &str) -> Result<PathBuf> {
     let parts = dir.join("parts");
     std::fs::create_dir(&parts)?;
     let (images_tar, _) =
         write_images_tar(&parts, &images()?, ArchiveFormat::Gcr, Compression::Gzip)?;
     let path = dir.join("demo.bundle.tar");
     let mut out = BufWriter::new(File::create(&path)?);
-    write_bundle(&images_tar, HINTS, &sample_chart(), &mut out)?;
+    write_bundle(&images_tar, hints, &sample_chart(), &mut out)?;
     out.into_inner()?.sync_all()?;
     Ok(path)
 }
@@ -84,16 +97,10 @@ async fn load_then_upgrade_runs_helm_once_every_node_holds_every_image() -> Resu
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = write_hinted_bundle(dir.path())?;
+    let bundle = write_hinted_bundle(dir.path(), HINTS)?;
     let a = Node::start("up-a").await?;
     let b = Node::start("up-b").await?;
-    let helm = FakeHelm::new()?;
-    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
-    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
-    helm.reply(
-        "upgrade",
-        Reply::ok("Release \"demo\" has been upgraded.\n"),
-    )?;
+    let helm = upgrading_helm()?;
 
     // Load and upgrade in one run; the registry comes from the retag rules.
     let load = args(
@@ -208,25 +215,12 @@ async fn the_preflight_finds_digest_pinned_images_and_only_by_their_own_digest()
 - \"{{ .global.imageRegistry }}/demo/sidecar:{{ .sidecar-agent.image.tag }}@{{ .sidecar-agent.image.digest }}\"
 ";
     let dir = tempfile::tempdir()?;
-    let parts = dir.path().join("parts");
-    std::fs::create_dir(&parts)?;
-    let (images_tar, _) =
-        write_images_tar(&parts, &images()?, ArchiveFormat::Gcr, Compression::Gzip)?;
-    let bundle = dir.path().join("pinned.bundle.tar");
-    let mut out = BufWriter::new(File::create(&bundle)?);
-    write_bundle(&images_tar, DIGEST_HINTS, &sample_chart(), &mut out)?;
-    out.into_inner()?.sync_all()?;
+    let bundle = write_hinted_bundle(dir.path(), DIGEST_HINTS)?;
     let app = manifest_of(&bundle, "release.daocloud.io/demo/app:v1")?;
     let sidecar = manifest_of(&bundle, "release.daocloud.io/demo/sidecar:v1")?;
 
     let node = Node::start("up-pinned").await?;
-    let helm = FakeHelm::new()?;
-    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
-    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
-    helm.reply(
-        "upgrade",
-        Reply::ok("Release \"demo\" has been upgraded.\n"),
-    )?;
+    let helm = upgrading_helm()?;
     let digests = format!("app.image.digest={app},sidecar-agent.image.digest={sidecar}");
     let load = args(
         "load",
