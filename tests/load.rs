@@ -32,6 +32,18 @@ fn load(bundle: &Path, nodes: &[&Node], extra: &[&str]) -> Result<(i32, Vec<Valu
     load_json(bundle, &agents, extra)
 }
 
+/// CRI's ImageStatus of `image` on `node`, waiting up to 5 s for the CRI plugin to see a
+/// record lade just created.
+async fn cri_image_status(node: &Node, image: &str) -> Result<Option<cri::CriImage>> {
+    for _ in 0..50 {
+        if let Some(seen) = cri::image_status(&node.containerd.socket(), image).await? {
+            return Ok(Some(seen));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    Ok(None)
+}
+
 async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
     let mut nodes = Vec::new();
     for name in names {
@@ -144,16 +156,9 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
             assert!(line.contains("complete"), "{}: {line}", node.name);
         }
         // What kubelet would see, through the CRI plugin on the same socket.
-        let mut seen = None;
-        for _ in 0..50 {
-            seen = cri::image_status(&node.containerd.socket(), APP_RETAGGED).await?;
-            if seen.is_some() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-        let seen =
-            seen.with_context(|| format!("CRI on {} does not know {APP_RETAGGED}", node.name))?;
+        let seen = cri_image_status(node, APP_RETAGGED)
+            .await?
+            .with_context(|| format!("CRI on {} does not know {APP_RETAGGED}", node.name))?;
         assert_eq!(seen.id, imgs[0].config_digest());
         assert!(
             seen.repo_tags.contains(&APP_RETAGGED.to_string()),
@@ -230,6 +235,18 @@ async fn every_archive_form_loads_and_runs() -> Result<()> {
                 .find(|l| l.starts_with(&format!("{name} ")))
                 .with_context(|| format!("{format:?}: {name} missing:\n{listing}"))?;
             assert!(line.contains(&image.manifest), "{format:?}: {line}");
+            // A pod pinning the image by that digest finds it through CRI, which lists the
+            // digest reference.
+            let pinned = format!(
+                "{}@{}",
+                lade::reference::Reference::parse(&name)?.repository(),
+                image.manifest
+            );
+            let seen = cri_image_status(&node, &pinned)
+                .await?
+                .with_context(|| format!("{format:?}: CRI does not know {pinned}"))?;
+            assert_eq!(seen.id, image.config, "{format:?}: {pinned}");
+            assert!(seen.repo_digests.contains(&pinned), "{format:?}: {seen:?}");
         }
         let out = node.run_container(BUSYBOX, &format!("run-{i}"), &["/bin/echo", "ok"])?;
         assert_eq!(out.trim(), "ok", "{format:?}");

@@ -287,6 +287,28 @@ async fn pushed_images_pull_back_run_and_a_second_push_sends_nothing() -> Result
     let out = node.run_container(&app, "pulled", &["/bin/busybox", "cat", "/app/hello.txt"])?;
     assert_eq!(out.as_bytes(), APP_HELLO);
 
+    // `lade load` of the same docker-archive names each image on a node at the very digest
+    // the registry holds: lade synthesises the same manifest for both.
+    let loaded = Node::start("loaded").await?;
+    let (code, reports, stderr) = lade_tests::load_json(
+        &bundle,
+        &[loaded.addr()],
+        &[
+            "--retag",
+            &format!("release.daocloud.io={host}/offline"),
+            "--retag",
+            &format!("docker.io={host}/offline"),
+        ],
+    )?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let names = loaded.all_image_names()?;
+    for name in PUSHED {
+        let name = format!("{host}/{name}");
+        let repo = &name[..name.rfind(':').expect("a tag")];
+        let pinned = format!("{repo}@{}", remote_digest(&name, &plain)?);
+        assert!(names.contains(&pinned), "{pinned} not in {names:?}");
+    }
+
     // The same bundle again: every tag is where it was, and no blob is sent.
     let run = push(&bundle, &registry, &["--insecure"])?;
     ensure!(run.code == 0, "{}\n{}", run.stdout, run.stderr);

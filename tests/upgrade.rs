@@ -32,14 +32,27 @@ const RETAG: [&str; 4] = [
 const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
 const CURRENT_VALUES: &str = "replicas: 2\nglobal:\n  imageRegistry: release.daocloud.io\n";
 
-fn write_hinted_bundle(dir: &Path) -> Result<PathBuf> {
+/// The stand-in helm answering an upgrade of release `demo` (revision 5) that succeeds.
+fn upgrading_helm() -> Result<FakeHelm> {
+    let helm = FakeHelm::new()?;
+    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
+    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
+    helm.reply(
+        "upgrade",
+        Reply::ok("Release \"demo\" has been upgraded.\n"),
+    )?;
+    Ok(helm)
+}
+
+/// A bundle of the sample images and chart with `hints` as its hints.yaml.
+fn write_hinted_bundle(dir: &Path, hints: &str) -> Result<PathBuf> {
     let parts = dir.join("parts");
     std::fs::create_dir(&parts)?;
     let (images_tar, _) =
         write_images_tar(&parts, &images()?, ArchiveFormat::Gcr, Compression::Gzip)?;
     let path = dir.join("demo.bundle.tar");
     let mut out = BufWriter::new(File::create(&path)?);
-    write_bundle(&images_tar, HINTS, &sample_chart(), &mut out)?;
+    write_bundle(&images_tar, hints, &sample_chart(), &mut out)?;
     out.into_inner()?.sync_all()?;
     Ok(path)
 }
@@ -84,16 +97,10 @@ async fn load_then_upgrade_runs_helm_once_every_node_holds_every_image() -> Resu
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = write_hinted_bundle(dir.path())?;
+    let bundle = write_hinted_bundle(dir.path(), HINTS)?;
     let a = Node::start("up-a").await?;
     let b = Node::start("up-b").await?;
-    let helm = FakeHelm::new()?;
-    helm.reply("get values", Reply::ok(CURRENT_VALUES))?;
-    helm.reply("status", Reply::ok(r#"{"name":"demo","version":5}"#))?;
-    helm.reply(
-        "upgrade",
-        Reply::ok("Release \"demo\" has been upgraded.\n"),
-    )?;
+    let helm = upgrading_helm()?;
 
     // Load and upgrade in one run; the registry comes from the retag rules.
     let load = args(
@@ -181,6 +188,79 @@ async fn load_then_upgrade_runs_helm_once_every_node_holds_every_image() -> Resu
     assert_eq!(
         subcommands(&calls[5..]),
         ["get values", "status", "upgrade"]
+    );
+    Ok(())
+}
+
+/// The manifest digest of the bundle image named `name` (before retagging).
+fn manifest_of(bundle: &Path, name: &str) -> Result<String> {
+    let opened = lade::bundle::Bundle::open(bundle)?;
+    opened
+        .images
+        .iter()
+        .find(|i| i.names.iter().any(|n| n == name))
+        .map(|i| i.manifest.clone())
+        .with_context(|| format!("no image {name} in {}", bundle.display()))
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_preflight_finds_digest_pinned_images_and_only_by_their_own_digest() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // A chart pinning images by digest: by repository and digest, and by tag and digest
+    // (which CRI resolves by the digest alone).
+    const DIGEST_HINTS: &str = "\
+- \"{{ .global.imageRegistry }}/demo/app@{{ .app.image.digest }}\"
+- \"{{ .global.imageRegistry }}/demo/sidecar:{{ .sidecar-agent.image.tag }}@{{ .sidecar-agent.image.digest }}\"
+";
+    let dir = tempfile::tempdir()?;
+    let bundle = write_hinted_bundle(dir.path(), DIGEST_HINTS)?;
+    let app = manifest_of(&bundle, "release.daocloud.io/demo/app:v1")?;
+    let sidecar = manifest_of(&bundle, "release.daocloud.io/demo/sidecar:v1")?;
+
+    let node = Node::start("up-pinned").await?;
+    let helm = upgrading_helm()?;
+    let digests = format!("app.image.digest={app},sidecar-agent.image.digest={sidecar}");
+    let load = args(
+        "load",
+        &bundle,
+        &[&node],
+        &["--progress", "none", "--then-upgrade", "--set", &digests],
+    );
+    let (code, stdout, stderr) = lade(&helm, &load)?;
+    ensure!(code == 0, "load --then-upgrade failed:\n{stdout}\n{stderr}");
+    for pinned in [
+        format!("10.16.10.111/demo/app@{app}"),
+        format!("10.16.10.111/demo/sidecar@{sidecar}"),
+    ] {
+        let line = stdout
+            .lines()
+            .find(|l| l.starts_with(&pinned))
+            .with_context(|| format!("{pinned} not in the preflight table:\n{stdout}"))?;
+        assert!(line.ends_with(" ok"), "{stdout}");
+    }
+    assert_eq!(
+        subcommands(&helm.calls()?),
+        ["get values", "status", "upgrade"]
+    );
+
+    // The app's repository at the sidecar's digest is no image the node holds.
+    let swapped = format!("app.image.digest={sidecar},sidecar-agent.image.digest={sidecar}");
+    let upgrade = args("upgrade", &bundle, &[&node], &["--set", &swapped]);
+    let (code, stdout, stderr) = lade(&helm, &upgrade)?;
+    assert_eq!(code, 3, "{stdout}\n{stderr}");
+    let wrong = format!("10.16.10.111/demo/app@{sidecar}");
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with(&wrong) && l.ends_with("MISSING")),
+        "{stdout}"
+    );
+    assert_eq!(
+        subcommands(&helm.calls()?)[3..],
+        ["get values", "status"],
+        "no new upgrade ran"
     );
     Ok(())
 }

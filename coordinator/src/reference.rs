@@ -190,6 +190,16 @@ impl Reference {
         format!("{}/{}", self.domain, self.path)
     }
 
+    /// The name containerd's CRI plugin looks this reference up by: with a digest the tag is
+    /// dropped, since the digest alone names the content (`repo:tag@sha256:…` is found as
+    /// `repo@sha256:…`).
+    pub fn cri_name(&self) -> String {
+        match &self.digest {
+            Some(digest) => format!("{}@{digest}", self.repository()),
+            None => self.to_string(),
+        }
+    }
+
     /// Docker's short form, as `docker images` shows it: `docker.io/` and an official image's
     /// `library/` are dropped, so `docker.io/library/busybox:latest` is `busybox:latest` and
     /// `docker.io/bitnami/redis:7` is `bitnami/redis:7`; other hosts are kept.

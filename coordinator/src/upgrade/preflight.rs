@@ -33,7 +33,7 @@ pub fn derive_images(hints: &Hints, values: &Value) -> Result<Vec<String>, Upgra
         match template.render(values) {
             Ok(text) => match Reference::parse(&text) {
                 Ok(reference) => {
-                    let reference = reference.to_string();
+                    let reference = reference.cri_name();
                     if !images.contains(&reference) {
                         images.push(reference);
                     }
@@ -379,16 +379,25 @@ mod tests {
         let hints = Hints::parse(
             "- \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}\"\n\
              - \"{{ .sidecar-agent.image }}\"\n\
-             - \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}\"\n",
+             - \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}\"\n\
+             - \"{{ .global.imageRegistry }}/demo/app:{{ .app.tag }}@{{ .app.digest }}\"\n\
+             - \"{{ .global.imageRegistry }}/demo/app@{{ .app.digest }}\"\n",
         )
         .unwrap();
-        let values: Value = serde_yaml::from_str(
-            "global: {imageRegistry: 10.0.0.1}\napp: {tag: v1}\nsidecar-agent: {image: busybox}\n",
-        )
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let values: Value = serde_yaml::from_str(&format!(
+            "global: {{imageRegistry: 10.0.0.1}}\napp: {{tag: v1, digest: \"{digest}\"}}\n\
+             sidecar-agent: {{image: busybox}}\n"
+        ))
         .unwrap();
+        // With a digest, CRI looks the image up by repository and digest: the tag goes.
         assert_eq!(
             derive_images(&hints, &values).unwrap(),
-            ["10.0.0.1/demo/app:v1", "docker.io/library/busybox:latest"]
+            [
+                "10.0.0.1/demo/app:v1".to_string(),
+                "docker.io/library/busybox:latest".to_string(),
+                format!("10.0.0.1/demo/app@{digest}"),
+            ]
         );
     }
 
