@@ -3,26 +3,93 @@
 //! transfer. Afterwards no name may point at missing or un-unpacked content, the load's lease
 //! carries its expiry, and a re-run completes, re-sending at most what was in flight.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use anyhow::{ensure, Result};
+use anyhow::{bail, ensure, Result};
 use lade::bundle::Bundle;
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
 use lade_tests::{big_bundle, load_json, metric, u64_of, wait_for};
 
-/// Starts `lade load` in the background.
-fn spawn_load(bundle: &Path, node: &Node) -> Result<Child> {
-    Ok(Command::new(workspace_bin("lade")?)
-        .arg("load")
-        .arg(bundle)
-        .args(["--agent", &node.addr(), "--progress", "none", "-o", "json"])
-        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()?)
+/// A `lade load` running in the background; its stderr goes to a file so a failure can say
+/// what the load printed.
+struct BackgroundLoad {
+    child: Child,
+    stderr: PathBuf,
+}
+
+impl BackgroundLoad {
+    fn spawn(bundle: &Path, node: &Node) -> Result<BackgroundLoad> {
+        let stderr = bundle.with_extension("load.stderr");
+        let child = Command::new(workspace_bin("lade")?)
+            .arg("load")
+            .arg(bundle)
+            .args(["--agent", &node.addr(), "--progress", "lines", "-o", "json"])
+            .env("LADE_AUTH_TOKEN", TEST_TOKEN)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr)?)
+            .spawn()?;
+        Ok(BackgroundLoad { child, stderr })
+    }
+
+    /// What the load and `node`'s agent printed, for a failure message: first the load's last
+    /// line and the agent's last warning or error on one line, then the ends of both logs.
+    fn logs(&self, node: &Node) -> String {
+        let load = std::fs::read_to_string(&self.stderr).unwrap_or_default();
+        let agent = std::fs::read_to_string(node.agent_log()).unwrap_or_default();
+        let last_load = load.lines().rev().find(|l| !l.trim().is_empty());
+        let last_agent = agent
+            .lines()
+            .rev()
+            .find(|l| l.contains("WARN") || l.contains("ERROR"));
+        let tail = |text: &str| {
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(30)..].join("\n")
+        };
+        format!(
+            "lade load's last line: {}; agent's last warning: {}\n--- lade load stderr (end):\n{}\n--- agent log (end):\n{}",
+            last_load.unwrap_or("(none)"),
+            last_agent.unwrap_or("(none)"),
+            tail(&load),
+            tail(&agent)
+        )
+    }
+
+    /// Waits up to a minute for `condition` while the load runs; fails at once, with the load's
+    /// output, if the load ends first.
+    fn wait_while_running(
+        &mut self,
+        node: &Node,
+        what: &str,
+        mut condition: impl FnMut() -> bool,
+    ) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !condition() {
+            if let Some(status) = self.child.try_wait()? {
+                // It may have got there just before it ended.
+                if condition() {
+                    break;
+                }
+                bail!(
+                    "the load ended ({status}) before {what}; {}",
+                    self.logs(node)
+                );
+            }
+            if Instant::now() > deadline {
+                bail!("timed out waiting for {what}; {}", self.logs(node));
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// Waits for the load to end; its exit code.
+    fn exit_code(&mut self) -> Result<Option<i32>> {
+        Ok(self.child.wait()?.code())
+    }
 }
 
 /// No name may point at missing content or at layers that were not unpacked.
@@ -74,14 +141,19 @@ async fn agent_killed_mid_upload_then_rerun_resumes() -> Result<()> {
     let (bundle, _) = big_bundle(dir.path(), 48 << 20, 11)?;
     let total = Bundle::open(&bundle)?.total_bytes();
     let mut node = Node::start("crash-upload").await?;
-    let mut load = spawn_load(&bundle, &node)?;
+    let mut load = BackgroundLoad::spawn(&bundle, &node)?;
     // Past the first few MiB of the big layers, well before the end.
-    wait_for("an upload in progress", Duration::from_secs(60), || {
+    load.wait_while_running(&node, "an upload in progress", || {
         metric(&node, "lade_agent_received_bytes_total") > (16 << 20) as f64
     })?;
     node.kill_agent();
-    let status = load.wait()?;
-    assert_eq!(status.code(), Some(1), "the node must be reported failed");
+    let code = load.exit_code()?;
+    assert_eq!(
+        code,
+        Some(1),
+        "the node must be reported failed; {}",
+        load.logs(&node)
+    );
     assert_nothing_dangling(&node)?;
 
     node.start_agent().await?;
@@ -102,13 +174,13 @@ async fn agent_killed_mid_import_leaves_no_dangling_name() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (bundle, _) = big_bundle(dir.path(), 48 << 20, 11)?;
     let mut node = Node::start("crash-import").await?;
-    let mut load = spawn_load(&bundle, &node)?;
+    let mut load = BackgroundLoad::spawn(&bundle, &node)?;
     // The first images are imported while the big one still uploads: kill then.
-    wait_for("an import in progress", Duration::from_secs(60), || {
+    load.wait_while_running(&node, "an import in progress", || {
         metric(&node, "lade_agent_layer_unpack_duration_seconds_count") >= 1.0
     })?;
     node.kill_agent();
-    assert_eq!(load.wait()?.code(), Some(1));
+    assert_eq!(load.exit_code()?, Some(1), "{}", load.logs(&node));
     assert_nothing_dangling(&node)?;
 
     node.start_agent().await?;
@@ -125,12 +197,12 @@ async fn containerd_killed_mid_import_then_rerun_completes() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let (bundle, _) = big_bundle(dir.path(), 48 << 20, 11)?;
     let mut node = Node::start("crash-containerd").await?;
-    let mut load = spawn_load(&bundle, &node)?;
-    wait_for("an import in progress", Duration::from_secs(60), || {
+    let mut load = BackgroundLoad::spawn(&bundle, &node)?;
+    load.wait_while_running(&node, "an import in progress", || {
         metric(&node, "lade_agent_layer_unpack_duration_seconds_count") >= 1.0
     })?;
     node.containerd.kill_9();
-    assert_eq!(load.wait()?.code(), Some(1));
+    assert_eq!(load.exit_code()?, Some(1), "{}", load.logs(&node));
     node.containerd.restart().await?;
     assert_nothing_dangling(&node)?;
 
@@ -178,12 +250,12 @@ async fn coordinator_killed_mid_transfer_then_rerun_resumes() -> Result<()> {
     let (bundle, _) = big_bundle(dir.path(), 48 << 20, 11)?;
     let total = Bundle::open(&bundle)?.total_bytes();
     let node = Node::start("crash-coordinator").await?;
-    let mut load = spawn_load(&bundle, &node)?;
-    wait_for("an upload in progress", Duration::from_secs(60), || {
+    let mut load = BackgroundLoad::spawn(&bundle, &node)?;
+    load.wait_while_running(&node, "an upload in progress", || {
         metric(&node, "lade_agent_received_bytes_total") > (16 << 20) as f64
     })?;
-    load.kill()?;
-    load.wait()?;
+    load.child.kill()?;
+    load.child.wait()?;
     // The agent sees the stream end early and keeps what it got for the next attempt.
     wait_for(
         "the upload to end on the agent",
