@@ -25,7 +25,9 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::cri;
-use crate::runtimes::{ContainerdVersion, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV};
+use crate::runtimes::{
+    ContainerdVersion, DockerStore, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV, DOCKERD_ENV,
+};
 
 /// Environment variable that, set to `1`, makes daemon tests skip (loudly) instead of failing.
 pub const SKIP_ENV: &str = "LADE_SKIP_DAEMON_TESTS";
@@ -743,6 +745,10 @@ pub struct Dockerd {
     tempdir: Option<TempDir>,
     dockerd_bin: PathBuf,
     docker_bin: PathBuf,
+    /// The dockerd build ([`DOCKERD_ENV`]).
+    runtime: Runtime,
+    /// Its image store ([`DOCKER_STORE_ENV`]).
+    store: DockerStore,
     process: Option<ChildGuard>,
     /// `Option` so `Drop` can stop it after dockerd and before removing cgroups and mounts.
     containerd: Option<Containerd>,
@@ -754,7 +760,9 @@ impl Dockerd {
     ///
     /// `name` labels the temp dirs and messages (cut to 16 safe characters).
     pub async fn start(name: &str) -> Result<Dockerd> {
-        let dockerd_bin = require_binary("dockerd")?;
+        let runtime = Runtime::from_env(DOCKERD_ENV)?;
+        let dockerd_bin = runtime.binary("dockerd")?;
+        let store = DockerStore::from_env()?;
         let docker_bin = require_binary("docker")?;
         let containerd = Containerd::start(name).await?;
         let (tempdir, dir) = short_tempdir(&format!("d-{name}"))?;
@@ -764,6 +772,8 @@ impl Dockerd {
             tempdir: Some(tempdir),
             dockerd_bin,
             docker_bin,
+            runtime,
+            store,
             process: None,
             containerd: Some(containerd),
         };
@@ -773,7 +783,10 @@ impl Dockerd {
                 .with_context(|| format!("create {}", node.dir.join(sub).display()))?;
         }
         // The trust key can only be moved by the config file (its flag is gone in 20.10).
-        let config = serde_json::json!({ "deprecated-key-path": node.dir.join("key.json") });
+        let mut config = serde_json::json!({ "deprecated-key-path": node.dir.join("key.json") });
+        if node.store == DockerStore::Containerd {
+            config["features"] = serde_json::json!({ "containerd-snapshotter": true });
+        }
         fs::write(node.config_path(), config.to_string())
             .with_context(|| format!("write {}", node.config_path().display()))?;
         node.spawn_and_wait().await?;
@@ -793,6 +806,16 @@ impl Dockerd {
     /// The private temp dir that holds everything of this dockerd (its containerd has its own).
     pub fn dir(&self) -> &Path {
         &self.dir
+    }
+
+    /// Its image store.
+    pub fn store(&self) -> DockerStore {
+        self.store
+    }
+
+    /// The dockerd build it runs (`system` or a fetched runtime's name).
+    pub fn runtime(&self) -> &Runtime {
+        &self.runtime
     }
 
     /// The containerd this dockerd runs its containers on.
@@ -863,7 +886,15 @@ impl Dockerd {
     async fn spawn_and_wait(&mut self) -> Result<()> {
         let d = &self.dir;
         let mut cmd = Command::new(&self.dockerd_bin);
-        cmd.arg("--config-file")
+        self.runtime.apply_path(&mut cmd);
+        // The graph driver, or the snapshotter of the containerd store.
+        let driver = match self.store {
+            DockerStore::Overlay2 => "overlay2",
+            DockerStore::Containerd => "overlayfs",
+        };
+        cmd.arg("--storage-driver")
+            .arg(driver)
+            .arg("--config-file")
             .arg(self.config_path())
             .arg("--data-root")
             .arg(d.join("data"))
@@ -880,8 +911,6 @@ impl Dockerd {
             .args([
                 "--exec-opt",
                 "native.cgroupdriver=cgroupfs",
-                "--storage-driver",
-                "overlay2",
                 // No host networking state: no bridge, no NAT rules, no forwarding sysctl.
                 "--bridge=none",
                 "--iptables=false",

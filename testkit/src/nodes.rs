@@ -200,6 +200,9 @@ impl DockerNode {
     /// (Re)starts the agent process on the same port.
     pub async fn start_agent(&mut self) -> Result<()> {
         let (socket, cache) = (self.dockerd.socket(), self.cache_dir());
+        // Used only when dockerd keeps images in containerd (the containerd image store):
+        // dockerd 26 does not report its containerd's address.
+        let containerd = self.dockerd.containerd().socket();
         let args = [
             OsStr::new("--runtime"),
             OsStr::new("docker"),
@@ -207,6 +210,8 @@ impl DockerNode {
             socket.as_os_str(),
             OsStr::new("--docker-cache-dir"),
             cache.as_os_str(),
+            OsStr::new("--containerd-socket"),
+            containerd.as_os_str(),
         ];
         self.agent = Some(
             spawn_agent(

@@ -17,6 +17,35 @@ use crate::harness::require_binary;
 /// the name of a runtime fetched by `scripts/fetch-runtimes` (e.g. `containerd-2.1`).
 pub const CONTAINERD_ENV: &str = "LADE_CONTAINERD";
 
+/// Selects the dockerd the harness starts, like [`CONTAINERD_ENV`] (e.g. `docker-28`). The
+/// `docker` CLI is always the machine's: the Debian dockerd packages do not carry it.
+pub const DOCKERD_ENV: &str = "LADE_DOCKERD";
+
+/// Selects Docker's image store: `overlay2` (unset: the graph driver, as before Docker 29) or
+/// `containerd` (the containerd image store, `"features": {"containerd-snapshotter": true}`,
+/// images in its containerd's namespace `moby`; dockerd 24 and later).
+pub const DOCKER_STORE_ENV: &str = "LADE_DOCKER_STORE";
+
+/// Docker's image store, as [`DOCKER_STORE_ENV`] selects it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DockerStore {
+    /// The overlay2 graph driver.
+    Overlay2,
+    /// The containerd image store on the overlayfs snapshotter.
+    Containerd,
+}
+
+impl DockerStore {
+    /// The store [`DOCKER_STORE_ENV`] names; fails on anything but the two known values.
+    pub fn from_env() -> Result<DockerStore> {
+        match std::env::var(DOCKER_STORE_ENV).as_deref() {
+            Err(_) | Ok("") | Ok("overlay2") => Ok(DockerStore::Overlay2),
+            Ok("containerd") => Ok(DockerStore::Containerd),
+            Ok(other) => bail!("{DOCKER_STORE_ENV}={other}: expected overlay2 or containerd"),
+        }
+    }
+}
+
 /// Forces the config schema the harness writes for containerd: `2` makes containerd 2.x
 /// migrate a 1.x-style config at startup, as on a node upgraded in place (default: 3 on 2.x,
 /// 2 on 1.x).
