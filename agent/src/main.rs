@@ -9,7 +9,7 @@ use anyhow::Context;
 use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::auth::Auth;
 use lade_agent::relay::Peers;
-use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, UnpackMode};
+use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, ImageStore, UnpackMode};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
 use lade_agent::runtime::{detect, node_platform, Runtime, RuntimeKind};
 use lade_agent::server::Serve;
@@ -180,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         unpack: cfg.unpack,
         max_layer_ratio: cfg.max_layer_ratio,
         sandbox_image: cfg.sandbox_image,
+        store: ImageStore::Cri,
     };
     let docker = DockerConfig {
         socket: cfg.docker_socket,
@@ -212,15 +213,59 @@ async fn main() -> anyhow::Result<()> {
     };
     match cfg.runtime {
         RuntimeChoice::Containerd => run(serve, Containerd::new(containerd)?).await,
-        RuntimeChoice::Docker => run(serve, Docker::new(docker)).await,
+        RuntimeChoice::Docker => run_docker(serve, Docker::new(docker), containerd).await,
         RuntimeChoice::Auto => {
-            let (containerd, docker) = (Containerd::new(containerd)?, Docker::new(docker));
-            match detect(&containerd, &docker).await? {
-                RuntimeKind::Containerd => run(serve, containerd).await,
-                RuntimeKind::Docker => run(serve, docker).await,
+            let (cri, docker) = (Containerd::new(containerd.clone())?, Docker::new(docker));
+            match detect(&cri, &docker).await? {
+                RuntimeKind::Containerd => run(serve, cri).await,
+                RuntimeKind::Docker => run_docker(serve, docker, containerd).await,
             }
         }
     }
+}
+
+/// Serves Docker: through `POST /images/load` on a graph driver (overlay2); on the containerd
+/// image store, by writing into dockerd's containerd directly (its namespace and snapshotter,
+/// at the socket dockerd reports or `--containerd-socket`), as a pull would.
+async fn run_docker(
+    serve: Serve,
+    docker: Docker,
+    mut containerd: ContainerdConfig,
+) -> anyhow::Result<()> {
+    let store = docker.containerd_store().await.with_context(|| {
+        format!(
+            "asking dockerd at {} which image store it uses",
+            docker.socket().display()
+        )
+    })?;
+    let Some(store) = store else {
+        return run(serve, docker).await;
+    };
+    if let Some(address) = store.address {
+        containerd.socket = address;
+    }
+    containerd.namespace = store.namespace;
+    containerd.snapshotter = store.snapshotter;
+    containerd.store = ImageStore::Docker {
+        version: store.docker_version,
+    };
+    tracing::info!(
+        socket = %containerd.socket.display(),
+        namespace = %containerd.namespace,
+        snapshotter = %containerd.snapshotter,
+        "dockerd uses the containerd image store: loading into its containerd"
+    );
+    let socket = containerd.socket.clone();
+    let runtime = Containerd::new(containerd)?;
+    runtime.ready().await.with_context(|| {
+        format!(
+            "dockerd uses the containerd image store, but its containerd does not answer at {}: \
+             point --containerd-socket at dockerd's containerd (dockerd before 27 does not \
+             report where it is)",
+            socket.display()
+        )
+    })?;
+    run(serve, runtime).await
 }
 
 async fn run(serve: Serve, runtime: impl Runtime) -> anyhow::Result<()> {

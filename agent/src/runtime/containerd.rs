@@ -202,6 +202,20 @@ pub struct ContainerdConfig {
     /// The CRI pod sandbox (pause) image, never repointed; `None`: as CRI's configuration
     /// reports it.
     pub sandbox_image: Option<String>,
+    /// Whose image store this is: CRI's (kubelet's) or dockerd's.
+    pub store: ImageStore,
+}
+
+/// Whose images the containerd runtime writes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ImageStore {
+    /// CRI's (namespace `k8s.io`): kubelet finds images by tag and by `repo@sha256:` digest
+    /// reference, pins keep them from its garbage collection, the sandbox image is protected.
+    Cri,
+    /// dockerd's containerd image store (namespace `moby`): Docker lists every image record
+    /// as an image, so a pull's single tag is made and no digest reference; no CRI pin or
+    /// sandbox image. The node reports itself as Docker `version`.
+    Docker { version: String },
 }
 
 /// Who applies layers to snapshots.
@@ -800,7 +814,7 @@ impl Containerd {
         events: &mpsc::Sender<ImportEvent>,
     ) -> Result<Vec<String>, Error> {
         let mdesc = manifest_descriptor(spec)?;
-        self.check_names(spec, &mdesc.digest).await?;
+        self.check_names(spec, &mdesc).await?;
         let media_type = if oci::is_index(&mdesc.media_type) {
             self.import_index(lease, spec, &mdesc, events).await?;
             mdesc.media_type.clone()
@@ -823,7 +837,11 @@ impl Containerd {
             annotations: HashMap::new(),
         };
         let pin = self.pins().await?;
-        let names = with_digest_references(&spec.names, &mdesc.digest);
+        let names = match self.cfg.store {
+            ImageStore::Cri => with_digest_references(&spec.names, &mdesc.digest),
+            // `docker pull` makes the tag alone; a digest record would show as a second image.
+            ImageStore::Docker { .. } => spec.names.clone(),
+        };
         for name in &names {
             self.put_image(name, &target, pin).await?;
         }
@@ -1036,7 +1054,7 @@ impl Containerd {
     /// Whether loaded images get the CRI pin label: asked for, and honoured by this
     /// containerd (1.7.3 and later).
     async fn pins(&self) -> Result<bool, Error> {
-        if !self.cfg.pin_images {
+        if !self.cfg.pin_images || self.cfg.store != ImageStore::Cri {
             return Ok(false);
         }
         Ok(pins_images(&self.version().await?))
@@ -1060,15 +1078,30 @@ impl Containerd {
     /// at other content than `digest`: always for CRI's sandbox image (every new pod runs
     /// it), otherwise unless the caller allows overwriting. A name the node lacks, or has for
     /// this very digest (a re-run), is fine.
-    async fn check_names(&self, spec: &ImageSpec, digest: &str) -> Result<(), Error> {
+    ///
+    /// A name whose content is this very image under other manifest bytes (the same config on
+    /// this node's platform, as `docker load` or `ctr import` of a docker-archive make their
+    /// own manifest) is not other content: it moves to the bundle's manifest like a re-run.
+    async fn check_names(&self, spec: &ImageSpec, mdesc: &oci::Descriptor) -> Result<(), Error> {
+        let digest = mdesc.digest.as_str();
         let mut sandbox = None;
+        let mut ours = None;
         for name in &spec.names {
             let Some(existing) = self.image_target(name).await? else {
                 continue;
             };
-            if existing == digest {
+            if existing.digest == digest {
                 continue;
             }
+            if ours.is_none() {
+                ours = Some(self.config_on_node(&spec.source, mdesc).await);
+            }
+            if let Some(Some(config)) = &ours {
+                if self.config_on_node(name, &existing).await.as_ref() == Some(config) {
+                    continue;
+                }
+            }
+            let existing = existing.digest;
             if sandbox.is_none() {
                 sandbox = Some(self.sandbox_image().await?);
             }
@@ -1097,6 +1130,9 @@ impl Containerd {
     /// containerd 2.x, whose CRI status leaves the image configuration out, its built-in
     /// default. `None` when containerd serves no CRI.
     async fn sandbox_image(&self) -> Result<Option<String>, Error> {
+        if self.cfg.store != ImageStore::Cri {
+            return Ok(None);
+        }
         if let Some(name) = &self.cfg.sandbox_image {
             return Ok(Some(canonical_name(name)));
         }
@@ -1134,7 +1170,23 @@ impl Containerd {
     }
 
     /// The digest image `name` points at, if the node has that name.
-    async fn image_target(&self, name: &str) -> Result<Option<String>, Error> {
+    /// The config digest of the image `desc` (a manifest, or an index whose entry for this
+    /// node's platform is read) on this node; `None` when its content is not all here or
+    /// does not parse.
+    async fn config_on_node(&self, image: &str, desc: &oci::Descriptor) -> Option<String> {
+        let mut desc = desc.clone();
+        if oci::is_index(&desc.media_type) {
+            let bytes = self.read_small(image, &desc).await.ok()?;
+            let index = oci::Index::parse(&desc.digest, &bytes).ok()?;
+            let node = oci::Platform::parse(&self.cfg.platform)?;
+            desc = index.entry_for(&node)?.descriptor();
+        }
+        let bytes = self.read_small(image, &desc).await.ok()?;
+        Some(Manifest::parse(&desc.digest, &bytes).ok()?.config.digest)
+    }
+
+    /// The target of image record `name`, if it exists.
+    async fn image_target(&self, name: &str) -> Result<Option<oci::Descriptor>, Error> {
         match ImagesClient::new(self.channel.clone())
             .get(self.req(
                 GetImageRequest {
@@ -1148,7 +1200,11 @@ impl Containerd {
                 .into_inner()
                 .image
                 .and_then(|i| i.target)
-                .map(|t| t.digest)),
+                .map(|t| oci::Descriptor {
+                    media_type: t.media_type,
+                    digest: t.digest,
+                    size: u64::try_from(t.size).unwrap_or(0),
+                })),
             Err(s) if s.code() == Code::NotFound => Ok(None),
             Err(s) => Err(Error::runtime(RUNTIME, format!("Images.Get {name}"))(s)),
         }
@@ -1337,15 +1393,23 @@ impl Runtime for Containerd {
             .map_err(Error::runtime(RUNTIME, "Version"))?
             .into_inner();
         let runtime_version = version.version;
+        let (runtime, shown_version) = match &self.cfg.store {
+            ImageStore::Cri => (RUNTIME, runtime_version.clone()),
+            ImageStore::Docker { version } => {
+                ("docker", format!("{version} (containerd image store)"))
+            }
+        };
         Ok(InfoResponse {
             node_name: self.cfg.node_name.clone(),
-            runtime: RUNTIME.to_string(),
-            runtime_version: runtime_version.clone(),
+            runtime: runtime.to_string(),
+            runtime_version: shown_version,
             namespace: self.cfg.namespace.clone(),
             snapshotter: self.cfg.snapshotter.clone(),
             platform: self.cfg.platform.clone(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
-            images_pinned: self.cfg.pin_images && pins_images(&runtime_version),
+            images_pinned: self.cfg.pin_images
+                && self.cfg.store == ImageStore::Cri
+                && pins_images(&runtime_version),
             storage: self.storage().await,
             checks_layers: matches!(self.local_store().await, Ok(Some(_))),
         })

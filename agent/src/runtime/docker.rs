@@ -147,6 +147,20 @@ impl Tag {
     }
 }
 
+/// dockerd's containerd image store, as `docker info` describes it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ContainerdStore {
+    /// dockerd's version, reported as the node's runtime version.
+    pub docker_version: String,
+    /// The snapshotter images are unpacked into (`docker info`'s driver, e.g. `overlayfs`).
+    pub snapshotter: String,
+    /// The socket of dockerd's containerd, when dockerd reports it (API 1.46, Docker 27, and
+    /// later); else the agent's `--containerd-socket`.
+    pub address: Option<PathBuf>,
+    /// The namespace of dockerd's images and containers (`moby`, suffixed under userns-remap).
+    pub namespace: String,
+}
+
 impl Docker {
     /// Nothing is touched until first use: neither dockerd nor the cache directory.
     pub fn new(cfg: DockerConfig) -> Self {
@@ -157,6 +171,36 @@ impl Docker {
             cache,
             sessions: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// Where this dockerd keeps images when it uses the containerd image store (`docker info`
+    /// reports the driver type `io.containerd.snapshotter.v1`); `None` for a graph driver
+    /// (overlay2), whose images only `POST /images/load` can create.
+    pub async fn containerd_store(&self) -> Result<Option<ContainerdStore>, Error> {
+        let docker = self.client().await?;
+        let info = docker.info().await.map_err(self.call_err("info"))?;
+        let snapshotter = info.driver_status.iter().flatten().any(|pair| {
+            pair.first().map(String::as_str) == Some("driver-type")
+                && pair.get(1).map(String::as_str) == Some("io.containerd.snapshotter.v1")
+        });
+        if !snapshotter {
+            return Ok(None);
+        }
+        let version = docker.version().await.map_err(self.call_err("version"))?;
+        let containerd = info.containerd.unwrap_or_default();
+        Ok(Some(ContainerdStore {
+            docker_version: version.version.unwrap_or_default(),
+            snapshotter: info.driver.unwrap_or_else(|| "overlayfs".into()),
+            address: containerd
+                .address
+                .filter(|a| !a.is_empty())
+                .map(PathBuf::from),
+            namespace: containerd
+                .namespaces
+                .and_then(|n| n.containers)
+                .filter(|n| !n.is_empty())
+                .unwrap_or_else(|| "moby".into()),
+        }))
     }
 
     /// The socket this connects to.
