@@ -407,6 +407,26 @@ def test_docker_mounts_the_docker_socket_cache_and_root_only() -> None:
     assert "containerd" not in yaml.safe_dump(r.pod)
 
 
+def test_docker_containerd_store_mounts_its_containerd_only_when_set() -> None:
+    store = {"socket": "/run/containerd/containerd.sock", "root": "/var/lib/containerd"}
+    r = render({"runtime": "docker", "docker": {"containerdStore": store}})
+    host = r.host_paths()
+    assert host["/run/containerd/containerd.sock"]["type"] == "Socket"
+    assert host["/var/lib/containerd"]["mount"].get("readOnly") is not True
+    assert r.flag("containerd-socket") == "/run/containerd/containerd.sock"
+    assert r.flag("unpack") == "agent"
+    assert "SYS_ADMIN" in r.pod["containers"][0]["securityContext"]["capabilities"]["add"]
+
+    r = render({"runtime": "docker", "docker": {"containerdStore": {"socket": store["socket"]}}})
+    assert "/var/lib/containerd" not in r.host_paths()
+    assert r.flag("unpack") == "containerd"
+    assert "add" not in r.pod["containers"][0]["securityContext"]["capabilities"]
+
+    # The default (a graph-driver node) mounts none of it; a root without a socket neither.
+    r = render({"runtime": "docker", "docker": {"containerdStore": {"root": "/var/lib/containerd"}}})
+    assert "/var/lib/containerd" not in r.host_paths() and r.flag("containerd-socket") is None
+
+
 def test_docker_paths_are_configurable() -> None:
     r = render({"runtime": "docker", "docker": {"socket": "/run/docker.sock", "cacheDir": "/data/lade", "root": ""}})
     assert set(r.host_paths()) == {"/run/docker.sock", "/data/lade"}
