@@ -5,6 +5,7 @@
 use anyhow::{Context, Result};
 use lade::load::connect;
 use lade_proto::{Descriptor, ImageSpec, ImportRequest};
+use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::hostile::{oci_layout, raw_tar, Member, OciImage};
 use lade_testkit::nodes::{run_lade, DockerNode, Node};
@@ -284,5 +285,54 @@ async fn a_docker_tag_for_another_image_is_not_moved_unless_allowed() -> Result<
     let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
     assert_eq!(code, 0, "{stderr}");
     assert_eq!(target(&node)?, after, "--allow-overwrite did not move it");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_name_holding_the_same_image_under_other_manifest_bytes_is_moved() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // `ctr images import` of a `docker save` archive makes its own manifest for each image;
+    // the bundle (go-containerregistry's layout) carries another one for the same config and
+    // layers. That is not other content: the name moves without --allow-overwrite.
+    let dir = tempfile::tempdir()?;
+    let imgs = lade_tests::images()?;
+    let (saved, _) = lade_tests::write_images_tar(
+        dir.path(),
+        &imgs,
+        ArchiveFormat::DockerSave,
+        Compression::None,
+    )?;
+    let (bundle, _) = lade_tests::write_sample_bundle(
+        dir.path(),
+        "same.bundle.tar",
+        &imgs,
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    )?;
+    let node = Node::start("attack-same-image").await?;
+    let saved = saved.display().to_string();
+    node.containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "import", &saved])?;
+    let name = "release.daocloud.io/demo/app:v1";
+    let imported = listed(&node, name)?;
+    let ours = lade::bundle::Bundle::open(&bundle)?
+        .images
+        .into_iter()
+        .find(|i| i.names.iter().any(|n| n == name))
+        .context("app image in the bundle")?
+        .manifest;
+    assert!(
+        !imported.contains(&ours),
+        "ctr made the bundle's manifest itself, so this proves nothing: {imported}"
+    );
+
+    let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
+    assert_eq!(code, 0, "{reports:#?}\n{stderr}");
+    assert!(
+        listed(&node, name)?.contains(&ours),
+        "the name was not moved"
+    );
     Ok(())
 }
