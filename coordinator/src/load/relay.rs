@@ -34,7 +34,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::bundle::Bundle;
-use crate::layercheck::LayerChecks;
+use crate::load::check::LayerChecks;
 use crate::load::{
     check_space, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
     unpack_hints, verify_and_end, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,

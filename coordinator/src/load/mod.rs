@@ -5,6 +5,9 @@
 //! [`NodeReport`] and never stops the others. Rendering progress and the summary is
 //! [`crate::progress`]'s job; naming rules are [`crate::reference`]'s.
 
+pub mod check;
+pub mod relay;
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -26,11 +29,11 @@ use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, instrument};
 
 use crate::bundle::{Bundle, BundleError, LayerLimits, Platform};
-use crate::layercheck::LayerChecks;
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
-use crate::relay::RelayMode;
 use crate::select::{choose, Chosen, PlatformChoice};
+use check::LayerChecks;
+use relay::RelayMode;
 
 /// What can stop a node's load. Bundle errors name the member; agent errors the call.
 #[derive(Debug, thiserror::Error)]
@@ -82,13 +85,13 @@ pub struct LoadOptions {
     pub dial: Dial,
     /// What a node gets when it is down or slow.
     pub retry: RetryPolicy,
-    /// How far a layer may expand; `None` sends layers unchecked (see [`crate::layercheck`]).
+    /// How far a layer may expand; `None` sends layers unchecked (see [`check`]).
     pub layer_check: Option<LayerLimits>,
     /// Compare what each node needs with its free space before sending (see [`space_needed`]).
     pub space_check: bool,
     /// Which platform of multi-platform images each node gets.
     pub platforms: PlatformChoice,
-    /// Whether agents pass blobs on to each other ([`crate::relay`]).
+    /// Whether agents pass blobs on to each other ([`relay`]).
     pub relay: RelayMode,
 }
 
@@ -445,7 +448,7 @@ pub async fn load(
     progress: Arc<dyn Progress>,
 ) -> Vec<NodeReport> {
     if let Some(fanout) = opts.relay.fanout(opts.agents.len()) {
-        return crate::relay::load(bundle, plan, opts, progress, fanout).await;
+        return relay::load(bundle, plan, opts, progress, fanout).await;
     }
     // One session id for the whole load, so every node's lease is named alike.
     let session = format!("load-{}", uuid::Uuid::new_v4().simple());
