@@ -13,8 +13,11 @@ use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
 use lade::load::relay::RelayMode;
-use lade::load::{load, plan_names, Credentials, Dial, LoadOptions, RetryPolicy};
-use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
+use lade::load::{
+    load, plan_names, summary_json, summary_table, Credentials, Dial, LoadOptions, Retry,
+    RetryPolicy,
+};
+use lade::progress::{Bars, Lines, Progress};
 use lade::push::registry::{Access, Tls};
 use lade::push::{push, ChartRepo, PushOptions, Target, EXIT_INCOMPLETE};
 use lade::reference::{check_rules, RetagRule};
@@ -781,7 +784,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     };
     match args.output {
         Output::Text => print!("{}", summary_table(&reports, retry)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        Output::Json => println!("{}", summary_json(&reports)?),
     }
     let hint = discovery
         .is_some()

@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod relay;
+pub mod report;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -16,8 +17,8 @@ use futures::StreamExt;
 use indicatif::HumanBytes;
 use lade_proto::{
     put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
-    ImageSpec, ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, PutBlobRequest,
-    UnpackHint, VerifyRequest, CHUNK_SIZE,
+    ImageSpec, ImportEvent, ImportRequest, InfoRequest, InfoResponse, PutBlobRequest, UnpackHint,
+    VerifyRequest, CHUNK_SIZE,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -32,8 +33,10 @@ use crate::bundle::{Bundle, BundleError, LayerLimits, Platform};
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
 use crate::select::{choose, Chosen, PlatformChoice};
+
 use check::LayerChecks;
 use relay::RelayMode;
+pub use report::{summary_json, summary_table, FailedImage, NodeReport, Retry};
 
 /// What can stop a node's load. Bundle errors name the member; agent errors the call.
 #[derive(Debug, thiserror::Error)]
@@ -379,65 +382,6 @@ pub fn plan_names(
         });
     }
     Ok(plan)
-}
-
-/// What happened on one node.
-#[derive(Clone, Debug, Default, Serialize)]
-pub struct NodeReport {
-    pub agent: String,
-    /// Node name the agent reported (empty if it could not be reached).
-    pub node: String,
-    pub runtime: String,
-    /// The node's platform, as its agent reports it.
-    pub platform: String,
-    /// Loaded images are pinned against kubelet's image garbage collection.
-    pub images_pinned: bool,
-    pub images: usize,
-    pub images_loaded: usize,
-    pub blobs_sent: usize,
-    pub bytes_sent: u64,
-    pub blobs_skipped: usize,
-    /// Bytes the node already had (whole blobs, plus resumed prefixes of partial uploads).
-    pub bytes_skipped: u64,
-    pub seconds: f64,
-    pub ok: bool,
-    /// Attempts it took (more than 1 after transient failures).
-    pub attempts: u32,
-    /// Why the node failed as a whole, if it did.
-    pub error: Option<String>,
-    /// Where the blobs it stored came from: `coordinator`, or the node that relayed them
-    /// (several after a relay node failed and it was re-parented).
-    pub via: Vec<String>,
-    /// Bytes the coordinator itself sent to this node (with relay, the root of the tree gets
-    /// them all, including what it only passes on).
-    pub bytes_from_coordinator: u64,
-    /// Images that failed on this node, with the reason.
-    pub failed_images: Vec<FailedImage>,
-    /// What loaded but deserves a look: images whose only manifest is for another platform.
-    #[serde(skip_serializing_if = "Vec::is_empty")]
-    pub warnings: Vec<String>,
-}
-
-impl NodeReport {
-    /// Counts the images an Import's `events` say were named, and records the failed ones.
-    pub(crate) fn count_imports(&mut self, events: Vec<ImportEvent>) {
-        for event in events {
-            match ImportPhase::try_from(event.phase) {
-                Ok(ImportPhase::ImageDone) => self.images_loaded += 1,
-                Ok(ImportPhase::ImageFailed) => self.failed_images.push(FailedImage {
-                    image: event.image,
-                    reason: event.message,
-                }),
-                _ => {}
-            }
-        }
-    }
-}
-
-#[derive(Clone, Debug, Serialize)]
-pub struct FailedImage {
-    pub image: String,
-    pub reason: String,
 }
 
 /// Loads the bundle onto every agent of `opts`; returns one report per agent, in order.
