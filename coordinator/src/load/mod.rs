@@ -6,6 +6,8 @@
 //! [`crate::progress`]'s job; naming rules are [`crate::reference`]'s.
 
 pub mod check;
+pub mod conn;
+pub mod error;
 pub mod relay;
 pub mod report;
 
@@ -14,67 +16,27 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use indicatif::HumanBytes;
 use lade_proto::{
-    put_blob_request::Msg, AgentClient, BlobHeader, Descriptor, EndSessionRequest, HaveRequest,
-    ImageSpec, ImportEvent, ImportRequest, InfoRequest, InfoResponse, PutBlobRequest, UnpackHint,
-    VerifyRequest, CHUNK_SIZE,
+    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, ImageSpec, InfoResponse,
+    PutBlobRequest, UnpackHint,
 };
 use serde::Serialize;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
 use tracing::{info, instrument};
 
-use crate::bundle::{Bundle, BundleError, LayerLimits, Platform};
+use crate::bundle::{Bundle, LayerLimits, Platform};
 use crate::progress::Progress;
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
 use crate::select::{choose, Chosen, PlatformChoice};
 
 use check::LayerChecks;
+pub(crate) use conn::error_chain;
+pub use conn::{connect, AgentConn, Credentials, Dial};
+use conn::{identify, import, stream_chunks, verify_and_end};
+pub use error::LoadError;
 use relay::RelayMode;
 pub use report::{summary_json, summary_table, FailedImage, NodeReport, Retry};
-
-/// What can stop a node's load. Bundle errors name the member; agent errors the call.
-#[derive(Debug, thiserror::Error)]
-pub enum LoadError {
-    #[error("cannot reach agent {agent}: {reason}")]
-    Connect { agent: String, reason: String },
-    #[error("agent {agent}: {call} failed: {status}")]
-    Agent {
-        agent: String,
-        call: &'static str,
-        status: tonic::Status,
-    },
-    #[error(transparent)]
-    Bundle(#[from] BundleError),
-    /// A layer that failed its check (one outcome shared by every node that needed it).
-    #[error(transparent)]
-    Layer(Arc<BundleError>),
-    #[error(transparent)]
-    Reference(#[from] ReferenceError),
-    #[error("credentials: {0}")]
-    Credentials(String),
-    #[error("agent {agent}: no result within {}", humantime::format_duration(*limit))]
-    TimedOut { agent: String, limit: Duration },
-    /// The node lacks room for what this load would write; nothing was sent to it.
-    #[error(
-        "node {node} (agent {agent}): needs about {} for {what} on {path}, which has {} free; nothing was sent (free space, e.g. remove unused images with `crictl rmi --prune`, or pass --no-space-check)",
-        HumanBytes(*needed),
-        HumanBytes(*free)
-    )]
-    NoSpace {
-        agent: String,
-        node: String,
-        path: String,
-        what: String,
-        needed: u64,
-        free: u64,
-    },
-}
 
 /// How a load runs.
 #[derive(Clone, Debug)]
@@ -168,127 +130,6 @@ impl Default for RetryPolicy {
         }
     }
 }
-
-impl LoadError {
-    /// Wraps a failed call `call` to `agent`, naming both.
-    pub(crate) fn agent_call(
-        agent: &str,
-        call: &'static str,
-    ) -> impl FnOnce(tonic::Status) -> LoadError {
-        let agent = agent.to_string();
-        move |status| LoadError::Agent {
-            agent,
-            call,
-            status,
-        }
-    }
-
-    /// Whether the bundle's own bytes are at fault (a blob or a layer that fails its check):
-    /// the images using that blob fail, the rest of the load goes on.
-    pub fn is_bad_content(&self) -> bool {
-        matches!(
-            self,
-            LoadError::Layer(_) | LoadError::Bundle(BundleError::DigestMismatch { .. })
-        )
-    }
-
-    /// Whether trying the node again may succeed: it was unreachable or dropped the
-    /// connection, not refused what it was given.
-    pub fn is_transient(&self) -> bool {
-        match self {
-            LoadError::Connect { .. } | LoadError::TimedOut { .. } => true,
-            LoadError::Agent { status, .. } => matches!(
-                status.code(),
-                tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-            ),
-            LoadError::Bundle(_)
-            | LoadError::Layer(_)
-            | LoadError::NoSpace { .. }
-            | LoadError::Reference(_)
-            | LoadError::Credentials(_) => false,
-        }
-    }
-}
-
-/// How the coordinator reaches agents: how long it waits, and how it proves who it is.
-#[derive(Clone, Debug)]
-pub struct Dial {
-    pub timeout: Duration,
-    pub credentials: Credentials,
-}
-
-/// What the coordinator presents to agents: the bearer token of the cluster's Secret and/or
-/// TLS (with a client certificate when agents require mutual TLS).
-#[derive(Clone, Debug, Default)]
-pub struct Credentials {
-    bearer: Option<MetadataValue<Ascii>>,
-    tls: Option<ClientTlsConfig>,
-    /// The token may cross the network without TLS (`--insecure-plaintext`).
-    plaintext: bool,
-}
-
-impl Credentials {
-    /// Presents `token` as `authorization: Bearer <token>` on every call.
-    pub fn token(token: &str) -> Result<Credentials, LoadError> {
-        let bearer = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| LoadError::Credentials("the auth token must be printable ASCII".into()))?;
-        Ok(Credentials {
-            bearer: Some(bearer),
-            tls: None,
-            plaintext: false,
-        })
-    }
-
-    /// Sends the token over plain gRPC to any address, not only to loopback ones.
-    pub fn allow_plaintext(mut self) -> Credentials {
-        self.plaintext = true;
-        self
-    }
-
-    /// Whether these credentials may be sent to `agent`: a token without TLS goes only to a
-    /// loopback address (a port-forward, a test) unless plain text was allowed.
-    fn check_destination(&self, agent: &str) -> Result<(), LoadError> {
-        if self.bearer.is_none() || self.tls.is_some() || self.plaintext {
-            return Ok(());
-        }
-        let host = agent
-            .rsplit_once(':')
-            .map_or(agent, |(host, _)| host)
-            .trim_start_matches('[')
-            .trim_end_matches(']');
-        let loopback = host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.to_canonical().is_loopback());
-        if loopback {
-            return Ok(());
-        }
-        Err(LoadError::Credentials(format!(
-            "agent {agent}: refusing to send the bearer token over plain gRPC to a non-loopback \
-             address: connect with TLS (--tls-ca), or pass --insecure-plaintext where the \
-             network to the agents is trusted"
-        )))
-    }
-
-    /// Connects with TLS as `tls` says.
-    pub fn with_tls(mut self, tls: ClientTlsConfig) -> Credentials {
-        self.tls = Some(tls);
-        self
-    }
-}
-
-impl Interceptor for Credentials {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(bearer) = &self.bearer {
-            req.metadata_mut().insert("authorization", bearer.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// A connected agent client that authenticates every call.
-pub type AgentConn = AgentClient<InterceptedService<Channel, Credentials>>;
 
 /// One image of the bundle and every name it gets on the nodes.
 #[derive(Clone, Debug, Serialize)]
@@ -724,63 +565,6 @@ pub fn space_needed(
         .collect()
 }
 
-/// Connects to an agent with the credentials of `dial`.
-pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
-    dial.credentials.check_destination(agent)?;
-    let err = |reason: String| LoadError::Connect {
-        agent: agent.to_string(),
-        reason,
-    };
-    let scheme = if dial.credentials.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
-        .map_err(|e| err(format!("not a host:port address ({e})")))?
-        .connect_timeout(dial.timeout)
-        .tcp_nodelay(true)
-        // Room for several 1 MiB chunks in flight (HTTP/2's default window is 64 KiB).
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(30));
-    if let Some(tls) = &dial.credentials.tls {
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| err(error_chain(&e)))?;
-    }
-    let channel = endpoint.connect().await.map_err(|e| err(error_chain(&e)))?;
-    Ok(
-        AgentClient::with_interceptor(channel, dial.credentials.clone())
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20),
-    )
-}
-
-pub(crate) use lade_proto::error_chain;
-
-/// Connects to `agent` and asks what its node is, filling `report`'s node, runtime, platform
-/// and pinning from the answer.
-pub(crate) async fn identify(
-    agent: &str,
-    dial: &Dial,
-    progress: &dyn Progress,
-    report: &mut NodeReport,
-) -> Result<(AgentConn, InfoResponse), LoadError> {
-    let mut client = connect(agent, dial).await?;
-    let info = client
-        .info(InfoRequest {})
-        .await
-        .map_err(LoadError::agent_call(agent, "Info"))?
-        .into_inner();
-    report.node = info.node_name.clone();
-    report.runtime = format!("{} {}", info.runtime, info.runtime_version);
-    report.images_pinned = info.images_pinned;
-    report.platform = info.platform.clone();
-    progress.node_identified(agent, &info.node_name);
-    Ok((client, info))
-}
-
 #[allow(clippy::too_many_arguments)]
 #[instrument(skip_all, fields(agent = %agent))]
 async fn load_node(
@@ -946,77 +730,6 @@ pub(crate) async fn checks_of(
     (sizes, checks)
 }
 
-/// Verifies every planned name on the node, adding a failure for each name that is not
-/// whole (once per image: an image that already failed import keeps the import's reason),
-/// and releases the node's hold on its uploads if nothing failed; after a failure they stay
-/// for the retry until the hold expires.
-pub(crate) async fn verify_and_end(
-    client: &mut AgentConn,
-    plan: &[PlannedImage],
-    chosen: &[Result<Chosen, String>],
-    session: &str,
-    agent: &str,
-    report: &mut NodeReport,
-) -> Result<(), LoadError> {
-    let call_err = |call| LoadError::agent_call(agent, call);
-    // The names as this node was asked to create them.
-    let names: Vec<(&str, Vec<String>)> = plan
-        .iter()
-        .zip(chosen)
-        .map(|(p, c)| match c {
-            Ok(c) => (p.source.as_str(), node_names(&p.names, &c.target)),
-            Err(_) => (p.source.as_str(), p.names.clone()),
-        })
-        .collect();
-    let refs = names.iter().flat_map(|(_, n)| n.iter().cloned()).collect();
-    let verified = client
-        .verify(VerifyRequest { refs })
-        .await
-        .map_err(call_err("Verify"))?
-        .into_inner();
-    for r in verified.refs.into_iter().filter(|r| !r.ok) {
-        if !report.failed_images.iter().any(|f| {
-            names
-                .iter()
-                .any(|(source, n)| *source == f.image && n.contains(&r.r#ref))
-        }) {
-            report.failed_images.push(FailedImage {
-                image: r.r#ref,
-                reason: format!("verification: {}", r.problem),
-            });
-        }
-    }
-    if report.failed_images.is_empty() {
-        client
-            .end_session(EndSessionRequest {
-                session: session.to_string(),
-            })
-            .await
-            .map_err(call_err("EndSession"))?;
-    }
-    Ok(())
-}
-
-/// Imports one image; returns its events.
-pub(crate) async fn import(
-    mut client: AgentConn,
-    session: String,
-    spec: ImageSpec,
-) -> Result<Vec<ImportEvent>, tonic::Status> {
-    let mut stream = client
-        .import(ImportRequest {
-            session,
-            images: vec![spec],
-        })
-        .await?
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(event) = stream.message().await? {
-        events.push(event);
-    }
-    Ok(events)
-}
-
 /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the bundle, or
 /// a layer that fails its check, withholds the last chunk, so the node never commits it.
 #[allow(clippy::too_many_arguments)]
@@ -1072,66 +785,8 @@ async fn put_blob(
     Ok(sent)
 }
 
-/// Streams blob `digest` from `offset` into `tx` as chunk messages, on a blocking thread
-/// (reading and hashing are blocking file work), counting each chunk on `count`; returns the
-/// bytes sent. The last chunk is withheld when the blob's digest does not match or its layer
-/// check fails (the check starts here, if it has not yet), so no node commits it.
-pub(crate) fn stream_chunks(
-    bundle: &Arc<Bundle>,
-    digest: &str,
-    offset: u64,
-    checks: Option<&Arc<LayerChecks>>,
-    tx: mpsc::Sender<PutBlobRequest>,
-    count: Option<mpsc::UnboundedSender<u64>>,
-) -> tokio::task::JoinHandle<Result<u64, LoadError>> {
-    if let Some(checks) = checks {
-        checks.start(digest);
-    }
-    let (bundle, digest, checks) = (bundle.clone(), digest.to_string(), checks.cloned());
-    tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
-        let mut reader = bundle.read_blob(&digest, offset)?;
-        if let (0, Some(checks)) = (reader.remaining(), &checks) {
-            // The node holds every byte already; it commits when this call ends.
-            checks.wait(&digest).map_err(LoadError::Layer)?;
-        }
-        let mut sent = 0u64;
-        while let Some(chunk) = reader.next_chunk(CHUNK_SIZE)? {
-            if let (0, Some(checks)) = (reader.remaining(), &checks) {
-                checks.wait(&digest).map_err(LoadError::Layer)?;
-            }
-            let n = chunk.len() as u64;
-            let msg = PutBlobRequest {
-                msg: Some(Msg::Chunk(chunk.into())),
-            };
-            if tx.blocking_send(msg).is_err() {
-                break; // The call ended; its status says why.
-            }
-            sent += n;
-            if let Some(count) = &count {
-                let _ = count.send(n);
-            }
-        }
-        Ok(sent)
-    })
-}
-
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
-
-    #[derive(Debug)]
-    struct E(&'static str, Option<Box<E>>);
-    impl std::fmt::Display for E {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            f.write_str(self.0)
-        }
-    }
-    impl std::error::Error for E {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.1.as_deref().map(|e| e as _)
-        }
-    }
-
     #[test]
     fn a_digest_reference_names_the_node_s_own_target() {
         let names = [
@@ -1146,24 +801,6 @@ mod tests {
         assert_eq!(
             super::node_names(&names, "sha256:index"),
             ["x.io/a:1", "x.io/a@sha256:index"]
-        );
-    }
-
-    #[test]
-    fn error_chain_drops_repeated_sources() {
-        let e = E(
-            "transport error",
-            Some(Box::new(E(
-                "tcp connect error",
-                Some(Box::new(E(
-                    "tcp connect error",
-                    Some(Box::new(E("Connection refused", None))),
-                ))),
-            ))),
-        );
-        assert_eq!(
-            error_chain(&e),
-            "transport error: tcp connect error: Connection refused"
         );
     }
 }

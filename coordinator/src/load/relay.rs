@@ -35,9 +35,11 @@ use tracing::{info, warn};
 
 use crate::bundle::Bundle;
 use crate::load::check::LayerChecks;
+use crate::load::conn::{import, stream_chunks, verify_and_end, AgentConn};
+use crate::load::error::LoadError;
+use crate::load::report::{FailedImage, NodeReport};
 use crate::load::{
-    check_space, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
-    unpack_hints, verify_and_end, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
+    check_space, have_descriptors, missing_blobs, node_choices, unpack_hints, LoadOptions,
     PlannedImage,
 };
 use crate::progress::Progress;
@@ -451,7 +453,7 @@ async fn identify(
     loop {
         let run = async {
             let (mut client, info) =
-                crate::load::identify(agent, &opts.dial, progress, &mut report).await?;
+                crate::load::conn::identify(agent, &opts.dial, progress, &mut report).await?;
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
             report.warnings = crate::load::foreign_platform_warnings(bundle, &chosen, &info);
