@@ -12,10 +12,9 @@ use lade::bundle::{Bundle, LayerLimits, Platform};
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
-use lade::load::relay::RelayMode;
 use lade::load::{
-    load, plan_names, summary_json, summary_table, Credentials, Dial, LoadOptions, Retry,
-    RetryPolicy,
+    load, plan_names, summary_json, summary_table, Credentials, Dial, LoadOptions, RelayMode,
+    Retry, RetryPolicy,
 };
 use lade::progress::{Bars, Lines, Progress};
 use lade::push::registry::{Access, Tls};
@@ -727,10 +726,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             Some(discovery) => discovery.addresses(),
             None => args.agents.clone(),
         };
-        print!(
-            "{}",
-            lade::load::relay::plan_text(&bundle, &agents, args.relay)
-        );
+        print!("{}", lade::load::plan_text(&bundle, &agents, args.relay));
         return Ok(ExitCode::SUCCESS);
     }
     let opts = LoadOptions {

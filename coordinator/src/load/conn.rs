@@ -21,8 +21,8 @@ use crate::select::Chosen;
 
 use super::check::LayerChecks;
 use super::error::LoadError;
+use super::plan::{node_names, PlannedImage};
 use super::report::{FailedImage, NodeReport};
-use super::{node_names, PlannedImage};
 
 /// How the coordinator reaches agents: how long it waits, and how it proves who it is.
 #[derive(Clone, Debug)]

@@ -18,9 +18,7 @@
 //! and the coordinator serves it directly from then on; if not, it is dead and reported
 //! failed. A node that refused the blob (its own verification or store failed) fails alone.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::str::FromStr;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -37,101 +35,14 @@ use crate::bundle::Bundle;
 use crate::load::check::LayerChecks;
 use crate::load::conn::{import, stream_chunks, verify_and_end, AgentConn};
 use crate::load::error::LoadError;
-use crate::load::report::{FailedImage, NodeReport};
-use crate::load::{
-    check_space, have_descriptors, missing_blobs, node_choices, unpack_hints, LoadOptions,
-    PlannedImage,
+use crate::load::plan::{
+    check_space, children, foreign_platform_warnings, have_descriptors, import_spec, missing_blobs,
+    node_choices, render_topology, unique_missing, unpack_hints, PlannedImage, RelayMode,
 };
+use crate::load::report::{FailedImage, NodeReport};
+use crate::load::LoadOptions;
 use crate::progress::Progress;
 use crate::select::Chosen;
-
-/// How blobs travel from the coordinator to the nodes (`lade load --relay`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RelayMode {
-    /// `tree:2` for two nodes or more, off for one.
-    #[default]
-    Auto,
-    /// The coordinator sends to every node itself.
-    Off,
-    /// Each node passes blobs on to the next one.
-    Chain,
-    /// Each node passes blobs on to up to K others.
-    Tree(usize),
-}
-
-impl FromStr for RelayMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(RelayMode::Auto),
-            "off" => Ok(RelayMode::Off),
-            "chain" => Ok(RelayMode::Chain),
-            other => {
-                let k = other
-                    .strip_prefix("tree:")
-                    .and_then(|k| k.parse::<usize>().ok())
-                    .filter(|k| (1..=64).contains(k))
-                    .ok_or_else(|| {
-                        format!("{other:?}: expected off, chain, tree:K (K from 1 to 64) or auto")
-                    })?;
-                Ok(RelayMode::Tree(k))
-            }
-        }
-    }
-}
-
-impl RelayMode {
-    /// Children per node over `nodes` nodes; `None`: no relay.
-    pub fn fanout(self, nodes: usize) -> Option<usize> {
-        if nodes < 2 {
-            return None;
-        }
-        match self {
-            RelayMode::Off => None,
-            RelayMode::Chain => Some(1),
-            RelayMode::Tree(k) => Some(k),
-            RelayMode::Auto => Some(2),
-        }
-    }
-
-    /// What the mode is called on the command line, resolved for `nodes` nodes.
-    pub fn describe(self, nodes: usize) -> String {
-        match self.fanout(nodes) {
-            None => "off".into(),
-            Some(1) => "chain".into(),
-            Some(k) => format!("tree:{k}"),
-        }
-    }
-}
-
-/// Children of position `i` among `n` nodes laid out as a K-ary tree in order (a chain for
-/// K = 1): the first node is the root, the one the coordinator sends to.
-fn children(i: usize, n: usize, k: usize) -> impl Iterator<Item = usize> {
-    (k * i + 1..=k * i + k).filter(move |&c| c < n)
-}
-
-/// The topology of `names` (in order) as an indented tree, for `--plan` and stderr.
-pub fn render_topology(names: &[String], fanout: usize) -> String {
-    fn walk(out: &mut String, names: &[String], k: usize, i: usize, prefix: &str, last: bool) {
-        let _ = writeln!(
-            out,
-            "{prefix}{}{}",
-            if last { "└─ " } else { "├─ " },
-            names[i]
-        );
-        let kids: Vec<usize> = children(i, names.len(), k).collect();
-        let deeper = format!("{prefix}{}", if last { "   " } else { "│  " });
-        for (j, &c) in kids.iter().enumerate() {
-            walk(out, names, k, c, &deeper, j + 1 == kids.len());
-        }
-    }
-    let mut out = String::from("coordinator\n");
-    if !names.is_empty() {
-        walk(&mut out, names, fanout, 0, "", true);
-    }
-    out
-}
 
 /// One node of the load as the relay sees it.
 struct Node {
@@ -333,7 +244,7 @@ pub async fn load(
             if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
                 continue; // cannot happen for a live node: a failed delivery fails it
             }
-            let spec = crate::load::import_spec(&bundle, chosen, planned);
+            let spec = import_spec(&bundle, chosen, planned);
             let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
             imports.spawn(async move { (idx, import(client, session, spec).await) });
         }
@@ -456,7 +367,7 @@ async fn identify(
                 crate::load::conn::identify(agent, &opts.dial, progress, &mut report).await?;
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
-            report.warnings = crate::load::foreign_platform_warnings(bundle, &chosen, &info);
+            report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
             let have = client
                 .have(HaveRequest {
                     session: session.to_string(),
@@ -854,87 +765,4 @@ async fn send_tree(
         SendError::Call(LoadError::agent_call(&root.address, "PutBlob")(status))
     })?;
     Ok((response.into_inner(), sent))
-}
-
-/// What `lade load --plan` prints: the topology the load would use, before anything is
-/// sent.
-pub fn plan_text(bundle: &Bundle, agents: &[String], mode: RelayMode) -> String {
-    let mut out = format!(
-        "{} images, {} blobs, {} bytes in the bundle; {} nodes\n",
-        bundle.images.len(),
-        bundle.blobs.len(),
-        bundle.total_bytes(),
-        agents.len()
-    );
-    match mode.fanout(agents.len()) {
-        None => {
-            out.push_str("relay off: the coordinator sends every node what it lacks itself\n");
-            for a in agents {
-                let _ = writeln!(out, "coordinator -> {a}");
-            }
-        }
-        Some(k) => {
-            let _ = writeln!(
-                out,
-                "relay {}: each missing blob leaves the coordinator once, to {}; nodes that hold a blob pass it on",
-                mode.describe(agents.len()),
-                agents[0]
-            );
-            out.push_str(&render_topology(agents, k));
-        }
-    }
-    out
-}
-
-/// Bytes the coordinator would send at least: every blob some node lacks, once.
-pub fn unique_missing(bundle: &Bundle, missing: &[HashMap<String, u64>]) -> u64 {
-    let mut need: BTreeMap<&str, u64> = BTreeMap::new();
-    for m in missing {
-        for (d, off) in m {
-            let e = need.entry(d.as_str()).or_insert(u64::MAX);
-            *e = (*e).min(*off);
-        }
-    }
-    need.iter()
-        .map(|(d, off)| bundle.blobs[*d].size - off)
-        .sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn modes_parse_and_resolve() {
-        assert_eq!("off".parse::<RelayMode>().unwrap(), RelayMode::Off);
-        assert_eq!("chain".parse::<RelayMode>().unwrap(), RelayMode::Chain);
-        assert_eq!("tree:3".parse::<RelayMode>().unwrap(), RelayMode::Tree(3));
-        assert_eq!("auto".parse::<RelayMode>().unwrap(), RelayMode::Auto);
-        for bad in ["tree", "tree:0", "tree:x", "ring", "tree:65"] {
-            assert!(bad.parse::<RelayMode>().is_err(), "{bad}");
-        }
-        assert_eq!(RelayMode::Auto.fanout(1), None);
-        assert_eq!(RelayMode::Auto.fanout(2), Some(2));
-        assert_eq!(RelayMode::Chain.fanout(4), Some(1));
-        assert_eq!(RelayMode::Tree(3).fanout(1), None);
-        assert_eq!(RelayMode::Off.fanout(8), None);
-    }
-
-    #[test]
-    fn trees_are_laid_out_in_order() {
-        assert_eq!(children(0, 4, 1).collect::<Vec<_>>(), [1]);
-        assert_eq!(children(3, 4, 1).count(), 0);
-        assert_eq!(children(0, 7, 2).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(children(2, 7, 2).collect::<Vec<_>>(), [5, 6]);
-        assert_eq!(children(2, 6, 2).collect::<Vec<_>>(), [5]);
-        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
-        assert_eq!(
-            render_topology(&names, 2),
-            "coordinator\n└─ a\n   ├─ b\n   │  └─ d\n   └─ c\n"
-        );
-        assert_eq!(
-            render_topology(&names, 1),
-            "coordinator\n└─ a\n   └─ b\n      └─ c\n         └─ d\n"
-        );
-    }
 }
