@@ -1,7 +1,7 @@
 //! Relay fan-out: every missing blob leaves the coordinator once, whatever the number of
 //! nodes; the agents pass it on to each other along a chain or a tree.
 //!
-//! With relay on, [`crate::load::load`] hands over to [`load`] here, which runs the load in
+//! With relay on, the load's entry hands over to [`load`] here, which runs the load in
 //! three stages instead of one independent procedure per node:
 //! 1. `Info` and `Have` on every node (retried like a plain load); a node that fails them is
 //!    reported failed and left out of the topology.
@@ -32,17 +32,18 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::bundle::Bundle;
-use crate::load::check::LayerChecks;
-use crate::load::conn::{import, stream_chunks, verify_and_end, AgentConn};
-use crate::load::error::LoadError;
-use crate::load::plan::{
-    check_space, children, foreign_platform_warnings, have_descriptors, import_spec, missing_blobs,
-    node_choices, render_topology, unique_missing, unpack_hints, PlannedImage, RelayMode,
-};
-use crate::load::report::{FailedImage, NodeReport};
-use crate::load::LoadOptions;
 use crate::progress::Progress;
 use crate::select::Chosen;
+
+use super::check::LayerChecks;
+use super::conn::{import, stream_chunks, verify_and_end, AgentConn};
+use super::error::LoadError;
+use super::plan::{
+    check_space, children, foreign_platform_warnings, have_descriptors, import_spec, missing_blobs,
+    node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
+};
+use super::report::{FailedImage, NodeReport};
+use super::run::Run;
 
 /// One node of the load as the relay sees it.
 struct Node {
@@ -83,14 +84,15 @@ enum Outcome {
 
 /// Loads with relay fan-out of `fanout`; one report per agent, in the order of
 /// `opts.agents`.
-pub async fn load(
-    bundle: Arc<Bundle>,
-    plan: Arc<Vec<PlannedImage>>,
-    opts: &LoadOptions,
-    progress: Arc<dyn Progress>,
-    fanout: usize,
-) -> Vec<NodeReport> {
-    let session = format!("load-{}", uuid::Uuid::new_v4().simple());
+pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
+    let Run {
+        bundle,
+        plan,
+        opts,
+        progress,
+        session,
+        ..
+    } = run;
     let started = Instant::now();
     let mut reports: Vec<NodeReport> = opts
         .agents
@@ -103,17 +105,13 @@ pub async fn load(
         .collect();
 
     // Stage 1: who is there, which manifests each gets, and what each lacks.
-    let (sizes, checks) = crate::load::checks_of(&bundle, opts).await;
     let identified: Vec<(usize, Identified, u32)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
-                let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
                 let report = reports[i].clone();
-                let sizes = opts.space_check.then_some(&*sizes);
                 async move {
                     progress.node_started(agent);
-                    let (result, attempts) =
-                        identify(&bundle, session, agent, opts, sizes, &*progress, report).await;
+                    let (result, attempts) = identify(run, agent, report).await;
                     (i, result, attempts)
                 }
             })
@@ -150,7 +148,7 @@ pub async fn load(
             }
         }
     }
-    let checks = checks.filter(|_| !all_check_layers);
+    let checks = run.checks.clone().filter(|_| !all_check_layers);
     nodes.sort_by_key(|n| n.idx);
     // An address given twice would be a tree forwarding to itself: keep the first.
     let mut seen = std::collections::HashSet::new();
@@ -166,7 +164,7 @@ pub async fn load(
     });
     let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
     let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
-    let unique = unique_missing(&bundle, &missing);
+    let unique = unique_missing(bundle, &missing);
     eprint!(
         "relay {}: {}\n{}",
         RelayMode::Tree(fanout).describe(names.len().max(2)),
@@ -212,12 +210,12 @@ pub async fn load(
                 continue;
             }
             let delivery = Delivery {
-                bundle: &bundle,
-                session: &session,
+                bundle,
+                session,
                 digest: &digest,
                 checks: checks.as_ref(),
                 fanout,
-                progress: &*progress,
+                progress: &**progress,
             };
             if let Some(reason) = delivery.run(&mut nodes, &mut reports).await {
                 bad.insert(digest.clone(), reason);
@@ -244,7 +242,7 @@ pub async fn load(
             if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
                 continue; // cannot happen for a live node: a failed delivery fails it
             }
-            let spec = import_spec(&bundle, chosen, planned);
+            let spec = import_spec(bundle, chosen, planned);
             let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
             imports.spawn(async move { (idx, import(client, session, spec).await) });
         }
@@ -306,7 +304,7 @@ pub async fn load(
     let seconds = started.elapsed().as_secs_f64();
     for report in &mut reports {
         report.seconds = seconds;
-        report.ok = report.error.is_none() && report.failed_images.is_empty();
+        report.settle();
         progress.node_finished(report);
     }
     reports
@@ -350,21 +348,14 @@ struct Knowledge {
 
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
 /// client, the report filled with what the node is and holds, and the blobs it lacks.
-async fn identify(
-    bundle: &Bundle,
-    session: &str,
-    agent: &str,
-    opts: &LoadOptions,
-    sizes: Option<&HashMap<String, u64>>,
-    progress: &dyn Progress,
-    mut report: NodeReport,
-) -> (Identified, u32) {
+async fn identify(run: &Run<'_>, agent: &str, mut report: NodeReport) -> (Identified, u32) {
+    let (bundle, opts, progress, session) = (&*run.bundle, run.opts, &*run.progress, &run.session);
     let retry = &opts.retry;
     let mut attempt = 0;
     loop {
         let run = async {
             let (mut client, info) =
-                crate::load::conn::identify(agent, &opts.dial, progress, &mut report).await?;
+                super::conn::identify(agent, &opts.dial, progress, &mut report).await?;
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
             report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
@@ -379,7 +370,7 @@ async fn identify(
             report.blobs_skipped = 0;
             report.bytes_skipped = 0;
             let missing = missing_blobs(bundle, have.blobs, &mut report);
-            check_space(bundle, agent, &info, &missing, sizes)?;
+            check_space(bundle, agent, &info, &missing, run.sizes())?;
             Ok((
                 client,
                 report.clone(),

@@ -43,6 +43,12 @@ pub struct NodeReport {
 }
 
 impl NodeReport {
+    /// Settles the outcome once the node is done: ok when neither the node nor any of its
+    /// images failed.
+    pub(crate) fn settle(&mut self) {
+        self.ok = self.error.is_none() && self.failed_images.is_empty();
+    }
+
     /// Counts the images an Import's `events` say were named, and records the failed ones.
     pub(crate) fn count_imports(&mut self, events: Vec<ImportEvent>) {
         for event in events {
