@@ -4,7 +4,7 @@
 //! - [`plan`] decides, as pure data, what a load does: the names every image gets, how blobs
 //!   travel, and per node (from what its agent said) which manifests it gets, which blobs it
 //!   lacks, whether they fit, and what it imports.
-//! - Then one delivery carries the plan out on every node: [`direct`] (the coordinator
+//! - Then one delivery carries the plan out on every node: `direct` (the coordinator
 //!   sends each node what it lacks itself) or [`relay`] (each missing blob leaves the
 //!   coordinator once; the agents pass it on). Both reach agents through [`conn`], check
 //!   layers through [`check`], and read what was set up once for the load from [`run`];

@@ -1,5 +1,5 @@
 //! A load under way: how it runs ([`LoadOptions`], [`RetryPolicy`]) and what is set up once
-//! for all of its nodes before either delivery starts ([`Run`]).
+//! for all of its nodes before either delivery starts (`Run`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
