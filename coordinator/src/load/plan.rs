@@ -560,4 +560,128 @@ mod tests {
             ["x.io/a:1", "x.io/a@sha256:index"]
         );
     }
+
+    /// A bundle of blobs `(digest, size)` only, no images: enough for what is planned per
+    /// blob.
+    fn blobs_only(blobs: &[(&str, u64)]) -> Bundle {
+        use crate::bundle::{ArchiveFormat, Blob, BlobSource, BundleKind};
+        Bundle {
+            path: "bundle.tar".into(),
+            kind: BundleKind::ImageArchive,
+            format: ArchiveFormat::OciLayout,
+            hints: None,
+            chart_files: Vec::new(),
+            images: Vec::new(),
+            blobs: blobs
+                .iter()
+                .map(|&(digest, size)| {
+                    let blob = Blob {
+                        digest: digest.to_string(),
+                        size,
+                        media_type: "application/vnd.oci.image.layer.v1.tar+gzip".into(),
+                        source: BlobSource::Inline(Default::default()),
+                        role: format!("blob {digest}"),
+                    };
+                    (digest.to_string(), blob)
+                })
+                .collect(),
+            archive_label: "bundle.tar".into(),
+        }
+    }
+
+    #[test]
+    fn missing_blobs_resume_where_uploads_stopped_and_count_what_is_there() {
+        let bundle = blobs_only(&[("sha256:a", 10), ("sha256:b", 20), ("sha256:c", 30)]);
+        let state = |digest: &str, present, offset| lade_proto::BlobState {
+            digest: digest.into(),
+            present,
+            offset,
+        };
+        let mut report = NodeReport::default();
+        let missing = missing_blobs(
+            &bundle,
+            vec![
+                state("sha256:a", true, 0),
+                state("sha256:b", false, 5),
+                // An offset past the end is the whole blob at most.
+                state("sha256:c", false, 99),
+                // Not the bundle's: the node's answer about it is ignored.
+                state("sha256:x", true, 0),
+            ],
+            &mut report,
+        );
+        assert_eq!(
+            missing,
+            HashMap::from([("sha256:b".to_string(), 5), ("sha256:c".to_string(), 30)])
+        );
+        assert_eq!(report.blobs_skipped, 1);
+        assert_eq!(report.bytes_skipped, 10 + 5 + 30);
+    }
+
+    #[test]
+    fn each_missing_blob_counts_once_from_the_earliest_byte_a_node_lacks() {
+        let bundle = blobs_only(&[("sha256:a", 10), ("sha256:b", 20)]);
+        let one = HashMap::from([("sha256:a".to_string(), 4)]);
+        let two = HashMap::from([("sha256:a".to_string(), 0), ("sha256:b".to_string(), 15)]);
+        assert_eq!(unique_missing(&bundle, &[one, two]), 10 + 5);
+        assert_eq!(unique_missing(&bundle, &[]), 0);
+    }
+
+    #[test]
+    fn unpack_hints_name_the_chain_below_each_layer() {
+        let chosen = Chosen {
+            target: "sha256:m".into(),
+            blobs: vec!["sha256:m".into(), "sha256:l1".into(), "sha256:l2".into()],
+            platform: None,
+            unpacked: vec![
+                ("sha256:l1".into(), "sha256:d1".into()),
+                ("sha256:l2".into(), "sha256:d2".into()),
+                ("sha256:l3".into(), "sha256:d3".into()),
+            ],
+        };
+        let hints = unpack_hints([&chosen].into_iter());
+        assert_eq!(hints["sha256:l1"].diff_id, "sha256:d1");
+        assert_eq!(hints["sha256:l1"].parent_chain_id, "");
+        assert_eq!(hints["sha256:l2"].parent_chain_id, "sha256:d1");
+        assert_eq!(
+            hints["sha256:l3"].parent_chain_id,
+            crate::bundle::sha256_digest(b"sha256:d1 sha256:d2")
+        );
+    }
+
+    #[test]
+    fn a_node_without_room_is_refused_before_anything_is_sent() {
+        let bundle = blobs_only(&[("sha256:a", 100)]);
+        let missing = HashMap::from([("sha256:a".to_string(), 0)]);
+        let sizes = HashMap::from([("sha256:a".to_string(), 300)]);
+        let info = |free_bytes| InfoResponse {
+            node_name: "node-a".into(),
+            storage: vec![lade_proto::Storage {
+                holds: vec!["content".into(), "snapshots".into()],
+                path: "/var/lib/containerd".into(),
+                free_bytes,
+                total_bytes: 1 << 20,
+            }],
+            ..Default::default()
+        };
+        let check =
+            |free, sizes| check_space(&bundle, "10.0.0.1:7700", &info(free), &missing, sizes);
+        assert!(check(400, Some(&sizes)).is_ok());
+        match check(399, Some(&sizes)) {
+            Err(LoadError::NoSpace {
+                node,
+                what,
+                needed,
+                free,
+                ..
+            }) => {
+                assert_eq!(node, "node-a");
+                assert_eq!(what, "blobs and unpacked layers");
+                assert_eq!((needed, free), (400, 399));
+            }
+            other => panic!("{other:?}"),
+        }
+        // With the space check off, nothing is refused.
+        assert!(check(0, None).is_ok());
+    }
 }
