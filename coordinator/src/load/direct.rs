@@ -81,26 +81,20 @@ impl Node<'_> {
     /// them, each image's Import as soon as its blobs are there, then Verify.
     #[instrument(skip_all, fields(agent = %self.agent))]
     async fn load(&self, report: &mut NodeReport) -> Result<(), LoadError> {
-        let Run {
-            bundle,
-            plan,
-            opts,
-            progress,
-            session,
-            ..
-        } = self.run;
-        let agent = self.agent;
+        let (run, agent) = (self.run, self.agent);
+        let (bundle, plan, progress, session) =
+            (&run.bundle, &run.plan, &run.progress, &run.session);
         let call_err = |call| LoadError::agent_call(agent, call);
         // A retried attempt sees the node afresh; only the bytes sent add up over attempts.
         report.images_loaded = 0;
         report.failed_images.clear();
         report.blobs_skipped = 0;
         report.bytes_skipped = 0;
-        let (mut client, info) = identify(agent, &opts.dial, &**progress, report).await?;
+        let (mut client, info) = identify(agent, &run.opts.dial, &**progress, report).await?;
 
         // A node that checks layers itself as it unpacks them needs no check here.
-        let checks = self.run.checks.as_ref().filter(|_| !info.checks_layers);
-        let (chosen, docker_keeps_own) = node_choices(bundle, &opts.platforms, &info);
+        let checks = run.checks.as_ref().filter(|_| !info.checks_layers);
+        let (chosen, docker_keeps_own) = node_choices(bundle, &run.opts.platforms, &info);
         report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
         if docker_keeps_own {
             progress.phase(
@@ -126,7 +120,7 @@ impl Node<'_> {
             .iter()
             .map(|(d, off)| bundle.blobs[d].size - off)
             .sum();
-        check_space(bundle, agent, &info, &missing, self.run.sizes())?;
+        check_space(bundle, agent, &info, &missing, run.sizes())?;
         progress.sending(agent, to_send, report.bytes_skipped);
         info!(
             missing = missing.len(),
@@ -225,13 +219,8 @@ impl Node<'_> {
         unpack: Option<UnpackHint>,
         checks: Option<&Arc<LayerChecks>>,
     ) -> Result<u64, LoadError> {
-        let Run {
-            bundle,
-            session,
-            progress,
-            ..
-        } = self.run;
-        let agent = self.agent;
+        let (run, agent) = (self.run, self.agent);
+        let (bundle, session, progress) = (&run.bundle, &run.session, &run.progress);
         let blob = &bundle.blobs[digest];
         let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
         let header = PutBlobRequest {
