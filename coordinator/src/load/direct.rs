@@ -8,9 +8,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use futures::StreamExt;
-use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest, UnpackHint,
-};
+use lade_proto::{put_blob_request::Msg, BlobHeader, HaveRequest, PutBlobRequest, UnpackHint};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, instrument};
@@ -19,8 +17,8 @@ use super::check::LayerChecks;
 use super::conn::{identify, import, stream_chunks, verify_and_end, AgentConn};
 use super::error::LoadError;
 use super::plan::{
-    check_space, foreign_platform_warnings, have_descriptors, import_spec, missing_blobs,
-    node_choices, node_platform, unpack_hints,
+    check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
+    missing_blobs, node_choices, node_platform, unpack_hints,
 };
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
@@ -226,12 +224,7 @@ impl Node<'_> {
         let header = PutBlobRequest {
             msg: Some(Msg::Header(BlobHeader {
                 session: session.to_string(),
-                blob: Some(Descriptor {
-                    digest: blob.digest.clone(),
-                    size: blob.size,
-                    media_type: blob.media_type.clone(),
-                    diff_id: String::new(),
-                }),
+                blob: Some(descriptor(blob)),
                 offset,
                 unpack,
                 ..Default::default()

@@ -10,7 +10,7 @@ use std::str::FromStr;
 use lade_proto::{Descriptor, ImageSpec, InfoResponse, UnpackHint};
 use serde::Serialize;
 
-use crate::bundle::{Bundle, Platform};
+use crate::bundle::{Blob, Bundle, Platform};
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
 use crate::select::{choose, Chosen, PlatformChoice};
 
@@ -254,6 +254,16 @@ pub(crate) fn layer_diff_ids(bundle: &Bundle) -> impl Iterator<Item = (&String, 
     })
 }
 
+/// How the calls to an agent name blob `blob` of the bundle (without a diffID).
+pub(crate) fn descriptor(blob: &Blob) -> Descriptor {
+    Descriptor {
+        digest: blob.digest.clone(),
+        size: blob.size,
+        media_type: blob.media_type.clone(),
+        diff_id: String::new(),
+    }
+}
+
 /// The blobs a node is asked about (`Have`): those of the manifests chosen for it, layers
 /// with their diffID so runtimes that store layers uncompressed (Docker) can recognise the
 /// ones they hold.
@@ -271,14 +281,9 @@ pub(crate) fn have_descriptors<'a>(
     digests.dedup();
     digests
         .into_iter()
-        .map(|d| {
-            let b = &bundle.blobs[d];
-            Descriptor {
-                digest: b.digest.clone(),
-                size: b.size,
-                media_type: b.media_type.clone(),
-                diff_id: diff_ids.get(d).map(|d| d.to_string()).unwrap_or_default(),
-            }
+        .map(|d| Descriptor {
+            diff_id: diff_ids.get(d).map(|d| d.to_string()).unwrap_or_default(),
+            ..descriptor(&bundle.blobs[d])
         })
         .collect()
 }
@@ -332,15 +337,9 @@ pub(crate) fn node_names(names: &[String], target: &str) -> Vec<String> {
 /// The Import request of `planned` on a node that got `chosen`: its names on the manifest (or
 /// index) chosen for the node.
 pub(crate) fn import_spec(bundle: &Bundle, chosen: &Chosen, planned: &PlannedImage) -> ImageSpec {
-    let blob = &bundle.blobs[&chosen.target];
     ImageSpec {
         names: node_names(&planned.names, &chosen.target),
-        manifest: Some(Descriptor {
-            digest: blob.digest.clone(),
-            size: blob.size,
-            media_type: blob.media_type.clone(),
-            diff_id: String::new(),
-        }),
+        manifest: Some(descriptor(&bundle.blobs[&chosen.target])),
         source: planned.source.clone(),
         allow_overwrite: planned.allow_overwrite,
     }

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, InfoRequest, PutBlobRequest,
-    PutBlobResponse, RelayHop, UnpackHint,
+    put_blob_request::Msg, BlobHeader, HaveRequest, InfoRequest, PutBlobRequest, PutBlobResponse,
+    RelayHop, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,8 +39,8 @@ use super::check::LayerChecks;
 use super::conn::{import, stream_chunks, verify_and_end, AgentConn};
 use super::error::LoadError;
 use super::plan::{
-    check_space, children, foreign_platform_warnings, have_descriptors, import_spec, missing_blobs,
-    node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
+    check_space, children, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
+    missing_blobs, node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
 };
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
@@ -661,12 +661,7 @@ async fn refresh_offsets(
     reports: &mut [NodeReport],
 ) {
     let blob = &bundle.blobs[digest];
-    let desc = Descriptor {
-        digest: blob.digest.clone(),
-        size: blob.size,
-        media_type: blob.media_type.clone(),
-        diff_id: String::new(),
-    };
+    let desc = descriptor(blob);
     for n in nodes
         .iter_mut()
         .filter(|n| n.alive() && n.missing.contains_key(digest))
@@ -726,12 +721,7 @@ async fn send_tree(
     let relay = !root.forward.is_empty() || !root.store;
     let header = BlobHeader {
         session: session.to_string(),
-        blob: Some(Descriptor {
-            digest: blob.digest.clone(),
-            size: blob.size,
-            media_type: blob.media_type.clone(),
-            diff_id: String::new(),
-        }),
+        blob: Some(descriptor(blob)),
         offset: start,
         forward: root.forward.clone(),
         pass_through: relay && !root.store,
