@@ -23,8 +23,8 @@ use super::plan::{
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
 
-/// Loads every agent of the run one by one, `parallel` at a time; one report per agent, in
-/// order.
+/// Loads every agent of the run, each on its own, up to `parallel` at a time; one report per
+/// agent, in order.
 pub(crate) async fn load(run: &Run<'_>) -> Vec<NodeReport> {
     let (opts, progress) = (run.opts, &run.progress);
     let mut reports: Vec<(usize, NodeReport)> =

@@ -29,7 +29,8 @@ pub struct LoadOptions {
     pub retry: RetryPolicy,
     /// How far a layer may expand; `None` sends layers unchecked (see [`LayerChecks`]).
     pub layer_check: Option<LayerLimits>,
-    /// Compare what each node needs with its free space before sending (see [`super::plan::space_needed`]).
+    /// Compare what each node needs with its free space before sending (see
+    /// [`super::plan::space_needed`]).
     pub space_check: bool,
     /// Which platform of multi-platform images each node gets.
     pub platforms: PlatformChoice,
@@ -123,8 +124,8 @@ pub(crate) struct Run<'a> {
 }
 
 impl<'a> Run<'a> {
-    /// Sets up what a load checks besides digests: the layer sizes for the space check and
-    /// the shared layer checks.
+    /// Sets up the load: its session id, and what it checks besides digests (the layer sizes
+    /// for the space check, the shared layer checks).
     pub async fn new(
         bundle: Arc<Bundle>,
         plan: Arc<Vec<PlannedImage>>,
