@@ -439,8 +439,7 @@ async fn deliver(
     nodes: &mut [Node],
     reports: &mut [NodeReport],
 ) -> Option<String> {
-    let (bundle, session, digest, fanout, progress) =
-        (d.bundle, d.session, d.digest, d.fanout, d.progress);
+    let (bundle, digest, fanout, progress) = (d.bundle, d.digest, d.fanout, d.progress);
     let blob = &bundle.blobs[digest];
     // How the nodes unpack it as soon as it is stored (the first that needs it says).
     let hint = nodes
@@ -465,7 +464,7 @@ async fn deliver(
             return None;
         }
         if round > 0 {
-            refresh_offsets(bundle, session, digest, nodes, reports).await;
+            refresh_offsets(d, nodes, reports).await;
         }
         // One tree over the nodes peers reach; each node only the coordinator reaches on
         // its own.
@@ -501,15 +500,7 @@ async fn deliver(
                 .expect("root is a node")
                 .client
                 .clone();
-            send_tree(
-                client,
-                bundle.clone(),
-                session,
-                digest,
-                root.clone(),
-                hint.clone(),
-                d.checks,
-            )
+            send_tree(d, client, root.clone(), hint.clone())
         });
         let answers = futures::future::join_all(calls).await;
 
@@ -653,13 +644,8 @@ async fn probe(client: &mut AgentConn) -> Result<(), String> {
 
 /// After a failed delivery: how far each node still lacking `digest` got (a cut-off upload
 /// keeps what arrived, and resumes from there).
-async fn refresh_offsets(
-    bundle: &Bundle,
-    session: &str,
-    digest: &str,
-    nodes: &mut [Node],
-    reports: &mut [NodeReport],
-) {
+async fn refresh_offsets(d: &Delivery<'_>, nodes: &mut [Node], reports: &mut [NodeReport]) {
+    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
     let blob = &bundle.blobs[digest];
     let desc = descriptor(blob);
     for n in nodes
@@ -705,17 +691,15 @@ enum SendError {
     Call(LoadError),
 }
 
-/// Streams `digest` to `root`, which passes it down its tree; returns its answer and the
+/// Streams the blob to `root`, which passes it down its tree; returns its answer and the
 /// bytes the coordinator sent.
 async fn send_tree(
+    d: &Delivery<'_>,
     mut client: AgentConn,
-    bundle: Arc<Bundle>,
-    session: &str,
-    digest: &str,
     root: RelayHop,
     unpack: Option<UnpackHint>,
-    checks: Option<&Arc<LayerChecks>>,
 ) -> Result<(PutBlobResponse, u64), SendError> {
+    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
     let blob = &bundle.blobs[digest];
     let start = root.stream_start().expect("a root needs the blob below it");
     let relay = !root.forward.is_empty() || !root.store;
@@ -736,7 +720,7 @@ async fn send_tree(
     .expect("receiver is alive until the call starts");
     // A digest mismatch, or a layer that fails its check, withholds the last chunk: no node
     // of the tree commits it.
-    let reader = stream_chunks(&bundle, digest, start, checks, tx, None);
+    let reader = stream_chunks(bundle, digest, start, d.checks, tx, None);
     let response = client.put_blob(ReceiverStream::new(rx)).await;
     let sent = reader
         .await
