@@ -12,12 +12,14 @@ use lade::bundle::{Bundle, LayerLimits, Platform};
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
-use lade::load::{load, plan_names, Credentials, Dial, LoadOptions, RetryPolicy};
-use lade::progress::{summary_table, Bars, Lines, Progress, Retry};
+use lade::load::{
+    load, plan_names, summary_json, summary_table, Credentials, Dial, LoadOptions, RelayMode,
+    Retry, RetryPolicy,
+};
+use lade::progress::{Bars, Lines, Progress};
 use lade::push::registry::{Access, Tls};
 use lade::push::{push, ChartRepo, PushOptions, Target, EXIT_INCOMPLETE};
 use lade::reference::{check_rules, RetagRule};
-use lade::relay::RelayMode;
 use lade::select::PlatformChoice;
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
@@ -724,7 +726,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
             Some(discovery) => discovery.addresses(),
             None => args.agents.clone(),
         };
-        print!("{}", lade::relay::plan_text(&bundle, &agents, args.relay));
+        print!("{}", lade::load::plan_text(&bundle, &agents, args.relay));
         return Ok(ExitCode::SUCCESS);
     }
     let opts = LoadOptions {
@@ -778,7 +780,7 @@ async fn run_load(args: LoadArgs) -> anyhow::Result<ExitCode> {
     };
     match args.output {
         Output::Text => print!("{}", summary_table(&reports, retry)),
-        Output::Json => println!("{}", serde_json::to_string_pretty(&reports)?),
+        Output::Json => println!("{}", summary_json(&reports)?),
     }
     let hint = discovery
         .is_some()

@@ -29,7 +29,7 @@ pub struct LayerChecks {
 impl LayerChecks {
     pub fn new(bundle: Arc<Bundle>, limits: LayerLimits) -> LayerChecks {
         let mut diff_ids = HashMap::new();
-        for (layer, diff_id) in crate::load::layer_diff_ids(&bundle) {
+        for (layer, diff_id) in super::plan::layer_diff_ids(&bundle) {
             diff_ids
                 .entry(layer.clone())
                 .or_insert_with(|| diff_id.clone());

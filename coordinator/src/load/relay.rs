@@ -1,7 +1,7 @@
 //! Relay fan-out: every missing blob leaves the coordinator once, whatever the number of
 //! nodes; the agents pass it on to each other along a chain or a tree.
 //!
-//! With relay on, [`crate::load::load`] hands over to [`load`] here, which runs the load in
+//! With relay on, the load's entry hands over to [`load`] here, which runs the load in
 //! three stages instead of one independent procedure per node:
 //! 1. `Info` and `Have` on every node (retried like a plain load); a node that fails them is
 //!    reported failed and left out of the topology.
@@ -18,118 +18,32 @@
 //! and the coordinator serves it directly from then on; if not, it is dead and reported
 //! failed. A node that refused the blob (its own verification or store failed) fails alone.
 
-use std::collections::{BTreeMap, HashMap};
-use std::fmt::Write as _;
-use std::str::FromStr;
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, InfoRequest, PutBlobRequest,
-    PutBlobResponse, RelayHop, UnpackHint,
+    put_blob_request::Msg, BlobHeader, HaveRequest, InfoRequest, PutBlobRequest, PutBlobResponse,
+    RelayHop, UnpackHint,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, warn};
 
 use crate::bundle::Bundle;
-use crate::layercheck::LayerChecks;
-use crate::load::{
-    check_space, have_descriptors, import, missing_blobs, node_choices, stream_chunks,
-    unpack_hints, verify_and_end, AgentConn, FailedImage, LoadError, LoadOptions, NodeReport,
-    PlannedImage,
-};
 use crate::progress::Progress;
 use crate::select::Chosen;
 
-/// How blobs travel from the coordinator to the nodes (`lade load --relay`).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum RelayMode {
-    /// `tree:2` for two nodes or more, off for one.
-    #[default]
-    Auto,
-    /// The coordinator sends to every node itself.
-    Off,
-    /// Each node passes blobs on to the next one.
-    Chain,
-    /// Each node passes blobs on to up to K others.
-    Tree(usize),
-}
-
-impl FromStr for RelayMode {
-    type Err = String;
-
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(RelayMode::Auto),
-            "off" => Ok(RelayMode::Off),
-            "chain" => Ok(RelayMode::Chain),
-            other => {
-                let k = other
-                    .strip_prefix("tree:")
-                    .and_then(|k| k.parse::<usize>().ok())
-                    .filter(|k| (1..=64).contains(k))
-                    .ok_or_else(|| {
-                        format!("{other:?}: expected off, chain, tree:K (K from 1 to 64) or auto")
-                    })?;
-                Ok(RelayMode::Tree(k))
-            }
-        }
-    }
-}
-
-impl RelayMode {
-    /// Children per node over `nodes` nodes; `None`: no relay.
-    pub fn fanout(self, nodes: usize) -> Option<usize> {
-        if nodes < 2 {
-            return None;
-        }
-        match self {
-            RelayMode::Off => None,
-            RelayMode::Chain => Some(1),
-            RelayMode::Tree(k) => Some(k),
-            RelayMode::Auto => Some(2),
-        }
-    }
-
-    /// What the mode is called on the command line, resolved for `nodes` nodes.
-    pub fn describe(self, nodes: usize) -> String {
-        match self.fanout(nodes) {
-            None => "off".into(),
-            Some(1) => "chain".into(),
-            Some(k) => format!("tree:{k}"),
-        }
-    }
-}
-
-/// Children of position `i` among `n` nodes laid out as a K-ary tree in order (a chain for
-/// K = 1): the first node is the root, the one the coordinator sends to.
-fn children(i: usize, n: usize, k: usize) -> impl Iterator<Item = usize> {
-    (k * i + 1..=k * i + k).filter(move |&c| c < n)
-}
-
-/// The topology of `names` (in order) as an indented tree, for `--plan` and stderr.
-pub fn render_topology(names: &[String], fanout: usize) -> String {
-    fn walk(out: &mut String, names: &[String], k: usize, i: usize, prefix: &str, last: bool) {
-        let _ = writeln!(
-            out,
-            "{prefix}{}{}",
-            if last { "└─ " } else { "├─ " },
-            names[i]
-        );
-        let kids: Vec<usize> = children(i, names.len(), k).collect();
-        let deeper = format!("{prefix}{}", if last { "   " } else { "│  " });
-        for (j, &c) in kids.iter().enumerate() {
-            walk(out, names, k, c, &deeper, j + 1 == kids.len());
-        }
-    }
-    let mut out = String::from("coordinator\n");
-    if !names.is_empty() {
-        walk(&mut out, names, fanout, 0, "", true);
-    }
-    out
-}
+use super::check::LayerChecks;
+use super::conn::{import, stream_chunks, verify_and_end, AgentConn};
+use super::error::LoadError;
+use super::plan::{
+    check_space, children, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
+    missing_blobs, node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
+};
+use super::report::{FailedImage, NodeReport};
+use super::run::Run;
 
 /// One node of the load as the relay sees it.
 struct Node {
@@ -170,14 +84,15 @@ enum Outcome {
 
 /// Loads with relay fan-out of `fanout`; one report per agent, in the order of
 /// `opts.agents`.
-pub async fn load(
-    bundle: Arc<Bundle>,
-    plan: Arc<Vec<PlannedImage>>,
-    opts: &LoadOptions,
-    progress: Arc<dyn Progress>,
-    fanout: usize,
-) -> Vec<NodeReport> {
-    let session = format!("load-{}", uuid::Uuid::new_v4().simple());
+pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
+    let Run {
+        bundle,
+        plan,
+        opts,
+        progress,
+        session,
+        ..
+    } = run;
     let started = Instant::now();
     let mut reports: Vec<NodeReport> = opts
         .agents
@@ -190,17 +105,13 @@ pub async fn load(
         .collect();
 
     // Stage 1: who is there, which manifests each gets, and what each lacks.
-    let (sizes, checks) = crate::load::checks_of(&bundle, opts).await;
     let identified: Vec<(usize, Identified, u32)> =
         futures::stream::iter(opts.agents.iter().enumerate())
             .map(|(i, agent)| {
-                let (bundle, progress, session) = (bundle.clone(), progress.clone(), &session);
                 let report = reports[i].clone();
-                let sizes = opts.space_check.then_some(&*sizes);
                 async move {
                     progress.node_started(agent);
-                    let (result, attempts) =
-                        identify(&bundle, session, agent, opts, sizes, &*progress, report).await;
+                    let (result, attempts) = identify(run, agent, report).await;
                     (i, result, attempts)
                 }
             })
@@ -237,7 +148,7 @@ pub async fn load(
             }
         }
     }
-    let checks = checks.filter(|_| !all_check_layers);
+    let checks = run.checks.clone().filter(|_| !all_check_layers);
     nodes.sort_by_key(|n| n.idx);
     // An address given twice would be a tree forwarding to itself: keep the first.
     let mut seen = std::collections::HashSet::new();
@@ -253,7 +164,7 @@ pub async fn load(
     });
     let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
     let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
-    let unique = unique_missing(&bundle, &missing);
+    let unique = unique_missing(bundle, &missing);
     eprint!(
         "relay {}: {}\n{}",
         RelayMode::Tree(fanout).describe(names.len().max(2)),
@@ -299,12 +210,12 @@ pub async fn load(
                 continue;
             }
             let delivery = Delivery {
-                bundle: &bundle,
-                session: &session,
+                bundle,
+                session,
                 digest: &digest,
                 checks: checks.as_ref(),
                 fanout,
-                progress: &*progress,
+                progress: &**progress,
             };
             if let Some(reason) = delivery.run(&mut nodes, &mut reports).await {
                 bad.insert(digest.clone(), reason);
@@ -331,7 +242,7 @@ pub async fn load(
             if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
                 continue; // cannot happen for a live node: a failed delivery fails it
             }
-            let spec = crate::load::import_spec(&bundle, chosen, planned);
+            let spec = import_spec(bundle, chosen, planned);
             let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
             imports.spawn(async move { (idx, import(client, session, spec).await) });
         }
@@ -393,7 +304,7 @@ pub async fn load(
     let seconds = started.elapsed().as_secs_f64();
     for report in &mut reports {
         report.seconds = seconds;
-        report.ok = report.error.is_none() && report.failed_images.is_empty();
+        report.settle();
         progress.node_finished(report);
     }
     reports
@@ -437,24 +348,17 @@ struct Knowledge {
 
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
 /// client, the report filled with what the node is and holds, and the blobs it lacks.
-async fn identify(
-    bundle: &Bundle,
-    session: &str,
-    agent: &str,
-    opts: &LoadOptions,
-    sizes: Option<&HashMap<String, u64>>,
-    progress: &dyn Progress,
-    mut report: NodeReport,
-) -> (Identified, u32) {
+async fn identify(run: &Run<'_>, agent: &str, mut report: NodeReport) -> (Identified, u32) {
+    let (bundle, opts, progress, session) = (&*run.bundle, run.opts, &*run.progress, &run.session);
     let retry = &opts.retry;
     let mut attempt = 0;
     loop {
         let run = async {
             let (mut client, info) =
-                crate::load::identify(agent, &opts.dial, progress, &mut report).await?;
+                super::conn::identify(agent, &opts.dial, progress, &mut report).await?;
             // Which manifest of each image this node gets (as a plain load chooses).
             let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
-            report.warnings = crate::load::foreign_platform_warnings(bundle, &chosen, &info);
+            report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
             let have = client
                 .have(HaveRequest {
                     session: session.to_string(),
@@ -466,7 +370,7 @@ async fn identify(
             report.blobs_skipped = 0;
             report.bytes_skipped = 0;
             let missing = missing_blobs(bundle, have.blobs, &mut report);
-            check_space(bundle, agent, &info, &missing, sizes)?;
+            check_space(bundle, agent, &info, &missing, run.sizes())?;
             Ok((
                 client,
                 report.clone(),
@@ -535,8 +439,7 @@ async fn deliver(
     nodes: &mut [Node],
     reports: &mut [NodeReport],
 ) -> Option<String> {
-    let (bundle, session, digest, fanout, progress) =
-        (d.bundle, d.session, d.digest, d.fanout, d.progress);
+    let (bundle, digest, fanout, progress) = (d.bundle, d.digest, d.fanout, d.progress);
     let blob = &bundle.blobs[digest];
     // How the nodes unpack it as soon as it is stored (the first that needs it says).
     let hint = nodes
@@ -561,7 +464,7 @@ async fn deliver(
             return None;
         }
         if round > 0 {
-            refresh_offsets(bundle, session, digest, nodes, reports).await;
+            refresh_offsets(d, nodes, reports).await;
         }
         // One tree over the nodes peers reach; each node only the coordinator reaches on
         // its own.
@@ -597,15 +500,7 @@ async fn deliver(
                 .expect("root is a node")
                 .client
                 .clone();
-            send_tree(
-                client,
-                bundle.clone(),
-                session,
-                digest,
-                root.clone(),
-                hint.clone(),
-                d.checks,
-            )
+            send_tree(d, client, root.clone(), hint.clone())
         });
         let answers = futures::future::join_all(calls).await;
 
@@ -749,20 +644,10 @@ async fn probe(client: &mut AgentConn) -> Result<(), String> {
 
 /// After a failed delivery: how far each node still lacking `digest` got (a cut-off upload
 /// keeps what arrived, and resumes from there).
-async fn refresh_offsets(
-    bundle: &Bundle,
-    session: &str,
-    digest: &str,
-    nodes: &mut [Node],
-    reports: &mut [NodeReport],
-) {
+async fn refresh_offsets(d: &Delivery<'_>, nodes: &mut [Node], reports: &mut [NodeReport]) {
+    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
     let blob = &bundle.blobs[digest];
-    let desc = Descriptor {
-        digest: blob.digest.clone(),
-        size: blob.size,
-        media_type: blob.media_type.clone(),
-        diff_id: String::new(),
-    };
+    let desc = descriptor(blob);
     for n in nodes
         .iter_mut()
         .filter(|n| n.alive() && n.missing.contains_key(digest))
@@ -806,28 +691,21 @@ enum SendError {
     Call(LoadError),
 }
 
-/// Streams `digest` to `root`, which passes it down its tree; returns its answer and the
+/// Streams the blob to `root`, which passes it down its tree; returns its answer and the
 /// bytes the coordinator sent.
 async fn send_tree(
+    d: &Delivery<'_>,
     mut client: AgentConn,
-    bundle: Arc<Bundle>,
-    session: &str,
-    digest: &str,
     root: RelayHop,
     unpack: Option<UnpackHint>,
-    checks: Option<&Arc<LayerChecks>>,
 ) -> Result<(PutBlobResponse, u64), SendError> {
+    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
     let blob = &bundle.blobs[digest];
     let start = root.stream_start().expect("a root needs the blob below it");
     let relay = !root.forward.is_empty() || !root.store;
     let header = BlobHeader {
         session: session.to_string(),
-        blob: Some(Descriptor {
-            digest: blob.digest.clone(),
-            size: blob.size,
-            media_type: blob.media_type.clone(),
-            diff_id: String::new(),
-        }),
+        blob: Some(descriptor(blob)),
         offset: start,
         forward: root.forward.clone(),
         pass_through: relay && !root.store,
@@ -842,7 +720,7 @@ async fn send_tree(
     .expect("receiver is alive until the call starts");
     // A digest mismatch, or a layer that fails its check, withholds the last chunk: no node
     // of the tree commits it.
-    let reader = stream_chunks(&bundle, digest, start, checks, tx, None);
+    let reader = stream_chunks(bundle, digest, start, d.checks, tx, None);
     let response = client.put_blob(ReceiverStream::new(rx)).await;
     let sent = reader
         .await
@@ -852,87 +730,4 @@ async fn send_tree(
         SendError::Call(LoadError::agent_call(&root.address, "PutBlob")(status))
     })?;
     Ok((response.into_inner(), sent))
-}
-
-/// What `lade load --plan` prints: the topology the load would use, before anything is
-/// sent.
-pub fn plan_text(bundle: &Bundle, agents: &[String], mode: RelayMode) -> String {
-    let mut out = format!(
-        "{} images, {} blobs, {} bytes in the bundle; {} nodes\n",
-        bundle.images.len(),
-        bundle.blobs.len(),
-        bundle.total_bytes(),
-        agents.len()
-    );
-    match mode.fanout(agents.len()) {
-        None => {
-            out.push_str("relay off: the coordinator sends every node what it lacks itself\n");
-            for a in agents {
-                let _ = writeln!(out, "coordinator -> {a}");
-            }
-        }
-        Some(k) => {
-            let _ = writeln!(
-                out,
-                "relay {}: each missing blob leaves the coordinator once, to {}; nodes that hold a blob pass it on",
-                mode.describe(agents.len()),
-                agents[0]
-            );
-            out.push_str(&render_topology(agents, k));
-        }
-    }
-    out
-}
-
-/// Bytes the coordinator would send at least: every blob some node lacks, once.
-pub fn unique_missing(bundle: &Bundle, missing: &[HashMap<String, u64>]) -> u64 {
-    let mut need: BTreeMap<&str, u64> = BTreeMap::new();
-    for m in missing {
-        for (d, off) in m {
-            let e = need.entry(d.as_str()).or_insert(u64::MAX);
-            *e = (*e).min(*off);
-        }
-    }
-    need.iter()
-        .map(|(d, off)| bundle.blobs[*d].size - off)
-        .sum()
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn modes_parse_and_resolve() {
-        assert_eq!("off".parse::<RelayMode>().unwrap(), RelayMode::Off);
-        assert_eq!("chain".parse::<RelayMode>().unwrap(), RelayMode::Chain);
-        assert_eq!("tree:3".parse::<RelayMode>().unwrap(), RelayMode::Tree(3));
-        assert_eq!("auto".parse::<RelayMode>().unwrap(), RelayMode::Auto);
-        for bad in ["tree", "tree:0", "tree:x", "ring", "tree:65"] {
-            assert!(bad.parse::<RelayMode>().is_err(), "{bad}");
-        }
-        assert_eq!(RelayMode::Auto.fanout(1), None);
-        assert_eq!(RelayMode::Auto.fanout(2), Some(2));
-        assert_eq!(RelayMode::Chain.fanout(4), Some(1));
-        assert_eq!(RelayMode::Tree(3).fanout(1), None);
-        assert_eq!(RelayMode::Off.fanout(8), None);
-    }
-
-    #[test]
-    fn trees_are_laid_out_in_order() {
-        assert_eq!(children(0, 4, 1).collect::<Vec<_>>(), [1]);
-        assert_eq!(children(3, 4, 1).count(), 0);
-        assert_eq!(children(0, 7, 2).collect::<Vec<_>>(), [1, 2]);
-        assert_eq!(children(2, 7, 2).collect::<Vec<_>>(), [5, 6]);
-        assert_eq!(children(2, 6, 2).collect::<Vec<_>>(), [5]);
-        let names: Vec<String> = ["a", "b", "c", "d"].map(String::from).to_vec();
-        assert_eq!(
-            render_topology(&names, 2),
-            "coordinator\n└─ a\n   ├─ b\n   │  └─ d\n   └─ c\n"
-        );
-        assert_eq!(
-            render_topology(&names, 1),
-            "coordinator\n└─ a\n   └─ b\n      └─ c\n         └─ d\n"
-        );
-    }
 }

@@ -1,0 +1,256 @@
+//! Plain delivery: the coordinator sends every node what it lacks itself, one independent
+//! procedure per node (Info, Have, PutBlob for what is missing, Import, Verify), up to
+//! `parallel` nodes at once. One node's failure is recorded in its own [`NodeReport`] and
+//! never stops the others.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Instant;
+
+use futures::StreamExt;
+use lade_proto::{put_blob_request::Msg, BlobHeader, HaveRequest, PutBlobRequest, UnpackHint};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tracing::{info, instrument};
+
+use super::check::LayerChecks;
+use super::conn::{identify, import, stream_chunks, verify_and_end, AgentConn};
+use super::error::LoadError;
+use super::plan::{
+    check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
+    missing_blobs, node_choices, node_platform, unpack_hints,
+};
+use super::report::{FailedImage, NodeReport};
+use super::run::Run;
+
+/// Loads every agent of the run, each on its own, up to `parallel` at a time; one report per
+/// agent, in order.
+pub(crate) async fn load(run: &Run<'_>) -> Vec<NodeReport> {
+    let (opts, progress) = (run.opts, &run.progress);
+    let mut reports: Vec<(usize, NodeReport)> =
+        futures::stream::iter(opts.agents.iter().enumerate())
+            .map(|(i, agent)| async move {
+                let mut report = NodeReport {
+                    agent: agent.clone(),
+                    images: run.plan.len(),
+                    ..Default::default()
+                };
+                let started = Instant::now();
+                progress.node_started(agent);
+                let node = Node { run, agent };
+                let retry = &opts.retry;
+                let mut attempt = 0;
+                let result = loop {
+                    match retry.timed(agent, node.load(&mut report)).await {
+                        Err(e) if retry.again(&e, &mut attempt, agent, &**progress).await => {}
+                        other => break other,
+                    }
+                };
+                report.attempts = attempt + 1;
+                report.seconds = started.elapsed().as_secs_f64();
+                if let Err(e) = result {
+                    // The summary reports it; a warning would tear through the bars.
+                    info!(%agent, error = %e, "node failed");
+                    report.error = Some(e.to_string());
+                }
+                report.settle();
+                report.bytes_from_coordinator = report.bytes_sent;
+                if report.bytes_sent > 0 {
+                    report.via = vec!["coordinator".into()];
+                }
+                progress.node_finished(&report);
+                (i, report)
+            })
+            .buffer_unordered(opts.parallel.max(1))
+            .collect()
+            .await;
+    reports.sort_by_key(|(i, _)| *i);
+    reports.into_iter().map(|(_, r)| r).collect()
+}
+
+/// One node of a plain load: the load it is part of and the agent that serves it.
+struct Node<'a> {
+    run: &'a Run<'a>,
+    agent: &'a str,
+}
+
+impl Node<'_> {
+    /// One attempt at the node: Info, Have, every missing blob in the order the images need
+    /// them, each image's Import as soon as its blobs are there, then Verify.
+    #[instrument(skip_all, fields(agent = %self.agent))]
+    async fn load(&self, report: &mut NodeReport) -> Result<(), LoadError> {
+        let (run, agent) = (self.run, self.agent);
+        let (bundle, plan, progress, session) =
+            (&run.bundle, &run.plan, &run.progress, &run.session);
+        let call_err = |call| LoadError::agent_call(agent, call);
+        // A retried attempt sees the node afresh; only the bytes sent add up over attempts.
+        report.images_loaded = 0;
+        report.failed_images.clear();
+        report.blobs_skipped = 0;
+        report.bytes_skipped = 0;
+        let (mut client, info) = identify(agent, &run.opts.dial, &**progress, report).await?;
+
+        // A node that checks layers itself as it unpacks them needs no check here.
+        let checks = run.checks.as_ref().filter(|_| !info.checks_layers);
+        let (chosen, docker_keeps_own) = node_choices(bundle, &run.opts.platforms, &info);
+        report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
+        if docker_keeps_own {
+            progress.phase(
+                agent,
+                &format!(
+                    "Docker keeps one platform per image: loading {}",
+                    node_platform(&info)
+                ),
+            );
+        }
+
+        let have = client
+            .have(HaveRequest {
+                session: session.to_string(),
+                blobs: have_descriptors(bundle, chosen.iter().flatten()),
+            })
+            .await
+            .map_err(call_err("Have"))?
+            .into_inner();
+
+        let mut missing = missing_blobs(bundle, have.blobs, report);
+        let to_send: u64 = missing
+            .iter()
+            .map(|(d, off)| bundle.blobs[d].size - off)
+            .sum();
+        check_space(bundle, agent, &info, &missing, run.sizes())?;
+        progress.sending(agent, to_send, report.bytes_skipped);
+        info!(
+            missing = missing.len(),
+            bytes = to_send,
+            "sending missing blobs"
+        );
+
+        // Each layer the node unpacks, with what it needs to unpack it as soon as it is stored.
+        let hints = unpack_hints(chosen.iter().flatten());
+        if let Some(checks) = checks {
+            let mut order: Vec<String> = Vec::new();
+            for c in chosen.iter().flatten() {
+                for d in c.blobs.iter().filter(|d| missing.contains_key(*d)) {
+                    if !order.contains(d) {
+                        order.push(d.clone());
+                    }
+                }
+            }
+            checks.prefetch(order);
+        }
+
+        // Pipelined: blobs go in the order the images need them, and each image is imported as
+        // soon as all of its own are on the node, while the next image's blobs stream.
+        let mut imports = tokio::task::JoinSet::new();
+        // Blobs of the bundle found bad on the way (digest or layer check), with why: every image
+        // using one fails, alone; the others load.
+        let mut bad: HashMap<&str, String> = HashMap::new();
+        for (chosen, planned) in chosen.iter().zip(plan.iter()) {
+            let chosen = match chosen {
+                Ok(chosen) => chosen,
+                Err(reason) => {
+                    report.failed_images.push(FailedImage {
+                        image: planned.source.clone(),
+                        reason: reason.clone(),
+                    });
+                    continue;
+                }
+            };
+            let mut failed = None;
+            for digest in &chosen.blobs {
+                if let Some(reason) = bad.get(digest.as_str()) {
+                    failed = Some(reason.clone());
+                    break;
+                }
+                if let Some(offset) = missing.remove(digest) {
+                    let hint = hints.get(digest.as_str()).cloned();
+                    match self
+                        .put_blob(&mut client, digest, offset, hint, checks)
+                        .await
+                    {
+                        Ok(sent) => {
+                            report.blobs_sent += 1;
+                            report.bytes_sent += sent;
+                        }
+                        Err(e) if e.is_bad_content() => {
+                            let reason = e.to_string();
+                            bad.insert(digest, reason.clone());
+                            failed = Some(reason);
+                            break;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                }
+            }
+            if let Some(reason) = failed {
+                report.failed_images.push(FailedImage {
+                    image: planned.source.clone(),
+                    reason,
+                });
+                continue;
+            }
+            let spec = import_spec(bundle, chosen, planned);
+            imports.spawn(import(client.clone(), session.to_string(), spec));
+        }
+        progress.phase(agent, "importing");
+        while let Some(joined) = imports.join_next().await {
+            let events = joined
+                .expect("import task panicked")
+                .map_err(call_err("Import"))?;
+            report.count_imports(events);
+        }
+
+        progress.phase(agent, "verifying");
+        verify_and_end(&mut client, plan, &chosen, session, agent, report).await
+    }
+
+    /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the
+    /// bundle, or a layer that fails its check, withholds the last chunk, so the node never
+    /// commits it.
+    #[instrument(skip_all, fields(digest = %digest, offset = offset))]
+    async fn put_blob(
+        &self,
+        client: &mut AgentConn,
+        digest: &str,
+        offset: u64,
+        unpack: Option<UnpackHint>,
+        checks: Option<&Arc<LayerChecks>>,
+    ) -> Result<u64, LoadError> {
+        let (run, agent) = (self.run, self.agent);
+        let (bundle, session, progress) = (&run.bundle, &run.session, &run.progress);
+        let blob = &bundle.blobs[digest];
+        let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
+        let header = PutBlobRequest {
+            msg: Some(Msg::Header(BlobHeader {
+                session: session.to_string(),
+                blob: Some(descriptor(blob)),
+                offset,
+                unpack,
+                ..Default::default()
+            })),
+        };
+        tx.send(header)
+            .await
+            .expect("receiver is alive until the call starts");
+
+        let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
+        let reader = stream_chunks(bundle, digest, offset, checks, tx, Some(count_tx));
+        let call = client.put_blob(ReceiverStream::new(rx));
+        tokio::pin!(call);
+        let response = loop {
+            tokio::select! {
+                res = &mut call => break res,
+                Some(n) = count_rx.recv() => progress.sent(agent, n),
+            }
+        };
+        while let Ok(n) = count_rx.try_recv() {
+            progress.sent(agent, n);
+        }
+        let read = reader.await.expect("blob reader task panicked");
+        // The bundle's own error explains a refused upload better than the agent's view of it.
+        let sent = read?;
+        response.map_err(LoadError::agent_call(agent, "PutBlob"))?;
+        Ok(sent)
+    }
+}
