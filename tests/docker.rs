@@ -90,6 +90,16 @@ async fn docker_and_containerd_nodes_end_with_the_same_names_and_a_rerun_sends_n
         let id =
             node.dockerd
                 .docker_ok(&["image", "inspect", "--format", "{{.Id}}", APP_RETAGGED])?;
+        // The summary's digest for the image is the ID Docker shows for it.
+        let app_loaded = report["loaded_images"]
+            .as_array()
+            .and_then(|l| {
+                l.iter()
+                    .find(|i| i["names"].to_string().contains(APP_RETAGGED))
+            })
+            .cloned()
+            .unwrap_or_default();
+        assert_eq!(app_loaded["digest"], id.trim(), "{report}");
         if node.dockerd.store() == DockerStore::Containerd {
             // The containerd store's image ID is the manifest digest, as after a pull; the
             // agent wrote into dockerd's containerd and kept nothing in its own cache.

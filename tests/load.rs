@@ -118,6 +118,22 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
             .into_iter()
             .partition(|n| n.starts_with("sha256:"));
         assert_eq!(names, expected, "names on {}", node.name);
+        // The summary says, per image, the digest its names point at and every name made.
+        let loaded = report["loaded_images"].as_array().expect("loaded_images");
+        assert_eq!(loaded.len(), 3, "{report}");
+        let mut reported: Vec<String> = Vec::new();
+        for image in loaded {
+            let digest = image["digest"].as_str().unwrap_or_default();
+            for name in image["names"].as_array().expect("names") {
+                let name = name.as_str().unwrap_or_default();
+                if let Some((_, pinned)) = name.split_once('@') {
+                    assert_eq!(pinned, digest, "{image}");
+                }
+                reported.push(name.to_string());
+            }
+        }
+        reported.sort();
+        assert_eq!(reported, expected, "loaded_images of {}", node.name);
         let mut configs: Vec<String> = imgs.iter().map(|i| i.config_digest()).collect();
         configs.sort();
         assert_eq!(ids, configs, "CRI image ids on {}", node.name);

@@ -41,7 +41,9 @@ use tonic::transport::Channel;
 use tonic::{Code, Request};
 use tracing::{debug, info, instrument, warn};
 
-use super::{canonical_name, finished_event, manifest_descriptor, validate_session, Runtime};
+use super::{
+    canonical_name, finished_event, manifest_descriptor, validate_session, Named, Runtime,
+};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -812,7 +814,7 @@ impl Containerd {
         lease: &str,
         spec: &ImageSpec,
         events: &mpsc::Sender<ImportEvent>,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<Named, Error> {
         let mdesc = manifest_descriptor(spec)?;
         self.check_names(spec, &mdesc).await?;
         let media_type = if oci::is_index(&mdesc.media_type) {
@@ -845,7 +847,10 @@ impl Containerd {
         for name in &names {
             self.put_image(name, &target, pin).await?;
         }
-        Ok(names)
+        Ok(Named {
+            names,
+            digest: mdesc.digest,
+        })
     }
 
     /// Every manifest of index `idesc`, then the index's own GC references to them. Only the

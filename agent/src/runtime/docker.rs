@@ -41,7 +41,9 @@ use tracing::{debug, info, instrument, warn};
 
 use self::archive::{Archive, Layer};
 use self::cache::BlobCache;
-use super::{canonical_name, finished_event, manifest_descriptor, validate_session, Runtime};
+use super::{
+    canonical_name, finished_event, manifest_descriptor, validate_session, Named, Runtime,
+};
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
@@ -368,7 +370,7 @@ impl Docker {
         spec: &ImageSpec,
         events: &mpsc::Sender<ImportEvent>,
         used_layers: &mut Vec<String>,
-    ) -> Result<Vec<String>, Error> {
+    ) -> Result<Named, Error> {
         let image = spec.source.as_str();
         let mdesc = manifest_descriptor(spec)?;
         let tags = spec
@@ -443,7 +445,10 @@ impl Docker {
                 .await;
         }
         self.tag(docker, image, &config_digest, &tags).await?;
-        Ok(spec.names.clone())
+        Ok(Named {
+            names: spec.names.clone(),
+            digest: config_digest,
+        })
     }
 
     /// Streams `archive` to dockerd's load endpoint and checks it loaded the expected image.

@@ -135,18 +135,27 @@ pub fn manifest_descriptor(spec: &ImageSpec) -> Result<oci::Descriptor, Error> {
     })
 }
 
+/// What one image's import named: `names`, all pointing at `digest` (see
+/// `ImportEvent.digest`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Named {
+    pub names: Vec<String>,
+    pub digest: String,
+}
+
 /// The final event of one image's import: done with its names, or failed with the reason.
 pub fn finished_event(
     spec: &ImageSpec,
     started: std::time::Instant,
-    outcome: Result<Vec<String>, Error>,
+    outcome: Result<Named, Error>,
 ) -> ImportEvent {
     let duration_ms = started.elapsed().as_millis() as u64;
     match outcome {
-        Ok(names) => ImportEvent {
+        Ok(Named { names, digest }) => ImportEvent {
             image: spec.source.clone(),
             phase: ImportPhase::ImageDone as i32,
             names,
+            digest,
             duration_ms: Some(duration_ms),
             ..Default::default()
         },

@@ -34,7 +34,7 @@ pub use error::LoadError;
 pub use plan::{
     plan_names, plan_text, space_needed, PlanError, PlannedImage, RelayMode, SpaceNeed,
 };
-pub use report::{summary_json, summary_table, FailedImage, NodeReport, Retry};
+pub use report::{summary_json, summary_table, FailedImage, LoadedImage, NodeReport, Retry};
 pub use run::{LoadOptions, RetryPolicy};
 
 /// Loads the bundle onto every agent of `opts` as `plan` names its images, by one delivery:

@@ -37,6 +37,9 @@ pub struct NodeReport {
     pub bytes_from_coordinator: u64,
     /// Images that failed on this node, with the reason.
     pub failed_images: Vec<FailedImage>,
+    /// Images named on this node: the digest their names point at there (what a pod pinned
+    /// by digest needs) and every name, digest references included.
+    pub loaded_images: Vec<LoadedImage>,
     /// What loaded but deserves a look: images whose only manifest is for another platform.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
@@ -53,7 +56,14 @@ impl NodeReport {
     pub(crate) fn count_imports(&mut self, events: Vec<ImportEvent>) {
         for event in events {
             match ImportPhase::try_from(event.phase) {
-                Ok(ImportPhase::ImageDone) => self.images_loaded += 1,
+                Ok(ImportPhase::ImageDone) => {
+                    self.images_loaded += 1;
+                    self.loaded_images.push(LoadedImage {
+                        image: event.image,
+                        digest: event.digest,
+                        names: event.names,
+                    });
+                }
                 Ok(ImportPhase::ImageFailed) => self.failed_images.push(FailedImage {
                     image: event.image,
                     reason: event.message,
@@ -62,6 +72,16 @@ impl NodeReport {
             }
         }
     }
+}
+
+/// One image named on a node.
+#[derive(Clone, Debug, Serialize)]
+pub struct LoadedImage {
+    /// How the bundle names it.
+    pub image: String,
+    /// The manifest or index digest its names point at (Docker graph driver: the image ID).
+    pub digest: String,
+    pub names: Vec<String>,
 }
 
 #[derive(Clone, Debug, Serialize)]
