@@ -203,6 +203,19 @@ async fn main() -> anyhow::Result<()> {
         cfg.peer_tls_server_name,
     )?
     .with_plaintext_peers(cfg.peer_cidr);
+    // The runtime is settled before the ports open, so an agent that cannot serve it exits
+    // (saying why) without ever accepting a call.
+    let runtime = match cfg.runtime {
+        RuntimeChoice::Containerd => Chosen::Containerd(Containerd::new(containerd)?),
+        RuntimeChoice::Docker => docker_runtime(Docker::new(docker), containerd).await?,
+        RuntimeChoice::Auto => {
+            let (cri, docker) = (Containerd::new(containerd.clone())?, Docker::new(docker));
+            match detect(&cri, &docker).await? {
+                RuntimeKind::Containerd => Chosen::Containerd(cri),
+                RuntimeKind::Docker => docker_runtime(docker, containerd).await?,
+            }
+        }
+    };
     let serve = Serve {
         grpc: bind(cfg.listen).await?,
         http: bind(cfg.metrics_listen).await?,
@@ -211,27 +224,27 @@ async fn main() -> anyhow::Result<()> {
         peers,
         stall_timeout: cfg.upload_stall_timeout,
     };
-    match cfg.runtime {
-        RuntimeChoice::Containerd => run(serve, Containerd::new(containerd)?).await,
-        RuntimeChoice::Docker => run_docker(serve, Docker::new(docker), containerd).await,
-        RuntimeChoice::Auto => {
-            let (cri, docker) = (Containerd::new(containerd.clone())?, Docker::new(docker));
-            match detect(&cri, &docker).await? {
-                RuntimeKind::Containerd => run(serve, cri).await,
-                RuntimeKind::Docker => run_docker(serve, docker, containerd).await,
-            }
-        }
+    match runtime {
+        Chosen::Containerd(runtime) => run(serve, runtime).await,
+        Chosen::Docker(runtime) => run(serve, runtime).await,
     }
+}
+
+/// The runtime the agent serves.
+enum Chosen {
+    /// containerd: CRI's images, or dockerd's on its containerd image store.
+    Containerd(Containerd),
+    /// dockerd with a graph driver.
+    Docker(Docker),
 }
 
 /// Serves Docker: through `POST /images/load` on a graph driver (overlay2); on the containerd
 /// image store, by writing into dockerd's containerd directly (its namespace and snapshotter,
 /// at the socket dockerd reports or `--containerd-socket`), as a pull would.
-async fn run_docker(
-    serve: Serve,
+async fn docker_runtime(
     docker: Docker,
     mut containerd: ContainerdConfig,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<Chosen> {
     let store = docker.containerd_store().await.with_context(|| {
         format!(
             "asking dockerd at {} which image store it uses",
@@ -239,7 +252,7 @@ async fn run_docker(
         )
     })?;
     let Some(store) = store else {
-        return run(serve, docker).await;
+        return Ok(Chosen::Docker(docker));
     };
     if let Some(address) = store.address {
         containerd.socket = address;
@@ -265,7 +278,7 @@ async fn run_docker(
             socket.display()
         )
     })?;
-    run(serve, runtime).await
+    Ok(Chosen::Containerd(runtime))
 }
 
 async fn run(serve: Serve, runtime: impl Runtime) -> anyhow::Result<()> {

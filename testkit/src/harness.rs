@@ -522,6 +522,14 @@ disabled_plugins = [
   [plugins."io.containerd.internal.v1.opt"]
     path = "{d}/opt"
 
+  # NRI (on by default in containerd 2.x, off in 1.7) listens on /var/run/nri/nri.sock,
+  # one socket for the whole host: a second instance started meanwhile exits with "address
+  # already in use". Each instance gets its own socket and plugin dirs, NRI stays as shipped.
+  [plugins."io.containerd.nri.v1.nri"]
+    socket_path = "{d}/nri.sock"
+    plugin_path = "{d}/nri/plugins"
+    plugin_config_path = "{d}/nri/conf.d"
+
   # containerd 2.x splits CRI into this gRPC server, an image service and a runtime service;
   # 1.x keeps all of it in this table.
   [plugins."io.containerd.grpc.v1.cri"]
@@ -1419,6 +1427,11 @@ pub(crate) mod tests {
             assert!(node.socket().starts_with(node.dir()));
             assert!(node.root().starts_with(node.dir()));
             assert!(node.root().join("io.containerd.metadata.v1.bolt").is_dir());
+            if node.version().major >= 2 {
+                // NRI, on by default since 2.0, listens in the instance's dir, not on the
+                // host-wide /var/run/nri/nri.sock two instances would fight over.
+                assert!(node.dir().join("nri.sock").exists(), "{}", node.log_tail());
+            }
 
             let version = node.ctr_ok(&["version"]).unwrap();
             let uuid = version
