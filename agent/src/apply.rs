@@ -106,6 +106,12 @@ const MAX_PATH_BYTES: u64 = 4096;
 const MAX_DEPTH: u64 = 256;
 const MAX_XATTRS: u64 = 128;
 const MAX_XATTR_BYTES: u64 = 64 << 10;
+/// The largest zstd window a layer may ask for, as a power of two: 2^25 = 32 MiB, the window
+/// of `zstd --ultra -20`. The encoders that build images (klauspost/compress in buildkit,
+/// containerd and podman; `zstd` up to level 19) use at most 8 MiB, the size RFC 8878
+/// recommends decoders support; zstd's own default limit, 2^27 = 128 MiB (levels 21 and 22,
+/// `--long`), would let each of the agent's concurrent unpacks take half its 256 MiB.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
 
 /// Applies the layer read from `blob` (gzip, zstd or plain tar, sniffed) to `target`,
 /// refusing it once it unpacks to more than `limit` bytes.
@@ -115,7 +121,7 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
     let plain: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(stored))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(stored).map_err(ApplyError::Stream)?)
+        Box::new(zstd_reader(stored).map_err(ApplyError::Stream)?)
     } else {
         Box::new(stored)
     };
@@ -138,6 +144,14 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         diff_id: format!("sha256:{}", hex::encode(counted.hasher.finalize())),
         size: counted.count,
     })
+}
+
+/// A zstd decoder of `stored` that refuses a frame asking for a window over
+/// 2^[`ZSTD_WINDOW_LOG_MAX`] bytes (an I/O error naming the memory it wants).
+pub fn zstd_reader<R: BufRead>(stored: R) -> io::Result<zstd::stream::read::Decoder<'static, R>> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(stored)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    Ok(decoder)
 }
 
 /// The decompressed stream, hashed and counted as it is read; fails one byte past `limit`.
@@ -1196,5 +1210,34 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_zstd_window_over_the_bound_is_refused() {
+        let tar = layer(|b| entry(b, tar::EntryType::Regular, "f", "", b"zstd"));
+        let compress = |window_log: u32| {
+            let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            e.window_log(window_log).unwrap();
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let applied = apply_layer(
+            &compress(ZSTD_WINDOW_LOG_MAX)[..],
+            &target(dir.path()),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(applied.size, tar.len() as u64);
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"zstd");
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(
+            &compress(ZSTD_WINDOW_LOG_MAX + 1)[..],
+            &target(dir.path()),
+            1 << 20,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ApplyError::Stream(_)), "{err}");
+        assert!(err.to_string().contains("memory"), "{err}");
     }
 }
