@@ -51,6 +51,8 @@ use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
+mod frame;
+
 /// Where a layer goes: the snapshot's own directory and, lowest last, the directories of the
 /// layers under it.
 #[derive(Clone, Debug)]
@@ -232,15 +234,20 @@ impl<'a> Applier<'a> {
     }
 
     fn run(mut self, plain: impl Read) -> Result<(), ApplyError> {
-        let mut archive = tar::Archive::new(plain);
-        let stream = |e: io::Error| ApplyError::Stream(e);
-        {
-            let entries = archive.entries().map_err(stream)?;
-            for entry in entries {
-                let entry = entry.map_err(stream)?;
-                self.entry(entry)?;
-            }
+        let mut archive = tar::Archive::new(frame::Framed::new(plain));
+        let walked = self.walk(&mut archive);
+        let mut framed = archive.into_inner();
+        // A framing bound crossed surfaces in the tar crate as some I/O error, wherever it
+        // was reading: the framer says which bound it was.
+        if let Some(r) = framed.refusal() {
+            return Err(ApplyError::Limit {
+                entry: r.header.clone(),
+                what: r.what,
+                value: r.value,
+                limit: r.limit,
+            });
         }
+        walked?;
         for (rel, times) in std::mem::take(&mut self.dirs) {
             let io_err = |source| ApplyError::Entry {
                 entry: rel.display().to_string(),
@@ -253,7 +260,14 @@ impl<'a> Applier<'a> {
             set_times(&fd_path(&parent).join(base), times).map_err(io_err)?;
         }
         // The diffID covers what follows the end-of-archive blocks too.
-        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(stream)?;
+        io::copy(&mut framed, &mut io::sink()).map_err(ApplyError::Stream)?;
+        Ok(())
+    }
+
+    fn walk(&mut self, archive: &mut tar::Archive<impl Read>) -> Result<(), ApplyError> {
+        for entry in archive.entries().map_err(ApplyError::Stream)? {
+            self.entry(entry.map_err(ApplyError::Stream)?)?;
+        }
         Ok(())
     }
 
@@ -1205,6 +1219,31 @@ mod tests {
                 err,
                 ApplyError::Limit {
                     what: "xattr count",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_framing_bound_is_refused_as_a_limit_before_the_crate_reads_it() {
+        // A GNU long name far over the bound, refused before the tar crate reads it.
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(1 << 30);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(vec![b'a'; 1 << 20]);
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 40).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "GNU long name size",
+                    value: 1_073_741_824,
                     ..
                 }
             ),
