@@ -114,6 +114,8 @@ const MAX_XATTR_BYTES: u64 = 64 << 10;
 /// recommends decoders support; zstd's own default limit, 2^27 = 128 MiB (levels 21 and 22,
 /// `--long`), would let each of the agent's concurrent unpacks take half its 256 MiB.
 pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+/// Bytes of a name shown in an error: a hostile name of a megabyte stays out of messages.
+const SHOWN_NAME_BYTES: usize = 256;
 
 /// Applies the layer read from `blob` (gzip, zstd or plain tar, sniffed) to `target`,
 /// refusing it once it unpacks to more than `limit` bytes.
@@ -134,7 +136,7 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         limit,
     };
     let applier = Applier::new(target, limit).map_err(|source| ApplyError::Entry {
-        entry: target.root.display().to_string(),
+        entry: shown(target.root.as_os_str().as_bytes()),
         source,
     })?;
     let result = applier.run(BufReader::with_capacity(256 << 10, &mut counted));
@@ -241,7 +243,7 @@ impl<'a> Applier<'a> {
         // was reading: the framer says which bound it was.
         if let Some(r) = framed.refusal() {
             return Err(ApplyError::Limit {
-                entry: r.header.clone(),
+                entry: shown(r.header.as_bytes()),
                 what: r.what,
                 value: r.value,
                 limit: r.limit,
@@ -250,7 +252,7 @@ impl<'a> Applier<'a> {
         walked?;
         for (rel, times) in std::mem::take(&mut self.dirs) {
             let io_err = |source| ApplyError::Entry {
-                entry: rel.display().to_string(),
+                entry: shown(rel.as_os_str().as_bytes()),
                 source,
             };
             let parent = self
@@ -274,7 +276,7 @@ impl<'a> Applier<'a> {
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ApplyError> {
         // Names are bytes, not text: a name that is not UTF-8 is written as it is.
         let raw_name = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
+        let name = shown(&raw_name);
         let kind = entry.header().entry_type();
         if matches!(
             kind,
@@ -487,7 +489,7 @@ impl<'a> Applier<'a> {
                 // the snapshot (taken as `/`), typically one aimed at the host.
                 io::ErrorKind::AlreadyExists => io::Error::other(format!(
                     "{} is a symbolic link to nothing inside the snapshot",
-                    rel.display()
+                    shown(rel.as_os_str().as_bytes())
                 )),
                 _ => e,
             })?;
@@ -595,6 +597,16 @@ impl Meta {
             }
         }
         Ok(meta)
+    }
+}
+
+/// `name` as an error shows it: lossy UTF-8 of its first [`SHOWN_NAME_BYTES`] bytes, with
+/// `…` when cut.
+fn shown(name: &[u8]) -> String {
+    if name.len() <= SHOWN_NAME_BYTES {
+        String::from_utf8_lossy(name).into_owned()
+    } else {
+        format!("{}…", String::from_utf8_lossy(&name[..SHOWN_NAME_BYTES]))
     }
 }
 
@@ -1227,7 +1239,7 @@ mod tests {
     }
 
     #[test]
-    fn a_framing_bound_is_refused_as_a_limit_before_the_crate_reads_it() {
+    fn a_framing_bound_is_a_limit_and_names_in_errors_are_shortened() {
         // A GNU long name far over the bound, refused before the tar crate reads it.
         let mut h = tar::Header::new_gnu();
         h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
@@ -1248,6 +1260,27 @@ mod tests {
                 }
             ),
             "{err}"
+        );
+
+        // A PAX path of 100 KB passes the framer; the name check refuses it, quoting 256
+        // bytes of it.
+        let long = "a".repeat(100_000);
+        let bytes = layer(|b| {
+            b.append_pax_extensions([("path", long.as_bytes())])
+                .unwrap();
+            entry(b, tar::EntryType::Regular, "short", "", b"");
+        });
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 40).unwrap_err();
+        let ApplyError::Limit { entry, what, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(*what, "name length");
+        assert_eq!(*entry, "a".repeat(SHOWN_NAME_BYTES) + "…");
+        assert!(err.to_string().len() < 400, "{err}");
+        assert_eq!(shown(b"short"), "short");
+        assert_eq!(
+            shown(&[b'x'; SHOWN_NAME_BYTES]),
+            "x".repeat(SHOWN_NAME_BYTES)
         );
     }
 
