@@ -102,12 +102,21 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const MAX_LINKS: usize = 40;
 /// Bounds on what one layer may ask of the applier, each far above what real images hold
 /// (the largest layers seen carry a few hundred thousand entries): they keep a hostile layer
-/// from exhausting the node's inodes or the agent's memory (`written` holds every path).
+/// from exhausting the node's inodes or the agent's memory (`written` holds every path, and
+/// [`MAX_HELD_PATH_BYTES`] bounds what it takes).
 const MAX_ENTRIES: u64 = 2_000_000;
 const MAX_PATH_BYTES: u64 = 4096;
 const MAX_DEPTH: u64 = 256;
 const MAX_XATTRS: u64 = 128;
 const MAX_XATTR_BYTES: u64 = 64 << 10;
+/// Bytes of paths the applier holds for one layer (`written`, `dirs`, `links`), each path
+/// charged its length and [`HELD_PATH_OVERHEAD`] so the sum follows the memory it takes: a
+/// layer of 300,000 paths of 100 bytes is charged 49 MB, and a hostile one of 2 million
+/// 20-byte names, which would have held about 170 MB, is refused at about 800,000.
+const MAX_HELD_PATH_BYTES: u64 = 64 << 20;
+/// What one held path costs beyond its bytes: its `PathBuf`, its hash-table slot and the
+/// allocator's rounding.
+const HELD_PATH_OVERHEAD: u64 = 64;
 /// The largest zstd window a layer may ask for, as a power of two: 2^25 = 32 MiB, the window
 /// of `zstd --ultra -20`. The encoders that build images (klauspost/compress in buildkit,
 /// containerd and podman; `zstd` up to level 19) use at most 8 MiB, the size RFC 8878
@@ -196,6 +205,8 @@ struct Applier<'a> {
     written: HashSet<PathBuf>,
     /// Symbolic links this layer created: nothing may be written through them.
     links: HashSet<PathBuf>,
+    /// What `dirs`, `written` and `links` hold, as charged by [`Applier::hold`].
+    held: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -219,6 +230,7 @@ impl<'a> Applier<'a> {
             dirs: Vec::new(),
             written: HashSet::new(),
             links: HashSet::new(),
+            held: 0,
         })
     }
 
@@ -269,6 +281,23 @@ impl<'a> Applier<'a> {
     fn walk(&mut self, archive: &mut tar::Archive<impl Read>) -> Result<(), ApplyError> {
         for entry in archive.entries().map_err(ApplyError::Stream)? {
             self.entry(entry.map_err(ApplyError::Stream)?)?;
+        }
+        Ok(())
+    }
+
+    /// Charges one more path held in `written`, `dirs` or `links` (its bytes and
+    /// [`HELD_PATH_OVERHEAD`]), refusing the layer past [`MAX_HELD_PATH_BYTES`].
+    fn hold(&mut self, rel: &Path, name: &str) -> Result<(), ApplyError> {
+        self.held = self
+            .held
+            .saturating_add(rel.as_os_str().len() as u64 + HELD_PATH_OVERHEAD);
+        if self.held > MAX_HELD_PATH_BYTES {
+            return Err(ApplyError::Limit {
+                entry: name.to_string(),
+                what: "bytes of paths held",
+                value: self.held,
+                limit: MAX_HELD_PATH_BYTES,
+            });
         }
         Ok(())
     }
@@ -410,6 +439,7 @@ impl<'a> Applier<'a> {
                 // linkat without AT_SYMLINK_FOLLOW links a symbolic link itself: the new name
                 // is then a symbolic link too, and is tracked as one.
                 if fs::symlink_metadata(&source).is_ok_and(|m| m.file_type().is_symlink()) {
+                    self.hold(&rel, &name)?;
                     self.links.insert(rel.clone());
                 }
                 fs::hard_link(&source, &path).map_err(io_err)?;
@@ -417,6 +447,7 @@ impl<'a> Applier<'a> {
             tar::EntryType::Symlink => {
                 let target = entry.link_name_bytes().unwrap_or_default();
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(io_err)?;
+                self.hold(&rel, &name)?;
                 self.links.insert(rel.clone());
             }
             other => {
@@ -458,11 +489,15 @@ impl<'a> Applier<'a> {
         }
         set_mode(&path, mode).map_err(io_err)?;
         if kind == tar::EntryType::Directory {
+            self.hold(&rel, &name)?;
             self.dirs.push((rel.clone(), meta.times));
         } else {
             set_times(&path, meta.times).map_err(io_err)?;
         }
-        self.written.insert(rel);
+        if !self.written.contains(&rel) {
+            self.hold(&rel, &name)?;
+            self.written.insert(rel);
+        }
         Ok(())
     }
 
@@ -1281,6 +1316,30 @@ mod tests {
         assert_eq!(
             shown(&[b'x'; SHOWN_NAME_BYTES]),
             "x".repeat(SHOWN_NAME_BYTES)
+        );
+    }
+
+    #[test]
+    fn the_paths_held_are_bounded_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path());
+        let mut applier = Applier::new(&t, 1 << 20).unwrap();
+        let each = 4096 - HELD_PATH_OVERHEAD as usize;
+        let path = PathBuf::from("p".repeat(each));
+        for _ in 0..MAX_HELD_PATH_BYTES / 4096 {
+            applier.hold(&path, "p").unwrap();
+        }
+        assert_eq!(applier.held, MAX_HELD_PATH_BYTES);
+        let err = applier.hold(Path::new(""), "q").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "bytes of paths held",
+                    ..
+                }
+            ),
+            "{err}"
         );
     }
 
