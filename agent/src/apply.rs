@@ -33,7 +33,13 @@
 //! Bounds, each refused with a named [`ApplyError`] that marks the blob bad: the expansion
 //! limit counts both the decompressed stream and every file's full size (a sparse entry's
 //! holes included; they are written as holes), and entries, name length, path depth, xattr
-//! count and xattr size are capped far above what real images use.
+//! count and xattr size are capped far above what real images use, as are the bytes of
+//! paths held for the layer (`MAX_HELD_PATH_BYTES`). Before any of that, the tar stream
+//! goes through `frame::Framed` (`apply/frame.rs`), which refuses the headers the tar crate
+//! itself would turn into unbounded memory or CPU, before the crate reads them: GNU long
+//! names and links over 4608 bytes, PAX headers over 1 MiB, GNU sparse entries with over 64
+//! extension blocks, more than 3 meta headers in a row. zstd frames may ask for a window of
+//! 32 MiB at most ([`ZSTD_WINDOW_LOG_MAX`]), and an error quotes at most 256 bytes of a name.
 //!
 //! `tests/apply.rs` applies a set of tricky and hostile layers both ways on real containerd
 //! and compares the trees file by file; `tests/attack/applier.rs` aims crafted layers at
