@@ -33,7 +33,13 @@
 //! Bounds, each refused with a named [`ApplyError`] that marks the blob bad: the expansion
 //! limit counts both the decompressed stream and every file's full size (a sparse entry's
 //! holes included; they are written as holes), and entries, name length, path depth, xattr
-//! count and xattr size are capped far above what real images use.
+//! count and xattr size are capped far above what real images use, as are the bytes of
+//! paths held for the layer (`MAX_HELD_PATH_BYTES`). Before any of that, the tar stream
+//! goes through `frame::Framed` (`apply/frame.rs`), which refuses the headers the tar crate
+//! itself would turn into unbounded memory or CPU, before the crate reads them: GNU long
+//! names and links over 4608 bytes, PAX headers over 1 MiB, GNU sparse entries with over 64
+//! extension blocks, more than 3 meta headers in a row. zstd frames may ask for a window of
+//! 32 MiB at most ([`ZSTD_WINDOW_LOG_MAX`]), and an error quotes at most 256 bytes of a name.
 //!
 //! `tests/apply.rs` applies a set of tricky and hostile layers both ways on real containerd
 //! and compares the trees file by file; `tests/attack/applier.rs` aims crafted layers at
@@ -50,6 +56,8 @@ use std::os::unix::fs::{DirBuilderExt, MetadataExt, OpenOptionsExt, PermissionsE
 use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
+
+mod frame;
 
 /// Where a layer goes: the snapshot's own directory and, lowest last, the directories of the
 /// layers under it.
@@ -100,12 +108,29 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const MAX_LINKS: usize = 40;
 /// Bounds on what one layer may ask of the applier, each far above what real images hold
 /// (the largest layers seen carry a few hundred thousand entries): they keep a hostile layer
-/// from exhausting the node's inodes or the agent's memory (`written` holds every path).
+/// from exhausting the node's inodes or the agent's memory (`written` holds every path, and
+/// [`MAX_HELD_PATH_BYTES`] bounds what it takes).
 const MAX_ENTRIES: u64 = 2_000_000;
 const MAX_PATH_BYTES: u64 = 4096;
 const MAX_DEPTH: u64 = 256;
 const MAX_XATTRS: u64 = 128;
 const MAX_XATTR_BYTES: u64 = 64 << 10;
+/// Bytes of paths the applier holds for one layer (`written`, `dirs`, `links`), each path
+/// charged its length and [`HELD_PATH_OVERHEAD`] so the sum follows the memory it takes: a
+/// layer of 300,000 paths of 100 bytes is charged 49 MB, and a hostile one of 2 million
+/// 20-byte names, which would have held about 170 MB, is refused at about 800,000.
+const MAX_HELD_PATH_BYTES: u64 = 64 << 20;
+/// What one held path costs beyond its bytes: its `PathBuf`, its hash-table slot and the
+/// allocator's rounding.
+const HELD_PATH_OVERHEAD: u64 = 64;
+/// The largest zstd window a layer may ask for, as a power of two: 2^25 = 32 MiB, the window
+/// of `zstd --ultra -20`. The encoders that build images (klauspost/compress in buildkit,
+/// containerd and podman; `zstd` up to level 19) use at most 8 MiB, the size RFC 8878
+/// recommends decoders support; zstd's own default limit, 2^27 = 128 MiB (levels 21 and 22,
+/// `--long`), would let each of the agent's concurrent unpacks take half its 256 MiB.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+/// Bytes of a name shown in an error: a hostile name of a megabyte stays out of messages.
+const SHOWN_NAME_BYTES: usize = 256;
 
 /// Applies the layer read from `blob` (gzip, zstd or plain tar, sniffed) to `target`,
 /// refusing it once it unpacks to more than `limit` bytes.
@@ -115,7 +140,7 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
     let plain: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
         Box::new(flate2::read::MultiGzDecoder::new(stored))
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd::stream::read::Decoder::with_buffer(stored).map_err(ApplyError::Stream)?)
+        Box::new(zstd_reader(stored).map_err(ApplyError::Stream)?)
     } else {
         Box::new(stored)
     };
@@ -126,7 +151,7 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         limit,
     };
     let applier = Applier::new(target, limit).map_err(|source| ApplyError::Entry {
-        entry: target.root.display().to_string(),
+        entry: shown(target.root.as_os_str().as_bytes()),
         source,
     })?;
     let result = applier.run(BufReader::with_capacity(256 << 10, &mut counted));
@@ -138,6 +163,14 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         diff_id: format!("sha256:{}", hex::encode(counted.hasher.finalize())),
         size: counted.count,
     })
+}
+
+/// A zstd decoder of `stored` that refuses a frame asking for a window over
+/// 2^[`ZSTD_WINDOW_LOG_MAX`] bytes (an I/O error naming the memory it wants).
+pub fn zstd_reader<R: BufRead>(stored: R) -> io::Result<zstd::stream::read::Decoder<'static, R>> {
+    let mut decoder = zstd::stream::read::Decoder::with_buffer(stored)?;
+    decoder.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
+    Ok(decoder)
 }
 
 /// The decompressed stream, hashed and counted as it is read; fails one byte past `limit`.
@@ -178,6 +211,8 @@ struct Applier<'a> {
     written: HashSet<PathBuf>,
     /// Symbolic links this layer created: nothing may be written through them.
     links: HashSet<PathBuf>,
+    /// What `dirs`, `written` and `links` hold, as charged by [`Applier::hold`].
+    held: u64,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -201,6 +236,7 @@ impl<'a> Applier<'a> {
             dirs: Vec::new(),
             written: HashSet::new(),
             links: HashSet::new(),
+            held: 0,
         })
     }
 
@@ -218,18 +254,23 @@ impl<'a> Applier<'a> {
     }
 
     fn run(mut self, plain: impl Read) -> Result<(), ApplyError> {
-        let mut archive = tar::Archive::new(plain);
-        let stream = |e: io::Error| ApplyError::Stream(e);
-        {
-            let entries = archive.entries().map_err(stream)?;
-            for entry in entries {
-                let entry = entry.map_err(stream)?;
-                self.entry(entry)?;
-            }
+        let mut archive = tar::Archive::new(frame::Framed::new(plain));
+        let walked = self.walk(&mut archive);
+        let mut framed = archive.into_inner();
+        // A framing bound crossed surfaces in the tar crate as some I/O error, wherever it
+        // was reading: the framer says which bound it was.
+        if let Some(r) = framed.refusal() {
+            return Err(ApplyError::Limit {
+                entry: shown(r.header.as_bytes()),
+                what: r.what,
+                value: r.value,
+                limit: r.limit,
+            });
         }
+        walked?;
         for (rel, times) in std::mem::take(&mut self.dirs) {
             let io_err = |source| ApplyError::Entry {
-                entry: rel.display().to_string(),
+                entry: shown(rel.as_os_str().as_bytes()),
                 source,
             };
             let parent = self
@@ -239,14 +280,38 @@ impl<'a> Applier<'a> {
             set_times(&fd_path(&parent).join(base), times).map_err(io_err)?;
         }
         // The diffID covers what follows the end-of-archive blocks too.
-        io::copy(&mut archive.into_inner(), &mut io::sink()).map_err(stream)?;
+        io::copy(&mut framed, &mut io::sink()).map_err(ApplyError::Stream)?;
+        Ok(())
+    }
+
+    fn walk(&mut self, archive: &mut tar::Archive<impl Read>) -> Result<(), ApplyError> {
+        for entry in archive.entries().map_err(ApplyError::Stream)? {
+            self.entry(entry.map_err(ApplyError::Stream)?)?;
+        }
+        Ok(())
+    }
+
+    /// Charges one more path held in `written`, `dirs` or `links` (its bytes and
+    /// [`HELD_PATH_OVERHEAD`]), refusing the layer past [`MAX_HELD_PATH_BYTES`].
+    fn hold(&mut self, rel: &Path, name: &str) -> Result<(), ApplyError> {
+        self.held = self
+            .held
+            .saturating_add(rel.as_os_str().len() as u64 + HELD_PATH_OVERHEAD);
+        if self.held > MAX_HELD_PATH_BYTES {
+            return Err(ApplyError::Limit {
+                entry: name.to_string(),
+                what: "bytes of paths held",
+                value: self.held,
+                limit: MAX_HELD_PATH_BYTES,
+            });
+        }
         Ok(())
     }
 
     fn entry<R: Read>(&mut self, mut entry: tar::Entry<'_, R>) -> Result<(), ApplyError> {
         // Names are bytes, not text: a name that is not UTF-8 is written as it is.
         let raw_name = entry.path_bytes().into_owned();
-        let name = String::from_utf8_lossy(&raw_name).into_owned();
+        let name = shown(&raw_name);
         let kind = entry.header().entry_type();
         if matches!(
             kind,
@@ -380,6 +445,7 @@ impl<'a> Applier<'a> {
                 // linkat without AT_SYMLINK_FOLLOW links a symbolic link itself: the new name
                 // is then a symbolic link too, and is tracked as one.
                 if fs::symlink_metadata(&source).is_ok_and(|m| m.file_type().is_symlink()) {
+                    self.hold(&rel, &name)?;
                     self.links.insert(rel.clone());
                 }
                 fs::hard_link(&source, &path).map_err(io_err)?;
@@ -387,6 +453,7 @@ impl<'a> Applier<'a> {
             tar::EntryType::Symlink => {
                 let target = entry.link_name_bytes().unwrap_or_default();
                 std::os::unix::fs::symlink(OsStr::from_bytes(&target), &path).map_err(io_err)?;
+                self.hold(&rel, &name)?;
                 self.links.insert(rel.clone());
             }
             other => {
@@ -428,11 +495,15 @@ impl<'a> Applier<'a> {
         }
         set_mode(&path, mode).map_err(io_err)?;
         if kind == tar::EntryType::Directory {
+            self.hold(&rel, &name)?;
             self.dirs.push((rel.clone(), meta.times));
         } else {
             set_times(&path, meta.times).map_err(io_err)?;
         }
-        self.written.insert(rel);
+        if !self.written.contains(&rel) {
+            self.hold(&rel, &name)?;
+            self.written.insert(rel);
+        }
         Ok(())
     }
 
@@ -459,7 +530,7 @@ impl<'a> Applier<'a> {
                 // the snapshot (taken as `/`), typically one aimed at the host.
                 io::ErrorKind::AlreadyExists => io::Error::other(format!(
                     "{} is a symbolic link to nothing inside the snapshot",
-                    rel.display()
+                    shown(rel.as_os_str().as_bytes())
                 )),
                 _ => e,
             })?;
@@ -567,6 +638,16 @@ impl Meta {
             }
         }
         Ok(meta)
+    }
+}
+
+/// `name` as an error shows it: lossy UTF-8 of its first [`SHOWN_NAME_BYTES`] bytes, with
+/// `…` when cut.
+fn shown(name: &[u8]) -> String {
+    if name.len() <= SHOWN_NAME_BYTES {
+        String::from_utf8_lossy(name).into_owned()
+    } else {
+        format!("{}…", String::from_utf8_lossy(&name[..SHOWN_NAME_BYTES]))
     }
 }
 
@@ -1196,5 +1277,104 @@ mod tests {
             ),
             "{err}"
         );
+    }
+
+    #[test]
+    fn a_framing_bound_is_a_limit_and_names_in_errors_are_shortened() {
+        // A GNU long name far over the bound, refused before the tar crate reads it.
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..13].copy_from_slice(b"././@LongLink");
+        h.set_entry_type(tar::EntryType::GNULongName);
+        h.set_size(1 << 30);
+        h.set_cksum();
+        let mut bytes = h.as_bytes().to_vec();
+        bytes.extend(vec![b'a'; 1 << 20]);
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 40).unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "GNU long name size",
+                    value: 1_073_741_824,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+
+        // A PAX path of 100 KB passes the framer; the name check refuses it, quoting 256
+        // bytes of it.
+        let long = "a".repeat(100_000);
+        let bytes = layer(|b| {
+            b.append_pax_extensions([("path", long.as_bytes())])
+                .unwrap();
+            entry(b, tar::EntryType::Regular, "short", "", b"");
+        });
+        let err = apply_layer(&bytes[..], &target(dir.path()), 1 << 40).unwrap_err();
+        let ApplyError::Limit { entry, what, .. } = &err else {
+            panic!("{err}");
+        };
+        assert_eq!(*what, "name length");
+        assert_eq!(*entry, "a".repeat(SHOWN_NAME_BYTES) + "…");
+        assert!(err.to_string().len() < 400, "{err}");
+        assert_eq!(shown(b"short"), "short");
+        assert_eq!(
+            shown(&[b'x'; SHOWN_NAME_BYTES]),
+            "x".repeat(SHOWN_NAME_BYTES)
+        );
+    }
+
+    #[test]
+    fn the_paths_held_are_bounded_by_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = target(dir.path());
+        let mut applier = Applier::new(&t, 1 << 20).unwrap();
+        let each = 4096 - HELD_PATH_OVERHEAD as usize;
+        let path = PathBuf::from("p".repeat(each));
+        for _ in 0..MAX_HELD_PATH_BYTES / 4096 {
+            applier.hold(&path, "p").unwrap();
+        }
+        assert_eq!(applier.held, MAX_HELD_PATH_BYTES);
+        let err = applier.hold(Path::new(""), "q").unwrap_err();
+        assert!(
+            matches!(
+                err,
+                ApplyError::Limit {
+                    what: "bytes of paths held",
+                    ..
+                }
+            ),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_zstd_window_over_the_bound_is_refused() {
+        let tar = layer(|b| entry(b, tar::EntryType::Regular, "f", "", b"zstd"));
+        let compress = |window_log: u32| {
+            let mut e = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+            e.window_log(window_log).unwrap();
+            e.write_all(&tar).unwrap();
+            e.finish().unwrap()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let applied = apply_layer(
+            &compress(ZSTD_WINDOW_LOG_MAX)[..],
+            &target(dir.path()),
+            1 << 20,
+        )
+        .unwrap();
+        assert_eq!(applied.size, tar.len() as u64);
+        assert_eq!(fs::read(dir.path().join("f")).unwrap(), b"zstd");
+        let dir = tempfile::tempdir().unwrap();
+        let err = apply_layer(
+            &compress(ZSTD_WINDOW_LOG_MAX + 1)[..],
+            &target(dir.path()),
+            1 << 20,
+        )
+        .unwrap_err();
+        assert!(matches!(err, ApplyError::Stream(_)), "{err}");
+        assert!(err.to_string().contains("memory"), "{err}");
     }
 }

@@ -42,6 +42,11 @@ impl LayerLimits {
     }
 }
 
+/// The largest zstd window a layer may ask for, as a power of two (32 MiB): the agent's
+/// applier (`lade_agent::apply::ZSTD_WINDOW_LOG_MAX`) refuses larger ones, so a layer it would
+/// refuse is refused here first, before it is sent anywhere.
+pub const ZSTD_WINDOW_LOG_MAX: u32 = 25;
+
 /// The uncompressed stream: hashed and counted as it is read, failing past `limit`.
 struct Counted<R> {
     inner: R,
@@ -211,10 +216,14 @@ impl Bundle {
         // diffID must be computed over what it will unpack.
         let plain: Box<dyn Read> = match Compression::sniff(head) {
             Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(stored)),
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(stored)
-                    .map_err(|e| bad(format!("not a zstd stream: {e}")))?,
-            ),
+            Compression::Zstd => {
+                let mut decoder = zstd::stream::read::Decoder::with_buffer(stored)
+                    .map_err(|e| bad(format!("not a zstd stream: {e}")))?;
+                decoder
+                    .window_log_max(ZSTD_WINDOW_LOG_MAX)
+                    .map_err(|e| bad(format!("zstd window limit: {e}")))?;
+                Box::new(decoder)
+            }
             Compression::None => Box::new(stored),
         };
         let limit = limits.limit(blob.size);

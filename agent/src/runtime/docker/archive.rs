@@ -99,8 +99,8 @@ impl Archive {
         if n == magic.len() && magic == ZSTD_MAGIC {
             let size = self.check_zstd(layer, path)?;
             out.header(&member, size)?;
-            let decoder =
-                zstd::stream::read::Decoder::new(open()?).map_err(Error::cache(path, "read"))?;
+            let decoder = crate::apply::zstd_reader(std::io::BufReader::new(open()?))
+                .map_err(Error::cache(path, "read"))?;
             out.copy(decoder, size, path)?;
             out.pad(size)
         } else {
@@ -115,8 +115,8 @@ impl Archive {
     /// Decompresses a zstd layer once to learn its size and check its diffID.
     fn check_zstd(&self, layer: &Layer, path: &Path) -> Result<u64, Error> {
         let file = File::open(path).map_err(Error::cache(path, "open"))?;
-        let mut decoder =
-            zstd::stream::read::Decoder::new(file).map_err(Error::cache(path, "read"))?;
+        let mut decoder = crate::apply::zstd_reader(std::io::BufReader::new(file))
+            .map_err(Error::cache(path, "read"))?;
         let mut hasher = Sha256::new();
         let mut buf = vec![0u8; lade_proto::CHUNK_SIZE];
         let mut size = 0u64;
