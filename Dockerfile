@@ -17,6 +17,7 @@ WORKDIR /src
 # workspace (and checks Cargo.lock with --locked) before building any package of it.
 COPY Cargo.toml Cargo.lock ./
 COPY proto/ proto/
+COPY oci/ oci/
 COPY agent/ agent/
 COPY coordinator/ coordinator/
 COPY testkit/ testkit/

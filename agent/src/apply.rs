@@ -35,7 +35,7 @@
 //! holes included; they are written as holes), and entries, name length, path depth, xattr
 //! count and xattr size are capped far above what real images use, as are the bytes of
 //! paths held for the layer (`MAX_HELD_PATH_BYTES`). Before any of that, the tar stream
-//! goes through `frame::Framed` (`apply/frame.rs`), which refuses the headers the tar crate
+//! goes through `lade_oci::tarframe::Framed` (`oci/src/tarframe.rs`), which refuses the headers the tar crate
 //! itself would turn into unbounded memory or CPU, before the crate reads them: GNU long
 //! names and links over 4608 bytes, PAX headers over 1 MiB, GNU sparse entries with over 64
 //! extension blocks, more than 3 meta headers in a row. zstd frames may ask for a window of
@@ -57,7 +57,7 @@ use std::path::{Component, Path, PathBuf};
 
 use sha2::{Digest, Sha256};
 
-mod frame;
+use lade_oci::tarframe as frame;
 
 /// Where a layer goes: the snapshot's own directory and, lowest last, the directories of the
 /// layers under it.

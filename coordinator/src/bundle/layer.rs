@@ -10,6 +10,7 @@
 
 use std::io::{self, BufRead, BufReader, Read, Seek, SeekFrom};
 
+use lade_oci::tarframe::Framed;
 use sha2::{Digest as _, Sha256};
 
 use super::tarindex::{normalize, HeaderReader, Section};
@@ -275,8 +276,9 @@ impl Bundle {
 /// hard-link target would leave the unpack root. Symbolic links may point anywhere: the
 /// runtime resolves them inside the root, as a container does.
 fn walk_entries(plain: &mut impl Read) -> io::Result<Option<(String, String)>> {
+    // The framing bounds (long names, PAX headers, sparse maps) come first, as in the agent.
     let mut archive = tar::Archive::new(HeaderReader::new(ForwardOnly {
-        inner: plain,
+        inner: Framed::new(plain),
         pos: 0,
     }));
     for entry in archive.entries_with_seek()? {
@@ -303,6 +305,41 @@ fn walk_entries(plain: &mut impl Read) -> io::Result<Option<(String, String)>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A GNU tar header block with a valid checksum.
+    fn gnu_header(name: &[u8], kind: u8, size: u64) -> Vec<u8> {
+        let mut b = vec![0u8; 512];
+        b[..name.len()].copy_from_slice(name);
+        b[100..107].copy_from_slice(b"0000644");
+        b[124..135].copy_from_slice(format!("{size:011o}").as_bytes());
+        b[156] = kind;
+        b[257..265].copy_from_slice(b"ustar  \0");
+        b[148..156].fill(b' ');
+        let sum: u32 = b.iter().map(|x| u32::from(*x)).sum();
+        b[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+        b
+    }
+
+    #[test]
+    fn a_long_name_past_the_framing_bound_is_refused_before_the_tar_crate_reads_it() {
+        // 10 kB: under the header-run bound of the bundle reader, over the long-name bound
+        // the agent's applier also holds to.
+        let mut tar = gnu_header(b"././@LongLink", b'L', 10_000);
+        tar.extend(vec![b'a'; 10_240]);
+        tar.extend(gnu_header(b"short", b'0', 0));
+        tar.extend(vec![0u8; 1024]);
+        let err = walk_entries(&mut tar.as_slice()).unwrap_err();
+        assert!(
+            err.to_string().contains("over the applier's limit"),
+            "{err}"
+        );
+
+        let mut fine = gnu_header(b"././@LongLink", b'L', 300);
+        fine.extend(vec![b'a'; 512]);
+        fine.extend(gnu_header(b"short", b'0', 0));
+        fine.extend(vec![0u8; 1024]);
+        assert_eq!(walk_entries(&mut fine.as_slice()).unwrap(), None);
+    }
 
     #[test]
     fn an_endless_stream_is_cut_one_byte_past_the_limit() {

@@ -28,8 +28,8 @@
 //!
 //! Bytes are passed through unchanged, and only one block is ever held: a header (or a
 //! sparse extension) block is read whole, judged, then handed out. Once a bound is crossed
-//! every read fails with an `io::Error` carrying a [`Refusal`], which the applier reports as
-//! `ApplyError::Limit`.
+//! every read fails with an `io::Error` carrying a [`Refusal`], which the agent's applier
+//! reports as `ApplyError::Limit` and the coordinator's layer check as a bad layer.
 
 use std::fmt;
 use std::io::{self, Read};
