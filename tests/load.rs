@@ -339,6 +339,7 @@ async fn a_down_agent_fails_alone_and_is_named() -> Result<()> {
         error.contains(&down) && error.contains("cannot reach agent"),
         "{error}"
     );
+    assert_eq!(reports[1]["error_kind"], "connect", "{}", reports[1]);
     assert_eq!(
         nodes[0]
             .image_names()?

@@ -114,6 +114,7 @@ async fn lade_load_without_the_token_fails_naming_the_reason() -> Result<()> {
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     let error = reports[0]["error"].as_str().unwrap_or_default();
     assert!(error.contains("missing bearer token"), "{error}");
+    assert_eq!(reports[0]["error_kind"], "auth", "{}", reports[0]);
     let names = node.image_names()?;
     assert!(names.is_empty(), "{names:?}");
     Ok(())

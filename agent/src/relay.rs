@@ -35,15 +35,13 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use ipnet::IpNet;
 use lade_proto::{
-    put_blob_request::Msg, AgentClient, BlobHeader, PutBlobRequest, PutBlobResponse, RelayHop,
-    RelayResult,
+    put_blob_request::Msg, AgentConn, BearerAuth, BlobHeader, ClientConfig, DialError, KeepAlive,
+    PutBlobRequest, PutBlobResponse, RelayHop, RelayResult,
 };
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::{Channel, ClientTlsConfig};
 use tracing::{debug, info, warn};
 
 use crate::error::Error;
@@ -61,25 +59,28 @@ pub const MAX_HOPS: usize = 10_000;
 
 /// How this agent reaches and authenticates to the agents it forwards to.
 pub struct Peers {
-    bearer: Option<MetadataValue<Ascii>>,
-    tls: Option<ClientTlsConfig>,
+    /// Token, TLS and connection settings of every dial.
+    config: ClientConfig,
     /// Why relaying cannot work with this configuration (TLS without a CA to check peers).
     unusable: Option<String>,
     /// Networks whose addresses may be dialed without TLS (`--peer-cidr`).
     plaintext_peers: Vec<IpNet>,
-    connect_timeout: Duration,
     channels: Mutex<HashMap<String, Channel>>,
 }
 
 impl Default for Peers {
     /// No credentials: for agents run with `--insecure-no-auth` and no TLS.
     fn default() -> Self {
+        // A peer that vanishes without a reset is noticed within a minute.
+        let keep_alive = KeepAlive {
+            interval: Duration::from_secs(15),
+            timeout: Some(Duration::from_secs(20)),
+            while_idle: true,
+        };
         Peers {
-            bearer: None,
-            tls: None,
+            config: ClientConfig::new(Duration::from_secs(10), keep_alive),
             unusable: None,
             plaintext_peers: Vec::new(),
-            connect_timeout: Duration::from_secs(10),
             channels: Mutex::new(HashMap::new()),
         }
     }
@@ -88,16 +89,14 @@ impl Default for Peers {
 impl Peers {
     /// Presents `token` (the agent's own) as bearer token to its peers.
     pub fn with_token(mut self, token: &str) -> Result<Peers, Error> {
-        self.bearer =
-            Some(format!("Bearer {token}").parse().map_err(|_| {
-                Error::InvalidRequest("the auth token must be printable ASCII".into())
-            })?);
+        let auth = BearerAuth::token(token).map_err(|e| Error::InvalidRequest(e.to_string()))?;
+        self.config = self.config.with_auth(auth);
         Ok(self)
     }
 
     /// Dials peers with TLS as `tls` says.
     pub fn with_tls(mut self, tls: ClientTlsConfig) -> Peers {
-        self.tls = Some(tls);
+        self.config = self.config.with_tls(Some(tls));
         self
     }
 
@@ -116,7 +115,7 @@ impl Peers {
     /// Whether `address` may be dialed: over TLS any (the peer CA vouches for the server
     /// before the token is sent); without TLS, only an `ip:port` in `--peer-cidr`.
     pub fn admit(&self, address: &str) -> Result<(), Error> {
-        if self.tls.is_some() {
+        if self.config.uses_tls() {
             return Ok(());
         }
         let refuse = |why: &str| {
@@ -138,7 +137,7 @@ impl Peers {
         )
     }
 
-    async fn client(&self, address: &str) -> Result<PeerClient, String> {
+    async fn client(&self, address: &str) -> Result<AgentConn, String> {
         if let Some(reason) = &self.unusable {
             return Err(reason.clone());
         }
@@ -152,27 +151,10 @@ impl Peers {
         let channel = match cached {
             Some(c) => c,
             None => {
-                let scheme = if self.tls.is_some() { "https" } else { "http" };
-                let mut endpoint = Endpoint::from_shared(format!("{scheme}://{address}"))
-                    .map_err(|e| format!("{address} is not a host:port address ({e})"))?
-                    .connect_timeout(self.connect_timeout)
-                    .tcp_nodelay(true)
-                    .initial_stream_window_size(8 << 20)
-                    .initial_connection_window_size(16 << 20)
-                    // A peer that vanishes without a reset is noticed within a minute.
-                    .http2_keep_alive_interval(Duration::from_secs(15))
-                    .keep_alive_timeout(Duration::from_secs(20))
-                    .keep_alive_while_idle(true);
-                if let Some(tls) = &self.tls {
-                    endpoint = endpoint
-                        .tls_config(tls.clone())
-                        .map_err(|e| format!("TLS to {address}: {e}"))?;
-                }
-                let channel = endpoint.connect().await.map_err(|e| {
-                    format!(
-                        "cannot reach agent {address}: {}",
-                        lade_proto::error_chain(&e)
-                    )
+                let channel = self.config.channel(address).await.map_err(|e| match &e {
+                    DialError::Address(_) => format!("{address} is {e}"),
+                    DialError::Tls(tls) => format!("TLS to {address}: {tls}"),
+                    DialError::Connect(_) => format!("cannot reach agent {address}: {e}"),
                 })?;
                 self.channels
                     .lock()
@@ -181,11 +163,7 @@ impl Peers {
                 channel
             }
         };
-        Ok(
-            AgentClient::with_interceptor(channel, PeerAuth(self.bearer.clone()))
-                .max_decoding_message_size(8 << 20)
-                .max_encoding_message_size(8 << 20),
-        )
+        Ok(self.config.client(channel))
     }
 
     /// Forgets the connection to `address` (after it failed), so the next blob dials anew.
@@ -194,21 +172,6 @@ impl Peers {
             .lock()
             .expect("peer channels lock")
             .remove(address);
-    }
-}
-
-type PeerClient = AgentClient<InterceptedService<Channel, PeerAuth>>;
-
-/// Adds the agent's bearer token to its calls to peers.
-#[derive(Clone)]
-struct PeerAuth(Option<MetadataValue<Ascii>>);
-
-impl tonic::service::Interceptor for PeerAuth {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(bearer) = &self.0 {
-            req.metadata_mut().insert("authorization", bearer.clone());
-        }
-        Ok(req)
     }
 }
 

@@ -28,7 +28,7 @@ use kube::config::{KubeConfigOptions, Kubeconfig, KubeconfigError};
 use kube::{Api, Client, Config};
 use serde::Serialize;
 
-use crate::load::{error_chain, LoadError, NodeReport};
+use crate::load::{error_chain, FailureKind, NodeReport};
 
 /// Namespace the lade chart is installed in by default.
 pub const DEFAULT_NAMESPACE: &str = "lade-system";
@@ -529,14 +529,14 @@ impl Discovery {
             if report.node.is_empty() {
                 report.node = agent.node.clone();
             }
-            if let Some(error) = &mut report.error {
-                if could_not_connect(error, &report.agent) {
-                    unreachable = true;
-                    error.push_str(&format!(
-                        " (the IP of pod {}: this machine may not reach the pod network; see below)",
-                        agent.pod
-                    ));
-                }
+            if let (Some(error), Some(FailureKind::Connect)) =
+                (&mut report.error, report.error_kind)
+            {
+                unreachable = true;
+                error.push_str(&format!(
+                    " (the IP of pod {}: this machine may not reach the pod network; see below)",
+                    agent.pod
+                ));
             }
         }
         reports.extend(self.unready.iter().map(|u| NodeReport {
@@ -547,22 +547,12 @@ impl Discovery {
                 "agent pod {} is {}; nothing was loaded on this node",
                 u.pod, u.reason
             )),
+            error_kind: Some(FailureKind::Skipped),
             ..Default::default()
         }));
         reports.sort_by(|a, b| a.node.cmp(&b.node));
         unreachable
     }
-}
-
-/// Whether a node's error (as a [`NodeReport`] or the preflight holds it) says that `agent`
-/// could not be connected to at all, rather than that it answered with an error.
-pub fn could_not_connect(error: &str, agent: &str) -> bool {
-    let prefix = LoadError::Connect {
-        agent: agent.to_string(),
-        reason: String::new(),
-    }
-    .to_string();
-    error.starts_with(&prefix)
 }
 
 /// What to do when the agents were found by pod IP and some could not be reached.
@@ -586,23 +576,7 @@ pub fn pod_network_hint(namespace: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn connect_errors_are_told_from_agent_errors() {
-        let agent = "10.244.1.5:7700";
-        let connect = LoadError::Connect {
-            agent: agent.into(),
-            reason: "transport error: tcp connect error: timed out".into(),
-        };
-        assert!(could_not_connect(&connect.to_string(), agent));
-        let answered = LoadError::Agent {
-            agent: agent.into(),
-            call: "Info",
-            status: tonic::Status::unauthenticated("bad token"),
-        };
-        assert!(!could_not_connect(&answered.to_string(), agent));
-        assert!(!could_not_connect(&connect.to_string(), "10.244.1.6:7700"));
-    }
+    use crate::load::LoadError;
 
     #[test]
     fn complete_names_nodes_marks_unreachable_and_adds_unready_nodes() {
@@ -618,6 +592,11 @@ mod tests {
                     pod: "lade-ccccc".into(),
                     address: "10.244.3.5:7700".into(),
                 },
+                DiscoveredAgent {
+                    node: "node-d".into(),
+                    pod: "lade-ddddd".into(),
+                    address: "10.244.4.5:7700".into(),
+                },
             ],
             unready: vec![UnreadyAgent {
                 node: "node-b".into(),
@@ -627,36 +606,42 @@ mod tests {
             unbound: vec![],
             foreign: vec![],
         };
-        let mut reports = vec![
-            NodeReport {
-                agent: "10.244.1.5:7700".into(),
-                node: "node-a".into(),
+        let mut reports = vec![NodeReport {
+            agent: "10.244.1.5:7700".into(),
+            node: "node-a".into(),
+            images: 3,
+            images_loaded: 3,
+            ok: true,
+            ..Default::default()
+        }];
+        let failed = |agent: &str, e: LoadError| {
+            let mut report = NodeReport {
+                agent: agent.into(),
                 images: 3,
-                images_loaded: 3,
-                ok: true,
                 ..Default::default()
-            },
-            NodeReport {
-                agent: "10.244.3.5:7700".into(),
-                images: 3,
-                error: Some(
-                    LoadError::Connect {
-                        agent: "10.244.3.5:7700".into(),
-                        reason: "timed out".into(),
-                    }
-                    .to_string(),
-                ),
-                ..Default::default()
-            },
-        ];
+            };
+            report.fail_with(&e);
+            report
+        };
+        let connect = LoadError::Connect {
+            agent: "10.244.3.5:7700".into(),
+            reason: "timed out".into(),
+        };
+        reports.push(failed("10.244.3.5:7700", connect));
+        // Answered, so reached: no word of the pod network.
+        let answered = LoadError::agent_call("10.244.4.5:7700", "Info")(
+            tonic::Status::unauthenticated("wrong bearer token"),
+        );
+        reports.push(failed("10.244.4.5:7700", answered));
         assert!(discovery.complete(&mut reports, 3));
         let nodes: Vec<&str> = reports.iter().map(|r| r.node.as_str()).collect();
-        assert_eq!(nodes, ["node-a", "node-b", "node-c"]);
+        assert_eq!(nodes, ["node-a", "node-b", "node-c", "node-d"]);
         assert!(reports[0].ok && reports[0].error.is_none());
         let unready = &reports[1];
         assert!(!unready.ok);
         assert_eq!(unready.agent, "pod/lade-bbbbb");
         assert_eq!(unready.images, 3);
+        assert_eq!(unready.error_kind, Some(FailureKind::Skipped));
         assert_eq!(
             unready.error.as_deref(),
             Some(
@@ -672,6 +657,10 @@ mod tests {
             "{error}"
         );
         assert!(error.contains("may not reach the pod network"), "{error}");
+        let answered = &reports[3];
+        assert_eq!(answered.error_kind, Some(FailureKind::Auth));
+        let error = answered.error.as_deref().unwrap();
+        assert!(!error.contains("pod network"), "{error}");
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The gRPC contract between the `lade` coordinator and `lade-agent` (package `lade.agent.v1`).
 //!
 //! This crate owns the generated tonic/prost code and the few helpers both halves need around
-//! it (relay hop arithmetic, the wording of transport errors); the other crates use the
-//! re-exports below and never name prost internals. The `.proto` file documents the semantics.
+//! it (dialing an agent, relay hop arithmetic, the wording of transport errors); the other
+//! crates use the re-exports below and never name prost internals. The `.proto` file documents the semantics.
 
 #[allow(clippy::all, missing_docs)]
 mod generated {
@@ -10,6 +10,9 @@ mod generated {
 }
 
 pub use generated::*;
+
+mod client;
+pub use client::{AgentConn, BearerAuth, ClientConfig, DialError, InvalidToken, KeepAlive};
 
 /// Client stub for the agent service.
 pub use generated::agent_client::AgentClient;

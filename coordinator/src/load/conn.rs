@@ -6,14 +6,11 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lade_proto::{
-    put_blob_request::Msg, AgentClient, EndSessionRequest, ImageSpec, ImportEvent, ImportRequest,
-    InfoRequest, InfoResponse, PutBlobRequest, VerifyRequest, CHUNK_SIZE,
+    put_blob_request::Msg, BearerAuth, ClientConfig, EndSessionRequest, ImageSpec, ImportEvent,
+    ImportRequest, InfoRequest, InfoResponse, KeepAlive, PutBlobRequest, VerifyRequest, CHUNK_SIZE,
 };
 use tokio::sync::mpsc;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::interceptor::InterceptedService;
-use tonic::service::Interceptor;
-use tonic::transport::{Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::ClientTlsConfig;
 
 use crate::bundle::Bundle;
 use crate::progress::Progress;
@@ -24,6 +21,9 @@ use super::error::LoadError;
 use super::plan::{node_names, PlannedImage};
 use super::report::{FailedImage, NodeReport};
 
+/// A connected agent client that authenticates every call.
+pub use lade_proto::AgentConn;
+
 /// How the coordinator reaches agents: how long it waits, and how it proves who it is.
 #[derive(Clone, Debug)]
 pub struct Dial {
@@ -31,24 +31,48 @@ pub struct Dial {
     pub credentials: Credentials,
 }
 
+impl Dial {
+    /// The client settings for every agent: these credentials, a keep-alive ping every 30 s.
+    fn config(&self) -> ClientConfig {
+        let keep_alive = KeepAlive {
+            interval: Duration::from_secs(30),
+            timeout: None,
+            while_idle: false,
+        };
+        ClientConfig::new(self.timeout, keep_alive)
+            .with_tls(self.credentials.tls.clone())
+            .with_auth(self.credentials.bearer.clone())
+    }
+}
+
 /// What the coordinator presents to agents: the bearer token of the cluster's Secret and/or
-/// TLS (with a client certificate when agents require mutual TLS).
-#[derive(Clone, Debug, Default)]
+/// TLS (with a client certificate when agents require mutual TLS). Its `Debug` shows neither
+/// the token nor the client key.
+#[derive(Clone, Default)]
 pub struct Credentials {
-    bearer: Option<MetadataValue<Ascii>>,
+    bearer: BearerAuth,
     tls: Option<ClientTlsConfig>,
     /// The token may cross the network without TLS (`--insecure-plaintext`).
     plaintext: bool,
 }
 
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Credentials")
+            .field("bearer", &self.bearer)
+            .field("tls", &self.tls.is_some())
+            .field("plaintext", &self.plaintext)
+            .finish()
+    }
+}
+
 impl Credentials {
     /// Presents `token` as `authorization: Bearer <token>` on every call.
     pub fn token(token: &str) -> Result<Credentials, LoadError> {
-        let bearer = format!("Bearer {}", token.trim())
-            .parse()
-            .map_err(|_| LoadError::Credentials("the auth token must be printable ASCII".into()))?;
+        let bearer =
+            BearerAuth::token(token.trim()).map_err(|e| LoadError::Credentials(e.to_string()))?;
         Ok(Credentials {
-            bearer: Some(bearer),
+            bearer,
             tls: None,
             plaintext: false,
         })
@@ -63,7 +87,7 @@ impl Credentials {
     /// Whether these credentials may be sent to `agent`: a token without TLS goes only to a
     /// loopback address (a port-forward, a test) unless plain text was allowed.
     fn check_destination(&self, agent: &str) -> Result<(), LoadError> {
-        if self.bearer.is_none() || self.tls.is_some() || self.plaintext {
+        if !self.bearer.is_set() || self.tls.is_some() || self.plaintext {
             return Ok(());
         }
         let host = agent
@@ -92,49 +116,16 @@ impl Credentials {
     }
 }
 
-impl Interceptor for Credentials {
-    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(bearer) = &self.bearer {
-            req.metadata_mut().insert("authorization", bearer.clone());
-        }
-        Ok(req)
-    }
-}
-
-/// A connected agent client that authenticates every call.
-pub type AgentConn = AgentClient<InterceptedService<Channel, Credentials>>;
-
 /// Connects to an agent with the credentials of `dial`.
 pub async fn connect(agent: &str, dial: &Dial) -> Result<AgentConn, LoadError> {
     dial.credentials.check_destination(agent)?;
-    let err = |reason: String| LoadError::Connect {
-        agent: agent.to_string(),
-        reason,
-    };
-    let scheme = if dial.credentials.tls.is_some() {
-        "https"
-    } else {
-        "http"
-    };
-    let mut endpoint = Endpoint::from_shared(format!("{scheme}://{agent}"))
-        .map_err(|e| err(format!("not a host:port address ({e})")))?
-        .connect_timeout(dial.timeout)
-        .tcp_nodelay(true)
-        // Room for several 1 MiB chunks in flight (HTTP/2's default window is 64 KiB).
-        .initial_stream_window_size(8 << 20)
-        .initial_connection_window_size(16 << 20)
-        .http2_keep_alive_interval(Duration::from_secs(30));
-    if let Some(tls) = &dial.credentials.tls {
-        endpoint = endpoint
-            .tls_config(tls.clone())
-            .map_err(|e| err(error_chain(&e)))?;
-    }
-    let channel = endpoint.connect().await.map_err(|e| err(error_chain(&e)))?;
-    Ok(
-        AgentClient::with_interceptor(channel, dial.credentials.clone())
-            .max_decoding_message_size(8 << 20)
-            .max_encoding_message_size(8 << 20),
-    )
+    dial.config()
+        .connect(agent)
+        .await
+        .map_err(|e| LoadError::Connect {
+            agent: agent.to_string(),
+            reason: e.to_string(),
+        })
 }
 
 pub(crate) use lade_proto::error_chain;

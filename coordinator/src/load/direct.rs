@@ -51,7 +51,7 @@ pub(crate) async fn load(run: &Run<'_>) -> Vec<NodeReport> {
                 if let Err(e) = result {
                     // The summary reports it; a warning would tear through the bars.
                     info!(%agent, error = %e, "node failed");
-                    report.error = Some(e.to_string());
+                    report.fail_with(&e);
                 }
                 report.settle();
                 report.bytes_from_coordinator = report.bytes_sent;

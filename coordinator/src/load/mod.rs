@@ -30,7 +30,7 @@ use crate::progress::Progress;
 
 pub(crate) use conn::error_chain;
 pub use conn::{connect, AgentConn, Credentials, Dial};
-pub use error::LoadError;
+pub use error::{FailureKind, LoadError};
 pub use plan::{
     plan_names, plan_text, space_needed, PlanError, PlannedImage, RelayMode, SpaceNeed,
 };

@@ -37,7 +37,7 @@ use crate::select::Chosen;
 
 use super::check::LayerChecks;
 use super::conn::{import, stream_chunks, verify_and_end, AgentConn};
-use super::error::LoadError;
+use super::error::{FailureKind, LoadError};
 use super::plan::{
     check_space, children, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
     missing_blobs, node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
@@ -59,8 +59,8 @@ struct Node {
     hints: HashMap<String, UnpackHint>,
     /// Peers could not reach it, but the coordinator can: it is sent blobs directly.
     direct: bool,
-    /// Why it dropped out; it gets nothing more.
-    failed: Option<String>,
+    /// Why it dropped out, and what kind of failure that was; it gets nothing more.
+    failed: Option<(FailureKind, String)>,
 }
 
 impl Node {
@@ -144,7 +144,7 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
             }
             Err(e) => {
                 info!(agent = %opts.agents[i], error = %e, "node failed");
-                reports[i].error = Some(e.to_string());
+                reports[i].fail_with(&e);
             }
         }
     }
@@ -155,10 +155,13 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
     nodes.retain(|n| {
         let first = seen.insert(n.agent.clone());
         if !first {
-            reports[n.idx].error = Some(format!(
-                "agent {} is listed more than once; it is loaded once, as the first of them",
-                n.agent
-            ));
+            reports[n.idx].fail(
+                FailureKind::Skipped,
+                format!(
+                    "agent {} is listed more than once; it is loaded once, as the first of them",
+                    n.agent
+                ),
+            );
         }
         first
     });
@@ -200,7 +203,7 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         checks.prefetch(order);
     }
     let mut imports = tokio::task::JoinSet::new();
-    let mut relay_failures: Vec<(usize, String)> = Vec::new();
+    let mut relay_failures: Vec<(usize, LoadError)> = Vec::new();
     // Blobs of the bundle found bad on the way (digest or layer check), with why: every
     // image using one fails on every node, alone; the others load.
     let mut bad: HashMap<String, String> = HashMap::new();
@@ -257,15 +260,14 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         let report = &mut reports[idx];
         match result {
             Ok(events) => report.count_imports(events),
-            Err(status) => relay_failures.push((
-                idx,
-                LoadError::agent_call(&report.agent, "Import")(status).to_string(),
-            )),
+            Err(status) => {
+                relay_failures.push((idx, LoadError::agent_call(&report.agent, "Import")(status)))
+            }
         }
     }
     for (idx, error) in relay_failures {
         if let Some(n) = nodes.iter_mut().find(|n| n.idx == idx) {
-            n.failed.get_or_insert(error);
+            n.failed.get_or_insert((error.kind(), error.to_string()));
         }
     }
 
@@ -291,14 +293,12 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
     for (idx, r) in finished {
         match r {
             Ok(failed) => reports[idx].failed_images = failed,
-            Err(e) => {
-                reports[idx].error.get_or_insert(e.to_string());
-            }
+            Err(e) => reports[idx].fail_with(&e),
         }
     }
     for n in &nodes {
-        if let Some(e) = &n.failed {
-            reports[n.idx].error.get_or_insert(e.clone());
+        if let Some((kind, e)) = &n.failed {
+            reports[n.idx].fail(*kind, e.clone());
         }
     }
     let seconds = started.elapsed().as_secs_f64();
@@ -548,7 +548,7 @@ async fn deliver(
                 Err(SendError::Bundle(e)) if e.is_bad_content() => {
                     return Some(e.to_string());
                 }
-                Err(SendError::Bundle(e)) => bundle_error = Some(e.to_string()),
+                Err(SendError::Bundle(e)) => bundle_error = Some((e.kind(), e.to_string())),
                 Err(SendError::Call(e)) => {
                     outcomes.insert(root.address.clone(), Outcome::Lost(e.to_string()));
                 }
@@ -585,7 +585,7 @@ async fn deliver(
                     }
                 }
                 Some(Outcome::Refused(e)) => {
-                    n.failed = Some(format!("blob {digest}: {e}"));
+                    n.failed = Some((FailureKind::Agent, format!("blob {digest}: {e}")));
                 }
                 Some(Outcome::Lost(e)) => suspects.push((n.idx, from, e)),
                 // Passed cannot be: the node lacked the blob. None: cut off above.
@@ -613,10 +613,13 @@ async fn deliver(
                     n.direct = true;
                 }
                 Err(probe) => {
-                    n.failed = Some(format!(
-                        "agent {} was lost while {from} relayed blob {digest} to it ({error}), \
-                         and the coordinator cannot reach it either ({probe})",
-                        n.agent
+                    n.failed = Some((
+                        FailureKind::Delivery,
+                        format!(
+                            "agent {} was lost while {from} relayed blob {digest} to it \
+                             ({error}), and the coordinator cannot reach it either ({probe})",
+                            n.agent
+                        ),
                     ));
                 }
             }
@@ -626,8 +629,9 @@ async fn deliver(
         .iter_mut()
         .filter(|n| n.alive() && n.missing.contains_key(digest))
     {
-        n.failed = Some(format!(
-            "blob {digest} could not be delivered after 4 attempts"
+        n.failed = Some((
+            FailureKind::Delivery,
+            format!("blob {digest} could not be delivered after 4 attempts"),
         ));
     }
     None
@@ -677,8 +681,8 @@ async fn refresh_offsets(d: &Delivery<'_>, nodes: &mut [Node], reports: &mut [No
                 }
             }
             Err(status) => {
-                n.failed =
-                    Some(LoadError::agent_call(&reports[n.idx].agent, "Have")(status).to_string())
+                let e = LoadError::agent_call(&reports[n.idx].agent, "Have")(status);
+                n.failed = Some((e.kind(), e.to_string()));
             }
         }
     }

@@ -5,6 +5,8 @@ use indicatif::HumanBytes;
 use lade_proto::{ImportEvent, ImportPhase};
 use serde::Serialize;
 
+use super::error::{FailureKind, LoadError};
+
 /// What happened on one node.
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct NodeReport {
@@ -29,6 +31,8 @@ pub struct NodeReport {
     pub attempts: u32,
     /// Why the node failed as a whole, if it did.
     pub error: Option<String>,
+    /// What kind of failure that was.
+    pub error_kind: Option<FailureKind>,
     /// Where the blobs it stored came from: `coordinator`, or the node that relayed them
     /// (several after a relay node failed and it was re-parented).
     pub via: Vec<String>,
@@ -46,6 +50,20 @@ pub struct NodeReport {
 }
 
 impl NodeReport {
+    /// Records that the node failed as a whole: `reason`, of `kind`. The first failure
+    /// recorded stands.
+    pub(crate) fn fail(&mut self, kind: FailureKind, reason: String) {
+        if self.error.is_none() {
+            self.error = Some(reason);
+            self.error_kind = Some(kind);
+        }
+    }
+
+    /// Records that the node failed as a whole with `e`.
+    pub(crate) fn fail_with(&mut self, e: &LoadError) {
+        self.fail(e.kind(), e.to_string());
+    }
+
     /// Settles the outcome once the node is done: ok when neither the node nor any of its
     /// images failed.
     pub(crate) fn settle(&mut self) {

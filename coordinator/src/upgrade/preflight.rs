@@ -17,9 +17,8 @@ use serde_yaml::Value;
 use tracing::instrument;
 
 use super::UpgradeError;
-use crate::discover::could_not_connect;
 use crate::hints::Hints;
-use crate::load::{connect, Dial};
+use crate::load::{connect, Dial, FailureKind, LoadError};
 use crate::push::registry::{Access, Registry};
 use crate::reference::Reference;
 
@@ -57,7 +56,7 @@ pub struct NodeAnswer {
     /// Node name the agent reported; empty when it could not be reached.
     pub node: String,
     /// Status per reference, or why the agent could not answer.
-    pub result: Result<HashMap<String, RefStatus>, String>,
+    pub result: Result<HashMap<String, RefStatus>, LoadError>,
 }
 
 impl NodeAnswer {
@@ -177,19 +176,19 @@ async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
     let mut answer = NodeAnswer {
         agent: agent.to_string(),
         node: String::new(),
-        result: Err(String::new()),
+        result: Ok(HashMap::new()),
     };
     let mut client = match connect(agent, dial).await {
         Ok(client) => client,
         Err(e) => {
-            answer.result = Err(e.to_string());
+            answer.result = Err(e);
             return answer;
         }
     };
     match client.info(InfoRequest {}).await {
         Ok(info) => answer.node = info.into_inner().node_name,
         Err(status) => {
-            answer.result = Err(format!("agent {agent}: Info failed: {status}"));
+            answer.result = Err(LoadError::agent_call(agent, "Info")(status));
             return answer;
         }
     }
@@ -205,7 +204,7 @@ async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
                 .map(|s| (s.r#ref.clone(), s))
                 .collect()
         })
-        .map_err(|status| format!("agent {agent}: Verify failed: {status}"));
+        .map_err(LoadError::agent_call(agent, "Verify"));
     answer
 }
 
@@ -214,7 +213,7 @@ impl Report {
     pub fn unreachable(&self) -> bool {
         self.nodes
             .iter()
-            .any(|n| matches!(&n.result, Err(e) if could_not_connect(e, &n.agent)))
+            .any(|n| matches!(&n.result, Err(e) if e.kind() == FailureKind::Connect))
     }
 
     /// Why the upgrade must not start, or `None` when every node holds every image.
@@ -445,7 +444,10 @@ mod tests {
                 NodeAnswer {
                     agent: "10.0.0.3:7700".into(),
                     node: String::new(),
-                    result: Err("cannot reach agent 10.0.0.3:7700: refused".into()),
+                    result: Err(LoadError::Connect {
+                        agent: "10.0.0.3:7700".into(),
+                        reason: "refused".into(),
+                    }),
                 },
             ],
             checked: Checked::Nodes { discovered: false },
