@@ -9,7 +9,7 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use lade_testkit::harness::daemon_tests_enabled;
-use lade_testkit::hostile::{oci_layout, raw_tar, sparse_tar, Member, OciImage};
+use lade_testkit::hostile::{oci_layout, raw_tar, sparse_map_tar, sparse_tar, Member, OciImage};
 use lade_testkit::nodes::Node;
 use lade_tests::load_json;
 
@@ -171,6 +171,41 @@ async fn a_sparse_entry_cannot_grow_the_node_past_the_expansion_limit() -> Resul
             .all(|n| !n.contains("x.io/attack/sparse")),
         "the refused image got a name"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sparse_map_of_thousands_of_regions_is_refused_at_its_header() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    // 500 extension blocks, 10,504 regions of 512 bytes over 21 MiB: under the expansion limit,
+    // so only the bound on the map itself stops the tar crate's quadratic walk of it.
+    let bomb = sparse_map_tar("map", 500);
+    let images = vec![OciImage::plain("x.io/attack/sparse-map:1", vec![bomb])];
+    let node = Node::start_with("attack-sparse-map", &["--unpack", "agent"]).await?;
+    let (failed, report) = load(&node, &images)?;
+    let reason = failed
+        .get("x.io/attack/sparse-map:1")
+        .map(String::as_str)
+        .unwrap_or("(did not fail)");
+    assert!(
+        reason.contains("sparse") && reason.contains("limit") && reason.len() < 2000,
+        "{report}"
+    );
+    assert!(
+        node.all_image_names()?
+            .iter()
+            .all(|n| !n.contains("x.io/attack/sparse-map")),
+        "the refused image got a name"
+    );
+    // A map within the bound is an ordinary sparse file: it loads.
+    let fine = vec![OciImage::plain(
+        "x.io/attack/sparse-small-map:1",
+        vec![sparse_map_tar("map", 8)],
+    )];
+    let (failed, report) = load(&node, &fine)?;
+    assert!(failed.is_empty(), "{report}");
     Ok(())
 }
 
