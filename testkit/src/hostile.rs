@@ -280,6 +280,23 @@ pub fn sparse_tar(name: &str, real_size: u64, tail: &[u8]) -> Vec<u8> {
     out
 }
 
+/// A layer whose one file has a GNU long name (`L` entry) of `len` bytes: what the tar crate
+/// reads whole into memory and quotes in its errors.
+pub fn long_name_tar(len: usize) -> Vec<u8> {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(tar::EntryType::GNULongName);
+    h.as_gnu_mut().expect("a GNU header").name[..13].copy_from_slice(b"././@LongLink");
+    h.set_mode(0o644);
+    h.set_size(len as u64 + 1);
+    h.set_cksum();
+    let mut out = h.as_bytes().to_vec();
+    out.resize(out.len() + len, b'n');
+    out.push(0);
+    out.resize(out.len().div_ceil(512) * 512, 0);
+    out.extend(raw_tar(&[Member::file("short", "x")]));
+    out
+}
+
 /// A GNU sparse entry `name` whose region map runs on for `extensions` extension blocks of
 /// 21 regions each, 512 bytes of data every 2 KiB (the tar crate wants whole blocks): a tar
 /// of 512 bytes per region that the tar crate would walk in time quadratic in their number.

@@ -9,7 +9,9 @@ use std::path::Path;
 
 use anyhow::{Context, Result};
 use lade_testkit::harness::daemon_tests_enabled;
-use lade_testkit::hostile::{oci_layout, raw_tar, sparse_map_tar, sparse_tar, Member, OciImage};
+use lade_testkit::hostile::{
+    long_name_tar, oci_layout, raw_tar, sparse_map_tar, sparse_tar, Member, OciImage,
+};
 use lade_testkit::nodes::Node;
 use lade_tests::load_json;
 
@@ -206,6 +208,53 @@ async fn a_sparse_map_of_thousands_of_regions_is_refused_at_its_header() -> Resu
     )];
     let (failed, report) = load(&node, &fine)?;
     assert!(failed.is_empty(), "{report}");
+    Ok(())
+}
+
+/// Peak resident memory of process `pid`, in bytes.
+fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kib << 10)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_long_name_of_64_mib_is_refused_unread_and_unquoted() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let node = Node::start_with("attack-long-name", &["--unpack", "agent"]).await?;
+    let before = peak_rss(node.agent_pid().context("agent pid")?)?;
+    let images = vec![OciImage::plain(
+        "x.io/attack/long-name:1",
+        vec![long_name_tar(64 << 20)],
+    )];
+    let (failed, report) = load(&node, &images)?;
+    let reason = failed
+        .get("x.io/attack/long-name:1")
+        .map(String::as_str)
+        .unwrap_or("(did not fail)");
+    // Refused at its header: named, short, and never held in the agent's memory.
+    assert!(
+        reason.contains("limit") && reason.len() < 2000,
+        "{}",
+        &report[..report.len().min(4000)]
+    );
+    let grown = peak_rss(node.agent_pid().context("agent pid")?)?.saturating_sub(before);
+    assert!(
+        grown < 48 << 20,
+        "the agent's peak memory grew by {grown} bytes"
+    );
+    assert!(
+        node.all_image_names()?
+            .iter()
+            .all(|n| !n.contains("x.io/attack/long-name")),
+        "the refused image got a name"
+    );
     Ok(())
 }
 
