@@ -67,7 +67,7 @@ impl fmt::Display for Refusal {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "header {:?}: {} {} is over the applier's limit of {}",
+            "header {:?}: {} {} is over the limit of {}",
             self.header, self.what, self.value, self.limit
         )
     }
