@@ -27,12 +27,12 @@ use sha2::{Digest as _, Sha256};
 mod docker;
 mod layer;
 mod oci;
-pub mod platform;
 mod read;
 pub mod tarindex;
 
+pub use lade_oci::platform;
+pub use lade_oci::Platform;
 pub use layer::LayerLimits;
-pub use platform::Platform;
 pub use read::BlobReader;
 use tarindex::TarIndex;
 
