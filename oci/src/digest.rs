@@ -47,11 +47,14 @@ pub fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
-    const A: &str = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
-    const B: &str = "sha256:8f1b1ad7d0e5a7d5f3e7c8b5a53b1e58b1c6a7f4a4b2e3f0c9d8e7f6a5b4c3d2";
+    /// Two valid digests, for tests here and in [`crate::manifest`].
+    pub(crate) const A: &str =
+        "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
+    pub(crate) const B: &str =
+        "sha256:8f1b1ad7d0e5a7d5f3e7c8b5a53b1e58b1c6a7f4a4b2e3f0c9d8e7f6a5b4c3d2";
 
     #[test]
     fn chain_id_of_one_layer_is_its_diff_id() {

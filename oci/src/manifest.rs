@@ -80,18 +80,10 @@ impl Index {
     /// [`MAX_INDEX_ENTRIES`] entries, only image manifests, each with a platform and a valid
     /// digest.
     pub fn parse(digest: &str, bytes: &[u8]) -> Result<Index, Error> {
-        let bad = |reason: String| Error::BadManifest {
-            digest: digest.to_string(),
-            reason,
-        };
+        let bad = bad_manifest(digest);
         let index: Index =
             serde_json::from_slice(bytes).map_err(|e| bad(format!("not an image index: {e}")))?;
-        if index.schema_version != 2 {
-            return Err(bad(format!(
-                "schemaVersion {} is not supported (want 2)",
-                index.schema_version
-            )));
-        }
+        check_schema_version(index.schema_version).map_err(&bad)?;
         if index.manifests.is_empty() || index.manifests.len() > MAX_INDEX_ENTRIES {
             return Err(bad(format!(
                 "lists {} manifests (1 to {MAX_INDEX_ENTRIES} accepted)",
@@ -141,18 +133,10 @@ impl Manifest {
     /// Parses and checks a manifest blob named `digest`: schema version 2, valid digests, and
     /// only layer media types for layers.
     pub fn parse(digest: &str, bytes: &[u8]) -> Result<Self, Error> {
-        let bad = |reason: String| Error::BadManifest {
-            digest: digest.to_string(),
-            reason,
-        };
+        let bad = bad_manifest(digest);
         let manifest: Manifest = serde_json::from_slice(bytes)
             .map_err(|e| bad(format!("not an image manifest: {e}")))?;
-        if manifest.schema_version != 2 {
-            return Err(bad(format!(
-                "schemaVersion {} is not supported (want 2)",
-                manifest.schema_version
-            )));
-        }
+        check_schema_version(manifest.schema_version).map_err(&bad)?;
         for d in std::iter::once(&manifest.config).chain(&manifest.layers) {
             validate_digest(&d.digest).map_err(|reason| bad(reason.to_string()))?;
         }
@@ -191,6 +175,22 @@ impl Manifest {
             });
         }
         Ok(diff_ids)
+    }
+}
+
+/// An [`Error::BadManifest`] naming `digest`, for each reason it is given.
+fn bad_manifest(digest: &str) -> impl Fn(String) -> Error + '_ {
+    move |reason| Error::BadManifest {
+        digest: digest.to_string(),
+        reason,
+    }
+}
+
+/// Manifests and indexes of schema version 2 are the only ones lade reads.
+fn check_schema_version(version: u32) -> Result<(), String> {
+    match version {
+        2 => Ok(()),
+        other => Err(format!("schemaVersion {other} is not supported (want 2)")),
     }
 }
 
@@ -260,10 +260,8 @@ impl ImageConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::digest::tests::{A, B};
     use crate::media::{MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST};
-
-    const A: &str = "sha256:a3ed95caeb02ffe68cdd9fd84406680ae93d633cb16422d00e8a7c22955b46d4";
-    const B: &str = "sha256:8f1b1ad7d0e5a7d5f3e7c8b5a53b1e58b1c6a7f4a4b2e3f0c9d8e7f6a5b4c3d2";
 
     #[test]
     fn manifest_with_bad_layer_digest_is_refused_with_its_name() {
