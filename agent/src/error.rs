@@ -167,6 +167,17 @@ impl Error {
     }
 }
 
+impl From<lade_oci::Error> for Error {
+    fn from(e: lade_oci::Error) -> Error {
+        match e {
+            lade_oci::Error::BadManifest { digest, reason } => {
+                Error::BadManifest { digest, reason }
+            }
+            lade_oci::Error::BadConfig { digest, reason } => Error::BadConfig { digest, reason },
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(e: Error) -> Status {
         let code = match &e {

@@ -10,7 +10,6 @@ pub mod auth;
 pub mod error;
 pub mod http;
 pub mod metrics;
-pub mod oci;
 pub mod relay;
 pub mod runtime;
 pub mod server;

@@ -145,9 +145,11 @@ struct Config {
 }
 
 fn parse_platform(s: &str) -> Result<String, String> {
-    match lade_agent::oci::Platform::parse(s) {
-        Some(p) => Ok(p.to_string()),
-        None => Err(format!(
+    // os/arch[/variant]: unlike the coordinator's --platform, a bare arch is not taken. The
+    // platform is reported as written; the index entry for it is found normalised.
+    match s.parse::<lade_oci::Platform>() {
+        Ok(_) if s.contains('/') => Ok(s.to_string()),
+        _ => Err(format!(
             "{s:?} is not a platform (os/arch[/variant], e.g. linux/arm64)"
         )),
     }

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{ArgGroup, Args, Parser, Subcommand, ValueEnum};
-use lade::bundle::{Bundle, LayerLimits, Platform};
+use lade::bundle::{Bundle, LayerLimits};
 use lade::discover::{
     discover, pod_network_hint, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR,
 };
@@ -24,6 +24,7 @@ use lade::select::PlatformChoice;
 use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
 use lade::upgrade::{upgrade, ChartSource, UpgradeError, UpgradeOptions};
+use lade_oci::Platform;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 /// Load an offline bundle's images onto every node of a cluster, then upgrade its helm release.

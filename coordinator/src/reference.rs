@@ -257,7 +257,7 @@ fn parse_normalized(s: &str) -> Result<Reference, InvalidReason> {
     }
     // Docker refuses a bare image ID as a name, so that `docker run <id>` cannot be confused
     // with a repository whose name happens to be 64 hex digits.
-    if s.len() == 64 && s.bytes().all(is_lower_hex) {
+    if lade_oci::is_hex64(s) {
         return Err(InvalidReason::ImageId);
     }
 
@@ -435,7 +435,7 @@ fn validate_digest(digest: &str) -> Result<(), InvalidReason> {
     };
     let (algorithm, encoded) = digest.split_once(':').ok_or_else(bad)?;
     if algorithm == DIGEST_ALGORITHM {
-        if encoded.len() == 64 && encoded.bytes().all(is_lower_hex) {
+        if lade_oci::is_hex64(encoded) {
             return Ok(());
         }
         return Err(bad());
@@ -456,10 +456,6 @@ fn validate_digest(digest: &str) -> Result<(), InvalidReason> {
     } else {
         Err(bad())
     }
-}
-
-fn is_lower_hex(b: u8) -> bool {
-    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
 }
 
 /// A repository prefix of a retag rule: a host and zero or more leading path components.

@@ -4,9 +4,10 @@
 //!
 //! Owns the choice and the blobs it implies, in the order they are sent (each manifest's
 //! config and layers after it; an index last, after everything it lists). Platform
-//! normalising and ranking is [`crate::bundle::platform`]'s.
+//! normalising and ranking is [`lade_oci::platform`]'s.
 
-use crate::bundle::{Image, Platform};
+use crate::bundle::Image;
+use lade_oci::Platform;
 
 /// What the admin asked for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]

@@ -45,7 +45,7 @@ use super::{
     canonical_name, finished_event, manifest_descriptor, validate_session, Named, Runtime,
 };
 use crate::error::Error;
-use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
+use lade_oci::{self as oci, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
 #[allow(clippy::all, missing_docs)]
 mod cri {
@@ -824,12 +824,10 @@ impl Containerd {
             let manifest = self
                 .import_manifest(lease, spec, &mdesc, true, events)
                 .await?;
-            if mdesc.media_type.is_empty() {
-                manifest
-                    .media_type
-                    .unwrap_or_else(|| oci::MEDIA_TYPE_OCI_MANIFEST.to_string())
-            } else {
-                mdesc.media_type.clone()
+            match (mdesc.media_type.is_empty(), manifest.media_type.is_empty()) {
+                (false, _) => mdesc.media_type.clone(),
+                (true, false) => manifest.media_type,
+                (true, true) => oci::MEDIA_TYPE_OCI_MANIFEST.to_string(),
             }
         };
         let target = CtrDescriptor {
@@ -865,7 +863,11 @@ impl Containerd {
     ) -> Result<(), Error> {
         let image = spec.source.as_str();
         let index = oci::Index::parse(&idesc.digest, &self.read_small(image, idesc).await?)?;
-        let own = oci::Platform::parse(&self.cfg.platform)
+        let own = self
+            .cfg
+            .platform
+            .parse::<oci::Platform>()
+            .ok()
             .and_then(|node| index.entry_for(&node))
             .map(|e| e.digest.clone());
         if own.is_none() {
@@ -1183,7 +1185,7 @@ impl Containerd {
         if oci::is_index(&desc.media_type) {
             let bytes = self.read_small(image, &desc).await.ok()?;
             let index = oci::Index::parse(&desc.digest, &bytes).ok()?;
-            let node = oci::Platform::parse(&self.cfg.platform)?;
+            let node = self.cfg.platform.parse::<oci::Platform>().ok()?;
             desc = index.entry_for(&node)?.descriptor();
         }
         let bytes = self.read_small(image, &desc).await.ok()?;
@@ -1248,7 +1250,7 @@ impl Containerd {
             // An index: what kubelet runs here is the manifest for this node's platform.
             let mref = if oci::is_index(&tref.media_type) {
                 let index = oci::Index::parse(&tref.digest, &self.read_small(name, &tref).await?)?;
-                let node = oci::Platform::parse(&self.cfg.platform);
+                let node = self.cfg.platform.parse::<oci::Platform>().ok();
                 match node.as_ref().and_then(|n| index.entry_for(n)) {
                     Some(entry) => entry.descriptor(),
                     None => {
@@ -1691,7 +1693,7 @@ impl Runtime for Containerd {
             return false;
         }
         let chain = match parent {
-            Some(p) => oci::chain_ids(&[p.to_string(), hint.diff_id.clone()])[1].clone(),
+            Some(p) => oci::chain_id(p, &hint.diff_id),
             None => hint.diff_id.clone(),
         };
         let lease = Self::lease_id(&session);

@@ -45,7 +45,7 @@ use super::{
     canonical_name, finished_event, manifest_descriptor, validate_session, Named, Runtime,
 };
 use crate::error::Error;
-use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
+use lade_oci::{self as oci, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
 const RUNTIME: &str = "docker";
 /// Timeout of ordinary dockerd calls (bollard's default).
@@ -55,9 +55,6 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(120);
 const LOAD_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Concurrent image inspections while taking stock of what dockerd holds.
 const INSPECT_CONCURRENCY: usize = 8;
-/// What [`Runtime::list`] reports as the target of a Docker image: its config (Docker keeps no
-/// manifest of a loaded image).
-const MEDIA_TYPE_DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
 
 /// How to reach and use the node's dockerd.
 #[derive(Clone, Debug)]
@@ -797,7 +794,8 @@ impl Runtime for Docker {
                 let target = Descriptor {
                     digest: image.id.clone(),
                     size: image.size.max(0) as u64,
-                    media_type: MEDIA_TYPE_DOCKER_CONFIG.to_string(),
+                    // Docker keeps no manifest of a loaded image: its config is the target.
+                    media_type: oci::MEDIA_TYPE_DOCKER_CONFIG.to_string(),
                     ..Default::default()
                 };
                 image

@@ -18,7 +18,7 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use crate::error::Error;
-use crate::oci;
+use lade_oci as oci;
 
 pub mod containerd;
 pub mod docker;

@@ -14,9 +14,11 @@ use serde_json::json;
 
 use super::tarindex::TarIndex;
 use super::{
-    config_facts, is_hex64, layer_media_type, sha256_digest, ArchiveFormat, Blob, BlobSource,
-    BundleError, Compression, Image, Parsed, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_MANIFEST,
-    MEDIA_TYPE_OCI_MANIFEST,
+    layer_media_type, ArchiveFormat, Blob, BlobSource, BundleError, Compression, Image, Parsed,
+};
+use lade_oci::{
+    is_hex64, sha256_digest, ImageConfig, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_CONFIG,
+    MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_MANIFEST,
 };
 
 #[derive(Deserialize)]
@@ -91,12 +93,13 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 });
             }
         }
-        let (diff_ids, config_platform) = config_facts(&config_bytes).map_err(|e| {
+        let config = ImageConfig::read(&config_bytes).map_err(|e| {
             bad_image(format!(
                 "config {} is not an image config: {e}",
                 entry.config
             ))
         })?;
+        let (diff_ids, config_platform) = (config.layer_diff_ids().to_vec(), config.platform());
         if diff_ids.len() != entry.layers.len() {
             return Err(bad_image(format!(
                 "manifest.json lists {} layers but its config lists {} diffIDs",
@@ -122,15 +125,9 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         // OCI media types only when Docker's cannot express the layers.
         let oci = layers.iter().any(|l| l.2 == Compression::Zstd);
         let (manifest_type, config_type) = if oci {
-            (
-                MEDIA_TYPE_OCI_MANIFEST,
-                "application/vnd.oci.image.config.v1+json",
-            )
+            (MEDIA_TYPE_OCI_MANIFEST, MEDIA_TYPE_OCI_CONFIG)
         } else {
-            (
-                MEDIA_TYPE_DOCKER_MANIFEST,
-                "application/vnd.docker.container.image.v1+json",
-            )
+            (MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_DOCKER_CONFIG)
         };
         let layer_docs: Vec<_> = layers
             .iter()

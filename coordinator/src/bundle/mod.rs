@@ -22,29 +22,17 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use sha2::{Digest as _, Sha256};
+use lade_oci::{Platform, MAX_METADATA_BYTES};
 
 mod docker;
 mod layer;
-mod oci;
-pub mod platform;
+pub(crate) mod oci;
 mod read;
 pub mod tarindex;
 
 pub use layer::LayerLimits;
-pub use platform::Platform;
 pub use read::BlobReader;
 use tarindex::TarIndex;
-
-pub const MEDIA_TYPE_OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
-pub const MEDIA_TYPE_OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
-pub const MEDIA_TYPE_DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
-pub const MEDIA_TYPE_DOCKER_LIST: &str =
-    "application/vnd.docker.distribution.manifest.list.v2+json";
-
-/// Largest manifest, config, index or hints file read into memory. Real ones are KiBs; the
-/// bound keeps a hostile archive from driving an allocation by a size field.
-pub const MAX_METADATA_BYTES: u64 = 4 << 20;
 
 /// Everything that can be wrong with a bundle, naming the file, member, image or blob.
 #[derive(Debug, thiserror::Error)]
@@ -289,55 +277,6 @@ pub(crate) struct Parsed {
     pub blobs: BTreeMap<String, Blob>,
 }
 
-pub(crate) fn sha256_digest(bytes: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-}
-
-/// What lade reads from an image config: the diffIDs it lists (`rootfs.diff_ids`), base
-/// layer first, and the platform it names (`os`, `architecture`, `variant`), if it names one.
-pub(crate) fn config_facts(
-    bytes: &[u8],
-) -> Result<(Vec<String>, Option<Platform>), serde_json::Error> {
-    #[derive(serde::Deserialize)]
-    struct RootFs {
-        #[serde(default)]
-        diff_ids: Vec<String>,
-    }
-    #[derive(serde::Deserialize)]
-    struct Config {
-        rootfs: RootFs,
-        #[serde(flatten)]
-        platform: PlatformField,
-    }
-    serde_json::from_slice::<Config>(bytes).map(|c| {
-        let named = !c.platform.os.is_empty() && !c.platform.architecture.is_empty();
-        (c.rootfs.diff_ids, named.then(|| c.platform.platform()))
-    })
-}
-
-/// The `os`, `architecture` and `variant` fields of an image config or of an index entry's
-/// `platform`, as written.
-#[derive(Clone, Debug, Default, serde::Deserialize)]
-pub(crate) struct PlatformField {
-    #[serde(default)]
-    pub os: String,
-    #[serde(default)]
-    pub architecture: String,
-    #[serde(default)]
-    pub variant: Option<String>,
-}
-
-impl PlatformField {
-    pub fn platform(&self) -> Platform {
-        Platform::new(&self.os, &self.architecture, self.variant.as_deref())
-    }
-}
-
-/// Whether `s` is 64 lowercase hex digits.
-pub(crate) fn is_hex64(s: &str) -> bool {
-    s.len() == 64 && s.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'))
-}
-
 /// Where `name` sits inside the bundle part `part` (a file or folder name): `Some("")` for the
 /// part itself, `Some(rest)` for a file under it. Parts are found at the top or one folder
 /// down, since bundles are sometimes packed with a leading folder.
@@ -526,20 +465,6 @@ impl Bundle {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_config_names_its_platform_when_it_has_os_and_architecture() {
-        let facts = |json: &str| config_facts(json.as_bytes()).unwrap();
-        let (ids, platform) = facts(
-            r#"{"os":"linux","architecture":"arm","variant":"v7","rootfs":{"diff_ids":["sha256:a"]}}"#,
-        );
-        assert_eq!(ids, vec!["sha256:a".to_string()]);
-        assert_eq!(platform.unwrap().to_string(), "linux/arm/v7");
-        assert_eq!(facts(r#"{"os":"linux","rootfs":{}}"#).1, None);
-        assert!(
-            config_facts(br#"{"os":"linux"}"#).is_err(),
-            "rootfs is required"
-        );
-    }
     use lade_testkit::fixtures::{sample_chart, write_bundle_from_reader};
 
     fn bundle_with_chart(dir: &Path, chart: &[(String, Vec<u8>)]) -> Bundle {

@@ -4,45 +4,19 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use lade_oci::{
+    is_config, is_index, is_layer_media_type, is_manifest, sha256_digest, validate_digest,
+    Descriptor, ImageConfig, Index, Manifest, Platform, MAX_METADATA_BYTES, MEDIA_TYPE_OCI_INDEX,
+};
 use serde::Deserialize;
 
-use super::platform::Platform;
 use super::tarindex::TarIndex;
-use super::{
-    config_facts, sha256_digest, ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed,
-    PlatformField, Variant, MAX_METADATA_BYTES, MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST,
-    MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
-};
+use super::{ArchiveFormat, Blob, BlobSource, BundleError, Image, Parsed, Variant};
 
 const ANNOTATION_CONTAINERD_NAME: &str = "io.containerd.image.name";
 const ANNOTATION_REF_NAME: &str = "org.opencontainers.image.ref.name";
 /// What BuildKit sets on the attestation entries it adds to an image's index.
 const ANNOTATION_REFERENCE_TYPE: &str = "vnd.docker.reference.type";
-
-#[derive(Clone, Debug, Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-    #[serde(default)]
-    annotations: HashMap<String, String>,
-    #[serde(default)]
-    platform: Option<PlatformField>,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
 
 #[derive(Deserialize)]
 struct DockerEntry {
@@ -52,15 +26,16 @@ struct DockerEntry {
     repo_tags: Option<Vec<String>>,
 }
 
-struct Layout<'a> {
-    archive: &'a TarIndex,
+/// Blobs of an OCI image layout, found by digest under `blobs/sha256/`.
+pub(crate) struct Layout<'a> {
+    pub archive: &'a TarIndex,
 }
 
 impl Layout<'_> {
     fn member_name(&self, digest: &str) -> Result<String, BundleError> {
-        match digest.strip_prefix("sha256:") {
-            Some(hex) if super::is_hex64(hex) => Ok(format!("blobs/sha256/{hex}")),
-            _ => Err(BundleError::BadArchive {
+        match validate_digest(digest) {
+            Ok(()) => Ok(format!("blobs/sha256/{}", &digest["sha256:".len()..])),
+            Err(_) => Err(BundleError::BadArchive {
                 archive: self.archive.label.clone(),
                 reason: format!("descriptor digest {digest:?} is not sha256:<64 hex>"),
             }),
@@ -68,7 +43,7 @@ impl Layout<'_> {
     }
 
     /// A blob's member, checked to exist with the size its descriptor says.
-    fn blob(&self, d: &Descriptor, role: &str) -> Result<Blob, BundleError> {
+    pub(crate) fn blob(&self, d: &Descriptor, role: &str) -> Result<Blob, BundleError> {
         let name = self.member_name(&d.digest)?;
         let member = self.archive.resolve(&name)?;
         if member.size != d.size {
@@ -93,7 +68,11 @@ impl Layout<'_> {
     }
 
     /// Reads a small blob and checks its digest (cheap, and everything after relies on it).
-    fn read_verified(&self, d: &Descriptor, role: &str) -> Result<(Blob, Vec<u8>), BundleError> {
+    pub(crate) fn read_verified(
+        &self,
+        d: &Descriptor,
+        role: &str,
+    ) -> Result<(Blob, Vec<u8>), BundleError> {
         let blob = self.blob(d, role)?;
         let bytes = self
             .archive
@@ -112,42 +91,6 @@ impl Layout<'_> {
             });
         }
         Ok((blob, bytes))
-    }
-}
-
-fn is_index(media_type: &str) -> bool {
-    media_type == MEDIA_TYPE_OCI_INDEX || media_type == MEDIA_TYPE_DOCKER_LIST
-}
-
-fn is_manifest(media_type: &str) -> bool {
-    media_type == MEDIA_TYPE_OCI_MANIFEST || media_type == MEDIA_TYPE_DOCKER_MANIFEST
-}
-
-fn is_config(media_type: &str) -> bool {
-    matches!(
-        media_type,
-        "application/vnd.oci.image.config.v1+json"
-            | "application/vnd.docker.container.image.v1+json"
-    )
-}
-
-/// The layer media types containerd's differ applies (its `DiffCompression`), with the
-/// compressions it can undo. Anything else would reach the node and fail there, after the
-/// upload, with a message naming neither the image nor the bundle.
-fn is_layer(media_type: &str) -> bool {
-    let (base, compression) = match media_type.split_once('+') {
-        Some((base, ext)) => (base, Some(ext)),
-        None => (media_type, None),
-    };
-    match base {
-        "application/vnd.oci.image.layer.v1.tar"
-        | "application/vnd.oci.image.layer.nondistributable.v1.tar" => {
-            matches!(compression, None | Some("gzip") | Some("zstd"))
-        }
-        "application/vnd.docker.image.rootfs.diff.tar" => compression.is_none(),
-        "application/vnd.docker.image.rootfs.diff.tar.gzip"
-        | "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip" => compression.is_none(),
-        _ => false,
     }
 }
 
@@ -203,7 +146,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
         let mut index = None;
         let parts = if is_index(&top.media_type) {
             let (iblob, bytes) = layout
-                .read_verified(top, &format!("index of {label}"))
+                .read_verified(&top.descriptor(), &format!("index of {label}"))
                 .map_err(|e| e.needed_by(&label))?;
             let nested: Index = serde_json::from_slice(&bytes).map_err(|e| {
                 bad(format!(
@@ -222,7 +165,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                     continue;
                 }
                 let platform = match &child.platform {
-                    Some(p) => p.platform(),
+                    Some(p) => p.clone(),
                     None => {
                         return Err(BundleError::BadImage {
                             archive: archive.label.clone(),
@@ -246,7 +189,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 }
                 // What `ctr export` of an image pulled for one platform writes: the index
                 // lists every platform, the archive carries one. Skipped, and said.
-                match read_image(&layout, archive, child, &label) {
+                match read_image(&layout, archive, &child.descriptor(), &label) {
                     Ok(parts) => platforms.push((platform, parts)),
                     Err(BundleError::MissingMember { member, .. }) => {
                         skipped.push((platform, member));
@@ -297,7 +240,7 @@ pub(super) fn parse(archive: &TarIndex) -> Result<Parsed, BundleError> {
                 .unwrap_or(0);
             platforms[best].1.clone()
         } else {
-            read_image(&layout, archive, top, &label)?
+            read_image(&layout, archive, &top.descriptor(), &label)?
         };
 
         if names.is_empty() {
@@ -432,7 +375,7 @@ fn read_image(
         ));
     }
     for (i, l) in manifest.layers.iter().enumerate() {
-        if !is_layer(&l.media_type) {
+        if !is_layer_media_type(&l.media_type) {
             return Err(media_type_error(
                 &format!("layer {}", i + 1),
                 l,
@@ -443,7 +386,7 @@ fn read_image(
     let (cblob, cbytes) = layout
         .read_verified(&manifest.config, &format!("config of {label}"))
         .map_err(|e| e.needed_by(label))?;
-    let (diff_ids, config_platform) = config_facts(&cbytes).map_err(|e| BundleError::BadImage {
+    let config = ImageConfig::read(&cbytes).map_err(|e| BundleError::BadImage {
         archive: archive.label.clone(),
         image: label.to_string(),
         reason: format!(
@@ -451,6 +394,7 @@ fn read_image(
             manifest.config.digest
         ),
     })?;
+    let (diff_ids, config_platform) = (config.layer_diff_ids().to_vec(), config.platform());
     if diff_ids.len() != manifest.layers.len() {
         return Err(BundleError::BadImage {
             archive: archive.label.clone(),

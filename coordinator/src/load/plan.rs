@@ -10,9 +10,10 @@ use std::str::FromStr;
 use lade_proto::{Descriptor, ImageSpec, InfoResponse, UnpackHint};
 use serde::Serialize;
 
-use crate::bundle::{Blob, Bundle, Platform};
+use crate::bundle::{Blob, Bundle};
 use crate::reference::{target_names, Reference, ReferenceError, RetagRule};
 use crate::select::{choose, Chosen, PlatformChoice};
+use lade_oci::Platform;
 
 use super::error::LoadError;
 use super::report::NodeReport;
@@ -438,7 +439,7 @@ pub(crate) fn unpack_hints<'a>(
             });
             parent = match parent.as_str() {
                 "" => diff_id.clone(),
-                below => crate::bundle::sha256_digest(format!("{below} {diff_id}").as_bytes()),
+                below => lade_oci::chain_id(below, diff_id),
             };
         }
     }
@@ -644,7 +645,7 @@ mod tests {
         assert_eq!(hints["sha256:l2"].parent_chain_id, "sha256:d1");
         assert_eq!(
             hints["sha256:l3"].parent_chain_id,
-            crate::bundle::sha256_digest(b"sha256:d1 sha256:d2")
+            lade_oci::chain_id("sha256:d1", "sha256:d2")
         );
     }
 

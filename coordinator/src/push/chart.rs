@@ -17,7 +17,9 @@ use std::path::Path;
 use flate2::write::GzEncoder;
 use serde_json::json;
 
-use crate::bundle::{sha256_digest, Bundle, BundleError, MEDIA_TYPE_OCI_MANIFEST};
+use lade_oci::{sha256_digest, MEDIA_TYPE_OCI_MANIFEST};
+
+use crate::bundle::{Bundle, BundleError};
 
 pub const MEDIA_TYPE_HELM_CONFIG: &str = "application/vnd.cncf.helm.config.v1+json";
 pub const MEDIA_TYPE_HELM_CONTENT: &str = "application/vnd.cncf.helm.chart.content.v1.tar+gzip";

@@ -51,10 +51,11 @@ use indicatif::HumanBytes;
 use serde::Serialize;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::bundle::{Blob, BlobReader, Bundle, BundleError, MEDIA_TYPE_OCI_MANIFEST};
+use crate::bundle::{Blob, BlobReader, Bundle, BundleError};
 use crate::load::{plan_names, NodeReport, PlanError};
 use crate::progress::Progress;
 use crate::reference::{Reference, ReferenceError, RetagRule};
+use lade_oci::MEDIA_TYPE_OCI_MANIFEST;
 
 use chart::{ChartArtifact, ChartError};
 use login::LoginError;
@@ -883,7 +884,7 @@ async fn push_chart(
             return Ok(());
         }
         for bytes in [&artifact.config, &artifact.content] {
-            let digest = crate::bundle::sha256_digest(bytes);
+            let digest = lade_oci::sha256_digest(bytes);
             let size = bytes.len() as u64;
             if registry.has_blob(&repository, &digest).await? {
                 report.blobs_present += 1;

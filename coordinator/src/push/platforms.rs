@@ -10,13 +10,11 @@
 
 use std::collections::HashMap;
 
-use serde::Deserialize;
+use lade_oci::{is_index, Index, Manifest, MAX_METADATA_BYTES, MEDIA_TYPE_OCI_INDEX};
 
+use crate::bundle::oci::Layout;
 use crate::bundle::tarindex::TarIndex;
-use crate::bundle::{
-    sha256_digest, Blob, BlobSource, Bundle, BundleError, BundleKind, MAX_METADATA_BYTES,
-    MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_OCI_INDEX,
-};
+use crate::bundle::{Blob, Bundle, BundleError, BundleKind};
 
 /// One multi-platform image: its index and every manifest the index lists.
 #[derive(Clone, Debug)]
@@ -34,29 +32,6 @@ pub struct PlatformManifest {
     pub blobs: Vec<Blob>,
 }
 
-#[derive(Deserialize)]
-struct Descriptor {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    digest: String,
-    size: u64,
-}
-
-#[derive(Deserialize)]
-struct Index {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    manifests: Vec<Descriptor>,
-}
-
-#[derive(Deserialize)]
-struct Manifest {
-    #[serde(rename = "mediaType", default)]
-    media_type: String,
-    config: Descriptor,
-    layers: Vec<Descriptor>,
-}
-
 /// The multi-platform images of `bundle`, keyed by the manifest digest the bundle chose from
 /// each (an [`crate::bundle::Image::manifest`]). Empty for docker-archives, which hold one
 /// platform per image.
@@ -65,6 +40,7 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
         return Ok(HashMap::new());
     }
     let archive = open_archive(bundle)?;
+    let layout = Layout { archive: &archive };
     let top: Index = parse(
         &archive.read_small("index.json", MAX_METADATA_BYTES)?,
         &archive,
@@ -73,7 +49,7 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
     let mut found = HashMap::new();
     for entry in top.manifests.iter().filter(|d| is_index(&d.media_type)) {
         let role = format!("index {}", entry.digest);
-        let (index, index_bytes) = read_verified(&archive, entry, &role)?;
+        let (index, index_bytes) = layout.read_verified(&entry.descriptor(), &role)?;
         let nested: Index = parse(&index_bytes, &archive, &role)?;
         let mut manifests = Vec::with_capacity(nested.manifests.len());
         for child in &nested.manifests {
@@ -87,22 +63,14 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
                 ));
             }
             let role = format!("manifest {} of {role}", child.digest);
-            let (mut manifest, bytes) = read_verified(&archive, child, &role)?;
+            let (mut manifest, bytes) = layout.read_verified(&child.descriptor(), &role)?;
             let parsed: Manifest = parse(&bytes, &archive, &role)?;
             if manifest.media_type.is_empty() {
                 manifest.media_type = parsed.media_type.clone();
             }
-            let mut blobs = vec![locate(
-                &archive,
-                &parsed.config,
-                &format!("config of {role}"),
-            )?];
+            let mut blobs = vec![layout.blob(&parsed.config, &format!("config of {role}"))?];
             for (i, layer) in parsed.layers.iter().enumerate() {
-                blobs.push(locate(
-                    &archive,
-                    layer,
-                    &format!("layer {} of {role}", i + 1),
-                )?);
+                blobs.push(layout.blob(layer, &format!("layer {} of {role}", i + 1))?);
             }
             manifests.push(PlatformManifest {
                 manifest,
@@ -129,10 +97,6 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
         }
     }
     Ok(found)
-}
-
-fn is_index(media_type: &str) -> bool {
-    media_type == MEDIA_TYPE_OCI_INDEX || media_type == MEDIA_TYPE_DOCKER_LIST
 }
 
 /// The image archive's own index: the bundle's `images.tar` member (at the top or one folder
@@ -181,62 +145,4 @@ fn parse<T: serde::de::DeserializeOwned>(
     role: &str,
 ) -> Result<T, BundleError> {
     serde_json::from_slice(bytes).map_err(|e| bad(archive, format!("{role} cannot be read: {e}")))
-}
-
-/// The blob a descriptor names, found in the archive with the size the descriptor says.
-fn locate(archive: &TarIndex, d: &Descriptor, role: &str) -> Result<Blob, BundleError> {
-    let hex = d
-        .digest
-        .strip_prefix("sha256:")
-        .filter(|hex| crate::bundle::is_hex64(hex))
-        .ok_or_else(|| {
-            bad(
-                archive,
-                format!("{role}: digest {:?} is not sha256:<64 hex>", d.digest),
-            )
-        })?;
-    let member = archive.resolve(&format!("blobs/sha256/{hex}"))?;
-    if member.size != d.size {
-        return Err(bad(
-            archive,
-            format!(
-                "{role}: member {} has {} bytes, its descriptor says {}",
-                member.name, member.size, d.size
-            ),
-        ));
-    }
-    Ok(Blob {
-        digest: d.digest.clone(),
-        size: d.size,
-        media_type: d.media_type.clone(),
-        source: BlobSource::Member {
-            member: member.name.clone(),
-            offset: member.offset,
-        },
-        role: role.to_string(),
-    })
-}
-
-/// A small blob (an index or manifest), read whole and checked against its digest.
-fn read_verified(
-    archive: &TarIndex,
-    d: &Descriptor,
-    role: &str,
-) -> Result<(Blob, Vec<u8>), BundleError> {
-    let blob = locate(archive, d, role)?;
-    let BlobSource::Member { member, .. } = &blob.source else {
-        unreachable!("located blobs are members")
-    };
-    let bytes = archive.read_small(member, MAX_METADATA_BYTES)?;
-    let actual = sha256_digest(&bytes);
-    if actual != d.digest {
-        return Err(BundleError::DigestMismatch {
-            archive: archive.label.clone(),
-            member: member.clone(),
-            role: role.to_string(),
-            expected: d.digest.clone(),
-            actual,
-        });
-    }
-    Ok((blob, bytes))
 }

@@ -26,7 +26,7 @@ use reqwest::header::{HeaderMap, ACCEPT, CONTENT_LENGTH, CONTENT_TYPE, LOCATION}
 use reqwest::{RequestBuilder, Response, StatusCode};
 use tokio::sync::Mutex;
 
-use crate::bundle::{
+use lade_oci::{
     MEDIA_TYPE_DOCKER_LIST, MEDIA_TYPE_DOCKER_MANIFEST, MEDIA_TYPE_OCI_INDEX,
     MEDIA_TYPE_OCI_MANIFEST,
 };
@@ -325,7 +325,7 @@ impl Registry {
             .bytes()
             .await
             .map_err(|e| self.transport(&what, &e))?;
-        Ok(Some(crate::bundle::sha256_digest(&bytes)))
+        Ok(Some(lade_oci::sha256_digest(&bytes)))
     }
 
     /// Stores manifest `bytes` of `media_type` as `repository:reference` (a tag, or the
@@ -348,7 +348,7 @@ impl Registry {
                     .body(bytes.to_vec())
             })
             .await?;
-        let expected = crate::bundle::sha256_digest(bytes);
+        let expected = lade_oci::sha256_digest(bytes);
         match answer.status() {
             StatusCode::CREATED => match header(&answer, "docker-content-digest") {
                 Some(stored) if stored != expected => Err(self.protocol(

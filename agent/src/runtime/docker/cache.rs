@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::oci;
+use lade_oci as oci;
 
 /// Chunks queued between the network and the writer thread: a few MiB at most.
 const WRITE_QUEUE: usize = 4;

@@ -1,17 +1,23 @@
 //! Platforms (`os/architecture[/variant]`) of multi-platform images, and which one a node
 //! runs.
 //!
-//! Owns parsing and normalising platform strings the way containerd does (`aarch64` is
-//! `arm64`, `arm64` means `arm64/v8`, `arm` means `arm/v7`) and ranking the platforms an image
-//! carries for a node: the same one first, then the older variants of the same architecture
-//! the node can also run (an `arm/v7` node runs `arm/v6`). Which platform each node gets is
-//! [`crate::load`]'s decision.
+//! Owns parsing and normalising platform strings and the platform fields of index entries
+//! and configs the way containerd does (`aarch64` is `arm64`, `arm64` means `arm64/v8`, `arm`
+//! means `arm/v7`) and ranking the platforms an image carries for a node: the same one first,
+//! then the older variants of the same architecture the node can also run (an `arm/v7` node
+//! runs `arm/v6`). Which platform each node gets is the coordinator's decision; the agent
+//! only finds, in an index, the entry of its own platform.
 
 use std::fmt;
 use std::str::FromStr;
 
-/// An OCI platform, normalised.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+/// An OCI platform, normalised. Read from JSON (an index entry's `platform`, an image
+/// config) as its `os`, `architecture` and `variant` fields, normalised as [`Platform::new`]
+/// does.
+#[derive(
+    Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+#[serde(from = "PlatformFields")]
 pub struct Platform {
     pub os: String,
     pub architecture: String,
@@ -84,6 +90,24 @@ impl Platform {
     }
 }
 
+/// The `os`, `architecture` and `variant` fields of an index entry's `platform` or of an
+/// image config, as written.
+#[derive(Clone, Debug, Default, serde::Deserialize)]
+pub(crate) struct PlatformFields {
+    #[serde(default)]
+    pub os: String,
+    #[serde(default)]
+    pub architecture: String,
+    #[serde(default)]
+    pub variant: Option<String>,
+}
+
+impl From<PlatformFields> for Platform {
+    fn from(f: PlatformFields) -> Platform {
+        Platform::new(&f.os, &f.architecture, f.variant.as_deref())
+    }
+}
+
 impl fmt::Display for Platform {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}/{}", self.os, self.architecture)?;
@@ -149,5 +173,22 @@ mod tests {
         // amd64 microarchitecture levels: a plain node runs only v1 images.
         assert_eq!(p("linux/amd64/v3").rank_for(&p("linux/amd64")), None);
         assert!(p("linux/amd64").rank_for(&p("linux/amd64/v3")).is_some());
+    }
+
+    #[test]
+    fn platform_fields_are_read_normalised() {
+        let read = |json: &str| serde_json::from_str::<Platform>(json).unwrap().to_string();
+        assert_eq!(
+            read(r#"{"os":"linux","architecture":"arm64"}"#),
+            "linux/arm64/v8"
+        );
+        assert_eq!(
+            read(r#"{"os":"linux","architecture":"amd64","variant":""}"#),
+            "linux/amd64"
+        );
+        assert_eq!(
+            read(r#"{"os":"linux","architecture":"arm","variant":"6"}"#),
+            "linux/arm/v6"
+        );
     }
 }
