@@ -132,7 +132,19 @@ impl Node {
     }
 
     /// Runs `cmd` in a container of `image` with `ctr run --rm`, returning its stdout.
+    ///
+    /// ctr copies the container's output through FIFOs and, on a loaded machine, now and then
+    /// exits having copied none of it; an empty output is therefore run once more (as
+    /// `<id>-again`) before it is returned.
     pub fn run_container(&self, image: &str, id: &str, cmd: &[&str]) -> Result<String> {
+        let out = self.run_container_once(image, id, cmd)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        self.run_container_once(image, &format!("{id}-again"), cmd)
+    }
+
+    fn run_container_once(&self, image: &str, id: &str, cmd: &[&str]) -> Result<String> {
         let runc_root = self.containerd.runc_root();
         let fifo = self.containerd.dir().join("fifo");
         let cgroup = format!("{}/{id}", self.containerd.cgroup_parent());
