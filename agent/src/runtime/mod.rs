@@ -2,8 +2,9 @@
 //!
 //! [`Runtime`] is what every runtime implementation offers: the service only calls this
 //! trait, so the wire protocol and the runtime API never meet. The implementations live in
-//! [`containerd`] and [`docker`]; what both need (image spec checks, the per-image outcome
-//! event, session ids, choosing a runtime on `auto`) lives here once.
+//! the submodules; what they all need (image spec checks, the per-image outcome event, session
+//! ids, the node's platform, full image names) lives here once. Which one serves is the binary's
+//! choice, not this module's.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +16,7 @@ use lade_proto::{
     InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::Error;
 use crate::oci;
@@ -169,43 +170,6 @@ pub fn finished_event(
                 ..Default::default()
             }
         }
-    }
-}
-
-/// Which runtime the agent serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuntimeKind {
-    Containerd,
-    Docker,
-}
-
-/// Picks the runtime for `--runtime auto`: containerd when it answers and serves the CRI
-/// plugin (it is what kubelet uses), else Docker when it answers. A stock Docker install runs
-/// a containerd too, with CRI disabled, which must not win: images loaded there would be
-/// invisible to Docker and kubelet alike.
-pub async fn detect(
-    containerd: &containerd::Containerd,
-    docker: &docker::Docker,
-) -> Result<RuntimeKind, Error> {
-    let containerd_error = match containerd.serves_cri().await {
-        Ok(true) => {
-            info!(socket = %containerd.socket().display(), "auto: using containerd");
-            return Ok(RuntimeKind::Containerd);
-        }
-        Ok(false) => "it answers, but its CRI plugin is disabled".to_string(),
-        Err(e) => e.to_string(),
-    };
-    match docker.ready().await {
-        Ok(()) => {
-            info!(socket = %docker.socket().display(), %containerd_error, "auto: using docker");
-            Ok(RuntimeKind::Docker)
-        }
-        Err(e) => Err(Error::NoRuntime {
-            containerd: containerd.socket().display().to_string(),
-            containerd_error,
-            docker: docker.socket().display().to_string(),
-            docker_error: e.to_string(),
-        }),
     }
 }
 
