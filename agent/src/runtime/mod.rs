@@ -2,8 +2,9 @@
 //!
 //! [`Runtime`] is what every runtime implementation offers: the service only calls this
 //! trait, so the wire protocol and the runtime API never meet. The implementations live in
-//! the submodules; what they all need (image spec checks, the per-image outcome event, session
-//! ids, the node's platform, full image names) lives here once. Which one serves is the binary's
+//! the submodules; what they all need (image spec checks, the per-image outcome event, the node's
+//! platform, full image names) lives here once. Requests reach a runtime checked: the
+//! service has refused bad session ids and digests before it calls one. Which one serves is the binary's
 //! choice, not this module's.
 
 use std::future::Future;
@@ -24,7 +25,9 @@ use crate::oci;
 pub mod containerd;
 pub mod docker;
 
-/// A node's container runtime, as the agent uses it. All methods are idempotent.
+/// A node's container runtime, as the agent uses it. All methods are idempotent. Their
+/// arguments come checked by the service: every session id is 1-64 characters of
+/// `[A-Za-z0-9._-]`, every blob digest `sha256:<hex>`, and a PutBlob header has a descriptor.
 pub trait Runtime: Send + Sync + 'static {
     /// `containerd` or `docker`, as Info reports it.
     const NAME: &'static str;
@@ -94,22 +97,6 @@ pub fn node_platform() -> String {
         other => other,
     };
     format!("{}/{arch}", std::env::consts::OS)
-}
-
-/// Session ids become part of lease names; keep them to a safe alphabet.
-pub fn validate_session(session: &str) -> Result<(), Error> {
-    let ok = !session.is_empty()
-        && session.len() <= 64
-        && session
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidRequest(format!(
-            "session id {session:?} must be 1-64 characters of [A-Za-z0-9._-]"
-        )))
-    }
 }
 
 /// The manifest descriptor of an import request's image, checked: present, a valid digest, and
