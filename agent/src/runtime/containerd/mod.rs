@@ -45,6 +45,8 @@ use super::{canonical_name, finished_event, manifest_descriptor, Named, Runtime}
 use crate::error::Error;
 use crate::oci::{self, chain_ids, ImageConfig, Manifest, MAX_METADATA_BYTES};
 
+pub mod apply;
+
 #[allow(clippy::all, missing_docs)]
 mod cri {
     tonic::include_proto!("runtime.v1");
@@ -223,7 +225,7 @@ pub enum ImageStore {
 pub enum UnpackMode {
     /// The agent where it can write containerd's snapshots, else containerd.
     Auto,
-    /// The agent ([`crate::apply`]); refused at the first layer if it cannot.
+    /// The agent ([`apply`]); refused at the first layer if it cannot.
     Agent,
     /// containerd's Diff service.
     Containerd,
@@ -426,12 +428,12 @@ impl Containerd {
                 source,
             };
             let file = std::fs::File::open(&blob).map_err(|e| {
-                bad(crate::apply::ApplyError::Entry {
+                bad(apply::ApplyError::Entry {
                     entry: blob.display().to_string(),
                     source: e,
                 })
             })?;
-            crate::apply::apply_layer(file, &target, limit).map_err(bad)
+            apply::apply_layer(file, &target, limit).map_err(bad)
         })
         .await;
         Some(match applied {
@@ -1296,11 +1298,11 @@ impl Containerd {
 
 /// Ingest ref under which lade writes a blob: stable per digest, so an interrupted upload
 /// can be resumed by the next attempt.
-/// Where [`crate::apply`] writes a layer prepared with `mounts`, the way containerd's own
+/// Where [`apply`] writes a layer prepared with `mounts`, the way containerd's own
 /// applier picks it: an overlay's `upperdir` (its `lowerdir`s are the layers below, nearest
 /// first) with overlay whiteouts, or the source of a read-write bind mount (a first layer, or
 /// the native snapshotter) with plain whiteouts. `None` for anything else.
-fn apply_target(mounts: &[containerd_client::types::Mount]) -> Option<crate::apply::Target> {
+fn apply_target(mounts: &[containerd_client::types::Mount]) -> Option<apply::Target> {
     let [mount] = mounts else { return None };
     let option = |key: &str| {
         mount
@@ -1309,12 +1311,12 @@ fn apply_target(mounts: &[containerd_client::types::Mount]) -> Option<crate::app
             .find_map(|o| o.strip_prefix(key)?.strip_prefix('='))
     };
     match mount.r#type.as_str() {
-        "overlay" => Some(crate::apply::Target {
+        "overlay" => Some(apply::Target {
             root: PathBuf::from(option("upperdir")?),
             parents: option("lowerdir")?.split(':').map(PathBuf::from).collect(),
             overlay: true,
         }),
-        "bind" if !mount.options.iter().any(|o| o == "ro") => Some(crate::apply::Target {
+        "bind" if !mount.options.iter().any(|o| o == "ro") => Some(apply::Target {
             root: PathBuf::from(&mount.source),
             parents: Vec::new(),
             overlay: false,
