@@ -71,7 +71,7 @@ pub enum Error {
         image: String,
         layer: String,
         #[source]
-        source: crate::apply::ApplyError,
+        source: crate::runtime::containerd::apply::ApplyError,
     },
     #[error("upload of {digest} was cancelled by the sender")]
     Cancelled { digest: String },
@@ -157,10 +157,10 @@ impl Error {
         matches!(
             self,
             Error::BadLayer {
-                source: crate::apply::ApplyError::Escape { .. }
-                    | crate::apply::ApplyError::TooLarge { .. }
-                    | crate::apply::ApplyError::Limit { .. }
-                    | crate::apply::ApplyError::Stream(_),
+                source: crate::runtime::containerd::apply::ApplyError::Escape { .. }
+                    | crate::runtime::containerd::apply::ApplyError::TooLarge { .. }
+                    | crate::runtime::containerd::apply::ApplyError::Limit { .. }
+                    | crate::runtime::containerd::apply::ApplyError::Stream(_),
                 ..
             }
         )
@@ -206,10 +206,12 @@ impl From<Error> for Status {
             | Error::NameTaken { .. }
             | Error::SandboxImage { .. } => Code::FailedPrecondition,
             Error::BadLayer { source, .. } => match source {
-                crate::apply::ApplyError::Entry { source, .. } => match source.kind() {
-                    std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
-                    _ => Code::Internal,
-                },
+                crate::runtime::containerd::apply::ApplyError::Entry { source, .. } => {
+                    match source.kind() {
+                        std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
+                        _ => Code::Internal,
+                    }
+                }
                 _ => Code::DataLoss,
             },
             Error::Cancelled { .. } => Code::Cancelled,

@@ -5,7 +5,6 @@
 //! unpacks them and names images. It never pulls from anywhere and never runs containers.
 //! [`server::run`] owns the accept loop and graceful shutdown; `main.rs` only wires config.
 
-pub mod apply;
 pub mod auth;
 pub mod error;
 pub mod http;
@@ -17,3 +16,6 @@ pub mod service;
 pub mod storage;
 
 pub use error::Error;
+/// The agent's own layer applier, which the containerd runtime uses; here too at its old
+/// path, which the fuzz target, the tar-bomb example and the applier tests name.
+pub use runtime::containerd::apply;

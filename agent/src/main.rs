@@ -11,9 +11,13 @@ use lade_agent::auth::Auth;
 use lade_agent::relay::Peers;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, ImageStore, UnpackMode};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
-use lade_agent::runtime::{detect, node_platform, Runtime, RuntimeKind};
+use lade_agent::runtime::{node_platform, Runtime};
 use lade_agent::server::Serve;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+
+use crate::choose::{detect, docker_runtime, Chosen, RuntimeKind};
+
+mod choose;
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
 enum LogFormat {
@@ -230,57 +234,6 @@ async fn main() -> anyhow::Result<()> {
         Chosen::Containerd(runtime) => run(serve, runtime).await,
         Chosen::Docker(runtime) => run(serve, runtime).await,
     }
-}
-
-/// The runtime the agent serves.
-enum Chosen {
-    /// containerd: CRI's images, or dockerd's on its containerd image store.
-    Containerd(Containerd),
-    /// dockerd with a graph driver.
-    Docker(Docker),
-}
-
-/// Serves Docker: through `POST /images/load` on a graph driver (overlay2); on the containerd
-/// image store, by writing into dockerd's containerd directly (its namespace and snapshotter,
-/// at the socket dockerd reports or `--containerd-socket`), as a pull would.
-async fn docker_runtime(
-    docker: Docker,
-    mut containerd: ContainerdConfig,
-) -> anyhow::Result<Chosen> {
-    let store = docker.containerd_store().await.with_context(|| {
-        format!(
-            "asking dockerd at {} which image store it uses",
-            docker.socket().display()
-        )
-    })?;
-    let Some(store) = store else {
-        return Ok(Chosen::Docker(docker));
-    };
-    if let Some(address) = store.address {
-        containerd.socket = address;
-    }
-    containerd.namespace = store.namespace;
-    containerd.snapshotter = store.snapshotter;
-    containerd.store = ImageStore::Docker {
-        version: store.docker_version,
-    };
-    tracing::info!(
-        socket = %containerd.socket.display(),
-        namespace = %containerd.namespace,
-        snapshotter = %containerd.snapshotter,
-        "dockerd uses the containerd image store: loading into its containerd"
-    );
-    let socket = containerd.socket.clone();
-    let runtime = Containerd::new(containerd)?;
-    runtime.ready().await.with_context(|| {
-        format!(
-            "dockerd uses the containerd image store, but its containerd does not answer at {}: \
-             point --containerd-socket at dockerd's containerd (dockerd before 27 does not \
-             report where it is)",
-            socket.display()
-        )
-    })?;
-    Ok(Chosen::Containerd(runtime))
 }
 
 async fn run(serve: Serve, runtime: impl Runtime) -> anyhow::Result<()> {

@@ -1,4 +1,5 @@
-//! The `lade.agent.v1.Agent` gRPC service: decodes requests, calls the [`Runtime`], encodes
+//! The `lade.agent.v1.Agent` gRPC service: decodes requests, checks what every runtime
+//! relies on (session ids, digests, the PutBlob header), calls the [`Runtime`], encodes
 //! answers, and counts what it saw in the [`Metrics`]. Owns no runtime logic; errors become
 //! statuses through `From<Error> for Status`.
 
@@ -8,9 +9,9 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lade_proto::{
-    put_blob_request::Msg, EndSessionRequest, EndSessionResponse, HaveRequest, HaveResponse,
-    ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse,
-    PutBlobRequest, PutBlobResponse, VerifyRequest, VerifyResponse,
+    put_blob_request::Msg, BlobHeader, EndSessionRequest, EndSessionResponse, HaveRequest,
+    HaveResponse, ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, ListRequest,
+    ListResponse, PutBlobRequest, PutBlobResponse, VerifyRequest, VerifyResponse,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -90,6 +91,10 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
     #[instrument(skip_all, fields(session = %req.get_ref().session, blobs = req.get_ref().blobs.len()))]
     async fn have(&self, req: Request<HaveRequest>) -> Result<Response<HaveResponse>, Status> {
         let req = req.into_inner();
+        validate_session(&req.session).map_err(|e| self.fail(e))?;
+        for blob in &req.blobs {
+            validate_digest(&blob.digest).map_err(|e| self.fail(e))?;
+        }
         let blobs = self
             .runtime
             .have(&req.session, &req.blobs)
@@ -131,6 +136,8 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
                 )))
             }
         };
+        // Stored here or only relayed, a blob is refused before any byte of it moves.
+        check_header(&header).map_err(|e| self.fail(e))?;
         let digest = header
             .blob
             .as_ref()
@@ -219,6 +226,7 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         req: Request<ImportRequest>,
     ) -> Result<Response<Self::ImportStream>, Status> {
         let req = req.into_inner();
+        validate_session(&req.session).map_err(|e| self.fail(e))?;
         foreign_digest_name(&req.images).map_err(|e| self.fail(e))?;
         let (tx, rx) = mpsc::channel::<ImportEvent>(64);
         let (done_tx, done_rx) = tokio::sync::oneshot::channel();
@@ -254,8 +262,10 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         &self,
         req: Request<EndSessionRequest>,
     ) -> Result<Response<EndSessionResponse>, Status> {
+        let session = req.into_inner().session;
+        validate_session(&session).map_err(|e| self.fail(e))?;
         self.runtime
-            .end_session(&req.into_inner().session)
+            .end_session(&session)
             .await
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(EndSessionResponse {}))
@@ -277,6 +287,37 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         let images = self.runtime.list().await.map_err(|e| self.fail(e))?;
         Ok(Response::new(ListResponse { images }))
     }
+}
+
+/// Session ids become part of lease names; keep them to a safe alphabet.
+fn validate_session(session: &str) -> Result<(), Error> {
+    let ok = !session.is_empty()
+        && session.len() <= 64
+        && session
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
+    if ok {
+        Ok(())
+    } else {
+        Err(Error::InvalidRequest(format!(
+            "session id {session:?} must be 1-64 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+/// A blob digest as every runtime keys its store by: `sha256:<64 lowercase hex>`.
+fn validate_digest(digest: &str) -> Result<(), Error> {
+    lade_oci::validate_digest(digest).map_err(|r| Error::InvalidRequest(format!("{digest}: {r}")))
+}
+
+/// A PutBlob header names a blob by a valid digest, for a valid session.
+fn check_header(header: &BlobHeader) -> Result<(), Error> {
+    let blob = header
+        .blob
+        .as_ref()
+        .ok_or_else(|| Error::InvalidRequest("PutBlob header has no descriptor".into()))?;
+    validate_digest(&blob.digest)?;
+    validate_session(&header.session)
 }
 
 /// Records an import event's timing; a failed image counts as a failure.
@@ -325,4 +366,36 @@ fn foreign_digest_name(images: &[lade_proto::ImageSpec]) -> Result<(), Error> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_put_blob_header_needs_a_descriptor_a_digest_and_a_session() {
+        let digest = format!("sha256:{}", "a".repeat(64));
+        let header = |session: &str, digest: Option<&str>| BlobHeader {
+            session: session.to_string(),
+            blob: digest.map(|d| lade_proto::Descriptor {
+                digest: d.to_string(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(check_header(&header("load-1", Some(&digest))).is_ok());
+        for bad in [
+            header("load-1", None),
+            header("load-1", Some("sha256:../../etc")),
+            header("", Some(&digest)),
+            header("../x", Some(&digest)),
+            header(&"s".repeat(65), Some(&digest)),
+        ] {
+            let refused = check_header(&bad);
+            assert!(
+                matches!(refused, Err(Error::InvalidRequest(_))),
+                "{bad:?}: {refused:?}"
+            );
+        }
+    }
 }

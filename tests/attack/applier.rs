@@ -1,7 +1,7 @@
 //! Attacks on the agent's layer applier through a plain `lade load` (real containerd, the
 //! agent unpacking, as the chart deploys it): crafted layers aimed at a scratch directory
-//! outside containerd's root. Each test fails with its defence in `agent/src/apply.rs`
-//! disabled (the unit tests there name which).
+//! outside containerd's root. Each test fails with its defence in
+//! `agent/src/runtime/containerd/apply.rs` disabled (the unit tests there name which).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};

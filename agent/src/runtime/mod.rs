@@ -2,8 +2,10 @@
 //!
 //! [`Runtime`] is what every runtime implementation offers: the service only calls this
 //! trait, so the wire protocol and the runtime API never meet. The implementations live in
-//! [`containerd`] and [`docker`]; what both need (image spec checks, the per-image outcome
-//! event, session ids, choosing a runtime on `auto`) lives here once.
+//! the submodules; what they all need (image spec checks, the per-image outcome event, the node's
+//! platform, full image names) lives here once. Requests reach a runtime checked: the
+//! service has refused bad session ids and digests before it calls one. Which one serves is the binary's
+//! choice, not this module's.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -15,7 +17,7 @@ use lade_proto::{
     InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::warn;
 
 use crate::error::Error;
 use lade_oci as oci;
@@ -23,7 +25,9 @@ use lade_oci as oci;
 pub mod containerd;
 pub mod docker;
 
-/// A node's container runtime, as the agent uses it. All methods are idempotent.
+/// A node's container runtime, as the agent uses it. All methods are idempotent. Their
+/// arguments come checked by the service: every session id is 1-64 characters of
+/// `[A-Za-z0-9._-]`, every blob digest `sha256:<hex>`, and a PutBlob header has a descriptor.
 pub trait Runtime: Send + Sync + 'static {
     /// `containerd` or `docker`, as Info reports it.
     const NAME: &'static str;
@@ -95,22 +99,6 @@ pub fn node_platform() -> String {
     format!("{}/{arch}", std::env::consts::OS)
 }
 
-/// Session ids become part of lease names; keep them to a safe alphabet.
-pub fn validate_session(session: &str) -> Result<(), Error> {
-    let ok = !session.is_empty()
-        && session.len() <= 64
-        && session
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.');
-    if ok {
-        Ok(())
-    } else {
-        Err(Error::InvalidRequest(format!(
-            "session id {session:?} must be 1-64 characters of [A-Za-z0-9._-]"
-        )))
-    }
-}
-
 /// The manifest descriptor of an import request's image, checked: present, a valid digest, and
 /// at least one name to give the image (a nameless image would only be garbage).
 pub fn manifest_descriptor(spec: &ImageSpec) -> Result<oci::Descriptor, Error> {
@@ -169,43 +157,6 @@ pub fn finished_event(
                 ..Default::default()
             }
         }
-    }
-}
-
-/// Which runtime the agent serves.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum RuntimeKind {
-    Containerd,
-    Docker,
-}
-
-/// Picks the runtime for `--runtime auto`: containerd when it answers and serves the CRI
-/// plugin (it is what kubelet uses), else Docker when it answers. A stock Docker install runs
-/// a containerd too, with CRI disabled, which must not win: images loaded there would be
-/// invisible to Docker and kubelet alike.
-pub async fn detect(
-    containerd: &containerd::Containerd,
-    docker: &docker::Docker,
-) -> Result<RuntimeKind, Error> {
-    let containerd_error = match containerd.serves_cri().await {
-        Ok(true) => {
-            info!(socket = %containerd.socket().display(), "auto: using containerd");
-            return Ok(RuntimeKind::Containerd);
-        }
-        Ok(false) => "it answers, but its CRI plugin is disabled".to_string(),
-        Err(e) => e.to_string(),
-    };
-    match docker.ready().await {
-        Ok(()) => {
-            info!(socket = %docker.socket().display(), %containerd_error, "auto: using docker");
-            Ok(RuntimeKind::Docker)
-        }
-        Err(e) => Err(Error::NoRuntime {
-            containerd: containerd.socket().display().to_string(),
-            containerd_error,
-            docker: docker.socket().display().to_string(),
-            docker_error: e.to_string(),
-        }),
     }
 }
 
