@@ -325,7 +325,7 @@ async fn a_down_agent_fails_alone_and_is_named() -> Result<()> {
         Compression::Gzip,
     )?;
     let mut nodes = start_nodes(&["up-1", "down", "up-2"]).await?;
-    nodes[1].kill_agent();
+    nodes[1].agent.kill();
     let down = nodes[1].addr();
     let refs: Vec<&Node> = nodes.iter().collect();
 
@@ -539,7 +539,7 @@ async fn a_node_that_comes_up_late_is_retried_and_completes() -> Result<()> {
         Compression::Gzip,
     )?;
     let mut node = Node::start("late").await?;
-    node.kill_agent();
+    node.agent.kill();
     let agents = [node.addr()];
     let load = std::thread::spawn({
         let bundle = bundle.clone();
@@ -547,7 +547,7 @@ async fn a_node_that_comes_up_late_is_retried_and_completes() -> Result<()> {
     });
     // Down for the first attempt (and maybe the second); up before the retries run out.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    node.start_agent().await?;
+    node.agent.restart().await?;
     let (code, reports, stderr) = load.join().expect("load thread")?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
     assert!(u64_of(&reports[0], "attempts") >= 2, "{}", reports[0]);

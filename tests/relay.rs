@@ -358,7 +358,7 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
     // yet (a commits a blob only at its end).
     let committed_a = metric(&nodes[0], "lade_agent_blobs_committed_total") as usize;
     let received_c = metric(&nodes[2], "lade_agent_received_bytes_total");
-    nodes[1].kill_agent();
+    nodes[1].agent.kill();
     let blobs_before_big = index.blobs.len() - big_layers.len() + 1; // + the shared base
     assert!(
         committed_a < blobs_before_big + 1,

@@ -158,13 +158,13 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
         Compression::Gzip,
     )?;
     let mut node = Node::start("observed").await?;
-    assert_eq!(http_get(node.metrics_port, "/healthz")?.0, 200);
-    assert_eq!(http_get(node.metrics_port, "/readyz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/healthz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/readyz")?.0, 200);
 
     let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
     let sent = u64_of(&reports[0], "bytes_sent");
-    let (status, text) = http_get(node.metrics_port, "/metrics")?;
+    let (status, text) = http_get(node.agent.metrics_port(), "/metrics")?;
     assert_eq!(status, 200);
     assert_eq!(
         metric(&text, "lade_agent_received_bytes_total") as u64,
@@ -192,7 +192,7 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
     // Again: everything is already there, and the metrics say so.
     let (code, _, _) = load_json(&bundle, &[node.addr()], &[])?;
     assert_eq!(code, 0);
-    let (_, text) = http_get(node.metrics_port, "/metrics")?;
+    let (_, text) = http_get(node.agent.metrics_port(), "/metrics")?;
     assert!(metric(&text, "lade_agent_blobs_already_present_total") > 0.0);
     assert_eq!(
         metric(&text, "lade_agent_received_bytes_total") as u64,
@@ -201,9 +201,9 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
 
     // Readiness follows the runtime: containerd gone, not ready; alive all the same.
     node.containerd.kill_9();
-    let (status, body) = http_get(node.metrics_port, "/readyz")?;
+    let (status, body) = http_get(node.agent.metrics_port(), "/readyz")?;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(http_get(node.metrics_port, "/healthz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/healthz")?.0, 200);
     Ok(())
 }
 

@@ -248,7 +248,7 @@ impl Tool {
     fn load(&self, node: &mut Node, args: &Args, version: u64) -> Result<Sample> {
         let (images_tar, bundle_path) = bundle(args, version)?;
         let containerd_pid = node.containerd.pid().context("containerd is not running")?;
-        let agent_pid = node.agent_pid().context("agent is not running")?;
+        let agent_pid = node.agent.pid().context("agent is not running")?;
         let before = [
             cpu_seconds(containerd_pid, true),
             cpu_seconds(agent_pid, true),
