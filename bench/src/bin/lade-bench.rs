@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_testkit::bench::{cpu_seconds, time_report};
+use lade_bench::{cpu_seconds, time_report};
 use lade_testkit::fixtures::{
     random_layer, random_tree_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat,
     Compression, ImageFixture,

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_testkit::bench::{cpu_seconds, time_report};
+use lade_bench::{cpu_seconds, time_report};
 use lade_testkit::fixtures::{
     random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
     ImageFixture,
