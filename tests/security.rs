@@ -8,10 +8,9 @@ use anyhow::{ensure, Result};
 use lade::load::{connect, Credentials, Dial};
 use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, InfoRequest, PutBlobRequest};
 use lade_testkit::certs::make_certs;
-use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Containerd};
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{dial, http_get, images, load_json, u64_of, write_sample_bundle};
+use lade_tests::{dial, http_get, load_json, sample_bundle, u64_of};
 use tonic::Code;
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -96,13 +95,7 @@ async fn lade_load_without_the_token_fails_naming_the_reason() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let node = Node::start("no-token").await?;
     let out = Command::new(workspace_bin("lade")?)
         .arg("load")
@@ -150,13 +143,7 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let mut node = Node::start("observed").await?;
     assert_eq!(http_get(node.agent.metrics_port(), "/healthz")?.0, 200);
     assert_eq!(http_get(node.agent.metrics_port(), "/readyz")?.0, 200);
