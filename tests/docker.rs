@@ -15,20 +15,10 @@ use lade_testkit::fixtures::{
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Dockerd};
 use lade_testkit::nodes::{spawn_agent, DockerNode, Node};
 use lade_testkit::runtimes::DockerStore;
+use lade_tests::names::{
+    APP, APP_RETAGGED, BUSYBOX, BUSYBOX_RETAGGED, RETAG, SIDECAR, SIDECAR_RETAGGED,
+};
 use lade_tests::{docker_save_tar, gcr_bundle, images, load_json, u64_of, write_images_tar};
-
-const APP: &str = "release.daocloud.io/demo/app:v1";
-const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
-const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
-const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
-const RETAG: [&str; 4] = [
-    "--retag",
-    "release.daocloud.io/demo=10.16.10.111/demo",
-    "--retag",
-    "docker.io/library=10.16.10.111/library",
-];
 
 /// The hex part of a digest: the file name of a blob in the agent's cache.
 fn hex(digest: &str) -> &str {

@@ -18,6 +18,20 @@ use serde_json::Value;
 /// Static busybox from Debian's busybox-static, the one binary the test images run.
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// The names the sample images carry, and where the retag rules the tests pass move them.
+pub mod names {
+    pub const APP: &str = "release.daocloud.io/demo/app:v1";
+    pub const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
+    pub const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
+    pub const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
+    pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
+    pub const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
+    pub const RETAG_DEMO: &str = "release.daocloud.io/demo=10.16.10.111/demo";
+    pub const RETAG_LIBRARY: &str = "docker.io/library=10.16.10.111/library";
+    /// Both rules as `lade load` flags.
+    pub const RETAG: [&str; 4] = ["--retag", RETAG_DEMO, "--retag", RETAG_LIBRARY];
+}
+
 /// The three sample images (app, sidecar, busybox; one shared base layer).
 pub fn images() -> Result<Vec<ImageFixture>> {
     lade_testkit::harness::require_binary("busybox")?;

@@ -9,20 +9,15 @@ use lade_testkit::cri;
 use lade_testkit::fixtures::{ArchiveFormat, Compression, APP_HELLO};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
+use lade_tests::names::{
+    APP, APP_RETAGGED, BUSYBOX, BUSYBOX_RETAGGED, RETAG_DEMO, RETAG_LIBRARY, SIDECAR,
+    SIDECAR_RETAGGED,
+};
 use lade_tests::{
     damaged_sample_bundle, gcr_bundle, images, images_and_big, load, load_json, sample_bundle,
     start_nodes, u64_of, write_images_tar,
 };
 use serde_json::Value;
-
-const APP: &str = "release.daocloud.io/demo/app:v1";
-const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
-const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
-const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
-const RETAG_DEMO: &str = "release.daocloud.io/demo=10.16.10.111/demo";
-const RETAG_LIBRARY: &str = "docker.io/library=10.16.10.111/library";
 
 /// CRI's ImageStatus of `image` on `node`, waiting up to 5 s for the CRI plugin to see a
 /// record lade just created.
