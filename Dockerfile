@@ -22,6 +22,7 @@ COPY agent/ agent/
 COPY coordinator/ coordinator/
 COPY testkit/ testkit/
 COPY tests/ tests/
+COPY bench/ bench/
 # The cache mounts keep downloaded crates between builds; target/ stays in the layer so the
 # next stage can copy the binaries out of it.
 RUN --mount=type=cache,target=/usr/local/cargo/registry \

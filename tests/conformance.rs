@@ -11,12 +11,11 @@ use lade_proto::{
     ImportRequest, PutBlobRequest, PutBlobResponse, VerifyRequest, CHUNK_SIZE,
 };
 use lade_testkit::cri;
-use lade_testkit::fixtures::{random_layer, ArchiveFormat, Compression, ImageFixture};
+use lade_testkit::fixtures::Compression;
 use lade_testkit::harness::{daemon_tests_enabled, Containerd};
 use lade_testkit::nodes::{DockerNode, Node};
-use lade_tests::{images, load_json, write_sample_bundle};
+use lade_tests::{gcr_bundle, images_and_big, load_json};
 
-const BIG_IMAGE: &str = "release.daocloud.io/demo/big:v1";
 const MISSING_REF: &str = "docker.io/library/lade-never-loaded:v0";
 
 #[tokio::test(flavor = "multi_thread")]
@@ -157,21 +156,10 @@ fn read_all(bundle: &Bundle, digest: &str) -> Result<Vec<u8>> {
 /// The contract every runtime keeps, checked through the agent at `agent`.
 async fn conformance(agent: &str) -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let mut imgs = images()?;
     // One image with a layer of a few chunks, so an upload can stop half-way.
-    let base = imgs[2].layers[0].clone();
-    imgs.push(ImageFixture::new(
-        BIG_IMAGE,
-        vec![base, random_layer(11, 3 * CHUNK_SIZE, 0.0)],
-        &["/bin/sh"],
-    ));
-    let (bundle_path, written) = write_sample_bundle(
-        dir.path(),
-        "conform.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::None,
-    )?;
+    let imgs = images_and_big(11, &[3 * CHUNK_SIZE])?;
+    let (bundle_path, written) =
+        gcr_bundle(dir.path(), "conform.bundle.tar", &imgs, Compression::None)?;
     let bundle = Bundle::open(&bundle_path)?;
     let big = written.images[3].layers[1].clone();
     let big_desc = descriptor(&bundle, &big.digest);

@@ -39,7 +39,7 @@ impl BackgroundLoad {
     /// line and the agent's last warning or error on one line, then the ends of both logs.
     fn logs(&self, node: &Node) -> String {
         let load = std::fs::read_to_string(&self.stderr).unwrap_or_default();
-        let agent = std::fs::read_to_string(node.agent_log()).unwrap_or_default();
+        let agent = std::fs::read_to_string(node.agent.log()).unwrap_or_default();
         let last_load = load.lines().rev().find(|l| !l.trim().is_empty());
         let last_agent = agent
             .lines()
@@ -146,7 +146,7 @@ async fn agent_killed_mid_upload_then_rerun_resumes() -> Result<()> {
     load.wait_while_running(&node, "an upload in progress", || {
         metric(&node, "lade_agent_received_bytes_total") > (16 << 20) as f64
     })?;
-    node.kill_agent();
+    node.agent.kill();
     let code = load.exit_code()?;
     assert_eq!(
         code,
@@ -156,7 +156,7 @@ async fn agent_killed_mid_upload_then_rerun_resumes() -> Result<()> {
     );
     assert_nothing_dangling(&node)?;
 
-    node.start_agent().await?;
+    node.agent.restart().await?;
     assert_lease_expires(&node)?;
     let sent = rerun(&bundle, &node)?;
     // Only what was not yet on the node crossed again: the finished blobs and the kept part
@@ -179,11 +179,11 @@ async fn agent_killed_mid_import_leaves_no_dangling_name() -> Result<()> {
     load.wait_while_running(&node, "an import in progress", || {
         metric(&node, "lade_agent_layer_unpack_duration_seconds_count") >= 1.0
     })?;
-    node.kill_agent();
+    node.agent.kill();
     assert_eq!(load.exit_code()?, Some(1), "{}", load.logs(&node));
     assert_nothing_dangling(&node)?;
 
-    node.start_agent().await?;
+    node.agent.restart().await?;
     rerun(&bundle, &node)?;
     assert_nothing_dangling(&node)?;
     Ok(())

@@ -15,20 +15,10 @@ use lade_testkit::fixtures::{
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Dockerd};
 use lade_testkit::nodes::{spawn_agent, DockerNode, Node};
 use lade_testkit::runtimes::DockerStore;
-use lade_tests::{images, load_json, u64_of, write_images_tar, write_sample_bundle};
-
-const APP: &str = "release.daocloud.io/demo/app:v1";
-const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
-const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
-const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
-const RETAG: [&str; 4] = [
-    "--retag",
-    "release.daocloud.io/demo=10.16.10.111/demo",
-    "--retag",
-    "docker.io/library=10.16.10.111/library",
-];
+use lade_tests::names::{
+    APP, APP_RETAGGED, BUSYBOX, BUSYBOX_RETAGGED, RETAG, SIDECAR, SIDECAR_RETAGGED,
+};
+use lade_tests::{docker_save_tar, gcr_bundle, images, load_json, u64_of, write_images_tar};
 
 /// The hex part of a digest: the file name of a blob in the agent's cache.
 fn hex(digest: &str) -> &str {
@@ -43,13 +33,7 @@ async fn docker_and_containerd_nodes_end_with_the_same_names_and_a_rerun_sends_n
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (bundle, written) = write_sample_bundle(
-        dir.path(),
-        "demo.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, written) = gcr_bundle(dir.path(), "demo.bundle.tar", &imgs, Compression::Gzip)?;
     let opened = Bundle::open(&bundle)?;
     let unique_bytes = opened.total_bytes();
     let docker = [
@@ -161,12 +145,7 @@ async fn images_docker_already_holds_cost_no_layer_transfer() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (archive, _) = write_images_tar(
-        dir.path(),
-        &imgs,
-        ArchiveFormat::DockerSave,
-        Compression::None,
-    )?;
+    let archive = docker_save_tar(dir.path(), &imgs)?;
     let node = DockerNode::start("preloaded").await?;
     node.dockerd
         .docker_ok(&["load", "-i", &archive.display().to_string()])?;
@@ -228,13 +207,8 @@ async fn a_corrupted_layer_is_refused_and_no_tag_is_created() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (bundle_path, written) = write_sample_bundle(
-        dir.path(),
-        "bad.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle_path, written) =
+        gcr_bundle(dir.path(), "bad.bundle.tar", &imgs, Compression::Gzip)?;
     let layer = &written.images[0].layers[1];
     let bundle = Bundle::open(&bundle_path)?;
     let BlobSource::Member { member, offset } = bundle.blobs[&layer.digest].source.clone() else {
@@ -294,13 +268,7 @@ async fn a_load_dockerd_refuses_is_reported_by_image_and_node_and_leaves_no_tag(
     };
     let liar_config = liar.config_digest();
     imgs.push(liar);
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "liar.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = gcr_bundle(dir.path(), "liar.bundle.tar", &imgs, Compression::Gzip)?;
     let node = DockerNode::start("drefuse").await?;
     // The coordinator's own layer check would refuse the layer before upload (tests/hostile.rs);
     // here it is off, to see what dockerd does.
@@ -399,20 +367,8 @@ async fn a_layer_docker_holds_on_another_base_is_sent_by_the_next_load() -> Resu
         vec![layer_tar(&[Entry::file("two", 0o644, "2")]), shared],
         &["/bin/sh"],
     );
-    let (old, _) = write_sample_bundle(
-        dir.path(),
-        "old.bundle.tar",
-        &[first],
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    let (new, written) = write_sample_bundle(
-        dir.path(),
-        "new.bundle.tar",
-        &[second],
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (old, _) = gcr_bundle(dir.path(), "old.bundle.tar", &[first], Compression::Gzip)?;
+    let (new, written) = gcr_bundle(dir.path(), "new.bundle.tar", &[second], Compression::Gzip)?;
     let node = DockerNode::start("dchain").await?;
     let (code, reports, stderr) = load_json(&old, &[node.addr()], &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");

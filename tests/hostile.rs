@@ -19,7 +19,7 @@ use lade_testkit::hostile::{
     escaping_layer, gzip_bomb, gzip_image, oci_layout, raw_tar, Member, OciImage,
 };
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::{dial, images, load_json, u64_of, write_images_tar, write_sample_bundle};
+use lade_tests::{dial, gcr_bundle, images, load_json, u64_of, write_images_tar};
 use serde_json::json;
 
 /// Names on the node, without the `sha256:` ones some tools add for image IDs.
@@ -61,13 +61,7 @@ async fn a_layer_unpacking_to_another_diff_id_gets_no_name() -> Result<()> {
     let claimed = vec![true_ids[0].clone(), true_ids[0].clone()];
     imgs[0].config = image_config(&claimed, &["/bin/sh"]);
     let dir = tempfile::tempdir()?;
-    let (bundle, written) = write_sample_bundle(
-        dir.path(),
-        "diffid.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, written) = gcr_bundle(dir.path(), "diffid.bundle.tar", &imgs, Compression::Gzip)?;
     let layer = &written.images[0].layers[1].digest;
 
     // For a node whose containerd unpacks, the coordinator's layer check unpacks the layer

@@ -18,6 +18,20 @@ use serde_json::Value;
 /// Static busybox from Debian's busybox-static, the one binary the test images run.
 pub const BUSYBOX: &str = "/bin/busybox";
 
+/// The names the sample images carry, and where the retag rules the tests pass move them.
+pub mod names {
+    pub const APP: &str = "release.daocloud.io/demo/app:v1";
+    pub const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
+    pub const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
+    pub const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
+    pub const BUSYBOX: &str = "docker.io/library/busybox:latest";
+    pub const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
+    pub const RETAG_DEMO: &str = "release.daocloud.io/demo=10.16.10.111/demo";
+    pub const RETAG_LIBRARY: &str = "docker.io/library=10.16.10.111/library";
+    /// Both rules as `lade load` flags.
+    pub const RETAG: [&str; 4] = ["--retag", RETAG_DEMO, "--retag", RETAG_LIBRARY];
+}
+
 /// The three sample images (app, sidecar, busybox; one shared base layer).
 pub fn images() -> Result<Vec<ImageFixture>> {
     lade_testkit::harness::require_binary("busybox")?;
@@ -28,13 +42,7 @@ pub fn images() -> Result<Vec<ImageFixture>> {
 /// whose app image's own layer has one byte altered inside the nested images.tar; returns
 /// the bundle, the damaged layer's digest and the name of its member.
 pub fn damaged_sample_bundle(dir: &Path) -> Result<(PathBuf, String, String)> {
-    let (bundle_path, written) = write_sample_bundle(
-        dir,
-        "bad.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle_path, written) = gcr_bundle(dir, "bad.bundle.tar", &images()?, Compression::Gzip)?;
     let layer = &written.images[0].layers[1];
     let bundle = lade::bundle::Bundle::open(&bundle_path)?;
     let lade::bundle::BlobSource::Member { member, offset } =
@@ -95,6 +103,12 @@ pub fn write_images_tar(
     Ok((path, written))
 }
 
+/// Writes `images` as an uncompressed `docker save` archive at `dir/images.tar`.
+pub fn docker_save_tar(dir: &Path, images: &[ImageFixture]) -> Result<PathBuf> {
+    let (path, _) = write_images_tar(dir, images, ArchiveFormat::DockerSave, Compression::None)?;
+    Ok(path)
+}
+
 /// Writes a DaoCloud-style bundle around `images` at `dir/<name>`.
 pub fn write_sample_bundle(
     dir: &Path,
@@ -111,6 +125,38 @@ pub fn write_sample_bundle(
     write_bundle(&images_tar, &sample_hints(), &sample_chart(), &mut out)?;
     out.into_inner()?.sync_all()?;
     Ok((path, written))
+}
+
+/// A bundle of `images` in the go-containerregistry layout, layers compressed with
+/// `compression`, at `dir/<name>`.
+pub fn gcr_bundle(
+    dir: &Path,
+    name: &str,
+    images: &[ImageFixture],
+    compression: Compression,
+) -> Result<(PathBuf, WrittenArchive)> {
+    write_sample_bundle(dir, name, images, ArchiveFormat::Gcr, compression)
+}
+
+/// The bundle most tests load: the three sample images ([`images`]), go-containerregistry
+/// layout, gzip, at `dir/demo.bundle.tar`.
+pub fn sample_bundle(dir: &Path) -> Result<(PathBuf, WrittenArchive)> {
+    gcr_bundle(dir, "demo.bundle.tar", &images()?, Compression::Gzip)
+}
+
+/// Starts one containerd [`Node`] per name, in order.
+pub async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
+    let mut nodes = Vec::new();
+    for name in names {
+        nodes.push(Node::start(name).await?);
+    }
+    Ok(nodes)
+}
+
+/// [`load_json`] against the agents of `nodes`.
+pub fn load(bundle: &Path, nodes: &[&Node], extra: &[&str]) -> Result<(i32, Vec<Value>, String)> {
+    let agents: Vec<String> = nodes.iter().map(|n| n.addr()).collect();
+    load_json(bundle, &agents, extra)
 }
 
 /// Runs `lade load BUNDLE` against `agents` with JSON output and line progress, plus `extra`
@@ -160,29 +206,29 @@ pub fn dial() -> lade::load::Dial {
     }
 }
 
-/// The sample images plus `release.daocloud.io/demo/big:v1`: the busybox base and two
-/// incompressible random layers of `layer_bytes` each (seeds `seed` and `seed + 1`), so a
-/// transfer lasts long enough to be interrupted; a bundle at `dir/big.bundle.tar`, layers
-/// uncompressed.
-pub fn big_bundle(dir: &Path, layer_bytes: usize, seed: u64) -> Result<(PathBuf, WrittenArchive)> {
+/// Name of the image [`images_and_big`] adds.
+pub const BIG_IMAGE: &str = "release.daocloud.io/demo/big:v1";
+
+/// The sample images plus [`BIG_IMAGE`]: the busybox base and one incompressible random layer
+/// of each size in `layer_bytes` (seeds `seed`, `seed + 1`, …), so a transfer lasts long
+/// enough to be interrupted.
+pub fn images_and_big(seed: u64, layer_bytes: &[usize]) -> Result<Vec<ImageFixture>> {
     let mut imgs = images()?;
-    let base = imgs[2].layers[0].clone();
-    imgs.push(ImageFixture::new(
-        "release.daocloud.io/demo/big:v1",
-        vec![
-            base,
-            random_layer(seed, layer_bytes, 0.0),
-            random_layer(seed + 1, layer_bytes, 0.0),
-        ],
-        &["/bin/sh"],
-    ));
-    write_sample_bundle(
-        dir,
-        "big.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::None,
-    )
+    let mut layers = vec![imgs[2].layers[0].clone()];
+    layers.extend(
+        (seed..)
+            .zip(layer_bytes)
+            .map(|(seed, &bytes)| random_layer(seed, bytes, 0.0)),
+    );
+    imgs.push(ImageFixture::new(BIG_IMAGE, layers, &["/bin/sh"]));
+    Ok(imgs)
+}
+
+/// [`images_and_big`] with two layers of `layer_bytes` each, as a bundle at
+/// `dir/big.bundle.tar`, layers uncompressed.
+pub fn big_bundle(dir: &Path, layer_bytes: usize, seed: u64) -> Result<(PathBuf, WrittenArchive)> {
+    let imgs = images_and_big(seed, &[layer_bytes, layer_bytes])?;
+    gcr_bundle(dir, "big.bundle.tar", &imgs, Compression::None)
 }
 
 /// A plain HTTP/1.1 GET on 127.0.0.1; returns (status code, body).
@@ -207,7 +253,8 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 /// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
 pub fn metric(node: &Node, name: &str) -> f64 {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port)) else {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.agent.metrics_port()))
+    else {
         return 0.0;
     };
     let _ = write!(

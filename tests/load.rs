@@ -3,34 +3,21 @@
 //! (`scripts/test` installs them); fails when they are missing unless
 //! LADE_SKIP_DAEMON_TESTS=1 says to skip.
 
-use std::path::Path;
-
 use anyhow::{ensure, Context, Result};
 use lade::bundle::Bundle;
 use lade_testkit::cri;
 use lade_testkit::fixtures::{ArchiveFormat, Compression, APP_HELLO};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
+use lade_tests::names::{
+    APP, APP_RETAGGED, BUSYBOX, BUSYBOX_RETAGGED, RETAG_DEMO, RETAG_LIBRARY, SIDECAR,
+    SIDECAR_RETAGGED,
+};
 use lade_tests::{
-    damaged_sample_bundle, images, load_json, u64_of, write_images_tar, write_sample_bundle,
+    damaged_sample_bundle, gcr_bundle, images, images_and_big, load, load_json, sample_bundle,
+    start_nodes, u64_of, write_images_tar,
 };
 use serde_json::Value;
-
-const APP: &str = "release.daocloud.io/demo/app:v1";
-const APP_RETAGGED: &str = "10.16.10.111/demo/app:v1";
-const SIDECAR: &str = "release.daocloud.io/demo/sidecar:v1";
-const SIDECAR_RETAGGED: &str = "10.16.10.111/demo/sidecar:v1";
-const BUSYBOX: &str = "docker.io/library/busybox:latest";
-const BUSYBOX_RETAGGED: &str = "10.16.10.111/library/busybox:latest";
-const RETAG_DEMO: &str = "release.daocloud.io/demo=10.16.10.111/demo";
-const RETAG_LIBRARY: &str = "docker.io/library=10.16.10.111/library";
-
-/// Runs `lade load` with JSON output against `nodes`; returns (exit code, per-node reports,
-/// stderr).
-fn load(bundle: &Path, nodes: &[&Node], extra: &[&str]) -> Result<(i32, Vec<Value>, String)> {
-    let agents: Vec<String> = nodes.iter().map(|n| n.addr()).collect();
-    load_json(bundle, &agents, extra)
-}
 
 /// CRI's ImageStatus of `image` on `node`, waiting up to 5 s for the CRI plugin to see a
 /// record lade just created.
@@ -44,14 +31,6 @@ async fn cri_image_status(node: &Node, image: &str) -> Result<Option<cri::CriIma
     Ok(None)
 }
 
-async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
-    let mut nodes = Vec::new();
-    for name in names {
-        nodes.push(Node::start(name).await?);
-    }
-    Ok(nodes)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Result<()> {
     if !daemon_tests_enabled() {
@@ -59,13 +38,7 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "demo.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = gcr_bundle(dir.path(), "demo.bundle.tar", &imgs, Compression::Gzip)?;
     let unique_bytes = Bundle::open(&bundle)?.total_bytes();
     let nodes = start_nodes(&["node-a", "node-b", "node-c"]).await?;
     let refs: Vec<&Node> = nodes.iter().collect();
@@ -316,16 +289,9 @@ async fn a_down_agent_fails_alone_and_is_named() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let imgs = images()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "demo.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let mut nodes = start_nodes(&["up-1", "down", "up-2"]).await?;
-    nodes[1].kill_agent();
+    nodes[1].agent.kill();
     let down = nodes[1].addr();
     let refs: Vec<&Node> = nodes.iter().collect();
 
@@ -379,20 +345,8 @@ async fn a_node_holding_half_the_layers_receives_only_the_rest() -> Result<()> {
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
     // First only busybox (the base layer all three share), as an older bundle would have it.
-    let (small, _) = write_sample_bundle(
-        dir.path(),
-        "old.bundle.tar",
-        &imgs[2..],
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    let (full, _) = write_sample_bundle(
-        dir.path(),
-        "new.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (small, _) = gcr_bundle(dir.path(), "old.bundle.tar", &imgs[2..], Compression::Gzip)?;
+    let (full, _) = gcr_bundle(dir.path(), "new.bundle.tar", &imgs, Compression::Gzip)?;
     let node = Node::start("half").await?;
     let (code, reports, stderr) = load(&small, &[&node], &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
@@ -433,27 +387,15 @@ async fn a_node_holding_half_the_layers_receives_only_the_rest() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn an_interrupted_upload_resumes_from_the_bytes_the_node_kept() -> Result<()> {
     use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest};
-    use lade_testkit::fixtures::{random_layer, ImageFixture};
 
     if !daemon_tests_enabled() {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let mut imgs = images()?;
     // A layer of a few MiB, so an upload can stop after its first chunk.
-    let base = imgs[2].layers[0].clone();
-    imgs.push(ImageFixture::new(
-        "release.daocloud.io/demo/big:v1",
-        vec![base, random_layer(7, 3 << 20, 0.0)],
-        &["/bin/sh"],
-    ));
-    let (bundle_path, written) = write_sample_bundle(
-        dir.path(),
-        "big.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::None,
-    )?;
+    let imgs = images_and_big(7, &[3 << 20])?;
+    let (bundle_path, written) =
+        gcr_bundle(dir.path(), "big.bundle.tar", &imgs, Compression::None)?;
     let bundle = Bundle::open(&bundle_path)?;
     let big = written.images[3].layers[1].clone();
     assert!(big.size > 2 * lade_proto::CHUNK_SIZE as u64);
@@ -531,15 +473,9 @@ async fn a_node_that_comes_up_late_is_retried_and_completes() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let mut node = Node::start("late").await?;
-    node.kill_agent();
+    node.agent.kill();
     let agents = [node.addr()];
     let load = std::thread::spawn({
         let bundle = bundle.clone();
@@ -547,7 +483,7 @@ async fn a_node_that_comes_up_late_is_retried_and_completes() -> Result<()> {
     });
     // Down for the first attempt (and maybe the second); up before the retries run out.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    node.start_agent().await?;
+    node.agent.restart().await?;
     let (code, reports, stderr) = load.join().expect("load thread")?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
     assert!(u64_of(&reports[0], "attempts") >= 2, "{}", reports[0]);
@@ -562,13 +498,7 @@ async fn a_node_that_never_answers_times_out_alone() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let node = Node::start("prompt").await?;
     // Accepts TCP connections (the kernel does, from the backlog) but never speaks HTTP/2.
     let silent = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -602,11 +532,10 @@ async fn a_layer_is_unpacked_as_soon_as_it_is_stored_and_a_wrong_hint_harms_noth
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle_path, written) = write_sample_bundle(
+    let (bundle_path, written) = gcr_bundle(
         dir.path(),
         "ahead.bundle.tar",
         &images()?,
-        ArchiveFormat::Gcr,
         Compression::Gzip,
     )?;
     let bundle = Bundle::open(&bundle_path)?;

@@ -10,12 +10,11 @@ use std::process::Command;
 
 use anyhow::{ensure, Context, Result};
 use lade_testkit::fixtures::{
-    random_layer, write_oci_multiplatform, ArchiveFormat, Compression, ImageFixture, APP_HELLO,
-    APP_IMAGE,
+    random_layer, write_oci_multiplatform, Compression, ImageFixture, APP_HELLO, APP_IMAGE,
 };
 use lade_testkit::harness::{daemon_tests_enabled, require_binary};
 use lade_testkit::nodes::{DockerNode, Node};
-use lade_tests::{images, load_json, write_images_tar};
+use lade_tests::{docker_save_tar, images, load_json};
 
 const MULTI: &str = "release.daocloud.io/demo/multi:v1";
 
@@ -52,6 +51,22 @@ async fn node_with_multi(dir: &Path) -> Result<Node> {
     Ok(source)
 }
 
+/// Loads `archive` (plus the `extra` flags) onto a fresh containerd node `node_name`, then runs
+/// the app image `name` there as container `id`; returns lade's stderr.
+async fn load_and_run(
+    archive: &Path,
+    node_name: &str,
+    extra: &[&str],
+    name: &str,
+    id: &str,
+) -> Result<String> {
+    let node = Node::start(node_name).await?;
+    let (code, reports, stderr) = load_json(archive, &[node.addr()], extra)?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    run_app(&node, name, id)?;
+    Ok(stderr)
+}
+
 fn run_app(node: &Node, name: &str, id: &str) -> Result<()> {
     let out = node.run_container(name, id, &["/bin/busybox", "cat", "/app/hello.txt"])?;
     ensure!(
@@ -85,20 +100,21 @@ async fn ctr_export_of_one_platform_and_of_all_platforms_load_and_run() -> Resul
         MULTI,
     ])?;
 
-    let node = Node::start("ctr-export-one").await?;
-    let (code, reports, stderr) = load_json(&one, &[node.addr()], &[])?;
-    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let stderr = load_and_run(&one, "ctr-export-one", &[], MULTI, "ctr-one").await?;
     ensure!(
         stderr.contains("its index lists linux/arm64/v8, which the archive does not carry"),
         "{stderr}"
     );
-    run_app(&node, MULTI, "ctr-one")?;
 
-    let node = Node::start("ctr-export-all").await?;
-    let (code, reports, stderr) = load_json(&all, &[node.addr()], &["--all-platforms"])?;
-    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let stderr = load_and_run(
+        &all,
+        "ctr-export-all",
+        &["--all-platforms"],
+        MULTI,
+        "ctr-all",
+    )
+    .await?;
     ensure!(!stderr.contains("does not carry"), "{stderr}");
-    run_app(&node, MULTI, "ctr-all")?;
     Ok(())
 }
 
@@ -109,12 +125,7 @@ async fn docker_save_of_docker_20_10_loads_into_containerd_and_runs() -> Result<
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (fixture, _) = write_images_tar(
-        dir.path(),
-        &imgs,
-        ArchiveFormat::DockerSave,
-        Compression::None,
-    )?;
+    let fixture = docker_save_tar(dir.path(), &imgs)?;
     let docker = DockerNode::start("docker-save").await?;
     docker
         .dockerd
@@ -124,10 +135,7 @@ async fn docker_save_of_docker_20_10_loads_into_containerd_and_runs() -> Result<
         .dockerd
         .docker_ok(&["save", "-o", path_str(&saved)?, APP_IMAGE])?;
 
-    let node = Node::start("from-docker-save").await?;
-    let (code, reports, stderr) = load_json(&saved, &[node.addr()], &[])?;
-    ensure!(code == 0, "{reports:#?}\n{stderr}");
-    run_app(&node, APP_IMAGE, "docker-save")?;
+    load_and_run(&saved, "from-docker-save", &[], APP_IMAGE, "docker-save").await?;
     Ok(())
 }
 
@@ -138,12 +146,7 @@ async fn skopeo_oci_archive_loads_and_runs() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
-    let (fixture, _) = write_images_tar(
-        dir.path(),
-        &imgs[..1],
-        ArchiveFormat::DockerSave,
-        Compression::None,
-    )?;
+    let fixture = docker_save_tar(dir.path(), &imgs[..1])?;
     let oci = dir.path().join("skopeo-oci.tar");
     let out = Command::new(require_binary("skopeo")?)
         .args(["copy", "--quiet"])
@@ -155,9 +158,6 @@ async fn skopeo_oci_archive_loads_and_runs() -> Result<()> {
         "skopeo copy: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let node = Node::start("from-skopeo").await?;
-    let (code, reports, stderr) = load_json(&oci, &[node.addr()], &[])?;
-    ensure!(code == 0, "{reports:#?}\n{stderr}");
-    run_app(&node, APP_IMAGE, "skopeo")?;
+    load_and_run(&oci, "from-skopeo", &[], APP_IMAGE, "skopeo").await?;
     Ok(())
 }

@@ -20,7 +20,7 @@ use lade_testkit::harness::{daemon_tests_enabled, require_binary};
 use lade_testkit::helm::{FakeHelm, Reply};
 use lade_testkit::nodes::{workspace_bin, Node};
 use lade_testkit::registry::{Registry, RegistryOptions};
-use lade_tests::{images, write_images_tar};
+use lade_tests::{images, images_and_big, write_images_tar};
 use serde_json::Value;
 
 /// The sample chart's images, named through global.imageRegistry as the chart pulls them.
@@ -38,23 +38,44 @@ const PUSHED: [&str; 3] = [
 const USER: &str = "alice";
 const PASSWORD: &str = "s3cret";
 
-/// A bundle of `images` as `format`, with [`HINTS`] and the sample chart, at `dir/<name>`.
+/// A bundle of `images` (go-containerregistry layout, layers compressed with `compression`),
+/// with [`HINTS`] and the sample chart, at `dir/<name>`.
 fn bundle_of(
     dir: &Path,
     name: &str,
     images: &[ImageFixture],
-    format: ArchiveFormat,
     compression: Compression,
 ) -> Result<PathBuf> {
     let parts = dir.join(format!("{name}.parts"));
     std::fs::create_dir_all(&parts)?;
-    let (images_tar, _) = write_images_tar(&parts, images, format, compression)?;
+    let (images_tar, _) = write_images_tar(&parts, images, ArchiveFormat::Gcr, compression)?;
     let path = dir.join(name);
     let mut out = BufWriter::new(File::create(&path)?);
     write_bundle(&images_tar, HINTS, &sample_chart(), &mut out)?;
     out.into_inner()?.sync_all()?;
     std::fs::remove_dir_all(parts)?;
     Ok(path)
+}
+
+/// The three sample images as a bundle (go-containerregistry layout, gzip) at
+/// `dir/demo.bundle.tar`.
+fn demo_bundle(dir: &Path) -> Result<PathBuf> {
+    bundle_of(dir, "demo.bundle.tar", &images()?, Compression::Gzip)
+}
+
+/// [`demo_bundle`] in `dir`, and a registry that requires the login [`USER`] / [`PASSWORD`],
+/// with `options` otherwise.
+async fn demo_bundle_and_login_registry(
+    dir: &Path,
+    options: RegistryOptions,
+) -> Result<(PathBuf, Registry)> {
+    let bundle = demo_bundle(dir)?;
+    let registry = Registry::start(RegistryOptions {
+        login: Some((USER.into(), PASSWORD.into())),
+        ..options
+    })
+    .await?;
+    Ok((bundle, registry))
 }
 
 /// What a `lade` run left.
@@ -182,13 +203,7 @@ async fn pushed_images_pull_back_run_and_a_second_push_sends_nothing() -> Result
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = bundle_of(
-        dir.path(),
-        "demo.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let bundle = demo_bundle(dir.path())?;
     let expected = Bundle::open(&bundle)?;
     let registry = Registry::start(RegistryOptions::default()).await?;
     let host = registry.host();
@@ -373,13 +388,7 @@ async fn a_tag_is_not_moved_to_another_image_without_force() -> Result<()> {
     }
     let dir = tempfile::tempdir()?;
     let mut imgs = images()?;
-    let old = bundle_of(
-        dir.path(),
-        "old.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let old = bundle_of(dir.path(), "old.tar", &imgs, Compression::Gzip)?;
     // The same name, other content: a rebuilt app:v1.
     let base = imgs[0].layers[0].clone();
     imgs[0] = ImageFixture::new(
@@ -387,13 +396,7 @@ async fn a_tag_is_not_moved_to_another_image_without_force() -> Result<()> {
         vec![base, random_layer(3, 4096, 1.0)],
         &["/bin/sh"],
     );
-    let new = bundle_of(
-        dir.path(),
-        "new.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let new = bundle_of(dir.path(), "new.tar", &imgs, Compression::Gzip)?;
     let (old_app, new_app) = (
         Bundle::open(&old)?.images[0].manifest.clone(),
         Bundle::open(&new)?.images[0].manifest.clone(),
@@ -446,18 +449,13 @@ async fn a_registry_with_login_and_tls_admits_only_the_right_login() -> Result<(
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = bundle_of(
+    let (bundle, registry) = demo_bundle_and_login_registry(
         dir.path(),
-        "demo.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    let registry = Registry::start(RegistryOptions {
-        login: Some((USER.into(), PASSWORD.into())),
-        tls: true,
-        ..Default::default()
-    })
+        RegistryOptions {
+            tls: true,
+            ..Default::default()
+        },
+    )
     .await?;
     let ca = registry.ca_file().expect("a TLS registry has a CA");
     let ca = ca.to_str().expect("UTF-8");
@@ -567,18 +565,13 @@ async fn a_registry_behind_a_token_server_is_pushed_to_with_bearer_tokens() -> R
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = bundle_of(
+    let (bundle, registry) = demo_bundle_and_login_registry(
         dir.path(),
-        "demo.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    let registry = Registry::start(RegistryOptions {
-        login: Some((USER.into(), PASSWORD.into())),
-        token_server: true,
-        ..Default::default()
-    })
+        RegistryOptions {
+            token_server: true,
+            ..Default::default()
+        },
+    )
     .await?;
     let target = format!("{}/offline", registry.host());
     let args = [
@@ -635,21 +628,9 @@ async fn a_push_cut_off_by_a_registry_crash_completes_when_run_again() -> Result
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let mut imgs = images()?;
-    let base = imgs[2].layers[0].clone();
     // Big enough that the upload is still running when the registry is killed.
-    imgs.push(ImageFixture::new(
-        "release.daocloud.io/demo/big:v1",
-        vec![base, random_layer(11, 96 << 20, 0.0)],
-        &["/bin/sh"],
-    ));
-    let bundle = bundle_of(
-        dir.path(),
-        "big.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::None,
-    )?;
+    let imgs = images_and_big(11, &[96 << 20])?;
+    let bundle = bundle_of(dir.path(), "big.tar", &imgs, Compression::None)?;
     let expected = Bundle::open(&bundle)?;
     let mut registry = Registry::start(RegistryOptions::default()).await?;
     let target = format!("{}/offline", registry.host());

@@ -3,7 +3,6 @@
 //! ports. Fails when containerd, runc or busybox-static is missing, unless
 //! LADE_SKIP_DAEMON_TESTS=1 says to skip.
 
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -12,22 +11,14 @@ use lade::bundle::Bundle;
 use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, HaveRequest, PutBlobRequest, RelayHop,
 };
-use lade_testkit::fixtures::{ArchiveFormat, Compression};
+use lade_testkit::fixtures::Compression;
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, workspace_bin, Node, TEST_TOKEN};
 use lade_tests::{
-    big_bundle, damaged_sample_bundle, images, load_json, metric, u64_of, wait_for,
-    write_sample_bundle,
+    big_bundle, damaged_sample_bundle, gcr_bundle, images, load_json, metric, sample_bundle,
+    start_nodes, u64_of, wait_for,
 };
 use serde_json::Value;
-
-async fn start_nodes(names: &[&str]) -> Result<Vec<Node>> {
-    let mut nodes = Vec::new();
-    for name in names {
-        nodes.push(Node::start(name).await?);
-    }
-    Ok(nodes)
-}
 
 fn addrs(nodes: &[Node]) -> Vec<String> {
     nodes.iter().map(Node::addr).collect()
@@ -76,17 +67,6 @@ fn from_coordinator(reports: &[Value]) -> u64 {
         .sum()
 }
 
-fn sample_bundle(dir: &Path) -> Result<PathBuf> {
-    let (bundle, _) = write_sample_bundle(
-        dir,
-        "demo.bundle.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
-    Ok(bundle)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_once() -> Result<()>
 {
@@ -94,7 +74,7 @@ async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_o
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = sample_bundle(dir.path())?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let unique = Bundle::open(&bundle)?.total_bytes();
     let nodes = start_nodes(&["chain-a", "chain-b", "chain-c", "chain-d"]).await?;
 
@@ -151,7 +131,7 @@ async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() ->
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = sample_bundle(dir.path())?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let unique = Bundle::open(&bundle)?.total_bytes();
     let nodes = start_nodes(&["tree-a", "tree-b", "tree-c", "tree-d"]).await?;
 
@@ -208,13 +188,7 @@ async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -
     let dir = tempfile::tempdir()?;
     let imgs = images()?;
     // The first node already holds busybox (the base layer all images share).
-    let (small, _) = write_sample_bundle(
-        dir.path(),
-        "old.bundle.tar",
-        &imgs[2..],
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (small, _) = gcr_bundle(dir.path(), "old.bundle.tar", &imgs[2..], Compression::Gzip)?;
     let (full, _) = big_bundle(dir.path(), 40 << 20, 21)?;
     let nodes = start_nodes(&["pass-a", "pass-b", "pass-c"]).await?;
     let (code, reports, stderr) = load_json(&small, &[nodes[0].addr()], &[])?;
@@ -358,7 +332,7 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
     // yet (a commits a blob only at its end).
     let committed_a = metric(&nodes[0], "lade_agent_blobs_committed_total") as usize;
     let received_c = metric(&nodes[2], "lade_agent_received_bytes_total");
-    nodes[1].kill_agent();
+    nodes[1].agent.kill();
     let blobs_before_big = index.blobs.len() - big_layers.len() + 1; // + the shared base
     assert!(
         committed_a < blobs_before_big + 1,
@@ -418,7 +392,7 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
 #[test]
 fn plan_prints_the_topology_and_contacts_nobody() -> Result<()> {
     let dir = tempfile::tempdir()?;
-    let bundle = sample_bundle(dir.path())?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     // Nothing listens on these: --plan must not try.
     let agents: Vec<String> = (1..=5).map(|i| format!("192.0.2.{i}:7700")).collect();
     let started = Instant::now();
@@ -467,7 +441,7 @@ async fn an_unauthenticated_relay_request_writes_nothing_on_any_node() -> Result
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle_path = sample_bundle(dir.path())?;
+    let (bundle_path, _) = sample_bundle(dir.path())?;
     let bundle = Bundle::open(&bundle_path)?;
     let nodes = start_nodes(&["auth-a", "auth-b"]).await?;
     let blob = bundle
@@ -552,7 +526,7 @@ async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let bundle = sample_bundle(dir.path())?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let certs = dir.path().join("certs");
     std::fs::create_dir_all(&certs)?;
     // The agents' certificate serves and, towards their peers, identifies them: both uses.

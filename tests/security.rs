@@ -8,10 +8,9 @@ use anyhow::{ensure, Result};
 use lade::load::{connect, Credentials, Dial};
 use lade_proto::{put_blob_request::Msg, BlobHeader, Descriptor, InfoRequest, PutBlobRequest};
 use lade_testkit::certs::make_certs;
-use lade_testkit::fixtures::{ArchiveFormat, Compression};
 use lade_testkit::harness::{daemon_tests_enabled, free_port, Containerd};
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{dial, http_get, images, load_json, u64_of, write_sample_bundle};
+use lade_tests::{dial, http_get, load_json, sample_bundle, u64_of};
 use tonic::Code;
 
 fn metric(text: &str, name: &str) -> f64 {
@@ -96,13 +95,7 @@ async fn lade_load_without_the_token_fails_naming_the_reason() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let node = Node::start("no-token").await?;
     let out = Command::new(workspace_bin("lade")?)
         .arg("load")
@@ -150,21 +143,15 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, _) = write_sample_bundle(
-        dir.path(),
-        "b.tar",
-        &images()?,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let (bundle, _) = sample_bundle(dir.path())?;
     let mut node = Node::start("observed").await?;
-    assert_eq!(http_get(node.metrics_port, "/healthz")?.0, 200);
-    assert_eq!(http_get(node.metrics_port, "/readyz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/healthz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/readyz")?.0, 200);
 
     let (code, reports, stderr) = load_json(&bundle, &[node.addr()], &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
     let sent = u64_of(&reports[0], "bytes_sent");
-    let (status, text) = http_get(node.metrics_port, "/metrics")?;
+    let (status, text) = http_get(node.agent.metrics_port(), "/metrics")?;
     assert_eq!(status, 200);
     assert_eq!(
         metric(&text, "lade_agent_received_bytes_total") as u64,
@@ -192,7 +179,7 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
     // Again: everything is already there, and the metrics say so.
     let (code, _, _) = load_json(&bundle, &[node.addr()], &[])?;
     assert_eq!(code, 0);
-    let (_, text) = http_get(node.metrics_port, "/metrics")?;
+    let (_, text) = http_get(node.agent.metrics_port(), "/metrics")?;
     assert!(metric(&text, "lade_agent_blobs_already_present_total") > 0.0);
     assert_eq!(
         metric(&text, "lade_agent_received_bytes_total") as u64,
@@ -201,9 +188,9 @@ async fn metrics_and_probes_tell_what_happened() -> Result<()> {
 
     // Readiness follows the runtime: containerd gone, not ready; alive all the same.
     node.containerd.kill_9();
-    let (status, body) = http_get(node.metrics_port, "/readyz")?;
+    let (status, body) = http_get(node.agent.metrics_port(), "/readyz")?;
     assert_eq!(status, 503, "{body}");
-    assert_eq!(http_get(node.metrics_port, "/healthz")?.0, 200);
+    assert_eq!(http_get(node.agent.metrics_port(), "/healthz")?.0, 200);
     Ok(())
 }
 

@@ -6,7 +6,7 @@ use std::process::Command;
 
 use anyhow::{ensure, Result};
 
-use crate::harness::require_binary;
+use crate::require::require_binary;
 
 /// Writes `ca.crt`/`ca.key`, then for each `(name, extensions)` `<name>.crt`/`<name>.key`
 /// signed by that CA (P-256 keys, valid 2 days). `extensions` is an openssl extension file's

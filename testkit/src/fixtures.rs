@@ -67,6 +67,11 @@ pub fn blob_digest(bytes: &[u8]) -> String {
     format!("sha256:{}", sha256_hex(bytes))
 }
 
+/// Path of a blob in an OCI image layout: `blobs/sha256/<hex>`.
+fn oci_blob_path(digest: &str) -> String {
+    format!("blobs/sha256/{}", digest_hex(digest))
+}
+
 /// The hex part of a `sha256:<hex>` digest (the input unchanged if it has no algorithm prefix).
 fn digest_hex(digest: &str) -> &str {
     digest.strip_prefix("sha256:").unwrap_or(digest)
@@ -512,6 +517,41 @@ impl<W: Write> TarOut<W> {
         self.file_from(path, mode, data.len() as u64, data)
     }
 
+    /// Starts an OCI image layout: `oci-layout` and the `blobs/`, `blobs/sha256/` dirs.
+    fn oci_layout(out: W) -> io::Result<Self> {
+        let mut tar = TarOut::new(out);
+        tar.json("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
+        tar.dir("blobs", 0o755)?;
+        tar.dir("blobs/sha256", 0o755)?;
+        Ok(tar)
+    }
+
+    /// Stores the layers of `image` (whose diff IDs are `diff_ids`) that `layers` has not
+    /// stored yet under `blobs/sha256/`; returns the bytes of an OCI manifest of them around
+    /// `config` (not written) and the layers' descriptors.
+    fn oci_manifest(
+        &mut self,
+        layers: &mut LayerBlobs,
+        image: &ImageFixture,
+        diff_ids: &[String],
+        config: &[u8],
+    ) -> io::Result<(Vec<u8>, Vec<Descriptor>)> {
+        let mut descs = Vec::new();
+        for (layer, diff_id) in image.layers.iter().zip(diff_ids) {
+            let (desc, _) = layers.get_or_store(diff_id, layer, |blob, d| {
+                self.file(&oci_blob_path(&d.digest), 0o644, blob)
+            })?;
+            descs.push(desc);
+        }
+        let manifest = serde_json::to_vec(&json!({
+            "schemaVersion": 2,
+            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
+            "config": Descriptor::of(MEDIA_TYPE_OCI_CONFIG, config),
+            "layers": descs,
+        }))?;
+        Ok((manifest, descs))
+    }
+
     /// An archive metadata file (`manifest.json`, `index.json`, ...), mode 0644.
     fn json(&mut self, path: &str, value: &serde_json::Value) -> io::Result<()> {
         self.file(path, 0o644, &serde_json::to_vec(value)?)
@@ -878,11 +918,8 @@ fn write_oci(
     docker25: bool,
     out: &mut impl Write,
 ) -> Result<WrittenArchive> {
-    let blob_path = |digest: &str| format!("blobs/sha256/{}", digest_hex(digest));
-    let mut tar = TarOut::new(out);
-    tar.json("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
-    tar.dir("blobs", 0o755)?;
-    tar.dir("blobs/sha256", 0o755)?;
+    let blob_path = oci_blob_path;
+    let mut tar = TarOut::oci_layout(out)?;
 
     let mut configs = HashSet::new();
     let mut manifests = HashSet::new();
@@ -896,19 +933,7 @@ fn write_oci(
             tar.file(&blob_path(d), 0o644, &image.config)
         })?;
         let diff_ids = image.diff_ids();
-        let mut descs = Vec::new();
-        for (layer, diff_id) in image.layers.iter().zip(&diff_ids) {
-            let (desc, _) = layers.get_or_store(diff_id, layer, |blob, d| {
-                tar.file(&blob_path(&d.digest), 0o644, blob)
-            })?;
-            descs.push(desc);
-        }
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-            "config": Descriptor::of(MEDIA_TYPE_OCI_CONFIG, &image.config),
-            "layers": descs,
-        }))?;
+        let (manifest, descs) = tar.oci_manifest(&mut layers, image, &diff_ids, &image.config)?;
         let manifest_desc = Descriptor::of(MEDIA_TYPE_OCI_MANIFEST, &manifest);
         if manifests.insert(manifest_desc.digest.clone()) {
             tar.file(&blob_path(&manifest_desc.digest), 0o644, &manifest)?;
@@ -991,11 +1016,8 @@ pub fn write_oci_partial_multiplatform(
     compression: Compression,
     out: &mut impl Write,
 ) -> Result<WrittenIndex> {
-    let blob_path = |digest: &str| format!("blobs/sha256/{}", digest_hex(digest));
-    let mut tar = TarOut::new(out);
-    tar.json("oci-layout", &json!({"imageLayoutVersion": "1.0.0"}))?;
-    tar.dir("blobs", 0o755)?;
-    tar.dir("blobs/sha256", 0o755)?;
+    let blob_path = oci_blob_path;
+    let mut tar = TarOut::oci_layout(out)?;
     let mut layers = LayerBlobs::new(compression);
     let mut entries = Vec::new();
     let mut manifests = Vec::new();
@@ -1003,19 +1025,7 @@ pub fn write_oci_partial_multiplatform(
         let diff_ids = image.diff_ids();
         let config = image_config_for(architecture, &diff_ids, &["/bin/sh"]);
         tar.file(&blob_path(&blob_digest(&config)), 0o644, &config)?;
-        let mut descs = Vec::new();
-        for (layer, diff_id) in image.layers.iter().zip(&diff_ids) {
-            let (desc, _) = layers.get_or_store(diff_id, layer, |blob, d| {
-                tar.file(&blob_path(&d.digest), 0o644, blob)
-            })?;
-            descs.push(desc);
-        }
-        let manifest = serde_json::to_vec(&json!({
-            "schemaVersion": 2,
-            "mediaType": MEDIA_TYPE_OCI_MANIFEST,
-            "config": Descriptor::of(MEDIA_TYPE_OCI_CONFIG, &config),
-            "layers": descs,
-        }))?;
+        let (manifest, _) = tar.oci_manifest(&mut layers, image, &diff_ids, &config)?;
         let desc = Descriptor::of(MEDIA_TYPE_OCI_MANIFEST, &manifest);
         tar.file(&blob_path(&desc.digest), 0o644, &manifest)?;
         let mut entry = json!(desc);

@@ -5,8 +5,8 @@
 //! and tears all of it down again on drop (daemon, leftover shims and their containers, their
 //! cgroups, mounts, the dir); [`Dockerd`] does the same for a dockerd on top of its own
 //! private containerd; [`ChildGuard`] does the same for any other process a test spawns (the agent).
-//! [`require_binary`] and [`daemon_tests_enabled`] decide whether daemon tests run at all: they
-//! fail loudly when the daemons are missing and skip only when explicitly told to.
+//! [`require_binary`] and [`daemon_tests_enabled`] (from [`crate::require`], re-exported here)
+//! decide whether daemon tests run at all.
 //!
 //! The building blocks are free functions on purpose (short temp dir, process scans and
 //! reaping, cgroup removal, unmounting, log tail) so [`Containerd`] and [`Dockerd`] share them
@@ -14,9 +14,8 @@
 
 use std::ffi::CString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -25,12 +24,10 @@ use anyhow::{bail, Context, Result};
 use tempfile::TempDir;
 
 use crate::cri;
+pub use crate::require::{daemon_tests_enabled, require_binary, SKIP_ENV};
 use crate::runtimes::{
     ContainerdVersion, DockerStore, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV, DOCKERD_ENV,
 };
-
-/// Environment variable that, set to `1`, makes daemon tests skip (loudly) instead of failing.
-pub const SKIP_ENV: &str = "LADE_SKIP_DAEMON_TESTS";
 
 /// The snapshotter [`Containerd::start`] configures for CRI: the agent's default.
 pub const CRI_SNAPSHOTTER: &str = "overlayfs";
@@ -49,65 +46,6 @@ const READINESS_PROBE_IMAGE: &str = "docker.io/library/lade-readiness-probe:none
 
 /// Lines of daemon log included in errors.
 pub(crate) const LOG_TAIL_LINES: usize = 40;
-
-/// Returns whether tests that need real daemons should run.
-///
-/// They run unless `LADE_SKIP_DAEMON_TESTS=1`; in that case a loud line naming the calling test
-/// is written straight to stderr (bypassing libtest's output capture, so the skip is visible
-/// without `--nocapture`) and `false` is returned. Callers do `if !daemon_tests_enabled() {
-/// return; }` first. When the variable is not set, missing binaries are a *failure* (see
-/// [`require_binary`]), never a silent skip.
-#[track_caller]
-pub fn daemon_tests_enabled() -> bool {
-    if std::env::var(SKIP_ENV).as_deref() != Ok("1") {
-        return true;
-    }
-    let caller = std::panic::Location::caller();
-    let line = format!(
-        "\n!!! SKIPPED real-daemon test at {}:{} because {SKIP_ENV}=1 — it did NOT run !!!\n",
-        caller.file(),
-        caller.line()
-    );
-    // Direct write instead of eprintln!: the test harness captures the macros, not the handle.
-    let _ = std::io::stderr().lock().write_all(line.as_bytes());
-    false
-}
-
-/// Finds `name` on `PATH` or fails with an error telling how to install it.
-///
-/// Only `PATH` is searched (not e.g. `/usr/sbin` behind its back): containerd and its shim look
-/// binaries up on `PATH` too, so finding one elsewhere would just move the failure later.
-pub fn require_binary(name: &str) -> Result<PathBuf> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for dir in std::env::split_paths(&path) {
-        let candidate = dir.join(name);
-        if let Ok(meta) = fs::metadata(&candidate) {
-            if meta.is_file() && meta.permissions().mode() & 0o111 != 0 {
-                return Ok(candidate);
-            }
-        }
-    }
-    let package = match name {
-        "dockerd" | "docker" => "docker.io",
-        "docker-registry" => "docker-registry",
-        "skopeo" => "skopeo",
-        "htpasswd" => "apache2-utils",
-        "openssl" => "openssl",
-        "runc" => "runc",
-        _ => "containerd",
-    };
-    bail!(
-        "required binary `{name}` not found on PATH. lade's integration tests run against real \
-         daemons and fail rather than silently skip: install them with \
-         `apt-get install -y containerd` (brings ctr, containerd-shim-runc-v2 and runc){extra}, \
-         or set {SKIP_ENV}=1 to skip these tests explicitly",
-        extra = if package == "containerd" {
-            String::new()
-        } else {
-            format!(" and `apt-get install -y {package}`")
-        }
-    )
-}
 
 /// Returns a TCP port on 127.0.0.1 that was free a moment ago, never the same one twice in
 /// this process.
@@ -1334,15 +1272,6 @@ pub(crate) mod tests {
         );
         assert_eq!(unescape_mountinfo("/plain"), "/plain");
         assert_eq!(unescape_mountinfo(r"/trailing\04"), r"/trailing\04");
-    }
-
-    #[test]
-    fn missing_binary_error_says_how_to_install() {
-        let err = require_binary("lade-no-such-binary-xyz").unwrap_err();
-        let msg = err.to_string();
-        assert!(msg.contains("apt-get install -y containerd"), "{msg}");
-        assert!(msg.contains(SKIP_ENV), "{msg}");
-        assert!(require_binary("sh").is_ok());
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! containerd ([`DockerNode`]), plus a real `lade-agent` process on a 127.0.0.1 port, and
 //! helpers to run the real `lade` binary against them.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -41,13 +41,8 @@ pub struct Node {
     pub name: String,
     // Declared before `containerd` so it is dropped first: a live agent names the socket on
     // its command line and would look like a leftover shim to containerd's cleanup.
-    agent: Option<ChildGuard>,
+    pub agent: AgentProcess,
     pub containerd: Containerd,
-    pub port: u16,
-    /// Port of the agent's /metrics, /healthz, /readyz.
-    pub metrics_port: u16,
-    /// Agent flags beyond the harness's own, kept for restarts.
-    agent_args: Vec<String>,
 }
 
 impl Node {
@@ -59,55 +54,22 @@ impl Node {
     /// As [`Node::start`], with extra agent flags (e.g. `--platform linux/arm64`).
     pub async fn start_with(name: &str, agent_args: &[&str]) -> Result<Node> {
         let containerd = Containerd::start(name).await?;
-        let mut node = Node {
+        let mut args = vec![
+            OsString::from("--containerd-socket"),
+            containerd.socket().into_os_string(),
+        ];
+        args.extend(agent_args.iter().map(OsString::from));
+        let agent = AgentProcess::start(name, containerd.dir().join("agent.log"), args).await?;
+        Ok(Node {
             name: name.to_string(),
+            agent,
             containerd,
-            agent: None,
-            port: free_port(),
-            metrics_port: free_port(),
-            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
-        };
-        node.start_agent().await?;
-        Ok(node)
+        })
     }
 
     /// `127.0.0.1:<port>` of the agent.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn agent_log(&self) -> PathBuf {
-        self.containerd.dir().join("agent.log")
-    }
-
-    /// (Re)starts the agent process on the same port.
-    pub async fn start_agent(&mut self) -> Result<()> {
-        let socket = self.containerd.socket();
-        let mut args = vec![OsStr::new("--containerd-socket"), socket.as_os_str()];
-        args.extend(self.agent_args.iter().map(OsStr::new));
-        self.agent = Some(
-            spawn_agent(
-                &self.name,
-                self.port,
-                self.metrics_port,
-                &args,
-                &self.agent_log(),
-            )
-            .await?,
-        );
-        Ok(())
-    }
-
-    /// Process id of the running agent.
-    pub fn agent_pid(&self) -> Option<u32> {
-        self.agent.as_ref().map(ChildGuard::pid)
-    }
-
-    /// Kills the agent process (SIGKILL), leaving containerd running.
-    pub fn kill_agent(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            a.kill_9();
-        }
+        self.agent.addr()
     }
 
     /// Image names in namespace `k8s.io` but digest references (tags and CRI's config-digest
@@ -173,76 +135,43 @@ impl Node {
 pub struct DockerNode {
     pub name: String,
     // Dropped before `dockerd`, like `Node::agent`.
-    agent: Option<ChildGuard>,
+    pub agent: AgentProcess,
     pub dockerd: Dockerd,
-    pub port: u16,
-    /// Port of the agent's /metrics, /healthz, /readyz.
-    pub metrics_port: u16,
 }
 
 impl DockerNode {
     /// Starts dockerd and an agent for it; returns once the agent accepts connections.
     pub async fn start(name: &str) -> Result<DockerNode> {
         let dockerd = Dockerd::start(name).await?;
-        let mut node = DockerNode {
+        let cache = dockerd.dir().join("lade-cache");
+        // `--containerd-socket` is used only when dockerd keeps images in containerd (the
+        // containerd image store): dockerd 26 does not report its containerd's address.
+        let args = vec![
+            OsString::from("--runtime"),
+            OsString::from("docker"),
+            OsString::from("--docker-socket"),
+            dockerd.socket().into_os_string(),
+            OsString::from("--docker-cache-dir"),
+            cache.into_os_string(),
+            OsString::from("--containerd-socket"),
+            dockerd.containerd().socket().into_os_string(),
+        ];
+        let agent = AgentProcess::start(name, dockerd.dir().join("agent.log"), args).await?;
+        Ok(DockerNode {
             name: name.to_string(),
+            agent,
             dockerd,
-            agent: None,
-            port: free_port(),
-            metrics_port: free_port(),
-        };
-        node.start_agent().await?;
-        Ok(node)
+        })
     }
 
     /// `127.0.0.1:<port>` of the agent.
     pub fn addr(&self) -> String {
-        format!("127.0.0.1:{}", self.port)
-    }
-
-    pub fn agent_log(&self) -> PathBuf {
-        self.dockerd.dir().join("agent.log")
+        self.agent.addr()
     }
 
     /// The agent's blob cache (`--docker-cache-dir`).
     pub fn cache_dir(&self) -> PathBuf {
         self.dockerd.dir().join("lade-cache")
-    }
-
-    /// (Re)starts the agent process on the same port.
-    pub async fn start_agent(&mut self) -> Result<()> {
-        let (socket, cache) = (self.dockerd.socket(), self.cache_dir());
-        // Used only when dockerd keeps images in containerd (the containerd image store):
-        // dockerd 26 does not report its containerd's address.
-        let containerd = self.dockerd.containerd().socket();
-        let args = [
-            OsStr::new("--runtime"),
-            OsStr::new("docker"),
-            OsStr::new("--docker-socket"),
-            socket.as_os_str(),
-            OsStr::new("--docker-cache-dir"),
-            cache.as_os_str(),
-            OsStr::new("--containerd-socket"),
-            containerd.as_os_str(),
-        ];
-        self.agent = Some(
-            spawn_agent(
-                &self.name,
-                self.port,
-                self.metrics_port,
-                &args,
-                &self.agent_log(),
-            )
-            .await?,
-        );
-        Ok(())
-    }
-
-    /// Kills the agent process (SIGKILL), leaving dockerd running.
-    pub fn kill_agent(&mut self) {
-        if let Some(mut a) = self.agent.take() {
-            a.kill_9();
-        }
     }
 
     /// Every tagged name `docker images` shows, in full form
@@ -266,6 +195,74 @@ impl DockerNode {
         let mut args = vec!["run", "--rm", "--network", "none", image];
         args.extend_from_slice(cmd);
         self.dockerd.docker_ok(&args)
+    }
+}
+
+/// The `lade-agent` half of a simulated node ([`Node`], [`DockerNode`]): its ports, its
+/// runtime flags (kept for restarts), its log and, while it runs, its process.
+pub struct AgentProcess {
+    name: String,
+    port: u16,
+    metrics_port: u16,
+    args: Vec<OsString>,
+    log: PathBuf,
+    child: Option<ChildGuard>,
+}
+
+impl AgentProcess {
+    /// Starts an agent for node `name` with the runtime flags `args` on two free ports, logging
+    /// to `log`; returns once it accepts connections.
+    pub async fn start(name: &str, log: PathBuf, args: Vec<OsString>) -> Result<AgentProcess> {
+        let mut agent = AgentProcess {
+            name: name.to_string(),
+            port: free_port(),
+            metrics_port: free_port(),
+            args,
+            log,
+            child: None,
+        };
+        agent.restart().await?;
+        Ok(agent)
+    }
+
+    /// (Re)starts the agent process on the same ports and flags.
+    pub async fn restart(&mut self) -> Result<()> {
+        let args: Vec<&OsStr> = self.args.iter().map(OsString::as_os_str).collect();
+        let child = spawn_agent(&self.name, self.port, self.metrics_port, &args, &self.log).await?;
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// Kills the agent process (SIGKILL), leaving its runtime running.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill_9();
+        }
+    }
+
+    /// `127.0.0.1:<port>` of the agent.
+    pub fn addr(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Port of the agent's gRPC service.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Port of the agent's /metrics, /healthz, /readyz.
+    pub fn metrics_port(&self) -> u16 {
+        self.metrics_port
+    }
+
+    /// The agent's log file.
+    pub fn log(&self) -> &Path {
+        &self.log
+    }
+
+    /// Process id of the running agent.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(ChildGuard::pid)
     }
 }
 

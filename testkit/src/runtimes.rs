@@ -11,7 +11,7 @@ use std::process::Command;
 
 use anyhow::{bail, Context, Result};
 
-use crate::harness::require_binary;
+use crate::require::require_binary;
 
 /// Selects the containerd the harness starts: unset or `system` = the one on `PATH`, otherwise
 /// the name of a runtime fetched by `scripts/fetch-runtimes` (e.g. `containerd-2.1`).

@@ -25,7 +25,7 @@ use ring::signature::{EcdsaKeyPair, ECDSA_P256_SHA256_FIXED_SIGNING};
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
-use crate::harness::require_binary;
+use crate::require::require_binary;
 
 /// The `service` (JWT audience) the registry is configured with.
 pub const SERVICE: &str = "lade-test-registry";

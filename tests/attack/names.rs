@@ -5,7 +5,7 @@
 use anyhow::{Context, Result};
 use lade::load::connect;
 use lade_proto::{Descriptor, ImageSpec, ImportRequest};
-use lade_testkit::fixtures::{ArchiveFormat, Compression};
+use lade_testkit::fixtures::Compression;
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::hostile::{oci_layout, raw_tar, Member, OciImage};
 use lade_testkit::nodes::{run_lade, DockerNode, Node};
@@ -298,19 +298,9 @@ async fn a_name_holding_the_same_image_under_other_manifest_bytes_is_moved() -> 
     // layers. That is not other content: the name moves without --allow-overwrite.
     let dir = tempfile::tempdir()?;
     let imgs = lade_tests::images()?;
-    let (saved, _) = lade_tests::write_images_tar(
-        dir.path(),
-        &imgs,
-        ArchiveFormat::DockerSave,
-        Compression::None,
-    )?;
-    let (bundle, _) = lade_tests::write_sample_bundle(
-        dir.path(),
-        "same.bundle.tar",
-        &imgs,
-        ArchiveFormat::Gcr,
-        Compression::Gzip,
-    )?;
+    let saved = lade_tests::docker_save_tar(dir.path(), &imgs)?;
+    let (bundle, _) =
+        lade_tests::gcr_bundle(dir.path(), "same.bundle.tar", &imgs, Compression::Gzip)?;
     let node = Node::start("attack-same-image").await?;
     let saved = saved.display().to_string();
     node.containerd

@@ -245,7 +245,7 @@ async fn every_rpc_refuses_a_caller_without_the_token_and_the_token_leaks_nowher
         .into_inner();
     assert!(!format!("{info:?}").contains(TEST_TOKEN), "{info:?}");
     for path in ["/metrics", "/healthz", "/readyz"] {
-        let (_, body) = lade_tests::http_get(node.metrics_port, path)?;
+        let (_, body) = lade_tests::http_get(node.agent.metrics_port(), path)?;
         assert!(!body.contains(TEST_TOKEN), "{path}: {body}");
     }
     let wrong = Dial {
@@ -258,7 +258,7 @@ async fn every_rpc_refuses_a_caller_without_the_token_and_the_token_leaks_nowher
         .await
         .unwrap_err();
     assert!(!err.to_string().contains(TEST_TOKEN), "{err}");
-    let log = std::fs::read_to_string(node.agent_log())?;
+    let log = std::fs::read_to_string(node.agent.log())?;
     assert!(!log.contains(TEST_TOKEN), "the agent log holds the token");
     Ok(())
 }
@@ -269,7 +269,7 @@ async fn a_slow_client_on_the_side_port_is_cut_off() -> Result<()> {
         return Ok(());
     }
     let node = Node::start("slowloris").await?;
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.metrics_port))?;
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", node.agent.metrics_port()))?;
     // Half a request head, then nothing: the agent must close the connection.
     stream.write_all(b"GET /metrics HTTP/1.1\r\nHost: agent\r\n")?;
     let limit = lade_agent::http::HEADER_READ_TIMEOUT + Duration::from_secs(10);

@@ -1,9 +1,9 @@
 //! What the benchmark binaries (`lade-bench`, `lade-bench-relay`) read about the processes
-//! they measure.
+//! they measure, and how they read their command line.
 
 use std::path::Path;
 
-use anyhow::{ensure, Result};
+use anyhow::{ensure, Context, Result};
 
 /// CPU seconds (user + system) process `pid` has used so far; with `waited_children`, also
 /// those of the children it has waited for (containerd's `unpigz`). 0 for a process gone.
@@ -42,4 +42,29 @@ pub fn time_report(report: &Path, fields: usize) -> Result<Vec<f64>> {
         "unexpected /usr/bin/time output: {text}"
     );
     Ok(nums)
+}
+
+/// Reads the command line as `--flag value` pairs: `-h` / `--help` prints `usage` and exits;
+/// every other flag goes to `set` with a getter of its value, and one that `set` does not know
+/// (it returns `Ok(false)`) is an error.
+pub fn parse_flags(
+    usage: &str,
+    mut set: impl FnMut(&str, &mut dyn FnMut() -> Result<String>) -> Result<bool>,
+) -> Result<()> {
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
+        ensure!(set(&flag, &mut value)?, "unknown argument {flag}");
+    }
+    Ok(())
+}
+
+/// What the measured `lade load` runs pass after the bundle: the one agent at `agent`, no
+/// progress output, the JSON report on stdout.
+pub fn load_flags(agent: &str) -> [&str; 6] {
+    ["--agent", agent, "--progress", "none", "-o", "json"]
 }

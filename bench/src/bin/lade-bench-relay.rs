@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_testkit::bench::{cpu_seconds, time_report};
+use lade_bench::{cpu_seconds, load_flags, parse_flags, time_report};
 use lade_testkit::fixtures::{
     random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
     ImageFixture,
@@ -43,10 +43,10 @@ fn parse_args() -> Result<Args> {
         rounds: 1,
         out: PathBuf::from("bench/results"),
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
+    let usage = "usage: lade-bench-relay [--size-mib 256] [--rate-mbit 200] [--nodes 1,2,4,8] \
+                 [--modes auto,off] [--rounds 1] [--out bench/results]";
+    parse_flags(usage, |flag, value| {
+        match flag {
             "--size-mib" => args.size_mib = value()?.parse()?,
             "--rate-mbit" => args.rate_mbit = value()?.parse()?,
             "--nodes" => {
@@ -58,16 +58,10 @@ fn parse_args() -> Result<Args> {
             "--modes" => args.modes = value()?.split(',').map(str::to_string).collect(),
             "--rounds" => args.rounds = value()?.parse()?,
             "--out" => args.out = PathBuf::from(value()?),
-            "-h" | "--help" => {
-                println!(
-                    "usage: lade-bench-relay [--size-mib 256] [--rate-mbit 200] [--nodes 1,2,4,8] \
-                     [--modes auto,off] [--rounds 1] [--out bench/results]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     ensure!(
         args.nodes.iter().all(|&n| (1..=50).contains(&n)),
         "--nodes: 1 to 50"
@@ -476,16 +470,10 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
 /// simulated network.
 async fn fresh_node_bytes(bundle: &Path) -> Result<u64> {
     let node = lade_testkit::nodes::Node::start("relay-bench-size").await?;
-    let out = lade_testkit::nodes::run_lade(&[
-        "load",
-        bundle.to_str().context("utf-8 path")?,
-        "--agent",
-        &node.addr(),
-        "--progress",
-        "none",
-        "-o",
-        "json",
-    ])?;
+    let addr = node.addr();
+    let mut args = vec!["load", bundle.to_str().context("utf-8 path")?];
+    args.extend(load_flags(&addr));
+    let out = lade_testkit::nodes::run_lade(&args)?;
     ensure!(out.status.success(), "sizing load failed");
     let reports: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     reports[0]["bytes_sent"]

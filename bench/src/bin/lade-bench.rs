@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_testkit::bench::{cpu_seconds, time_report};
+use lade_bench::{cpu_seconds, load_flags, parse_flags, time_report};
 use lade_testkit::fixtures::{
     random_layer, random_tree_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat,
     Compression, ImageFixture,
@@ -47,10 +47,10 @@ fn parse_args() -> Result<Args> {
         scenarios: vec!["fresh".into(), "upgrade".into(), "again".into()],
         small_files: false,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || it.next().with_context(|| format!("{flag} needs a value"));
-        match flag.as_str() {
+    let usage = "usage: lade-bench [--size-mib 512] [--images 8] [--rounds 3] [--changed-pct 10] \
+                 [--scenarios fresh,upgrade,again] [--files large|small] [--out bench/results]";
+    parse_flags(usage, |flag, value| {
+        match flag {
             "--size-mib" => args.size_mib = value()?.parse()?,
             "--images" => args.images = value()?.parse()?,
             "--rounds" => args.rounds = value()?.parse()?,
@@ -64,16 +64,10 @@ fn parse_args() -> Result<Args> {
                     other => bail!("--files is large or small, not {other}"),
                 }
             }
-            "-h" | "--help" => {
-                println!(
-                    "usage: lade-bench [--size-mib 512] [--images 8] [--rounds 3] [--changed-pct 10] \
-                     [--scenarios fresh,upgrade,again] [--files large|small] [--out bench/results]"
-                );
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
+            _ => return Ok(false),
         }
-    }
+        Ok(true)
+    })?;
     ensure!(args.images >= 2, "--images must be at least 2");
     Ok(args)
 }
@@ -248,7 +242,7 @@ impl Tool {
     fn load(&self, node: &mut Node, args: &Args, version: u64) -> Result<Sample> {
         let (images_tar, bundle_path) = bundle(args, version)?;
         let containerd_pid = node.containerd.pid().context("containerd is not running")?;
-        let agent_pid = node.agent_pid().context("agent is not running")?;
+        let agent_pid = node.agent.pid().context("agent is not running")?;
         let before = [
             cpu_seconds(containerd_pid, true),
             cpu_seconds(agent_pid, true),
@@ -265,14 +259,9 @@ impl Tool {
             Tool::Lade | Tool::LadeContainerdUnpacks => {
                 let mut c = Command::new(workspace_bin("lade")?);
                 c.env("LADE_AUTH_TOKEN", TEST_TOKEN);
-                c.arg("load").arg(&bundle_path).args([
-                    "--agent",
-                    &node.addr(),
-                    "--progress",
-                    "none",
-                    "-o",
-                    "json",
-                ]);
+                c.arg("load")
+                    .arg(&bundle_path)
+                    .args(load_flags(&node.addr()));
                 c
             }
         };

@@ -174,7 +174,7 @@ fn teardown(nodes: Vec<Node>) {
     }
     println!("\ntearing down the nodes...");
     for mut node in nodes {
-        node.kill_agent();
+        node.agent.kill();
         drop(node);
     }
     println!("done: daemons stopped, temp dirs removed");
@@ -195,7 +195,7 @@ impl Session {
             println!("  {}", node.name);
             println!("    containerd socket  {}", socket.display());
             println!("    lade-agent         {}", node.addr());
-            println!("    agent log          {}", node.agent_log().display());
+            println!("    agent log          {}", node.agent.log().display());
             println!(
                 "    try                ctr --address {} -n k8s.io images ls",
                 socket.display()
@@ -535,7 +535,7 @@ fn u64_field(report: &Value, key: &str) -> Result<u64> {
 fn agent_logs(nodes: &[Node]) -> String {
     let mut s = String::new();
     for node in nodes {
-        let log = std::fs::read_to_string(node.agent_log()).unwrap_or_default();
+        let log = std::fs::read_to_string(node.agent.log()).unwrap_or_default();
         let lines: Vec<&str> = log.lines().collect();
         let tail = lines[lines.len().saturating_sub(15)..].join("\n    ");
         s.push_str(&format!("\n  agent log of {}:\n    {tail}", node.name));
