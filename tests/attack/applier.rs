@@ -228,7 +228,7 @@ async fn a_long_name_of_64_mib_is_refused_unread_and_unquoted() -> Result<()> {
         return Ok(());
     }
     let node = Node::start_with("attack-long-name", &["--unpack", "agent"]).await?;
-    let before = peak_rss(node.agent_pid().context("agent pid")?)?;
+    let before = peak_rss(node.agent.pid().context("agent pid")?)?;
     let images = vec![OciImage::plain(
         "x.io/attack/long-name:1",
         vec![long_name_tar(64 << 20)],
@@ -244,7 +244,7 @@ async fn a_long_name_of_64_mib_is_refused_unread_and_unquoted() -> Result<()> {
         "{}",
         &report[..report.len().min(4000)]
     );
-    let grown = peak_rss(node.agent_pid().context("agent pid")?)?.saturating_sub(before);
+    let grown = peak_rss(node.agent.pid().context("agent pid")?)?.saturating_sub(before);
     assert!(
         grown < 48 << 20,
         "the agent's peak memory grew by {grown} bytes"
