@@ -1,4 +1,4 @@
-//! Real crashes in the middle of a load (issue 9): `kill -9` of the agent during an upload and
+//! Real crashes in the middle of a load: `kill -9` of the agent during an upload and
 //! during an import, of containerd during an import, and of the coordinator during a
 //! transfer. Afterwards no name may point at missing or un-unpacked content, the load's lease
 //! carries its expiry, and a re-run completes, re-sending at most what was in flight.

@@ -1,4 +1,4 @@
-//! Relay fan-out end to end (issue 8): the real `lade` and `lade-agent` binaries against
+//! Relay fan-out end to end: the real `lade` and `lade-agent` binaries against
 //! private containerd instances, the agents passing blobs on to each other over their gRPC
 //! ports. Fails when containerd, runc or busybox-static is missing, unless
 //! LADE_SKIP_DAEMON_TESTS=1 says to skip.

@@ -431,7 +431,7 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
             ));
         }
     }
-    // The targets of issue 8, for the relay modes measured.
+    // The relay targets, for the relay modes measured.
     let wall_of = |mode: &str, n: usize| {
         let v: Vec<f64> = samples
             .iter()
