@@ -20,13 +20,14 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use tempfile::TempDir;
 
 use crate::cri;
 pub use crate::require::{daemon_tests_enabled, require_binary, SKIP_ENV};
 use crate::runtimes::{
-    ContainerdVersion, DockerStore, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV, DOCKERD_ENV,
+    ContainerdVersion, DockerStore, Runtime, CONFIG_VERSION_ENV, CONTAINERD_ENV,
+    DISCARD_UNPACKED_LAYERS_ENV, DOCKERD_ENV,
 };
 
 /// The snapshotter [`Containerd::start`] configures for CRI: the agent's default.
@@ -248,8 +249,34 @@ impl Containerd {
         }
         fs::write(node.config_path(), node.config_toml()?)
             .with_context(|| format!("write {}", node.config_path().display()))?;
+        node.check_discard_setting()?;
         node.spawn_and_wait().await?;
         Ok(node)
+    }
+
+    /// With [`DISCARD_UNPACKED_LAYERS_ENV`] set, proves that this containerd takes the setting
+    /// (its `config dump` of our file says so), so a test asked to run with it never runs
+    /// without it because a key moved between versions.
+    fn check_discard_setting(&self) -> Result<()> {
+        if std::env::var(DISCARD_UNPACKED_LAYERS_ENV).as_deref() != Ok("1") {
+            return Ok(());
+        }
+        let out = Command::new(&self.containerd_bin)
+            .arg("--config")
+            .arg(self.config_path())
+            .args(["config", "dump"])
+            .output()
+            .context("containerd config dump")?;
+        let dump = String::from_utf8_lossy(&out.stdout);
+        let set = dump
+            .lines()
+            .any(|l| l.trim().replace(' ', "") == "discard_unpacked_layers=true");
+        ensure!(
+            set,
+            "{DISCARD_UNPACKED_LAYERS_ENV}=1 but containerd {} does not take it from our config:\n{dump}",
+            self.version
+        );
+        Ok(())
     }
 
     /// The containerd gRPC socket (CRI is served on the same socket).
@@ -428,6 +455,7 @@ impl Containerd {
         let d = self.dir.display();
         let version = self.config_version()?;
         let snapshotter = &self.cri_snapshotter;
+        let discard = std::env::var(DISCARD_UNPACKED_LAYERS_ENV).as_deref() == Ok("1");
         let common = format!(
             r#"version = {version}
 root = "{d}/root"
@@ -504,6 +532,7 @@ disabled_plugins = [
     [{cri}.containerd]
       snapshotter = "{snapshotter}"
       default_runtime_name = "runc"
+      discard_unpacked_layers = {discard}
 {runc}
     [{cri}.registry]
       # Never read the host's /etc/containerd/certs.d.
@@ -520,6 +549,7 @@ disabled_plugins = [
                 r#"
   [{images}]
     snapshotter = "{snapshotter}"
+    discard_unpacked_layers = {discard}
 
     [{images}.registry]
       # Never read the host's /etc/containerd/certs.d.

@@ -46,6 +46,10 @@ impl DockerStore {
     }
 }
 
+/// `1` sets CRI's `discard_unpacked_layers` (content GC may drop a pulled image's layer blobs
+/// once they are unpacked), as some clusters configure it to save disk.
+pub const DISCARD_UNPACKED_LAYERS_ENV: &str = "LADE_CONTAINERD_DISCARD_UNPACKED_LAYERS";
+
 /// Forces the config schema the harness writes for containerd: `2` makes containerd 2.x
 /// migrate a 1.x-style config at startup, as on a node upgraded in place (default: 3 on 2.x,
 /// 2 on 1.x).
