@@ -6,7 +6,8 @@
 //! Kubernetes API as the pods of the lade chart ([`discover`]). Where the cluster pulls from
 //! a registry instead, the images and the chart are pushed there ([`push`]).
 //!
-//! `main.rs` only parses the command line and wires these parts.
+//! The `lade` binary (`main.rs` and its `cli/` module, outside this library) only parses the
+//! command line and wires these parts.
 
 pub mod bundle;
 pub mod discover;
