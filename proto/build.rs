@@ -7,6 +7,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .file_descriptor_set_path(descriptors)
         // Chunks are handed between network and runtime without copies.
         .bytes(".lade.agent.v1.PutBlobRequest.chunk")
+        .bytes(".lade.agent.v1.ReadBlobChunk.data")
         .compile_protos(&["proto/lade/agent/v1/agent.proto"], &["proto"])?;
     Ok(())
 }

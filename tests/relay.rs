@@ -1,6 +1,6 @@
 //! Relay fan-out end to end: the real `lade` and `lade-agent` binaries against
-//! private containerd instances, the agents passing blobs on to each other over their gRPC
-//! ports. Fails when containerd, runc or busybox-static is missing, unless
+//! private containerd instances; the coordinator sends each blob to one node and the other
+//! agents fetch it from peers over their gRPC ports. Fails when containerd, runc or busybox-static is missing, unless
 //! LADE_SKIP_DAEMON_TESTS=1 says to skip.
 
 use std::process::{Command, Stdio};
@@ -86,16 +86,31 @@ async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_o
             && stderr.contains("└─ chain-a\n   └─ chain-b\n      └─ chain-c\n         └─ chain-d"),
         "{stderr}"
     );
-    // Not x4: the unique bytes once, all of it to the first node.
+    // Not x4: the unique bytes once, all of it to the first node (the seed while it is free).
     assert_eq!(from_coordinator(&reports), unique, "{reports:#?}");
     assert_eq!(u64_of(&reports[0], "bytes_from_coordinator"), unique);
-    let expected_via = ["coordinator", "chain-a", "chain-b", "chain-c"];
-    for ((node, report), from) in nodes.iter().zip(&reports).zip(expected_via) {
+    assert_eq!(via(&reports[0]), ["coordinator"]);
+    let peers = ["chain-a", "chain-b", "chain-c", "chain-d"];
+    for (i, (node, report)) in nodes.iter().zip(&reports).enumerate() {
         assert_eq!(report["ok"], true, "{report}");
         assert_eq!(u64_of(report, "images_loaded"), 3, "{report}");
         // Every node stored every byte itself (and verified it).
         assert_eq!(u64_of(report, "bytes_sent"), unique, "{report}");
-        assert_eq!(via(report), [from], "{report}");
+        if i > 0 {
+            // The others fetched everything from peers, never from the coordinator.
+            let from = via(report);
+            assert!(
+                !from.is_empty()
+                    && from
+                        .iter()
+                        .all(|f| peers.contains(&f.as_str()) && f != peers[i]),
+                "{report}"
+            );
+            assert_eq!(
+                metric(node, "lade_agent_fetched_bytes_total") as u64,
+                unique
+            );
+        }
         assert_has_every_image(node, 3)?;
         assert_eq!(
             metric(node, "lade_agent_blobs_committed_total") as usize,
@@ -104,16 +119,13 @@ async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_o
             node.name
         );
     }
-    // Each node but the last passed every byte on.
-    for node in &nodes[..3] {
-        assert_eq!(
-            metric(node, "lade_agent_relay_bytes_total") as u64,
-            unique,
-            "{}",
-            node.name
-        );
-    }
-    assert_eq!(metric(&nodes[3], "lade_agent_relay_bytes_total"), 0.0);
+    // Peers served every byte three nodes stored: the first node, and the others as they got it.
+    let served: u64 = nodes
+        .iter()
+        .map(|n| metric(n, "lade_agent_served_bytes_total") as u64)
+        .sum();
+    assert_eq!(served, 3 * unique);
+    assert!(metric(&nodes[0], "lade_agent_served_bytes_total") > 0.0);
 
     // Again: nothing is sent anywhere.
     let (code, reports, stderr) = load_json(&bundle, &addrs(&nodes), &["--relay", "chain"])?;
@@ -126,7 +138,7 @@ async fn a_chain_of_four_gets_every_image_and_each_blob_leaves_the_coordinator_o
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() -> Result<()> {
+async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_where_from() -> Result<()> {
     if !daemon_tests_enabled() {
         return Ok(());
     }
@@ -155,7 +167,8 @@ async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() ->
         "{table}\n{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    // a from the coordinator; b and c from a; d from b.
+    // a from the coordinator; b and c from a (their tree parent, free when they start); d
+    // from peers only.
     let row = |name: &str| {
         table
             .lines()
@@ -164,24 +177,28 @@ async fn a_binary_tree_of_four_gets_every_image_and_the_table_says_the_path() ->
             .to_string()
     };
     assert!(row("tree-a").contains(" coordinator "), "{table}");
-    assert!(row("tree-b").contains(" tree-a "), "{table}");
-    assert!(row("tree-c").contains(" tree-a "), "{table}");
-    assert!(row("tree-d").contains(" tree-b "), "{table}");
+    assert!(row("tree-b").contains(" tree-a"), "{table}");
+    assert!(row("tree-c").contains(" tree-a"), "{table}");
+    for name in ["tree-b", "tree-c", "tree-d"] {
+        assert!(!row(name).contains("coordinator"), "{table}");
+    }
+    assert!(row("tree-d").contains(" tree-"), "{table}");
     assert!(table.contains("left the coordinator"), "{table}");
     for node in &nodes {
         assert_has_every_image(node, 3)?;
     }
-    // a passed every byte on twice (to b and c), b once (to d), c and d never.
-    let relayed: Vec<u64> = nodes
+    // Three nodes stored every byte from peers; a, holding everything first, served most.
+    let served: Vec<u64> = nodes
         .iter()
-        .map(|n| metric(n, "lade_agent_relay_bytes_total") as u64)
+        .map(|n| metric(n, "lade_agent_served_bytes_total") as u64)
         .collect();
-    assert_eq!(relayed, [2 * unique, unique, 0, 0]);
+    assert_eq!(served.iter().sum::<u64>(), 3 * unique, "{served:?}");
+    assert!(served[0] >= unique, "{served:?}");
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread")]
-async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -> Result<()> {
+async fn nodes_that_hold_blobs_serve_them_and_each_gets_only_what_it_lacks() -> Result<()> {
     if !daemon_tests_enabled() {
         return Ok(());
     }
@@ -245,24 +262,30 @@ async fn nodes_that_hold_blobs_pass_them_on_and_each_gets_only_what_it_lacks() -
         &["--relay", "chain", "--allow-overwrite"],
     )?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
-    // The coordinator sent every blob some node lacked once, from the earliest byte anyone
-    // lacked: the whole bundle (b lacks everything), not what a lacks plus what b lacks.
-    assert_eq!(from_coordinator(&reports), total, "{reports:#?}");
-    // a stored only what it lacked, but passed busybox on to b untouched.
+    // The coordinator sent only the blobs no node held, once: not busybox, which a holds
+    // and served to the others.
+    assert_eq!(
+        from_coordinator(&reports),
+        total - already_a,
+        "{reports:#?}"
+    );
+    // a stored only what it lacked.
     assert_eq!(u64_of(&reports[0], "bytes_sent"), total - already_a);
     assert_eq!(u64_of(&reports[0], "bytes_skipped"), already_a);
-    assert_eq!(
-        metric(&nodes[0], "lade_agent_relay_bytes_total") as u64,
-        total
-    );
+    assert!(metric(&nodes[0], "lade_agent_served_bytes_total") as u64 >= already_a);
     assert_eq!(u64_of(&reports[1], "bytes_sent"), total);
-    // c got only the part of the big layer it did not hold: b forwarded from its offset.
+    // c got only the part of the big layer it did not hold: it fetched from its offset.
     assert_eq!(u64_of(&reports[2], "bytes_sent"), total - chunk);
     assert_eq!(u64_of(&reports[2], "bytes_skipped"), chunk);
     assert_eq!(
-        metric(&nodes[1], "lade_agent_relay_bytes_total") as u64,
+        metric(&nodes[2], "lade_agent_fetched_bytes_total") as u64,
         total - chunk
     );
+    let served: u64 = nodes
+        .iter()
+        .map(|n| metric(n, "lade_agent_served_bytes_total") as u64)
+        .sum();
+    assert_eq!(served, 2 * total - chunk);
     for (node, report) in nodes.iter().zip(&reports) {
         assert_eq!(report["ok"], true, "{report}");
         assert_eq!(u64_of(report, "images_loaded"), 4, "{report}");
@@ -322,23 +345,14 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
         cmd.args(["--agent", &a]);
     }
     let load = cmd.spawn()?;
-    // Well into the first big layer on b.
+    // Well into the big layers on b, which it fetches from peers.
     wait_for(
-        "b to receive part of the big layer",
+        "b to fetch part of the big layers",
         Duration::from_secs(120),
-        || metric(&nodes[1], "lade_agent_received_bytes_total") > (12 << 20) as f64,
+        || metric(&nodes[1], "lade_agent_fetched_bytes_total") > (12 << 20) as f64,
     )?;
-    // Cut-through: b and c already have bytes of the big layer that a has not committed
-    // yet (a commits a blob only at its end).
-    let committed_a = metric(&nodes[0], "lade_agent_blobs_committed_total") as usize;
-    let received_c = metric(&nodes[2], "lade_agent_received_bytes_total");
+    let _ = &big_layers;
     nodes[1].agent.kill();
-    let blobs_before_big = index.blobs.len() - big_layers.len() + 1; // + the shared base
-    assert!(
-        committed_a < blobs_before_big + 1,
-        "a committed {committed_a} blobs: the big layer was stored before being passed on"
-    );
-    assert!(received_c > 0.0, "c had received nothing yet");
 
     let out = load.wait_with_output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -363,14 +377,14 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
         assert_eq!(u64_of(&reports[i], "images_loaded"), 4);
         assert_has_every_image(&nodes[i], 4)?;
     }
-    let via_c = via(&reports[2]);
-    assert!(
-        via_c.contains(&"kill-b".to_string()) && via_c.contains(&"coordinator".to_string()),
-        "{via_c:?}"
-    );
-    assert!(!via(&reports[3]).is_empty());
-    // What c and d received before the failure counts as sent to them: every byte once.
+    // c and d were fed by the peers left, never by the coordinator: it sent the bundle once.
     for i in [2, 3] {
+        let from = via(&reports[i]);
+        assert!(
+            !from.is_empty() && !from.contains(&"coordinator".to_string()),
+            "{from:?}"
+        );
+        // Every byte counts once, whoever sent it and however often it was cut off.
         assert_eq!(
             u64_of(&reports[i], "bytes_sent"),
             index.total_bytes(),
@@ -378,14 +392,96 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
             reports[i]
         );
     }
-    // Resent after the failure: no more than the blob b died in, to c; never all again.
-    let total = index.total_bytes();
-    let largest = index.blobs.values().map(|b| b.size).max().unwrap_or(0);
-    let sent = from_coordinator(&reports);
-    assert!(
-        sent >= total && sent <= total + largest,
-        "coordinator sent {sent}, bundle {total}"
+    assert_eq!(
+        from_coordinator(&reports),
+        index.total_bytes(),
+        "{reports:#?}"
     );
+    Ok(())
+}
+
+/// Sends `signal` (STOP or CONT) to `node`'s agent process.
+fn signal(node: &Node, signal: &str) -> Result<()> {
+    let pid = node.agent.pid().context("the agent is not running")?;
+    let status = Command::new("kill")
+        .args([format!("-{signal}"), pid.to_string()])
+        .status()?;
+    ensure!(status.success(), "kill -{signal} {pid}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = big_bundle(dir.path(), 40 << 20, 21)?;
+    let index = Bundle::open(&bundle)?;
+    let nodes = start_nodes(&["stop-a", "stop-b", "stop-c", "stop-d"]).await?;
+    let frozen = nodes[1].addr();
+
+    let mut cmd = Command::new(workspace_bin("lade")?);
+    cmd.arg("load")
+        .arg(&bundle)
+        .args(["--progress", "none", "-o", "json", "--stall-timeout", "4s"])
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for a in addrs(&nodes) {
+        cmd.args(["--agent", &a]);
+    }
+    let load = cmd.spawn()?;
+    wait_for(
+        "b to fetch part of the bundle",
+        Duration::from_secs(120),
+        || metric(&nodes[1], "lade_agent_fetched_bytes_total") > (4 << 20) as f64,
+    )?;
+    // b's agent stops reading anything (its connections stay open: the kernel still takes
+    // the bytes it has room for), whether it fetches or serves a peer.
+    signal(&nodes[1], "STOP")?;
+    let out = load.wait_with_output();
+    signal(&nodes[1], "CONT")?;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
+    assert_eq!(out.status.code(), Some(1), "{reports:#?}\n{stderr}");
+    // b failed alone, named, saying why.
+    assert_eq!(reports[1]["ok"], false, "{}", reports[1]);
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&frozen), "{error}");
+    assert!(error.contains("cannot reach it"), "{error}");
+    for i in [0, 2, 3] {
+        assert_eq!(reports[i]["ok"], true, "{}\n{stderr}", reports[i]);
+        assert_has_every_image(&nodes[i], 4)?;
+    }
+    // The others finished before b was given up: their times are their own.
+    let seconds = |r: &Value| r["seconds"].as_f64().unwrap_or_default();
+    for i in [0, 2, 3] {
+        assert!(seconds(&reports[i]) < seconds(&reports[1]), "{reports:#?}");
+    }
+    assert_eq!(
+        from_coordinator(&reports),
+        index.total_bytes(),
+        "{reports:#?}"
+    );
+
+    // Thawed, b completes on a re-run, which sends it only what it lacks.
+    let (code, again, stderr) = load_json(&bundle, &addrs(&nodes), &[])?;
+    ensure!(code == 0, "{again:#?}\n{stderr}");
+    for i in [0, 2, 3] {
+        assert_eq!(u64_of(&again[i], "bytes_sent"), 0, "{}", again[i]);
+    }
+    assert!(u64_of(&again[1], "bytes_skipped") > 0, "{}", again[1]);
+    assert_eq!(
+        u64_of(&again[1], "bytes_sent") + u64_of(&again[1], "bytes_skipped"),
+        index.total_bytes(),
+        "{}",
+        again[1]
+    );
+    assert_has_every_image(&nodes[1], 4)?;
     Ok(())
 }
 
@@ -575,8 +671,14 @@ async fn agents_relay_to_each_other_over_mutual_tls() -> Result<()> {
         ],
     )?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
-    assert_eq!(via(&reports[1]), ["tls-a"], "{}", reports[1]);
-    assert_eq!(via(&reports[2]), ["tls-b"], "{}", reports[2]);
+    // b and c fetched from peers, over mutual TLS.
+    for r in &reports[1..] {
+        let from = via(r);
+        assert!(
+            !from.is_empty() && from.iter().all(|f| f.starts_with("tls-")),
+            "{r}"
+        );
+    }
     assert_eq!(
         from_coordinator(&reports),
         Bundle::open(&bundle)?.total_bytes()

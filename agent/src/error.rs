@@ -23,6 +23,8 @@ pub enum Error {
     InvalidDigest { digest: String },
     #[error("this agent already takes {limit} uploads at a time; retry later")]
     TooManyUploads { limit: usize },
+    #[error("this agent already serves {limit} blob reads to peers at a time; retry later")]
+    TooManyReads { limit: usize },
     #[error("upload of {digest} sent nothing for {timeout:?}; dropped")]
     Stalled {
         digest: String,
@@ -46,6 +48,8 @@ pub enum Error {
         requested: u64,
         held: u64,
     },
+    #[error("blob {digest} is not stored on this node")]
+    NotHeld { digest: String },
     #[error("image {image}: blob {digest} is not on this node; upload it first")]
     MissingBlob { image: String, digest: String },
     #[error(
@@ -191,6 +195,7 @@ impl From<Error> for Status {
                 _ => Code::Internal,
             },
             Error::Connect { .. } => Code::Unavailable,
+            Error::NotHeld { .. } => Code::NotFound,
             Error::InvalidRequest(_)
             | Error::InvalidDigest { .. }
             | Error::RelayTargetRefused { .. }
@@ -215,7 +220,7 @@ impl From<Error> for Status {
                 _ => Code::DataLoss,
             },
             Error::Cancelled { .. } => Code::Cancelled,
-            Error::TooManyUploads { .. } => Code::ResourceExhausted,
+            Error::TooManyUploads { .. } | Error::TooManyReads { .. } => Code::ResourceExhausted,
             Error::Stalled { .. } => Code::DeadlineExceeded,
             Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
             Error::LoadedOtherImage { .. } => Code::Internal,

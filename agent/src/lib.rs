@@ -2,11 +2,14 @@
 //!
 //! A gRPC server ([`service`]) in front of the node's container runtime ([`runtime`]). It
 //! receives content-addressed blobs, verifies them, stores them in the runtime's own store,
-//! unpacks them and names images. It never pulls from anywhere and never runs containers.
+//! unpacks them and names images. It takes blobs only from the coordinator and, when the
+//! coordinator says so, from peer agents ([`fetch`]); it never pulls from a registry and never
+//! runs containers.
 //! [`server::run`] owns the accept loop and graceful shutdown; `main.rs` only wires config.
 
 pub mod auth;
 pub mod error;
+pub mod fetch;
 pub mod http;
 pub mod metrics;
 pub mod relay;

@@ -28,6 +28,10 @@ pub struct Metrics {
     pub build_info: IntGaugeVec,
     /// Blob bytes passed on to other agents (relay).
     pub relay_bytes: IntCounter,
+    /// Blob bytes this agent fetched from peers (Fetch).
+    pub fetched_bytes: IntCounter,
+    /// Blob bytes peers read from this agent (ReadBlob).
+    pub served_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -78,6 +82,14 @@ impl Metrics {
                 "lade_agent_relay_bytes_total",
                 "Blob bytes forwarded to other agents (relay).",
             )?,
+            fetched_bytes: IntCounter::new(
+                "lade_agent_fetched_bytes_total",
+                "Blob bytes fetched from peer agents.",
+            )?,
+            served_bytes: IntCounter::new(
+                "lade_agent_served_bytes_total",
+                "Blob bytes peer agents read from this agent.",
+            )?,
         };
         registry.register(Box::new(m.received_bytes.clone()))?;
         registry.register(Box::new(m.blobs_committed.clone()))?;
@@ -88,6 +100,8 @@ impl Metrics {
         registry.register(Box::new(m.inflight_uploads.clone()))?;
         registry.register(Box::new(m.build_info.clone()))?;
         registry.register(Box::new(m.relay_bytes.clone()))?;
+        registry.register(Box::new(m.fetched_bytes.clone()))?;
+        registry.register(Box::new(m.served_bytes.clone()))?;
         Ok(m)
     }
 

@@ -137,7 +137,7 @@ impl Peers {
         )
     }
 
-    async fn client(&self, address: &str) -> Result<AgentConn, String> {
+    pub(crate) async fn client(&self, address: &str) -> Result<AgentConn, String> {
         if let Some(reason) = &self.unusable {
             return Err(reason.clone());
         }
@@ -166,8 +166,18 @@ impl Peers {
         Ok(self.config.client(channel))
     }
 
+    /// Forgets the connection to `address` when `status` says the connection itself failed.
+    pub(crate) fn forget_after(&self, address: &str, status: &tonic::Status) {
+        if matches!(
+            status.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+        ) {
+            self.forget(address);
+        }
+    }
+
     /// Forgets the connection to `address` (after it failed), so the next blob dials anew.
-    fn forget(&self, address: &str) {
+    pub(crate) fn forget(&self, address: &str) {
         self.channels
             .lock()
             .expect("peer channels lock")
@@ -352,12 +362,7 @@ pub async fn put_blob<R: Runtime>(
             match client.put_blob(requests).await {
                 Ok(r) => Ok(r.into_inner()),
                 Err(status) => {
-                    if matches!(
-                        status.code(),
-                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
-                    ) {
-                        peers.forget(&address);
-                    }
+                    peers.forget_after(&address, &status);
                     Err(format!(
                         "agent {address}: PutBlob failed: {} ({:?})",
                         status.message(),

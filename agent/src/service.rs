@@ -9,9 +9,10 @@ use std::time::Duration;
 
 use futures::{Stream, StreamExt};
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, EndSessionRequest, EndSessionResponse, HaveRequest,
-    HaveResponse, ImportEvent, ImportPhase, ImportRequest, InfoRequest, InfoResponse, ListRequest,
-    ListResponse, PutBlobRequest, PutBlobResponse, VerifyRequest, VerifyResponse,
+    put_blob_request::Msg, BlobHeader, Descriptor, EndSessionRequest, EndSessionResponse,
+    FetchProgress, FetchRequest, HaveRequest, HaveResponse, ImportEvent, ImportPhase,
+    ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse, PutBlobRequest,
+    PutBlobResponse, ReadBlobChunk, ReadBlobRequest, UnpackHint, VerifyRequest, VerifyResponse,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -19,6 +20,7 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::error::Error;
+use crate::fetch::{self, Fetcher};
 use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
@@ -26,6 +28,9 @@ use crate::runtime::Runtime;
 /// Uploads (PutBlob calls) one agent takes at a time, over all connections; more are
 /// refused with RESOURCE_EXHAUSTED. The coordinator sends a node a few at a time.
 pub const MAX_UPLOADS: usize = 64;
+
+/// Blob reads (ReadBlob calls) peers may have open on one agent at a time.
+pub const MAX_SERVES: usize = 64;
 
 /// How long an upload may go without a message before it is dropped, by default.
 pub const DEFAULT_STALL_TIMEOUT: Duration = Duration::from_secs(120);
@@ -36,6 +41,7 @@ pub struct AgentService<R> {
     metrics: Metrics,
     peers: Arc<Peers>,
     uploads: Arc<Semaphore>,
+    serves: Arc<Semaphore>,
     stall_timeout: Duration,
 }
 
@@ -46,6 +52,7 @@ impl<R> AgentService<R> {
             metrics,
             peers: Arc::new(Peers::default()),
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
+            serves: Arc::new(Semaphore::new(MAX_SERVES)),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
         }
     }
@@ -72,6 +79,24 @@ impl<R> AgentService<R> {
 
 type EventStream = Pin<Box<dyn Stream<Item = Result<ImportEvent, Status>> + Send>>;
 
+/// Unpacks a layer just stored while the next blobs stream, timing it when it did.
+fn unpack_ahead<R: Runtime>(
+    runtime: Arc<R>,
+    metrics: Metrics,
+    session: String,
+    blob: Descriptor,
+    hint: UnpackHint,
+) {
+    tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        if runtime.unpack_ahead(session, blob, hint).await {
+            metrics
+                .layer_unpack_seconds
+                .observe(started.elapsed().as_secs_f64());
+        }
+    });
+}
+
 /// Decrements the in-flight gauge however the upload ends.
 struct InFlight(prometheus::IntGauge);
 
@@ -84,7 +109,8 @@ impl Drop for InFlight {
 #[tonic::async_trait]
 impl<R: Runtime> lade_proto::Agent for AgentService<R> {
     async fn info(&self, _: Request<InfoRequest>) -> Result<Response<InfoResponse>, Status> {
-        let info = self.runtime.info().await.map_err(|e| self.fail(e))?;
+        let mut info = self.runtime.info().await.map_err(|e| self.fail(e))?;
+        info.fetches_from_peers = true;
         Ok(Response::new(info))
     }
 
@@ -195,16 +221,13 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         .map_err(|e| self.fail(e))?;
         let ahead = ahead.filter(|_| stores && response.local_error.is_empty());
         if let Some((session, blob, hint)) = ahead {
-            // While the next blobs stream, this layer unpacks.
-            let (runtime, metrics) = (self.runtime.clone(), self.metrics.clone());
-            tokio::spawn(async move {
-                let started = std::time::Instant::now();
-                if runtime.unpack_ahead(session, blob, hint).await {
-                    metrics
-                        .layer_unpack_seconds
-                        .observe(started.elapsed().as_secs_f64());
-                }
-            });
+            unpack_ahead(
+                self.runtime.clone(),
+                self.metrics.clone(),
+                session,
+                blob,
+                hint,
+            );
         }
         if relay {
             // The relay counted this node's own outcome.
@@ -286,6 +309,100 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let images = self.runtime.list().await.map_err(|e| self.fail(e))?;
         Ok(Response::new(ListResponse { images }))
+    }
+
+    type FetchStream = ReceiverStream<Result<FetchProgress, Status>>;
+
+    #[instrument(skip_all, fields(source = %req.get_ref().source))]
+    async fn fetch(
+        &self,
+        req: Request<FetchRequest>,
+    ) -> Result<Response<Self::FetchStream>, Status> {
+        let req = req.into_inner();
+        validate_session(&req.session).map_err(|e| self.fail(e))?;
+        let blob = req
+            .blob
+            .as_ref()
+            .ok_or_else(|| self.fail(Error::InvalidRequest("Fetch has no descriptor".into())))?;
+        validate_digest(&blob.digest).map_err(|e| self.fail(e))?;
+        let ahead = req
+            .unpack
+            .clone()
+            .map(|hint| (req.session.clone(), blob.clone(), hint));
+        let upload = self
+            .uploads
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.fail(Error::TooManyUploads { limit: MAX_UPLOADS }))?;
+        let stall = match req.stall_seconds {
+            0 => self.stall_timeout,
+            s => Duration::from_secs(s.into()),
+        };
+        let fetcher = Fetcher {
+            runtime: self.runtime.clone(),
+            peers: self.peers.clone(),
+            metrics: self.metrics.clone(),
+            stall,
+        };
+        self.metrics.inflight_uploads.inc();
+        let inflight = InFlight(self.metrics.inflight_uploads.clone());
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(async move {
+            let (_upload, _inflight) = (upload, inflight);
+            let outcome = tokio::select! {
+                outcome = fetcher.run(req, &tx) => outcome,
+                // The caller went away: stop reading; what arrived stays for a resume.
+                () = tx.closed() => return,
+            };
+            let last = match outcome {
+                Ok(progress) => {
+                    if progress.done && !progress.already_present {
+                        if let Some((session, blob, hint)) = ahead {
+                            unpack_ahead(
+                                fetcher.runtime.clone(),
+                                fetcher.metrics.clone(),
+                                session,
+                                blob,
+                                hint,
+                            );
+                        }
+                    }
+                    Ok(progress)
+                }
+                Err(e) => {
+                    let status = Status::from(e);
+                    fetcher.metrics.failed(&status);
+                    Err(status)
+                }
+            };
+            let _ = tx.send(last).await;
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    type ReadBlobStream = ReceiverStream<Result<ReadBlobChunk, Status>>;
+
+    async fn read_blob(
+        &self,
+        req: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        let req = req.into_inner();
+        validate_digest(&req.digest).map_err(|e| self.fail(e))?;
+        let permit = self
+            .serves
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| self.fail(Error::TooManyReads { limit: MAX_SERVES }))?;
+        let rx = fetch::serve(
+            &*self.runtime,
+            &self.metrics,
+            req,
+            self.stall_timeout,
+            permit,
+        )
+        .await
+        .map_err(|e| self.fail(e))?;
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }
 

@@ -13,9 +13,10 @@ use std::sync::{Arc, Mutex};
 
 use futures::Stream;
 use lade_proto::{
-    Agent, AgentServer, EndSessionRequest, EndSessionResponse, HaveRequest, HaveResponse,
-    ImportEvent, ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse,
-    PutBlobRequest, PutBlobResponse, RefStatus, VerifyRequest, VerifyResponse,
+    Agent, AgentServer, EndSessionRequest, EndSessionResponse, FetchProgress, FetchRequest,
+    HaveRequest, HaveResponse, ImportEvent, ImportRequest, InfoRequest, InfoResponse, ListRequest,
+    ListResponse, PutBlobRequest, PutBlobResponse, ReadBlobChunk, ReadBlobRequest, RefStatus,
+    VerifyRequest, VerifyResponse,
 };
 use lade_testkit::fixtures::{
     sample_chart, sample_images_from_bytes, write_bundle, ArchiveFormat, Compression,
@@ -98,6 +99,17 @@ impl Agent for FakeAgent {
         }))
     }
     async fn list(&self, _: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+    type FetchStream = Pin<Box<dyn Stream<Item = Result<FetchProgress, Status>> + Send>>;
+    async fn fetch(&self, _: Request<FetchRequest>) -> Result<Response<Self::FetchStream>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+    type ReadBlobStream = Pin<Box<dyn Stream<Item = Result<ReadBlobChunk, Status>> + Send>>;
+    async fn read_blob(
+        &self,
+        _: Request<ReadBlobRequest>,
+    ) -> Result<Response<Self::ReadBlobStream>, Status> {
         Err(Status::unimplemented("fake agent"))
     }
 }

@@ -73,6 +73,14 @@ pub trait Runtime: Send + Sync + 'static {
     /// Every image record in the agent's namespace.
     fn list(&self) -> impl Future<Output = Result<Vec<ImageRecord>, Error>> + Send;
 
+    /// The bytes of a blob the node holds, verified and committed, from `offset`: what a peer
+    /// fetching it reads. [`Error::NotHeld`] when the node does not hold the bytes.
+    fn read_blob(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> impl Future<Output = Result<BoxStream<'static, Result<Bytes, Error>>, Error>> + Send;
+
     /// Unpacks a layer blob just stored, ahead of the Import that will need it, when its
     /// parent is unpacked; returns whether it did. Best effort: any failure is left for
     /// Import to meet and report. Runtimes that load whole images (Docker) do nothing.

@@ -47,11 +47,17 @@ pub(crate) struct LoadArgs {
     /// Nodes loaded at the same time.
     #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
     parallel: usize,
-    /// How blobs reach the nodes: `chain` or `tree:K` send each missing blob once, to the
-    /// first node, and the agents pass it on (over the pod network, port 7700); `off` sends
-    /// every node its blobs from here; `auto` is tree:2 for two nodes or more.
+    /// How blobs reach the nodes: `chain` or `tree:K` send each missing blob from here once,
+    /// to one node, and the other nodes fetch it from peers that hold it, each at its own
+    /// pace (over the pod network, port 7700), each node serving up to K peers at a time
+    /// (chain: 1); `off` sends every node its blobs from here; `auto` is tree:2 for two nodes
+    /// or more.
     #[arg(long, env = "LADE_RELAY", default_value = "auto", value_parser = parse_relay)]
     relay: RelayMode,
+    /// With relay: a transfer to a node that moves no byte for this long is cut off; the
+    /// node is tried again from another source, or named as failed if it no longer answers.
+    #[arg(long, env = "LADE_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    stall_timeout: Duration,
     /// Print the nodes and the relay topology the load would use, then exit without
     /// contacting any agent.
     #[arg(long)]
@@ -148,6 +154,7 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         parallel: args.parallel,
         dial,
         relay: args.relay,
+        stall_timeout: args.stall_timeout,
         retry: RetryPolicy {
             retries: args.retries,
             backoff: Duration::from_secs(1),

@@ -1,51 +1,76 @@
 //! Relay fan-out: every missing blob leaves the coordinator once, whatever the number of
-//! nodes; the agents pass it on to each other along a chain or a tree.
+//! nodes, and no node waits for a slower one.
 //!
-//! With relay on, the load's entry hands over to [`load`] here, which runs the load in
-//! three stages instead of one independent procedure per node:
+//! With relay on, the load's entry hands over to [`load`] here, which runs in two stages:
 //! 1. `Info` and `Have` on every node (retried like a plain load); a node that fails them is
-//!    reported failed and left out of the topology.
-//! 2. Blob by blob, in the order the images need them: one `PutBlob` to the root of the
-//!    topology, whose header lists the tree below it ([`RelayHop`]): who stores, from which
-//!    offset, and who only passes the stream on because it already holds the blob. The
-//!    answer carries every reached node's outcome. Each image is imported on a node as soon
-//!    as all of its blobs are there, while the next blobs stream.
-//! 3. `Verify` and `EndSession` per node, as a plain load does.
+//!    reported failed and left out.
+//! 2. A scheduler ([`Swarm`]) moves blobs until every live node holds what it needs. The
+//!    coordinator sends each blob to one node (a *seed*: the first in the tree order that
+//!    has a free slot and has not proven slow); every other node `Fetch`es it from a peer
+//!    that holds it, at its own pace: its tree parent when that one holds it, else the
+//!    holder serving the fewest. Each node takes up to [`PER_NODE`] blobs at a time, each
+//!    holder serves up to `fanout` peers at a time, and a node fetches any blob it needs
+//!    that someone holds, not only the next one. So a slow node slows its own reads only,
+//!    and the others fetch from whoever is ahead. Each node imports an image as soon as it
+//!    holds its blobs, then verifies and ends its session on its own, and its `seconds` in
+//!    the summary are its own.
 //!
-//! Failures: a node that gets no outcome was cut off by a failure above it and is sent the
-//! blob again in a new tree of the nodes still lacking it (re-parented). A node whose own
-//! call failed is asked `Info` by the coordinator: if it answers, its peers cannot reach it
-//! and the coordinator serves it directly from then on; if not, it is dead and reported
-//! failed. A node that refused the blob (its own verification or store failed) fails alone.
+//! Failures: a source that cannot serve (unreachable, stalled, broke off, bad bytes) is
+//! probed; dead, it is reported failed, alive, the fetching node tries another holder, and
+//! after three sources failed it is served by the coordinator directly. A transfer that
+//! makes no progress for the stall timeout is cut off; the node is probed: gone, it fails
+//! (named), alive, it is tried again, up to four times per blob. A node that refuses a blob
+//! (its own store failed) fails alone. `--node-timeout` bounds each node's whole load. A
+//! blob the coordinator finds bad (digest or layer check) reaches no node, and only the
+//! images using it fail. Agents that do not serve peers (older versions) are sent
+//! everything directly.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lade_proto::{
-    put_blob_request::Msg, BlobHeader, HaveRequest, InfoRequest, PutBlobRequest, PutBlobResponse,
-    RelayHop, UnpackHint,
+    put_blob_request::Msg, BlobHeader, FetchRequest, HaveRequest, InfoRequest, PutBlobRequest,
+    UnpackHint,
 };
 use tokio::sync::mpsc;
+use tokio::task::JoinSet;
 use tokio_stream::wrappers::ReceiverStream;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
-use crate::bundle::Bundle;
-use crate::progress::Progress;
 use crate::select::Chosen;
 
 use super::check::LayerChecks;
 use super::conn::{import, stream_chunks, verify_and_end, AgentConn};
 use super::error::{FailureKind, LoadError};
 use super::plan::{
-    check_space, children, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
+    check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
     missing_blobs, node_choices, render_topology, unique_missing, unpack_hints, RelayMode,
 };
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
 
-/// One node of the load as the relay sees it.
+/// Blobs one node receives at a time (from the coordinator or from peers).
+pub const PER_NODE: usize = 2;
+
+/// Blobs the coordinator sends at a time (each to one seed node).
+const COORDINATOR_STREAMS: usize = 2;
+
+/// Attempts at one blob on one node before the node is given up.
+const ATTEMPTS: u32 = 4;
+
+/// Sources that may fail one node before the coordinator serves it directly.
+const SOURCE_FAILURES: usize = 3;
+
+/// A transfer this size or larger tells how fast its node takes bytes.
+const RATE_SAMPLE: u64 = 1 << 20;
+
+/// A node whose measured rate is below this share of the fastest node's is not made a seed
+/// while others can be.
+const SLOW_SHARE: f64 = 0.5;
+
+/// One node of the load as the scheduler sees it.
 struct Node {
     /// Position in `opts.agents` and in the reports.
     idx: usize,
@@ -53,33 +78,109 @@ struct Node {
     client: AgentConn,
     /// Blobs it still lacks, with the bytes of each it already holds.
     missing: HashMap<String, u64>,
+    /// What it held of each blob it lacked when the load began: every byte past that counts
+    /// as sent to it, over however many attempts and sources.
+    lacked: HashMap<String, u64>,
+    /// Blobs it holds (of those it needs): it may serve them to peers.
+    holds: HashSet<String>,
     /// Per image of the bundle, the manifest it gets (its platform's), or why none.
     chosen: Vec<Result<Chosen, String>>,
     /// How it unpacks each layer as soon as it is stored.
     hints: HashMap<String, UnpackHint>,
-    /// Peers could not reach it, but the coordinator can: it is sent blobs directly.
+    /// Peers cannot feed it (its agent does not fetch, or three sources failed it): the
+    /// coordinator sends it what it lacks.
     direct: bool,
+    /// Its agent serves peers, and it has not failed as a source.
+    serves: bool,
     /// Why it dropped out, and what kind of failure that was; it gets nothing more.
     failed: Option<(FailureKind, String)>,
+    /// Transfers into it under way, by blob.
+    receiving: HashSet<String>,
+    /// Peers reading from it right now.
+    serving: usize,
+    /// Sources that failed it, per blob, and in all.
+    bad_sources: HashMap<String, HashSet<usize>>,
+    sources_failed: usize,
+    /// Attempts per blob.
+    tries: HashMap<String, u32>,
+    /// Bytes per second of its larger transfers, as measured here.
+    rate: Option<f64>,
+    /// Being probed: nothing is started on it until the answer.
+    probing: bool,
+    /// Images imported or given up, and imports under way.
+    settled: Vec<bool>,
+    importing: usize,
+    /// Verify and EndSession started, or the node is done.
+    verifying: bool,
+    done: bool,
 }
 
 impl Node {
     fn alive(&self) -> bool {
         self.failed.is_none()
     }
+
+    /// Whether it can take one more blob now.
+    fn free(&self) -> bool {
+        self.alive() && !self.done && !self.probing && self.receiving.len() < PER_NODE
+    }
 }
 
-/// How one node ended in one delivery of a blob.
-enum Outcome {
+/// Where a transfer's bytes come from: the coordinator, or the node at this position.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Source {
+    Coordinator,
+    Peer(usize),
+}
+
+/// One blob on its way to one node.
+struct Transfer {
+    node: usize,
+    digest: String,
+    source: Source,
+    started: Instant,
+    last_progress: Instant,
+    /// Bytes the node holds, as last reported.
+    held: u64,
+    stalled: bool,
+    abort: tokio::task::AbortHandle,
+}
+
+/// How a transfer ended.
+enum Ended {
     Stored {
         received: u64,
         already: bool,
     },
-    Passed,
-    /// It answered but could not store the blob.
+    /// The source could not serve it (Fetch's `source_error`).
+    SourceFailed(String),
+    /// The node answered, but could not store the blob.
     Refused(String),
-    /// The call to it failed; its state is unknown.
+    /// The call to the node failed; its state is unknown.
     Lost(String),
+    /// The coordinator found the blob in the bundle bad: it reaches no node.
+    Bad(String),
+    /// Reading the bundle failed otherwise.
+    Bundle(FailureKind, String),
+}
+
+/// What the scheduler waits for besides transfers.
+enum NodeEvent {
+    Imported(
+        usize,
+        usize,
+        Result<Vec<lade_proto::ImportEvent>, tonic::Status>,
+    ),
+    Verified(usize, Box<NodeReport>, Result<(), LoadError>),
+    Probed(usize, Result<(), String>, Probe),
+}
+
+/// Why a node was probed, to act on its answer.
+enum Probe {
+    /// It failed as a source; the error it gave.
+    Source(String),
+    /// A transfer into it was lost (`digest`, what the transfer said).
+    Receiver(String, String),
 }
 
 /// Loads with relay fan-out of `fanout`; one report per agent, in the order of
@@ -90,7 +191,6 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         plan,
         opts,
         progress,
-        session,
         ..
     } = run;
     let started = Instant::now();
@@ -131,15 +231,38 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
                     .map(|(d, h)| (d.to_string(), h))
                     .collect();
                 all_check_layers &= known.checks_layers;
+                let holds = known
+                    .chosen
+                    .iter()
+                    .flatten()
+                    .flat_map(|c| c.blobs.iter())
+                    .filter(|d| !known.missing.contains_key(*d))
+                    .cloned()
+                    .collect();
+                let images = known.chosen.len();
                 nodes.push(Node {
                     idx: i,
                     agent: opts.agents[i].clone(),
                     client,
+                    lacked: known.missing.clone(),
                     missing: known.missing,
+                    holds,
                     chosen: known.chosen,
                     hints,
-                    direct: false,
+                    direct: !known.fetches,
+                    serves: known.fetches,
                     failed: None,
+                    receiving: HashSet::new(),
+                    serving: 0,
+                    bad_sources: HashMap::new(),
+                    sources_failed: 0,
+                    tries: HashMap::new(),
+                    rate: None,
+                    probing: false,
+                    settled: vec![false; images],
+                    importing: 0,
+                    verifying: false,
+                    done: false,
                 });
             }
             Err(e) => {
@@ -150,8 +273,8 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
     }
     let checks = run.checks.clone().filter(|_| !all_check_layers);
     nodes.sort_by_key(|n| n.idx);
-    // An address given twice would be a tree forwarding to itself: keep the first.
-    let mut seen = std::collections::HashSet::new();
+    // An address given twice would be a node fetching from itself: keep the first.
+    let mut seen = HashSet::new();
     nodes.retain(|n| {
         let first = seen.insert(n.agent.clone());
         if !first {
@@ -190,128 +313,803 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         progress.sending(&n.agent, to_send, reports[n.idx].bytes_skipped);
     }
 
-    // Stage 2: every blob once into the topology; imports as images complete.
+    // The order blobs go in: as the images need them.
+    let mut order: Vec<String> = Vec::new();
+    for i in 0..plan.len() {
+        for d in image_order(&nodes, i) {
+            if nodes.iter().any(|n| n.missing.contains_key(&d)) && !order.contains(&d) {
+                order.push(d);
+            }
+        }
+    }
     if let Some(checks) = &checks {
-        let mut order: Vec<String> = Vec::new();
-        for i in 0..plan.len() {
-            for d in image_order(&nodes, i) {
-                if nodes.iter().any(|n| n.missing.contains_key(&d)) && !order.contains(&d) {
-                    order.push(d);
-                }
-            }
-        }
-        checks.prefetch(order);
-    }
-    let mut imports = tokio::task::JoinSet::new();
-    let mut relay_failures: Vec<(usize, LoadError)> = Vec::new();
-    // Blobs of the bundle found bad on the way (digest or layer check), with why: every
-    // image using one fails on every node, alone; the others load.
-    let mut bad: HashMap<String, String> = HashMap::new();
-    for (i, planned) in plan.iter().enumerate() {
-        for digest in image_order(&nodes, i) {
-            if bad.contains_key(&digest) {
-                continue;
-            }
-            let delivery = Delivery {
-                bundle,
-                session,
-                digest: &digest,
-                checks: checks.as_ref(),
-                fanout,
-                progress: &**progress,
-            };
-            if let Some(reason) = delivery.run(&mut nodes, &mut reports).await {
-                bad.insert(digest.clone(), reason);
-            }
-        }
-        for n in nodes.iter().filter(|n| n.alive()) {
-            let chosen = match &n.chosen[i] {
-                Ok(c) => c,
-                Err(reason) => {
-                    reports[n.idx].failed_images.push(FailedImage {
-                        image: planned.source.clone(),
-                        reason: reason.clone(),
-                    });
-                    continue;
-                }
-            };
-            if let Some(reason) = chosen.blobs.iter().find_map(|d| bad.get(d)) {
-                reports[n.idx].failed_images.push(FailedImage {
-                    image: planned.source.clone(),
-                    reason: reason.clone(),
-                });
-                continue;
-            }
-            if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
-                continue; // cannot happen for a live node: a failed delivery fails it
-            }
-            let spec = import_spec(bundle, chosen, planned);
-            let (client, session, idx) = (n.client.clone(), session.clone(), n.idx);
-            imports.spawn(async move { (idx, import(client, session, spec).await) });
-        }
-    }
-    for n in &nodes {
-        if n.alive() {
-            progress.phase(&n.agent, "importing");
-        }
-    }
-    while let Some(joined) = imports.join_next().await {
-        let (idx, result) = joined.expect("import task panicked");
-        let report = &mut reports[idx];
-        match result {
-            Ok(events) => report.count_imports(events),
-            Err(status) => {
-                relay_failures.push((idx, LoadError::agent_call(&report.agent, "Import")(status)))
-            }
-        }
-    }
-    for (idx, error) in relay_failures {
-        if let Some(n) = nodes.iter_mut().find(|n| n.idx == idx) {
-            n.failed.get_or_insert((error.kind(), error.to_string()));
-        }
+        checks.prefetch(order.clone());
     }
 
-    // Stage 3: verify and release, per node.
-    let finished: Vec<(usize, Result<Vec<FailedImage>, LoadError>)> =
-        futures::stream::iter(nodes.iter().filter(|n| n.alive()))
-            .map(|n| {
-                let mut report = reports[n.idx].clone();
-                let (plan, session, progress) = (plan.clone(), session.clone(), progress.clone());
-                let (mut client, agent, idx) = (n.client.clone(), n.agent.clone(), n.idx);
-                let chosen = n.chosen.clone();
-                async move {
-                    progress.phase(&agent, "verifying");
-                    let r =
-                        verify_and_end(&mut client, &plan, &chosen, &session, &agent, &mut report)
-                            .await;
-                    (idx, r.map(|()| report.failed_images))
-                }
-            })
-            .buffer_unordered(opts.parallel.max(1))
-            .collect()
-            .await;
-    for (idx, r) in finished {
-        match r {
-            Ok(failed) => reports[idx].failed_images = failed,
-            Err(e) => reports[idx].fail_with(&e),
-        }
-    }
+    // Stage 2: move blobs until every node holds what it needs, importing as images complete.
+    let mut swarm = Swarm {
+        run,
+        nodes,
+        reports,
+        order,
+        fanout,
+        checks,
+        started,
+        transfers: HashMap::new(),
+        tasks: JoinSet::new(),
+        node_tasks: JoinSet::new(),
+        bad: HashMap::new(),
+        stall: opts.stall_timeout,
+        announced: HashSet::new(),
+    };
+    swarm.run().await;
+    let Swarm {
+        nodes,
+        mut reports,
+        announced,
+        ..
+    } = swarm;
     for n in &nodes {
         if let Some((kind, e)) = &n.failed {
             reports[n.idx].fail(*kind, e.clone());
         }
     }
     let seconds = started.elapsed().as_secs_f64();
-    for report in &mut reports {
-        report.seconds = seconds;
-        report.settle();
-        progress.node_finished(report);
+    for (idx, report) in reports.iter_mut().enumerate() {
+        if !announced.contains(&idx) {
+            if report.seconds == 0.0 {
+                report.seconds = seconds;
+            }
+            report.settle();
+            progress.node_finished(report);
+        }
     }
     reports
 }
 
-/// The blobs of image `i` some live node needs, in sending order (each node's chosen
-/// manifest, then its config and layers; nodes of other platforms add theirs after).
+/// A progress report from a transfer task: the node now holds `held` bytes of the blob.
+struct Moved {
+    id: tokio::task::Id,
+    held: u64,
+}
+
+/// The scheduler of stage 2.
+struct Swarm<'r, 'a> {
+    run: &'r Run<'a>,
+    nodes: Vec<Node>,
+    reports: Vec<NodeReport>,
+    /// Blobs some node lacks, in the order the images need them.
+    order: Vec<String>,
+    fanout: usize,
+    checks: Option<Arc<LayerChecks>>,
+    started: Instant,
+    transfers: HashMap<tokio::task::Id, Transfer>,
+    tasks: JoinSet<Ended>,
+    node_tasks: JoinSet<NodeEvent>,
+    /// Blobs found bad on the way, with why: every image using one fails, alone.
+    bad: HashMap<String, String>,
+    stall: Duration,
+    /// Reports already final and shown as finished.
+    announced: HashSet<usize>,
+}
+
+impl Swarm<'_, '_> {
+    async fn run(&mut self) {
+        let (moved_tx, mut moved_rx) = mpsc::unbounded_channel::<Moved>();
+        let mut tick = tokio::time::interval(Duration::from_millis(500));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        for n in 0..self.nodes.len() {
+            self.settle_images(n);
+        }
+        loop {
+            self.schedule(&moved_tx);
+            if self.tasks.is_empty() && self.node_tasks.is_empty() {
+                if self.nodes.iter().all(|n| n.done || !n.alive()) {
+                    break;
+                }
+                // Nothing moves, yet some node is not done: what it lacks cannot be had.
+                for n in self.nodes.iter_mut().filter(|n| n.alive() && !n.done) {
+                    let lacking: Vec<&String> = n.missing.keys().collect();
+                    n.failed = Some((
+                        FailureKind::Delivery,
+                        format!("no source left for blob(s) {lacking:?}"),
+                    ));
+                }
+                break;
+            }
+            tokio::select! {
+                Some(m) = moved_rx.recv() => self.moved(m),
+                Some(joined) = self.tasks.join_next_with_id() => {
+                    let (id, ended) = match joined {
+                        Ok((id, ended)) => (id, ended),
+                        Err(e) => {
+                            let stalled = self.transfers.get(&e.id()).is_some_and(|t| t.stalled);
+                            let why = if stalled {
+                                format!("no progress for {:?}", self.stall)
+                            } else {
+                                format!("transfer task ended: {e}")
+                            };
+                            (e.id(), Ended::Lost(why))
+                        }
+                    };
+                    if let Some(t) = self.transfers.remove(&id) {
+                        self.ended(t, ended);
+                    }
+                }
+                Some(joined) = self.node_tasks.join_next() => {
+                    self.node_event(joined.expect("node task panicked"));
+                }
+                _ = tick.tick() => self.watch(),
+            }
+        }
+    }
+
+    /// Starts what can start: the coordinator's sends to seeds, then fetches from peers.
+    fn schedule(&mut self, moved: &mpsc::UnboundedSender<Moved>) {
+        // Seeds: each blob nobody alive holds or is getting from the coordinator goes to
+        // one node; a node peers cannot feed gets its own copy.
+        let order = self.order.clone();
+        for digest in &order {
+            if self.coordinator_streams() >= COORDINATOR_STREAMS {
+                break;
+            }
+            if self.bad.contains_key(digest) {
+                continue;
+            }
+            let held = self
+                .nodes
+                .iter()
+                .any(|n| n.alive() && n.serves && n.holds.contains(digest));
+            let seeded = self.transfers.values().any(|t| {
+                t.source == Source::Coordinator && &t.digest == digest && self.nodes[t.node].serves
+            });
+            let candidates: Vec<usize> = (0..self.nodes.len())
+                .filter(|&i| {
+                    let n = &self.nodes[i];
+                    n.free() && n.missing.contains_key(digest) && !n.receiving.contains(digest)
+                })
+                .collect();
+            let pick = if held || seeded {
+                // Only a node peers cannot feed gets it from here.
+                candidates.into_iter().find(|&i| self.nodes[i].direct)
+            } else {
+                self.seed_for(candidates)
+            };
+            if let Some(i) = pick {
+                self.start(i, digest, Source::Coordinator, moved);
+            }
+        }
+        // Fetches: every node takes what a peer holds, up to PER_NODE at a time.
+        for i in 0..self.nodes.len() {
+            for digest in &order {
+                if !self.nodes[i].free() || self.nodes[i].direct {
+                    break;
+                }
+                let n = &self.nodes[i];
+                if !n.missing.contains_key(digest) || n.receiving.contains(digest) {
+                    continue;
+                }
+                if let Some(src) = self.source_for(i, digest) {
+                    self.start(i, digest, Source::Peer(src), moved);
+                } else if self.all_holders_failed(i, digest) {
+                    warn!(agent = %self.nodes[i].agent, %digest, "every peer holding this blob failed to feed this node; sending to it directly");
+                    self.nodes[i].direct = true;
+                }
+            }
+        }
+        self.settle_all();
+    }
+
+    fn coordinator_streams(&self) -> usize {
+        self.transfers
+            .values()
+            .filter(|t| t.source == Source::Coordinator)
+            .count()
+    }
+
+    /// The seed among `candidates` (positions): the first in tree order that serves peers
+    /// and has not proven slow, else the first.
+    fn seed_for(&self, candidates: Vec<usize>) -> Option<usize> {
+        candidates
+            .iter()
+            .copied()
+            .find(|&i| !self.slow(i) && self.nodes[i].serves)
+            .or_else(|| candidates.first().copied())
+    }
+
+    /// The peer node `i` fetches `digest` from: among the holders with a free slot, one
+    /// that has not proven slow, its tree parent first, else the one serving the fewest.
+    fn source_for(&self, i: usize, digest: &str) -> Option<usize> {
+        let n = &self.nodes[i];
+        let excluded = n.bad_sources.get(digest);
+        let usable = |j: usize| {
+            let s = &self.nodes[j];
+            j != i
+                && s.alive()
+                && s.serves
+                && !s.probing
+                && s.holds.contains(digest)
+                && s.serving < self.fanout
+                && !excluded.is_some_and(|e| e.contains(&j))
+        };
+        let parent = (i > 0).then(|| (i - 1) / self.fanout);
+        (0..self.nodes.len())
+            .filter(|&j| usable(j))
+            .min_by_key(|&j| (self.slow(j), Some(j) != parent, self.nodes[j].serving, j))
+    }
+
+    /// Whether node `j` took bytes at less than [`SLOW_SHARE`] of the fastest node's rate.
+    fn slow(&self, j: usize) -> bool {
+        let fastest = self
+            .nodes
+            .iter()
+            .filter_map(|n| n.rate)
+            .fold(0.0f64, f64::max);
+        self.nodes[j].rate.is_some_and(|r| r < fastest * SLOW_SHARE)
+    }
+
+    /// Whether peers hold `digest` but every one of them failed to feed it to node `i`.
+    fn all_holders_failed(&self, i: usize, digest: &str) -> bool {
+        let Some(excluded) = self.nodes[i].bad_sources.get(digest) else {
+            return false;
+        };
+        (0..self.nodes.len())
+            .filter(|&j| {
+                let s = &self.nodes[j];
+                j != i && s.alive() && s.serves && s.holds.contains(digest)
+            })
+            .all(|j| excluded.contains(&j))
+    }
+
+    /// Starts moving `digest` into node `i` from `source`.
+    fn start(
+        &mut self,
+        i: usize,
+        digest: &str,
+        source: Source,
+        moved: &mpsc::UnboundedSender<Moved>,
+    ) {
+        let run = self.run;
+        let n = &mut self.nodes[i];
+        let offset = n.missing[digest];
+        n.receiving.insert(digest.to_string());
+        let n_tries = {
+            let t = n.tries.entry(digest.to_string()).or_default();
+            *t += 1;
+            *t
+        };
+        let hint = n.hints.get(digest).cloned();
+        let client = n.client.clone();
+        let agent = n.agent.clone();
+        let moved = moved.clone();
+        let now = Instant::now();
+        let abort = match source {
+            Source::Coordinator => {
+                let send = Send {
+                    bundle: run.bundle.clone(),
+                    session: run.session.clone(),
+                    digest: digest.to_string(),
+                    offset,
+                    hint,
+                    checks: self.checks.clone(),
+                    agent,
+                    refresh: n_tries > 1,
+                };
+                self.tasks.spawn(async move {
+                    let id = tokio::task::id();
+                    send.run(client, |held| {
+                        let _ = moved.send(Moved { id, held });
+                    })
+                    .await
+                })
+            }
+            Source::Peer(src) => {
+                self.nodes[src].serving += 1;
+                let req = FetchRequest {
+                    session: run.session.clone(),
+                    blob: Some(descriptor(&run.bundle.blobs[digest])),
+                    source: self.nodes[src].agent.clone(),
+                    unpack: hint,
+                    stall_seconds: self.stall.as_secs().max(1) as u32,
+                };
+                self.tasks.spawn(async move {
+                    let id = tokio::task::id();
+                    fetch(client, &agent, req, |held| {
+                        let _ = moved.send(Moved { id, held });
+                    })
+                    .await
+                })
+            }
+        };
+        debug!(node = %self.nodes[i].agent, %digest, ?source, "transfer started");
+        self.transfers.insert(
+            abort.id(),
+            Transfer {
+                node: i,
+                digest: digest.to_string(),
+                source,
+                started: now,
+                last_progress: now,
+                held: offset,
+                stalled: false,
+                abort,
+            },
+        );
+    }
+
+    fn moved(&mut self, m: Moved) {
+        let Some(t) = self.transfers.get_mut(&m.id) else {
+            return;
+        };
+        if m.held > t.held {
+            let n = &self.nodes[t.node];
+            self.run.progress.sent(&n.agent, m.held - t.held);
+            t.held = m.held;
+            t.last_progress = Instant::now();
+        }
+    }
+
+    /// Cuts off transfers that stalled and nodes past `--node-timeout`.
+    fn watch(&mut self) {
+        // The agent gives up on a stalled source after the stall timeout; the coordinator
+        // waits a little longer, so that the agent's finer verdict comes first.
+        let limit = self.stall + (self.stall / 4).max(Duration::from_secs(2));
+        let stalled: Vec<tokio::task::Id> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| !t.stalled && t.last_progress.elapsed() > limit)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in stalled {
+            if let Some(t) = self.transfers.get_mut(&id) {
+                t.stalled = true;
+                warn!(node = %self.nodes[t.node].agent, digest = %t.digest, "no progress; cutting the transfer off");
+            }
+            self.abort(id);
+        }
+        if let Some(limit) = self.run.opts.retry.node_timeout {
+            if self.started.elapsed() > limit {
+                for i in 0..self.nodes.len() {
+                    let n = &mut self.nodes[i];
+                    if n.alive() && !n.done {
+                        let e = LoadError::TimedOut {
+                            agent: n.agent.clone(),
+                            limit,
+                        };
+                        n.failed = Some((e.kind(), e.to_string()));
+                        self.drop_node(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn abort(&mut self, id: tokio::task::Id) {
+        if let Some(t) = self.transfers.get(&id) {
+            t.abort.abort();
+        }
+    }
+
+    /// Node `i` failed: what moves into it stops.
+    fn drop_node(&mut self, i: usize) {
+        let ids: Vec<tokio::task::Id> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| t.node == i)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.abort(id);
+        }
+        let idx = self.nodes[i].idx;
+        self.reports[idx].seconds = self.started.elapsed().as_secs_f64();
+    }
+}
+
+impl Swarm<'_, '_> {
+    /// Acts on how transfer `t` ended.
+    fn ended(&mut self, t: Transfer, ended: Ended) {
+        let i = t.node;
+        let digest = t.digest.clone();
+        self.nodes[i].receiving.remove(&digest);
+        if let Source::Peer(src) = t.source {
+            self.nodes[src].serving -= 1;
+        }
+        let from = match t.source {
+            Source::Coordinator => "coordinator".to_string(),
+            Source::Peer(src) => label(&self.reports[self.nodes[src].idx]),
+        };
+        let blob_size = self.run.bundle.blobs[&digest].size;
+        let tries = self.nodes[i].tries.get(&digest).copied().unwrap_or(0);
+        match ended {
+            Ended::Stored { received, already } => {
+                let n = &mut self.nodes[i];
+                if n.missing.remove(&digest).is_none() {
+                    return;
+                }
+                let offset = n.lacked.get(&digest).copied().unwrap_or(0);
+                n.holds.insert(digest.clone());
+                let report = &mut self.reports[n.idx];
+                if already {
+                    report.blobs_skipped += 1;
+                    report.bytes_skipped += blob_size - offset;
+                } else {
+                    report.blobs_sent += 1;
+                    report.bytes_sent += blob_size - offset;
+                    if t.source == Source::Coordinator {
+                        report.bytes_from_coordinator += received;
+                    }
+                    if !report.via.contains(&from) {
+                        report.via.push(from);
+                    }
+                    self.run
+                        .progress
+                        .sent(&n.agent, blob_size.saturating_sub(t.held));
+                    if received >= RATE_SAMPLE {
+                        let rate = received as f64 / t.started.elapsed().as_secs_f64().max(1e-3);
+                        n.rate = Some(match n.rate {
+                            Some(r) => (r + rate) / 2.0,
+                            None => rate,
+                        });
+                    }
+                }
+                self.settle_images(i);
+            }
+            Ended::SourceFailed(why) => {
+                let Source::Peer(src) = t.source else {
+                    return;
+                };
+                let n = &mut self.nodes[i];
+                n.bad_sources.entry(digest.clone()).or_default().insert(src);
+                n.sources_failed += 1;
+                if n.sources_failed >= SOURCE_FAILURES && !n.direct {
+                    warn!(agent = %n.agent, "{SOURCE_FAILURES} peers failed to feed this node; sending to it directly");
+                    n.direct = true;
+                }
+                if !self.nodes[src].probing {
+                    self.nodes[src].probing = true;
+                    let client = self.nodes[src].client.clone();
+                    self.node_tasks.spawn(async move {
+                        let mut client = client;
+                        NodeEvent::Probed(src, probe(&mut client).await, Probe::Source(why))
+                    });
+                }
+            }
+            Ended::Refused(e) => {
+                self.nodes[i].failed = Some((FailureKind::Agent, format!("blob {digest}: {e}")));
+                self.drop_node(i);
+            }
+            Ended::Lost(why) => {
+                if tries >= ATTEMPTS {
+                    self.nodes[i].failed = Some((
+                        FailureKind::Delivery,
+                        format!(
+                            "blob {digest} could not be delivered after {ATTEMPTS} attempts \
+                             (last, from {from}: {why})"
+                        ),
+                    ));
+                    self.drop_node(i);
+                } else if !self.nodes[i].probing {
+                    self.nodes[i].probing = true;
+                    let client = self.nodes[i].client.clone();
+                    let context = Probe::Receiver(digest, format!("from {from}: {why}"));
+                    self.node_tasks.spawn(async move {
+                        let mut client = client;
+                        NodeEvent::Probed(i, probe(&mut client).await, context)
+                    });
+                }
+            }
+            Ended::Bad(reason) => {
+                self.bad.insert(digest.clone(), reason);
+                for n in 0..self.nodes.len() {
+                    self.nodes[n].missing.remove(&digest);
+                    self.settle_images(n);
+                }
+            }
+            Ended::Bundle(kind, e) => {
+                for n in 0..self.nodes.len() {
+                    if self.nodes[n].alive() && self.nodes[n].missing.contains_key(&digest) {
+                        self.nodes[n].failed = Some((kind, e.clone()));
+                        self.drop_node(n);
+                    }
+                }
+            }
+        }
+    }
+
+    fn node_event(&mut self, event: NodeEvent) {
+        match event {
+            NodeEvent::Imported(i, image, result) => {
+                let n = &mut self.nodes[i];
+                n.importing -= 1;
+                n.settled[image] = true;
+                let report = &mut self.reports[n.idx];
+                match result {
+                    Ok(events) => report.count_imports(events),
+                    Err(status) => {
+                        let e = LoadError::agent_call(&report.agent, "Import")(status);
+                        n.failed.get_or_insert((e.kind(), e.to_string()));
+                        self.drop_node(i);
+                    }
+                }
+                self.settle_images(i);
+            }
+            NodeEvent::Verified(i, report, result) => {
+                let n = &mut self.nodes[i];
+                n.done = true;
+                let idx = n.idx;
+                self.reports[idx] = *report;
+                if let Err(e) = result {
+                    self.reports[idx].fail_with(&e);
+                }
+                self.finish(idx);
+            }
+            NodeEvent::Probed(i, answer, why) => {
+                self.nodes[i].probing = false;
+                match (answer, why) {
+                    (Ok(()), Probe::Source(_)) => {}
+                    (Ok(()), Probe::Receiver(digest, why)) => {
+                        info!(agent = %self.nodes[i].agent, %digest, %why, "transfer lost, but the node answers: trying again");
+                    }
+                    (Err(probe), Probe::Source(why)) => {
+                        let n = &mut self.nodes[i];
+                        n.serves = false;
+                        n.failed = Some((
+                            FailureKind::Delivery,
+                            format!(
+                                "agent {} failed while serving a peer ({why}), and the \
+                                 coordinator cannot reach it either ({probe})",
+                                n.agent
+                            ),
+                        ));
+                        self.drop_node(i);
+                    }
+                    (Err(probe), Probe::Receiver(digest, why)) => {
+                        let n = &mut self.nodes[i];
+                        n.failed = Some((
+                            FailureKind::Delivery,
+                            format!(
+                                "agent {} was lost while receiving blob {digest} ({why}), and \
+                                 the coordinator cannot reach it either ({probe})",
+                                n.agent
+                            ),
+                        ));
+                        self.drop_node(i);
+                    }
+                }
+            }
+        }
+    }
+
+    fn settle_all(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.settle_images(i);
+        }
+    }
+
+    /// Node `i`: imports the images whose blobs it now holds; once every image is settled
+    /// and nothing moves into it, verifies and ends its session.
+    fn settle_images(&mut self, i: usize) {
+        let (bundle, plan, session) = (&self.run.bundle, &self.run.plan, &self.run.session);
+        let n = &mut self.nodes[i];
+        if !n.alive() || n.done || n.verifying {
+            return;
+        }
+        let report = &mut self.reports[n.idx];
+        for (image, planned) in plan.iter().enumerate() {
+            if n.settled[image] {
+                continue;
+            }
+            let chosen = match &n.chosen[image] {
+                Ok(c) => c,
+                Err(reason) => {
+                    n.settled[image] = true;
+                    report.failed_images.push(FailedImage {
+                        image: planned.source.clone(),
+                        reason: reason.clone(),
+                    });
+                    continue;
+                }
+            };
+            if let Some(reason) = chosen.blobs.iter().find_map(|d| self.bad.get(d)) {
+                n.settled[image] = true;
+                report.failed_images.push(FailedImage {
+                    image: planned.source.clone(),
+                    reason: reason.clone(),
+                });
+                continue;
+            }
+            if chosen.blobs.iter().any(|d| n.missing.contains_key(d)) {
+                continue;
+            }
+            // Marked settled now so it is imported once; the import's outcome is counted
+            // when it ends.
+            n.settled[image] = true;
+            n.importing += 1;
+            let spec = import_spec(bundle, chosen, planned);
+            let (client, session) = (n.client.clone(), session.clone());
+            self.node_tasks.spawn(async move {
+                NodeEvent::Imported(i, image, import(client, session, spec).await)
+            });
+            self.run.progress.phase(&n.agent, "importing");
+        }
+        if n.importing == 0
+            && n.receiving.is_empty()
+            && n.missing.is_empty()
+            && n.settled.iter().all(|s| *s)
+        {
+            n.verifying = true;
+            let mut report = report.clone();
+            let (plan, session, progress) =
+                (plan.clone(), session.clone(), self.run.progress.clone());
+            let (mut client, agent, chosen) = (n.client.clone(), n.agent.clone(), n.chosen.clone());
+            self.node_tasks.spawn(async move {
+                progress.phase(&agent, "verifying");
+                let r = verify_and_end(&mut client, &plan, &chosen, &session, &agent, &mut report)
+                    .await;
+                NodeEvent::Verified(i, Box::new(report), r)
+            });
+        }
+    }
+
+    /// Node report `idx` is final: its own time, and the progress display says so.
+    fn finish(&mut self, idx: usize) {
+        let report = &mut self.reports[idx];
+        report.seconds = self.started.elapsed().as_secs_f64();
+        report.settle();
+        self.run.progress.node_finished(report);
+        self.announced.insert(idx);
+    }
+}
+
+/// The coordinator's own send of one blob to one node.
+struct Send {
+    bundle: Arc<crate::bundle::Bundle>,
+    session: String,
+    digest: String,
+    offset: u64,
+    hint: Option<UnpackHint>,
+    checks: Option<Arc<LayerChecks>>,
+    agent: String,
+    /// A retry: ask the node first how much of the blob it holds.
+    refresh: bool,
+}
+
+impl Send {
+    /// Streams the blob from the node's offset, calling `moved` with the bytes the node
+    /// holds as chunks go out. A digest mismatch in the bundle, or a layer that fails its
+    /// check, withholds the last chunk, so the node never commits it.
+    async fn run(mut self, mut client: AgentConn, moved: impl Fn(u64)) -> Ended {
+        let blob = &self.bundle.blobs[&self.digest];
+        if self.refresh {
+            let asked = client
+                .have(HaveRequest {
+                    session: self.session.clone(),
+                    blobs: vec![descriptor(blob)],
+                })
+                .await;
+            match asked.map(|r| r.into_inner().blobs.into_iter().next()) {
+                Ok(Some(state)) if state.present => {
+                    return Ended::Stored {
+                        received: 0,
+                        already: false,
+                    }
+                }
+                Ok(Some(state)) => self.offset = state.offset.min(blob.size),
+                Ok(None) => {}
+                Err(status) => return classify(&self.agent, "Have", status),
+            }
+        }
+        let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
+        let header = PutBlobRequest {
+            msg: Some(Msg::Header(BlobHeader {
+                session: self.session.clone(),
+                blob: Some(descriptor(blob)),
+                offset: self.offset,
+                unpack: self.hint.clone(),
+                ..Default::default()
+            })),
+        };
+        tx.send(header)
+            .await
+            .expect("receiver is alive until the call starts");
+        let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
+        let reader = stream_chunks(
+            &self.bundle,
+            &self.digest,
+            self.offset,
+            self.checks.as_ref(),
+            tx,
+            Some(count_tx),
+        );
+        let call = client.put_blob(ReceiverStream::new(rx));
+        tokio::pin!(call);
+        let mut held = self.offset;
+        let response = loop {
+            tokio::select! {
+                res = &mut call => break res,
+                Some(n) = count_rx.recv() => {
+                    held += n;
+                    moved(held);
+                }
+            }
+        };
+        // The bundle's own error explains a refused upload better than the agent's view.
+        match reader.await.expect("blob reader task panicked") {
+            Err(e) if e.is_bad_content() => return Ended::Bad(e.to_string()),
+            Err(e) => return Ended::Bundle(e.kind(), e.to_string()),
+            Ok(_) => {}
+        }
+        match response {
+            Ok(r) => {
+                let r = r.into_inner();
+                if !r.local_error.is_empty() {
+                    return Ended::Refused(r.local_error);
+                }
+                Ended::Stored {
+                    received: r.received,
+                    already: r.already_present,
+                }
+            }
+            Err(status) => classify(&self.agent, "PutBlob", status),
+        }
+    }
+}
+
+/// A failed call to the receiving node: lost when the call itself broke (the node may be
+/// gone), refused when the node answered with an error.
+fn classify(agent: &str, call: &'static str, status: tonic::Status) -> Ended {
+    use tonic::Code;
+    let lost = matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::DeadlineExceeded
+    ) || status.code() == Code::ResourceExhausted;
+    let e = LoadError::agent_call(agent, call)(status);
+    if lost {
+        Ended::Lost(e.to_string())
+    } else {
+        Ended::Refused(e.to_string())
+    }
+}
+
+/// Has the node fetch one blob from a peer, calling `moved` with what it holds as it goes.
+async fn fetch(
+    mut client: AgentConn,
+    agent: &str,
+    req: FetchRequest,
+    moved: impl Fn(u64),
+) -> Ended {
+    let mut stream = match client.fetch(req).await {
+        Ok(r) => r.into_inner(),
+        Err(status) => return classify(agent, "Fetch", status),
+    };
+    loop {
+        match stream.message().await {
+            Ok(Some(p)) if p.done => {
+                return Ended::Stored {
+                    received: p.received,
+                    already: p.already_present,
+                }
+            }
+            Ok(Some(p)) if !p.source_error.is_empty() => {
+                return Ended::SourceFailed(p.source_error)
+            }
+            Ok(Some(p)) => moved(p.held),
+            Ok(None) => return Ended::Lost(format!("agent {agent}: Fetch ended without a result")),
+            Err(status) => return classify(agent, "Fetch", status),
+        }
+    }
+}
+
+/// Whether the coordinator itself still reaches the node.
+async fn probe(client: &mut AgentConn) -> Result<(), String> {
+    match tokio::time::timeout(Duration::from_secs(5), client.info(InfoRequest {})).await {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(status)) => Err(format!("Info: {}", status.message())),
+        Err(_) => Err("Info: no answer within 5s".into()),
+    }
+}
+
 fn image_order(nodes: &[Node], i: usize) -> Vec<String> {
     let mut order: Vec<String> = Vec::new();
     for n in nodes.iter().filter(|n| n.alive()) {
@@ -344,6 +1142,8 @@ struct Knowledge {
     missing: HashMap<String, u64>,
     /// The node checks layers itself as it unpacks them.
     checks_layers: bool,
+    /// Its agent fetches from peers and serves them.
+    fetches: bool,
 }
 
 /// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
@@ -378,6 +1178,7 @@ async fn identify(run: &Run<'_>, agent: &str, mut report: NodeReport) -> (Identi
                     chosen,
                     missing,
                     checks_layers: info.checks_layers,
+                    fetches: info.fetches_from_peers,
                 },
             ))
         };
@@ -386,352 +1187,4 @@ async fn identify(run: &Run<'_>, agent: &str, mut report: NodeReport) -> (Identi
             other => return (other, attempt + 1),
         }
     }
-}
-
-/// The relay tree over the live, peer-reachable nodes for `digest`: the hop of position
-/// `i` and below, or `None` when nobody there needs the blob.
-fn hop(nodes: &[&Node], digest: &str, i: usize, k: usize) -> Option<RelayHop> {
-    let n = nodes[i];
-    let forward: Vec<RelayHop> = children(i, nodes.len(), k)
-        .filter_map(|c| hop(nodes, digest, c, k))
-        .collect();
-    let own = n.missing.get(digest).copied();
-    if own.is_none() && forward.is_empty() {
-        return None;
-    }
-    Some(RelayHop {
-        address: n.agent.clone(),
-        store: own.is_some(),
-        offset: own.unwrap_or(0),
-        forward,
-    })
-}
-
-/// Who forwarded to whom in `root`'s tree: child address -> parent address.
-fn parents(root: &RelayHop, out: &mut HashMap<String, String>) {
-    for child in &root.forward {
-        out.insert(child.address.clone(), root.address.clone());
-        parents(child, out);
-    }
-}
-
-/// One blob to get onto every live node that lacks it.
-struct Delivery<'a> {
-    bundle: &'a Arc<Bundle>,
-    session: &'a str,
-    digest: &'a str,
-    checks: Option<&'a Arc<LayerChecks>>,
-    fanout: usize,
-    progress: &'a dyn Progress,
-}
-
-impl Delivery<'_> {
-    /// One tree from the coordinator, then again to the nodes a failure cut off, until every
-    /// live node holds the blob or failed. Returns why the blob itself is bad (its digest or
-    /// its layer check failed): no node got it, and the images using it fail.
-    async fn run(&self, nodes: &mut [Node], reports: &mut [NodeReport]) -> Option<String> {
-        deliver(self, nodes, reports).await
-    }
-}
-
-async fn deliver(
-    d: &Delivery<'_>,
-    nodes: &mut [Node],
-    reports: &mut [NodeReport],
-) -> Option<String> {
-    let (bundle, digest, fanout, progress) = (d.bundle, d.digest, d.fanout, d.progress);
-    let blob = &bundle.blobs[digest];
-    // How the nodes unpack it as soon as it is stored (the first that needs it says).
-    let hint = nodes
-        .iter()
-        .filter(|n| n.missing.contains_key(digest))
-        .find_map(|n| n.hints.get(digest).cloned());
-    let name_of: HashMap<String, String> = reports
-        .iter()
-        .map(|r| (r.agent.clone(), label(r)))
-        .collect();
-    let name = |agent: &str| {
-        name_of
-            .get(agent)
-            .cloned()
-            .unwrap_or_else(|| agent.to_string())
-    };
-    for round in 0..4 {
-        if !nodes
-            .iter()
-            .any(|n| n.alive() && n.missing.contains_key(digest))
-        {
-            return None;
-        }
-        if round > 0 {
-            refresh_offsets(d, nodes, reports).await;
-        }
-        // One tree over the nodes peers reach; each node only the coordinator reaches on
-        // its own.
-        // After a failure, the tree is made of the nodes still lacking the blob only: no
-        // node passes it on again.
-        let relayed: Vec<&Node> = nodes
-            .iter()
-            .filter(|n| n.alive() && !n.direct)
-            .filter(|n| round == 0 || n.missing.contains_key(digest))
-            .collect();
-        let mut roots: Vec<RelayHop> = Vec::new();
-        if !relayed.is_empty() {
-            roots.extend(hop(&relayed, digest, 0, fanout));
-        }
-        for n in nodes.iter().filter(|n| n.alive() && n.direct) {
-            if let Some(&offset) = n.missing.get(digest) {
-                roots.push(RelayHop {
-                    address: n.agent.clone(),
-                    store: true,
-                    offset,
-                    forward: Vec::new(),
-                });
-            }
-        }
-        let mut parent: HashMap<String, String> = HashMap::new();
-        for root in &roots {
-            parents(root, &mut parent);
-        }
-        let calls = roots.iter().map(|root| {
-            let client = nodes
-                .iter()
-                .find(|n| n.agent == root.address)
-                .expect("root is a node")
-                .client
-                .clone();
-            send_tree(d, client, root.clone(), hint.clone())
-        });
-        let answers = futures::future::join_all(calls).await;
-
-        // Every node of the trees: its outcome, if anyone reported one.
-        let mut outcomes: HashMap<String, Outcome> = HashMap::new();
-        let mut bundle_error = None;
-        for (root, answer) in roots.iter().zip(answers) {
-            match answer {
-                Ok((resp, sent)) => {
-                    let idx = nodes
-                        .iter()
-                        .find(|n| n.agent == root.address)
-                        .expect("root is a node")
-                        .idx;
-                    reports[idx].bytes_from_coordinator += sent;
-                    outcomes.insert(
-                        root.address.clone(),
-                        if !resp.local_error.is_empty() {
-                            Outcome::Refused(resp.local_error.clone())
-                        } else if !root.store {
-                            Outcome::Passed
-                        } else {
-                            Outcome::Stored {
-                                received: resp.received,
-                                already: resp.already_present,
-                            }
-                        },
-                    );
-                    for r in resp.relayed {
-                        let outcome = if r.lost {
-                            Outcome::Lost(r.error)
-                        } else if !r.ok {
-                            Outcome::Refused(r.error)
-                        } else if r.pass_through {
-                            Outcome::Passed
-                        } else {
-                            Outcome::Stored {
-                                received: r.received,
-                                already: r.already_present,
-                            }
-                        };
-                        outcomes.insert(r.address, outcome);
-                    }
-                }
-                Err(SendError::Bundle(e)) if e.is_bad_content() => {
-                    return Some(e.to_string());
-                }
-                Err(SendError::Bundle(e)) => bundle_error = Some((e.kind(), e.to_string())),
-                Err(SendError::Call(e)) => {
-                    outcomes.insert(root.address.clone(), Outcome::Lost(e.to_string()));
-                }
-            }
-        }
-
-        let mut suspects = Vec::new();
-        for n in nodes.iter_mut().filter(|n| n.alive()) {
-            let Some(&offset) = n.missing.get(digest) else {
-                continue;
-            };
-            let report = &mut reports[n.idx];
-            if let Some(e) = &bundle_error {
-                n.failed = Some(e.clone());
-                continue;
-            }
-            let from = match parent.get(&n.agent) {
-                Some(p) => name(p),
-                None => "coordinator".to_string(),
-            };
-            match outcomes.remove(&n.agent) {
-                Some(Outcome::Stored { received, already }) => {
-                    n.missing.remove(digest);
-                    if already {
-                        report.blobs_skipped += 1;
-                        report.bytes_skipped += blob.size - offset;
-                    } else {
-                        report.blobs_sent += 1;
-                        report.bytes_sent += received;
-                        progress.sent(&n.agent, received);
-                        if !report.via.contains(&from) {
-                            report.via.push(from);
-                        }
-                    }
-                }
-                Some(Outcome::Refused(e)) => {
-                    n.failed = Some((FailureKind::Agent, format!("blob {digest}: {e}")));
-                }
-                Some(Outcome::Lost(e)) => suspects.push((n.idx, from, e)),
-                // Passed cannot be: the node lacked the blob. None: cut off above.
-                Some(Outcome::Passed) | None => {}
-            }
-        }
-        // A pass-through node whose call failed is as suspect as any other.
-        for n in nodes
-            .iter()
-            .filter(|n| n.alive() && !n.missing.contains_key(digest))
-        {
-            if let Some(Outcome::Lost(e)) = outcomes.remove(&n.agent) {
-                let from = parent
-                    .get(&n.agent)
-                    .map(|p| name(p))
-                    .unwrap_or_else(|| "coordinator".into());
-                suspects.push((n.idx, from, e));
-            }
-        }
-        for (idx, from, error) in suspects {
-            let n = nodes.iter_mut().find(|n| n.idx == idx).expect("suspect");
-            match probe(&mut n.client).await {
-                Ok(()) => {
-                    warn!(agent = %n.agent, %from, %error, "relay to this node failed, but the coordinator reaches it: sending to it directly");
-                    n.direct = true;
-                }
-                Err(probe) => {
-                    n.failed = Some((
-                        FailureKind::Delivery,
-                        format!(
-                            "agent {} was lost while {from} relayed blob {digest} to it \
-                             ({error}), and the coordinator cannot reach it either ({probe})",
-                            n.agent
-                        ),
-                    ));
-                }
-            }
-        }
-    }
-    for n in nodes
-        .iter_mut()
-        .filter(|n| n.alive() && n.missing.contains_key(digest))
-    {
-        n.failed = Some((
-            FailureKind::Delivery,
-            format!("blob {digest} could not be delivered after 4 attempts"),
-        ));
-    }
-    None
-}
-
-/// Whether the coordinator itself still reaches the node.
-async fn probe(client: &mut AgentConn) -> Result<(), String> {
-    match tokio::time::timeout(Duration::from_secs(5), client.info(InfoRequest {})).await {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(status)) => Err(format!("Info: {}", status.message())),
-        Err(_) => Err("Info: no answer within 5s".into()),
-    }
-}
-
-/// After a failed delivery: how far each node still lacking `digest` got (a cut-off upload
-/// keeps what arrived, and resumes from there).
-async fn refresh_offsets(d: &Delivery<'_>, nodes: &mut [Node], reports: &mut [NodeReport]) {
-    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
-    let blob = &bundle.blobs[digest];
-    let desc = descriptor(blob);
-    for n in nodes
-        .iter_mut()
-        .filter(|n| n.alive() && n.missing.contains_key(digest))
-    {
-        let asked = n
-            .client
-            .have(HaveRequest {
-                session: session.to_string(),
-                blobs: vec![desc.clone()],
-            })
-            .await;
-        match asked {
-            Ok(have) => {
-                if let Some(state) = have.into_inner().blobs.into_iter().next() {
-                    // What arrived in the failed round was sent to it all the same.
-                    let before = n.missing[digest];
-                    let report = &mut reports[n.idx];
-                    if state.present {
-                        n.missing.remove(digest);
-                        report.blobs_sent += 1;
-                        report.bytes_sent += blob.size - before;
-                    } else {
-                        let now = state.offset.min(blob.size);
-                        report.bytes_sent += now.saturating_sub(before);
-                        n.missing.insert(digest.to_string(), now);
-                    }
-                }
-            }
-            Err(status) => {
-                let e = LoadError::agent_call(&reports[n.idx].agent, "Have")(status);
-                n.failed = Some((e.kind(), e.to_string()));
-            }
-        }
-    }
-}
-
-enum SendError {
-    /// Reading or checking the blob from the bundle failed.
-    Bundle(LoadError),
-    /// The call to the root failed.
-    Call(LoadError),
-}
-
-/// Streams the blob to `root`, which passes it down its tree; returns its answer and the
-/// bytes the coordinator sent.
-async fn send_tree(
-    d: &Delivery<'_>,
-    mut client: AgentConn,
-    root: RelayHop,
-    unpack: Option<UnpackHint>,
-) -> Result<(PutBlobResponse, u64), SendError> {
-    let (bundle, session, digest) = (d.bundle, d.session, d.digest);
-    let blob = &bundle.blobs[digest];
-    let start = root.stream_start().expect("a root needs the blob below it");
-    let relay = !root.forward.is_empty() || !root.store;
-    let header = BlobHeader {
-        session: session.to_string(),
-        blob: Some(descriptor(blob)),
-        offset: start,
-        forward: root.forward.clone(),
-        pass_through: relay && !root.store,
-        store_offset: if relay && root.store { root.offset } else { 0 },
-        unpack,
-    };
-    let (tx, rx) = mpsc::channel::<PutBlobRequest>(4);
-    tx.send(PutBlobRequest {
-        msg: Some(Msg::Header(header)),
-    })
-    .await
-    .expect("receiver is alive until the call starts");
-    // A digest mismatch, or a layer that fails its check, withholds the last chunk: no node
-    // of the tree commits it.
-    let reader = stream_chunks(bundle, digest, start, d.checks, tx, None);
-    let response = client.put_blob(ReceiverStream::new(rx)).await;
-    let sent = reader
-        .await
-        .expect("blob reader task panicked")
-        .map_err(SendError::Bundle)?;
-    let response = response.map_err(|status| {
-        SendError::Call(LoadError::agent_call(&root.address, "PutBlob")(status))
-    })?;
-    Ok((response.into_inner(), sent))
 }

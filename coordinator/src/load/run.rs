@@ -36,6 +36,8 @@ pub struct LoadOptions {
     pub platforms: PlatformChoice,
     /// Whether agents pass blobs on to each other (`--relay`).
     pub relay: RelayMode,
+    /// A relayed transfer that moves no byte for this long is cut off (`--stall-timeout`).
+    pub stall_timeout: Duration,
 }
 
 /// How often and how patiently a node is tried. Retrying is safe because every step is

@@ -191,6 +191,41 @@ impl Containerd {
         Ok(out)
     }
 
+    /// A committed blob's bytes from `offset`, as containerd's content store streams them.
+    pub(super) async fn read_from(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
+        let op = format!("Content.Read {digest}");
+        let stream = match self
+            .content()
+            .read(self.req(
+                ReadContentRequest {
+                    digest: digest.to_string(),
+                    offset: offset as i64,
+                    size: 0,
+                },
+                None,
+            ))
+            .await
+        {
+            Ok(r) => r.into_inner(),
+            Err(s) if s.code() == Code::NotFound => {
+                return Err(Error::NotHeld {
+                    digest: digest.to_string(),
+                })
+            }
+            Err(s) => return Err(Error::runtime(RUNTIME, op)(s)),
+        };
+        Ok(stream
+            .map(move |m| {
+                m.map(|r| Bytes::from(r.data))
+                    .map_err(|s| Error::runtime(RUNTIME, op.clone())(s))
+            })
+            .boxed())
+    }
+
     /// Sets labels on a blob, touching only the named keys.
     pub(super) async fn set_labels(
         &self,

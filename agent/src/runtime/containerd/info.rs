@@ -126,6 +126,7 @@ impl Containerd {
                 && pins_images(&runtime_version),
             storage: self.storage().await,
             checks_layers: matches!(self.local_store().await, Ok(Some(_))),
+            fetches_from_peers: false,
         })
     }
 }

@@ -215,6 +215,14 @@ impl Runtime for Containerd {
         Ok(out)
     }
 
+    async fn read_blob(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
+        self.read_from(digest, offset).await
+    }
+
     async fn unpack_ahead(
         self: Arc<Self>,
         session: String,

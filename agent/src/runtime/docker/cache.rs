@@ -118,6 +118,44 @@ impl BlobCache {
         Ok(bytes)
     }
 
+    /// A verified blob's bytes from `offset`, in chunks of [`lade_proto::CHUNK_SIZE`].
+    pub async fn read_from(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, Error>>, Error> {
+        use futures::StreamExt;
+        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        let path = self.blob_path(digest)?;
+        let mut file = match tokio::fs::File::open(&path).await {
+            Ok(f) => f,
+            Err(e) if e.kind() == ErrorKind::NotFound => {
+                return Err(Error::NotHeld {
+                    digest: digest.to_string(),
+                })
+            }
+            Err(e) => return Err(Error::cache(&path, "open")(e)),
+        };
+        file.seek(std::io::SeekFrom::Start(offset))
+            .await
+            .map_err(Error::cache(&path, "seek"))?;
+        Ok(
+            futures::stream::unfold(Some((file, path)), |state| async move {
+                let (mut file, path) = state?;
+                let mut buf = vec![0u8; lade_proto::CHUNK_SIZE];
+                match file.read(&mut buf).await {
+                    Ok(0) => None,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        Some((Ok(bytes::Bytes::from(buf)), Some((file, path))))
+                    }
+                    Err(e) => Some((Err(Error::cache(&path, "read")(e)), None)),
+                }
+            })
+            .boxed(),
+        )
+    }
+
     /// Stores blob `digest` of `size` bytes from `chunks`, which start at `offset` (0, or
     /// the length of the interrupted upload [`BlobCache::partial`] reports). The blob becomes
     /// visible only if its size and digest match; on a mismatch the bytes are dropped, so a

@@ -627,6 +627,7 @@ impl Runtime for Docker {
             images_pinned: false,
             // dockerd unpacks layers: the coordinator checks them before it sends them.
             checks_layers: false,
+            fetches_from_peers: false,
             storage: crate::storage::measure(
                 &[
                     ("cache", Some(self.cfg.cache_dir.as_path())),
@@ -745,6 +746,14 @@ impl Runtime for Docker {
     async fn end_session(&self, session: &str) -> Result<(), Error> {
         self.finish(session).await;
         Ok(())
+    }
+
+    async fn read_blob(
+        &self,
+        digest: &str,
+        offset: u64,
+    ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
+        self.cache.read_from(digest, offset).await
     }
 
     async fn verify(&self, refs: &[String]) -> Result<Vec<RefStatus>, Error> {
