@@ -8,6 +8,12 @@
 //! wall time, CPU of every process involved (they share this machine's cores), the bytes
 //! the coordinator counted as sent, and the bytes its interface really transmitted
 //! (`/sys/class/net/<if>/statistics/tx_bytes`, so protocol overhead included).
+//!
+//! Scenario `straggler` puts one node (`--straggler-node`, default the second: in a tree
+//! the first node's child and the fourth's parent) behind a link of `--straggler-mbit`
+//! (default a tenth of the coordinator's), both ways, and reports when the fast nodes and
+//! when the straggler finished (each node's own `seconds`), next to the straggler's own
+//! link time for what it stored. Scenarios, node counts and modes interleave in each round.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -16,7 +22,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_bench::{cpu_seconds, load_flags, parse_flags, time_report};
+use lade_bench::{cpu_seconds, load_flags, parse_flags, peak_rss_mib, time_report};
 use lade_testkit::fixtures::{
     random_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat, Compression,
     ImageFixture,
@@ -32,6 +38,9 @@ struct Args {
     modes: Vec<String>,
     rounds: usize,
     out: PathBuf,
+    scenarios: Vec<String>,
+    straggler_mbit: Option<u64>,
+    straggler_node: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -42,9 +51,13 @@ fn parse_args() -> Result<Args> {
         modes: vec!["auto".into(), "off".into()],
         rounds: 1,
         out: PathBuf::from("bench/results"),
+        scenarios: vec!["plain".into()],
+        straggler_mbit: None,
+        straggler_node: 1,
     };
     let usage = "usage: lade-bench-relay [--size-mib 256] [--rate-mbit 200] [--nodes 1,2,4,8] \
-                 [--modes auto,off] [--rounds 1] [--out bench/results]";
+                 [--modes auto,off] [--rounds 1] [--out bench/results] \
+                 [--scenarios plain,straggler] [--straggler-mbit RATE/10] [--straggler-node 1]";
     parse_flags(usage, |flag, value| {
         match flag {
             "--size-mib" => args.size_mib = value()?.parse()?,
@@ -58,6 +71,9 @@ fn parse_args() -> Result<Args> {
             "--modes" => args.modes = value()?.split(',').map(str::to_string).collect(),
             "--rounds" => args.rounds = value()?.parse()?,
             "--out" => args.out = PathBuf::from(value()?),
+            "--scenarios" => args.scenarios = value()?.split(',').map(str::to_string).collect(),
+            "--straggler-mbit" => args.straggler_mbit = Some(value()?.parse()?),
+            "--straggler-node" => args.straggler_node = value()?.parse()?,
             _ => return Ok(false),
         }
         Ok(true)
@@ -65,6 +81,12 @@ fn parse_args() -> Result<Args> {
     ensure!(
         args.nodes.iter().all(|&n| (1..=50).contains(&n)),
         "--nodes: 1 to 50"
+    );
+    ensure!(
+        args.scenarios
+            .iter()
+            .all(|s| s == "plain" || s == "straggler"),
+        "--scenarios: plain and/or straggler"
     );
     Ok(args)
 }
@@ -154,7 +176,7 @@ impl Net {
         }
     }
 
-    fn create(nodes: usize, rate_mbit: u64) -> Result<Net> {
+    fn create(nodes: usize, rate_mbit: u64, straggler: Option<(usize, u64)>) -> Result<Net> {
         Net::remove_leftovers();
         let net = Net { nodes };
         sh(&["ip", "link", "add", BRIDGE, "type", "bridge"])?;
@@ -204,6 +226,22 @@ impl Net {
         ])?;
         for i in 0..nodes {
             join(&node_ns(i), &format!("lrb-n{i}"), &node_ip(i))?;
+        }
+        if let Some((i, mbit)) = straggler.filter(|(i, _)| *i < nodes) {
+            // Both ways: what the node receives leaves the bridge's end of its veth, what it
+            // sends (to peers it serves) leaves its own end.
+            let rate = format!("{mbit}mbit");
+            let tbf = [
+                "root", "tbf", "rate", &rate, "burst", "64kb", "latency", "100ms",
+            ];
+            let outer = format!("lrb-n{i}p");
+            let mut cmd = vec!["tc", "qdisc", "add", "dev", &outer];
+            cmd.extend(tbf);
+            sh(&cmd)?;
+            let (ns, inner) = (node_ns(i), format!("lrb-n{i}"));
+            let mut cmd = vec!["tc", "-n", &ns, "qdisc", "add", "dev", &inner];
+            cmd.extend(tbf);
+            sh(&cmd)?;
         }
         Ok(net)
     }
@@ -267,6 +305,7 @@ async fn start_node(i: usize) -> Result<SimNode> {
 
 #[derive(Clone, Debug, Serialize)]
 struct Sample {
+    scenario: String,
     nodes: usize,
     relay: String,
     round: usize,
@@ -282,21 +321,49 @@ struct Sample {
     coordinator_tx_bytes: u64,
     /// Blob bytes all nodes stored (N x unique on fresh nodes).
     stored_bytes: u64,
+    /// When the last node but the straggler finished (its own `seconds`).
+    fast_finish_s: f64,
+    /// When the straggler finished, and how long its link takes for what it stored.
+    straggler_finish_s: Option<f64>,
+    straggler_link_s: Option<f64>,
+    /// CPU of the agents alone, summed, and the largest agent's peak RSS.
+    agent_cpu_s: f64,
+    agent_peak_rss_mib: f64,
 }
 
-async fn run_one(
-    args: &Args,
-    bundle: &Path,
+struct Run<'a> {
+    bundle: &'a Path,
     unique: u64,
     n: usize,
-    mode: &str,
+    mode: &'a str,
+    scenario: &'a str,
     round: usize,
-) -> Result<Sample> {
-    let net = Net::create(n, args.rate_mbit)?;
+}
+
+impl Args {
+    fn straggler_rate(&self) -> u64 {
+        self.straggler_mbit.unwrap_or((self.rate_mbit / 10).max(1))
+    }
+}
+
+async fn run_one(args: &Args, run: Run<'_>) -> Result<Sample> {
+    let Run {
+        bundle,
+        unique,
+        n,
+        mode,
+        scenario,
+        round,
+    } = run;
+    let straggler = (scenario == "straggler" && args.straggler_node < n)
+        .then_some((args.straggler_node, args.straggler_rate()));
+    let net = Net::create(n, args.rate_mbit, straggler)?;
     let mut nodes = Vec::new();
     for i in 0..n {
         nodes.push(start_node(i).await?);
     }
+    let agent_pids: Vec<u32> = nodes.iter_mut().map(|s| s.agent.pid()).collect();
+    let agent_cpu_before: f64 = agent_pids.iter().map(|&p| cpu_seconds(p, false)).sum();
     let pids: Vec<u32> = nodes
         .iter_mut()
         .flat_map(|s| [Some(s.agent.pid()), s.containerd.pid()])
@@ -353,9 +420,37 @@ async fn run_one(
     }
     let nums = time_report(report.path(), 3)?;
     let coordinator_cpu = nums[1] + nums[2];
+    let agent_cpu = agent_pids
+        .iter()
+        .map(|&p| cpu_seconds(p, false))
+        .sum::<f64>()
+        - agent_cpu_before;
+    let agent_rss = agent_pids
+        .iter()
+        .map(|&p| peak_rss_mib(p))
+        .fold(0.0, f64::max);
+    let seconds = |r: &serde_json::Value| r["seconds"].as_f64().unwrap_or(0.0);
+    let slow = straggler.map(|(i, _)| i);
+    let fast_finish = reports
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| Some(*i) != slow)
+        .map(|(_, r)| seconds(r))
+        .fold(0.0, f64::max);
+    let straggler_finish = slow.map(|i| seconds(&reports[i]));
+    let straggler_link = straggler.map(|(i, mbit)| {
+        let stored = reports[i]["bytes_sent"].as_u64().unwrap_or(0);
+        stored as f64 * 8.0 / (mbit as f64 * 1e6)
+    });
     drop(nodes);
     drop(net);
     Ok(Sample {
+        scenario: scenario.to_string(),
+        fast_finish_s: fast_finish,
+        straggler_finish_s: straggler_finish,
+        straggler_link_s: straggler_link,
+        agent_cpu_s: agent_cpu,
+        agent_peak_rss_mib: agent_rss,
         nodes: n,
         relay: mode.to_string(),
         round,
@@ -378,90 +473,125 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
     let mib = |b: u64| b as f64 / (1 << 20) as f64;
     let mut s = format!(
         "Bundle: {:.0} MiB of blobs (4 images, 8 incompressible layers, uncompressed). Coordinator \
-         link: tbf {} Mbit/s; node-to-node: veth + bridge, unlimited. Every node: its own network \
-         namespace, lade-agent and containerd, all on this machine's {} cores. {} round(s), median \
-         shown. Relay `auto` = tree:2 from 2 nodes on.\n\n",
+         link: tbf {} Mbit/s; node-to-node: veth + bridge, unlimited, except the straggler's \
+         link (scenario `straggler`, node {}): tbf {} Mbit/s both ways. Every node: its own \
+         network namespace, lade-agent and containerd, all on this machine's {} cores. {} \
+         round(s), interleaved; median shown. Relay `auto` = tree:2 from 2 nodes on. Finish \
+         times are each node's own `seconds` from the JSON summary.\n\n",
         mib(unique),
         args.rate_mbit,
+        args.straggler_node,
+        args.straggler_rate(),
         std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(0),
         args.rounds
     );
-    s.push_str("| nodes | relay | wall s | vs 1 node | CPU s (all processes) | coordinator counted MiB | counted / unique | interface tx MiB | tx / unique | stored MiB (all nodes) |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|\n");
-    let base: Vec<f64> = samples
-        .iter()
-        .filter(|x| x.nodes == 1)
-        .map(|x| x.wall_s)
-        .collect();
-    let base = (!base.is_empty()).then(|| median(base));
-    for mode in &args.modes {
-        for &n in &args.nodes {
-            let rows: Vec<&Sample> = samples
-                .iter()
-                .filter(|x| x.nodes == n && &x.relay == mode)
-                .collect();
-            if rows.is_empty() {
-                continue;
+    s.push_str("| scenario | nodes | relay | wall s | vs 1 node | fast nodes finish s | straggler finish s | straggler link time s | coordinator tx / unique | counted / unique | CPU s (all) | agent CPU s (sum) | agent peak RSS MiB (max) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    let rows_of = |scenario: &str, mode: &str, n: usize| -> Vec<&Sample> {
+        samples
+            .iter()
+            .filter(|x| x.nodes == n && x.scenario == scenario && (x.relay == mode || n == 1))
+            .collect()
+    };
+    let med =
+        |rows: &[&Sample], f: &dyn Fn(&Sample) -> f64| median(rows.iter().map(|x| f(x)).collect());
+    let base: Vec<&Sample> = samples.iter().filter(|x| x.nodes == 1).collect();
+    let base_wall = (!base.is_empty()).then(|| med(&base, &|x| x.wall_s));
+    let base_rss = (!base.is_empty()).then(|| med(&base, &|x| x.agent_peak_rss_mib));
+    for scenario in &args.scenarios {
+        for mode in &args.modes {
+            for &n in &args.nodes {
+                let rows = rows_of(scenario, mode, n);
+                if rows.is_empty() || (n == 1 && mode != &args.modes[0]) {
+                    continue;
+                }
+                let wall = med(&rows, &|x| x.wall_s);
+                let opt = |v: Vec<Option<f64>>| {
+                    let v: Vec<f64> = v.into_iter().flatten().collect();
+                    if v.is_empty() {
+                        "-".to_string()
+                    } else {
+                        format!("{:.2}", median(v))
+                    }
+                };
+                let tx = rows
+                    .iter()
+                    .map(|x| x.coordinator_tx_bytes)
+                    .max()
+                    .unwrap_or(0);
+                let counted = rows
+                    .iter()
+                    .map(|x| x.coordinator_counted_bytes)
+                    .max()
+                    .unwrap_or(0);
+                s.push_str(&format!(
+                    "| {scenario} | {n} | {} | {wall:.2} | {} | {:.2} | {} | {} | **{:.3}** | {:.3} | {:.1} | {:.1} | {:.0} |\n",
+                    if n == 1 { "-" } else { mode.as_str() },
+                    base_wall.map(|b| format!("{:.2}x", wall / b)).unwrap_or_else(|| "-".into()),
+                    med(&rows, &|x| x.fast_finish_s),
+                    opt(rows.iter().map(|x| x.straggler_finish_s).collect()),
+                    opt(rows.iter().map(|x| x.straggler_link_s).collect()),
+                    tx as f64 / unique as f64,
+                    counted as f64 / unique as f64,
+                    med(&rows, &|x| x.cpu_s),
+                    med(&rows, &|x| x.agent_cpu_s),
+                    med(&rows, &|x| x.agent_peak_rss_mib),
+                ));
             }
-            let wall = median(rows.iter().map(|x| x.wall_s).collect());
-            let cpu = median(rows.iter().map(|x| x.cpu_s).collect());
-            let counted = rows
-                .iter()
-                .map(|x| x.coordinator_counted_bytes)
-                .max()
-                .unwrap_or(0);
-            let tx = rows
-                .iter()
-                .map(|x| x.coordinator_tx_bytes)
-                .max()
-                .unwrap_or(0);
-            let stored = rows.iter().map(|x| x.stored_bytes).max().unwrap_or(0);
-            let vs = base
-                .map(|b| format!("{:.2}x", wall / b))
-                .unwrap_or_else(|| "-".into());
-            s.push_str(&format!(
-                "| {n} | {mode} | {wall:.2} | {vs} | {cpu:.1} | {:.1} | {:.3} | {:.1} | **{:.3}** | {:.0} |\n",
-                mib(counted),
-                counted as f64 / unique as f64,
-                mib(tx),
-                tx as f64 / unique as f64,
-                mib(stored)
-            ));
         }
     }
-    // The relay targets, for the relay modes measured.
-    let wall_of = |mode: &str, n: usize| {
-        let v: Vec<f64> = samples
-            .iter()
-            .filter(|x| x.nodes == n && (x.relay == mode || n == 1))
-            .map(|x| x.wall_s)
-            .collect();
-        (!v.is_empty()).then(|| median(v))
-    };
     s.push('\n');
+    let verdict = |ok: bool| if ok { "met" } else { "NOT met" };
     for mode in args.modes.iter().filter(|m| *m != "off") {
         let worst = samples
             .iter()
-            .filter(|x| &x.relay == mode || x.nodes == 1)
+            .filter(|x| &x.relay == mode && x.scenario == "plain")
             .map(|x| {
-                (x.coordinator_tx_bytes.max(x.coordinator_counted_bytes)) as f64
+                x.coordinator_tx_bytes.max(x.coordinator_counted_bytes) as f64
                     / x.unique_bytes as f64
             })
             .fold(0.0, f64::max);
         s.push_str(&format!(
-            "- relay {mode}: coordinator egress at most {worst:.3}x the unique blob bytes (target 1.05x: {})",
-            if worst <= 1.05 { "met" } else { "NOT met" }
+            "- relay {mode}: coordinator egress at most {worst:.3}x the unique blob bytes (target 1.02x: {})",
+            verdict(worst <= 1.02)
         ));
-        if let (Some(one), Some(four)) = (wall_of(mode, 1), wall_of(mode, 4)) {
-            let r = four / one;
-            s.push_str(&format!(
-                "; time(N=4) / time(N=1) = {r:.2} (target 1.3: {})",
-                if r <= 1.3 { "met" } else { "NOT met" }
-            ));
+        if let (Some(one), Some(&top)) = (base_wall, args.nodes.iter().filter(|&&n| n > 1).max()) {
+            let rows = rows_of("plain", mode, top);
+            if !rows.is_empty() {
+                let r = med(&rows, &|x| x.wall_s) / one;
+                s.push_str(&format!(
+                    "; wall(N={top}) / wall(N=1) = {r:.2} (target 2: {})",
+                    verdict(r <= 2.0)
+                ));
+                if let Some(rss) = base_rss {
+                    let big = med(&rows, &|x| x.agent_peak_rss_mib);
+                    s.push_str(&format!(
+                        "; agent peak RSS {big:.0} MiB at N={top} vs {rss:.0} MiB at N=1"
+                    ));
+                }
+            }
         }
         s.push('\n');
+        for &n in args.nodes.iter().filter(|&&n| n > args.straggler_node) {
+            let (plain, slow) = (rows_of("plain", mode, n), rows_of("straggler", mode, n));
+            if plain.is_empty() || slow.is_empty() {
+                continue;
+            }
+            let fast_plain = med(&plain, &|x| x.fast_finish_s);
+            let fast_slow = med(&slow, &|x| x.fast_finish_s);
+            let finish = med(&slow, &|x| x.straggler_finish_s.unwrap_or(0.0));
+            let link = med(&slow, &|x| x.straggler_link_s.unwrap_or(0.0));
+            s.push_str(&format!(
+                "- relay {mode}, N={n}, one node at {} Mbit/s: the fast nodes finish in {fast_slow:.2} s vs {fast_plain:.2} s with no slow node (target 1.5x + 1 s = {:.2} s: {}); the straggler in {finish:.2} s vs its link time {link:.2} s ({:.2}x, target 1.2x: {})\n",
+                args.straggler_rate(),
+                1.5 * fast_plain + 1.0,
+                verdict(fast_slow <= 1.5 * fast_plain + 1.0),
+                finish / link.max(1e-9),
+                verdict(finish <= 1.2 * link)
+            ));
+        }
     }
     s
 }
@@ -500,18 +630,38 @@ async fn main() -> Result<()> {
     for round in 0..args.rounds {
         for &n in &args.nodes {
             for mode in &args.modes {
-                // With one node every mode is the same load.
-                if n == 1 && mode != &args.modes[0] {
-                    continue;
+                for scenario in &args.scenarios {
+                    // With one node every mode is the same load, and no node is the
+                    // straggler's peer.
+                    if n == 1 && (mode != &args.modes[0] || scenario != "plain") {
+                        continue;
+                    }
+                    if scenario == "straggler" && args.straggler_node >= n {
+                        continue;
+                    }
+                    let run = Run {
+                        bundle: &bundle_path,
+                        unique,
+                        n,
+                        mode,
+                        scenario,
+                        round,
+                    };
+                    let sample = run_one(&args, run).await?;
+                    eprintln!(
+                        "round {round} {scenario:9} nodes {n:2} relay {mode:5} {:6.2} s wall (fast nodes {:.2} s{}) {:6.1} s cpu, coordinator tx {:.3}x unique, agent peak RSS {:.0} MiB",
+                        sample.wall_s,
+                        sample.fast_finish_s,
+                        match (sample.straggler_finish_s, sample.straggler_link_s) {
+                            (Some(f), Some(l)) => format!(", straggler {f:.2} s, its link {l:.2} s"),
+                            _ => String::new(),
+                        },
+                        sample.cpu_s,
+                        sample.coordinator_tx_bytes as f64 / unique as f64,
+                        sample.agent_peak_rss_mib,
+                    );
+                    samples.push(sample);
                 }
-                let sample = run_one(&args, &bundle_path, unique, n, mode, round).await?;
-                eprintln!(
-                    "round {round} nodes {n} relay {mode:5} {:6.2} s wall {:6.1} s cpu, coordinator tx {:.3}x unique",
-                    sample.wall_s,
-                    sample.cpu_s,
-                    sample.coordinator_tx_bytes as f64 / unique as f64
-                );
-                samples.push(sample);
             }
         }
     }

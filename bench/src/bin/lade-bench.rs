@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 use anyhow::{bail, ensure, Context, Result};
-use lade_bench::{cpu_seconds, load_flags, parse_flags, time_report};
+use lade_bench::{cpu_seconds, load_flags, parse_flags, peak_rss_mib, time_report};
 use lade_testkit::fixtures::{
     random_layer, random_tree_layer, sample_chart, sample_hints, write_bundle, ArchiveFormat,
     Compression, ImageFixture,
@@ -154,17 +154,6 @@ fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
     out.into_inner()?.sync_all()?;
     std::fs::rename(partial, &bundle)?;
     Ok((images_tar, bundle))
-}
-
-/// Peak resident set of a live process, in MiB.
-fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
 }
 
 /// Runs `cmd` to completion under GNU time; returns (wall seconds, its own CPU seconds, its

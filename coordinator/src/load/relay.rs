@@ -66,9 +66,14 @@ const SOURCE_FAILURES: usize = 3;
 /// A transfer this size or larger tells how fast its node takes bytes.
 const RATE_SAMPLE: u64 = 1 << 20;
 
-/// A node whose measured rate is below this share of the fastest node's is not made a seed
-/// while others can be.
-const SLOW_SHARE: f64 = 0.5;
+/// A transfer or node moving bytes at less than this share of the best rate seen is slow:
+/// a slow node is neither a seed nor a source while others can be, and a slow transfer
+/// does not count against its source's `fanout` (a straggler must not take the slots the
+/// fast nodes fetch through).
+const SLOW_SHARE: f64 = 0.25;
+
+/// A transfer's rate is judged once it has run this long.
+const RATE_WINDOW: Duration = Duration::from_millis(700);
 
 /// One node of the load as the scheduler sees it.
 struct Node {
@@ -96,7 +101,7 @@ struct Node {
     failed: Option<(FailureKind, String)>,
     /// Transfers into it under way, by blob.
     receiving: HashSet<String>,
-    /// Peers reading from it right now.
+    /// Peers reading from it right now (slow ones included).
     serving: usize,
     /// Sources that failed it, per blob, and in all.
     bad_sources: HashMap<String, HashSet<usize>>,
@@ -140,7 +145,8 @@ struct Transfer {
     source: Source,
     started: Instant,
     last_progress: Instant,
-    /// Bytes the node holds, as last reported.
+    /// Bytes the node held when it started, and holds now, as last reported.
+    from: u64,
     held: u64,
     stalled: bool,
     abort: tokio::task::AbortHandle,
@@ -341,6 +347,7 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         bad: HashMap::new(),
         stall: opts.stall_timeout,
         announced: HashSet::new(),
+        best_rate: 0.0,
     };
     swarm.run().await;
     let Swarm {
@@ -391,6 +398,8 @@ struct Swarm<'r, 'a> {
     stall: Duration,
     /// Reports already final and shown as finished.
     announced: HashSet<usize>,
+    /// The best rate any transfer reached, bytes per second: what "slow" is measured against.
+    best_rate: f64,
 }
 
 impl Swarm<'_, '_> {
@@ -479,8 +488,12 @@ impl Swarm<'_, '_> {
                 self.start(i, digest, Source::Coordinator, moved);
             }
         }
-        // Fetches: every node takes what a peer holds, up to PER_NODE at a time.
-        for i in 0..self.nodes.len() {
+        // Fetches: every node takes what a peer holds, up to PER_NODE at a time; fast nodes
+        // choose first.
+        let mut busy = self.busy_serving();
+        let mut takers: Vec<usize> = (0..self.nodes.len()).collect();
+        takers.sort_by_key(|&i| self.slow(i));
+        for i in takers {
             for digest in &order {
                 if !self.nodes[i].free() || self.nodes[i].direct {
                     break;
@@ -489,7 +502,8 @@ impl Swarm<'_, '_> {
                 if !n.missing.contains_key(digest) || n.receiving.contains(digest) {
                     continue;
                 }
-                if let Some(src) = self.source_for(i, digest) {
+                if let Some(src) = self.source_for(i, digest, &busy) {
+                    busy[src] += 1;
                     self.start(i, digest, Source::Peer(src), moved);
                 } else if self.all_holders_failed(i, digest) {
                     warn!(agent = %self.nodes[i].agent, %digest, "every peer holding this blob failed to feed this node; sending to it directly");
@@ -519,7 +533,7 @@ impl Swarm<'_, '_> {
 
     /// The peer node `i` fetches `digest` from: among the holders with a free slot, one
     /// that has not proven slow, its tree parent first, else the one serving the fewest.
-    fn source_for(&self, i: usize, digest: &str) -> Option<usize> {
+    fn source_for(&self, i: usize, digest: &str, busy: &[usize]) -> Option<usize> {
         let n = &self.nodes[i];
         let excluded = n.bad_sources.get(digest);
         let usable = |j: usize| {
@@ -529,23 +543,20 @@ impl Swarm<'_, '_> {
                 && s.serves
                 && !s.probing
                 && s.holds.contains(digest)
-                && s.serving < self.fanout
+                && busy[j] < self.fanout
                 && !excluded.is_some_and(|e| e.contains(&j))
         };
         let parent = (i > 0).then(|| (i - 1) / self.fanout);
         (0..self.nodes.len())
             .filter(|&j| usable(j))
-            .min_by_key(|&j| (self.slow(j), Some(j) != parent, self.nodes[j].serving, j))
+            .min_by_key(|&j| (self.slow(j), Some(j) != parent, busy[j], j))
     }
 
-    /// Whether node `j` took bytes at less than [`SLOW_SHARE`] of the fastest node's rate.
+    /// Whether node `j` takes bytes at less than [`SLOW_SHARE`] of the best rate seen.
     fn slow(&self, j: usize) -> bool {
-        let fastest = self
-            .nodes
-            .iter()
-            .filter_map(|n| n.rate)
-            .fold(0.0f64, f64::max);
-        self.nodes[j].rate.is_some_and(|r| r < fastest * SLOW_SHARE)
+        self.nodes[j]
+            .rate
+            .is_some_and(|r| r < self.best_rate * SLOW_SHARE)
     }
 
     /// Whether peers hold `digest` but every one of them failed to feed it to node `i`.
@@ -630,6 +641,7 @@ impl Swarm<'_, '_> {
                 source,
                 started: now,
                 last_progress: now,
+                from: offset,
                 held: offset,
                 stalled: false,
                 abort,
@@ -642,11 +654,40 @@ impl Swarm<'_, '_> {
             return;
         };
         if m.held > t.held {
-            let n = &self.nodes[t.node];
+            let n = &mut self.nodes[t.node];
             self.run.progress.sent(&n.agent, m.held - t.held);
             t.held = m.held;
             t.last_progress = Instant::now();
+            let elapsed = t.started.elapsed();
+            if elapsed >= RATE_WINDOW {
+                let rate = (t.held - t.from) as f64 / elapsed.as_secs_f64();
+                self.best_rate = self.best_rate.max(rate);
+                n.rate = Some(match n.rate {
+                    Some(r) => (r + rate) / 2.0,
+                    None => rate,
+                });
+            }
         }
+    }
+
+    /// Whether transfer `t` has run long enough to tell, and moves slowly.
+    fn slow_transfer(&self, t: &Transfer) -> bool {
+        let elapsed = t.started.elapsed();
+        elapsed >= RATE_WINDOW
+            && ((t.held - t.from) as f64 / elapsed.as_secs_f64()) < self.best_rate * SLOW_SHARE
+    }
+
+    /// Per node, the peers it serves that are not slow: what counts against `fanout`.
+    fn busy_serving(&self) -> Vec<usize> {
+        let mut busy = vec![0; self.nodes.len()];
+        for t in self.transfers.values() {
+            if let Source::Peer(j) = t.source {
+                if !self.slow_transfer(t) {
+                    busy[j] += 1;
+                }
+            }
+        }
+        busy
     }
 
     /// Cuts off transfers that stalled and nodes past `--node-timeout`.
@@ -747,6 +788,7 @@ impl Swarm<'_, '_> {
                         .sent(&n.agent, blob_size.saturating_sub(t.held));
                     if received >= RATE_SAMPLE {
                         let rate = received as f64 / t.started.elapsed().as_secs_f64().max(1e-3);
+                        self.best_rate = self.best_rate.max(rate);
                         n.rate = Some(match n.rate {
                             Some(r) => (r + rate) / 2.0,
                             None => rate,
