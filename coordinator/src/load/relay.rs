@@ -101,7 +101,8 @@ struct Node {
     failed: Option<(FailureKind, String)>,
     /// Transfers into it under way, by blob.
     receiving: HashSet<String>,
-    /// Peers reading from it right now (slow ones included).
+    /// Peers reading from it right now, slow ones included: at most `fanout` + [`PER_NODE`]
+    /// (room for one slow node beside `fanout` fast ones), which bounds a source's memory.
     serving: usize,
     /// Sources that failed it, per blob, and in all.
     bad_sources: HashMap<String, HashSet<usize>>,
@@ -544,6 +545,7 @@ impl Swarm<'_, '_> {
                 && !s.probing
                 && s.holds.contains(digest)
                 && busy[j] < self.fanout
+                && s.serving < self.fanout + PER_NODE
                 && !excluded.is_some_and(|e| e.contains(&j))
         };
         let parent = (i > 0).then(|| (i - 1) / self.fanout);
