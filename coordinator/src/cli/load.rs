@@ -56,7 +56,7 @@ pub(crate) struct LoadArgs {
     relay: RelayMode,
     /// With relay: a transfer to a node that moves no byte for this long is cut off; the
     /// node is tried again from another source, or named as failed if it no longer answers.
-    #[arg(long, env = "LADE_STALL_TIMEOUT", default_value = "60s", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "LADE_STALL_TIMEOUT", default_value = "30s", value_parser = humantime::parse_duration)]
     stall_timeout: Duration,
     /// Print the nodes and the relay topology the load would use, then exit without
     /// contacting any agent.
