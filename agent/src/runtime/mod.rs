@@ -24,6 +24,7 @@ use lade_oci as oci;
 
 pub mod containerd;
 pub mod docker;
+pub mod memory;
 
 /// A node's container runtime, as the agent uses it. All methods are idempotent. Their
 /// arguments come checked by the service: every session id is 1-64 characters of
