@@ -13,6 +13,8 @@ use lade_testkit::fixtures::{
     Compression, ImageFixture, WrittenArchive,
 };
 use lade_testkit::nodes::{run_lade, Node};
+
+pub mod inproc;
 use serde_json::Value;
 
 /// Static busybox from Debian's busybox-static, the one binary the test images run.
