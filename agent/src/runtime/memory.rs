@@ -12,7 +12,7 @@
 //! agents served in-process.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
@@ -23,7 +23,9 @@ use lade_proto::{
 };
 use tokio::sync::{mpsc, watch};
 
-use super::{canonical_name, finished_event, manifest_descriptor, node_platform, Named, Runtime};
+use super::{
+    canonical_name, finished_event, manifest_descriptor, node_platform, Named, Runtime, WriterLocks,
+};
 use crate::error::Error;
 use lade_oci::{self as oci, chain_ids, Manifest};
 
@@ -132,7 +134,7 @@ pub struct Memory {
     store: Mutex<Store>,
     faults: Mutex<Vec<Fault>>,
     /// One writer per digest at a time, as in the real stores.
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    writers: WriterLocks,
     lost: watch::Sender<bool>,
 }
 
@@ -144,7 +146,7 @@ impl Memory {
             platform: node_platform(),
             store: Mutex::default(),
             faults: Mutex::default(),
-            writers: Mutex::default(),
+            writers: WriterLocks::default(),
             lost: watch::channel(false).0,
         }
     }
@@ -263,22 +265,9 @@ impl Memory {
         offset: u64,
         chunks: &mut BoxStream<'static, Result<Bytes, Error>>,
     ) -> Result<Written, Error> {
-        let digest = blob.digest.as_str();
-        let lock = self
-            .writers
-            .lock()
-            .expect("writer lock")
-            .entry(digest.to_string())
-            .or_default()
-            .clone();
-        let guard = lock.lock().await;
-        let result = self.write_locked(blob, offset, chunks).await;
-        drop(guard);
-        let mut writers = self.writers.lock().expect("writer lock");
-        if Arc::strong_count(&lock) == 2 {
-            writers.remove(digest);
-        }
-        result
+        self.writers
+            .exclusive(&blob.digest, self.write_locked(blob, offset, chunks))
+            .await
     }
 
     async fn write_locked(
@@ -559,16 +548,15 @@ impl Runtime for Memory {
         let _ = session;
         for spec in &images {
             let started = Instant::now();
-            let outcome = match self.import_one(spec) {
-                Ok((named, layer_events)) => {
-                    for event in layer_events {
-                        let _ = events.send(event).await;
-                    }
-                    Ok(named)
-                }
-                Err(e) => Err(e),
+            // The layers' events, then the image's own.
+            let (outcome, mut sent) = match self.import_one(spec) {
+                Ok((named, layer_events)) => (Ok(named), layer_events),
+                Err(e) => (Err(e), Vec::new()),
             };
-            let _ = events.send(finished_event(spec, started, outcome)).await;
+            sent.push(finished_event(spec, started, outcome));
+            for event in sent {
+                let _ = events.send(event).await;
+            }
         }
         Ok(())
     }
@@ -598,6 +586,7 @@ impl Runtime for Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
         let parts: Vec<Result<Bytes, Error>> = parts

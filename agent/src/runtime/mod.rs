@@ -7,8 +7,9 @@
 //! service has refused bad session ids and digests before it calls one. Which one serves is the binary's
 //! choice, not this module's.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -85,6 +86,33 @@ pub trait Runtime: Send + Sync + 'static {
     ) -> impl Future<Output = bool> + Send {
         let _ = (session, layer, hint);
         async { false }
+    }
+}
+
+/// One writer per blob at a time: two uploads of one blob would interleave in one ingest. The
+/// second waits, then finds the blob stored.
+#[derive(Default)]
+pub(crate) struct WriterLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl WriterLocks {
+    /// Runs `write` as the only writer of `digest`.
+    pub(crate) async fn exclusive<T>(&self, digest: &str, write: impl Future<Output = T>) -> T {
+        let lock = self
+            .0
+            .lock()
+            .expect("writer map lock")
+            .entry(digest.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        let result = write.await;
+        drop(guard);
+        let mut writers = self.0.lock().expect("writer map lock");
+        // Forget the lock unless another upload of the same blob is waiting on it.
+        if Arc::strong_count(&lock) == 2 {
+            writers.remove(digest);
+        }
+        result
     }
 }
 

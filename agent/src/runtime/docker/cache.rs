@@ -13,12 +13,11 @@
 //!
 //! File work and hashing run on blocking threads, never on the async workers.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -28,6 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::error::Error;
+use crate::runtime::WriterLocks;
 use lade_oci as oci;
 
 /// Chunks queued between the network and the writer thread: a few MiB at most.
@@ -47,9 +47,8 @@ pub struct Written {
 /// A blob directory; see the module documentation for its layout.
 pub struct BlobCache {
     root: PathBuf,
-    /// One writer per digest at a time: two uploads of one blob would interleave in one
-    /// ingest file. The second waits, then finds the blob stored.
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One writer per digest at a time.
+    writers: WriterLocks,
 }
 
 impl BlobCache {
@@ -58,7 +57,7 @@ impl BlobCache {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
-            writers: Mutex::new(HashMap::new()),
+            writers: WriterLocks::default(),
         }
     }
 
@@ -130,15 +129,7 @@ impl BlobCache {
         mut chunks: BoxStream<'static, Result<Bytes, Error>>,
     ) -> Result<Written, Error> {
         let (ingest, blob) = (self.ingest_path(digest)?, self.blob_path(digest)?);
-        let lock = self
-            .writers
-            .lock()
-            .expect("writer map lock")
-            .entry(digest.to_string())
-            .or_default()
-            .clone();
-        let guard = lock.lock().await;
-        let result = async {
+        let write = async {
             if self.contains(digest).await? {
                 return Ok(Written {
                     received: 0,
@@ -183,15 +174,8 @@ impl BlobCache {
                     already_present: false,
                 }),
             }
-        }
-        .await;
-        drop(guard);
-        let mut writers = self.writers.lock().expect("writer map lock");
-        // Forget the lock unless another upload of the same blob is waiting on it.
-        if Arc::strong_count(&lock) == 2 {
-            writers.remove(digest);
-        }
-        result
+        };
+        self.writers.exclusive(digest, write).await
     }
 
     /// Deletes stored blobs; ones already gone are fine.
