@@ -119,6 +119,12 @@ impl Cluster {
                 );
             }
         }
+        let bad = &reports[BAD];
+        ensure!(
+            (bad["blobs_sent"].as_u64() > Some(0)) == resend,
+            "the bad node was sent {} blobs: {bad:#}",
+            bad["blobs_sent"]
+        );
         Ok(reports)
     }
 }
