@@ -272,9 +272,26 @@ pub fn metric(node: &Node, name: &str) -> f64 {
 }
 
 /// Waits until `condition` holds (polling every 5 ms), at most `limit`.
-pub fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_for(what: &str, limit: Duration, condition: impl FnMut() -> bool) -> Result<()> {
+    wait_for_unless(what, limit, condition, || Ok(None))
+}
+
+/// [`wait_for`], but fails at once when `ended` says why `condition` can no longer come (a
+/// process it waits on ended); a condition met just before that still counts.
+pub fn wait_for_unless(
+    what: &str,
+    limit: Duration,
+    mut condition: impl FnMut() -> bool,
+    mut ended: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !condition() {
+        if let Some(why) = ended()? {
+            if condition() {
+                break;
+            }
+            bail!("{why} before {what}");
+        }
         if Instant::now() > deadline {
             bail!("timed out waiting for {what}");
         }
