@@ -156,15 +156,9 @@ fn bundle(args: &Args, version: u64) -> Result<(PathBuf, PathBuf)> {
     Ok((images_tar, bundle))
 }
 
-/// Peak resident set of a live process, in MiB.
+/// Peak resident set of a live process, in MiB (0 if it cannot be read).
 fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    lade_testkit::harness::peak_rss(pid).map_or(0.0, |bytes| bytes as f64 / (1 << 20) as f64)
 }
 
 /// Runs `cmd` to completion under GNU time; returns (wall seconds, its own CPU seconds, its
