@@ -8,6 +8,7 @@
 //! repeated gzip members ([`gzip_bomb`]). Like the fixtures, everything is deterministic.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
@@ -333,6 +334,30 @@ pub fn sparse_map_tar(name: &str, extensions: usize) -> Vec<u8> {
     out.resize(out.len() + regions as usize * 512, b'x');
     out.resize(out.len() + 1024, 0);
     out
+}
+
+/// Where fuzz target `target`'s committed corpus lives: `fuzz/corpus/<target>/`.
+pub fn fuzz_corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
+}
+
+/// Runs `run` over every file of `target`'s fuzz corpus, in name order; fails if the corpus
+/// is missing or empty, so a moved directory cannot turn a replay into a test of nothing.
+pub fn replay_fuzz_corpus(target: &str, run: impl Fn(&[u8])) {
+    let dir = fuzz_corpus_dir(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} is empty", dir.display());
+    for file in files {
+        // Printed before the run, so a panic's output names the input that caused it.
+        println!("{target}: {}", file.display());
+        run(&std::fs::read(&file).unwrap());
+    }
 }
 
 #[cfg(test)]
