@@ -169,25 +169,35 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
         after,
     } = claim(&node.addr(), name, &[])?;
     let (before, after) = (before.manifest, after.manifest);
-    let target = |node: &Node| listed(node, name);
+    moved_only_when_allowed(&node.addr(), &ours, &before, &after, |digest| {
+        Ok(listed(&node, name)?.contains(digest))
+    })
+}
 
-    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
+/// Loads the claiming bundle `ours` onto the agent at `addr`: the claimed image fails, saying
+/// the name already points at `before`, not `after`, and the name stays (`points_at(before)`);
+/// loaded again with --allow-overwrite, the name moves (`points_at(after)`).
+fn moved_only_when_allowed(
+    addr: &str,
+    ours: &std::path::Path,
+    before: &str,
+    after: &str,
+    points_at: impl Fn(&str) -> Result<bool>,
+) -> Result<()> {
+    let (code, reports, stderr) = load_json(ours, &[addr.to_string()], &[])?;
     assert_eq!(code, 1, "{stderr}");
     let reason = reports[0]["failed_images"][0]["reason"]
         .as_str()
         .unwrap_or_default();
     assert!(
-        reason.contains("already points at") && reason.contains(&before),
+        reason.contains("already points at") && reason.contains(before) && reason.contains(after),
         "{reports:#?}"
     );
-    assert!(target(&node)?.contains(&before), "the name was moved");
+    assert!(points_at(before)?, "the name was moved");
 
-    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
+    let (code, _, stderr) = load_json(ours, &[addr.to_string()], &["--allow-overwrite"])?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        target(&node)?.contains(&after),
-        "--allow-overwrite did not move it"
-    );
+    assert!(points_at(after)?, "--allow-overwrite did not move it");
     Ok(())
 }
 
@@ -263,29 +273,12 @@ async fn a_docker_tag_for_another_image_is_not_moved_unless_allowed() -> Result<
     } = claim(&node.addr(), name, &[])?;
     // Docker's image ID is the config digest.
     let (before, after) = (before.config, after.config);
-    let target = |node: &DockerNode| -> Result<String> {
-        Ok(node
+    moved_only_when_allowed(&node.addr(), &ours, &before, &after, |digest| {
+        let id = node
             .dockerd
-            .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?
-            .trim()
-            .to_string())
-    };
-
-    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{stderr}");
-    let reason = reports[0]["failed_images"][0]["reason"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        reason.contains("already points at") && reason.contains(&before) && reason.contains(&after),
-        "{reports:#?}"
-    );
-    assert_eq!(target(&node)?, before, "the tag was moved");
-
-    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(target(&node)?, after, "--allow-overwrite did not move it");
-    Ok(())
+            .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?;
+        Ok(id.trim() == digest)
+    })
 }
 
 #[tokio::test(flavor = "multi_thread")]
