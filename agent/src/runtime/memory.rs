@@ -24,7 +24,7 @@ use lade_proto::{
 use tokio::sync::{mpsc, watch};
 
 use super::{
-    canonical_name, finished_event, manifest_descriptor, node_platform, Named, Runtime, WriterLocks,
+    canonical_name, finished_event, manifest_descriptor, node_platform, KeyedLocks, Named, Runtime,
 };
 use crate::error::Error;
 use lade_oci::{self as oci, chain_ids, Manifest};
@@ -134,7 +134,7 @@ pub struct Memory {
     store: Mutex<Store>,
     faults: Mutex<Vec<Fault>>,
     /// One writer per digest at a time, as in the real stores.
-    writers: WriterLocks,
+    writers: KeyedLocks,
     lost: watch::Sender<bool>,
 }
 
@@ -146,7 +146,7 @@ impl Memory {
             platform: node_platform(),
             store: Mutex::default(),
             faults: Mutex::default(),
-            writers: WriterLocks::default(),
+            writers: KeyedLocks::default(),
             lost: watch::channel(false).0,
         }
     }

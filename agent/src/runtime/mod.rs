@@ -89,28 +89,30 @@ pub trait Runtime: Send + Sync + 'static {
     }
 }
 
-/// One writer per blob at a time: two uploads of one blob would interleave in one ingest. The
-/// second waits, then finds the blob stored.
+/// One holder per key at a time: one writer per blob (two uploads of one blob would
+/// interleave in one ingest; the second waits, then finds the blob stored), one unpack per
+/// chain. The map holds only keys in use.
 #[derive(Default)]
-pub(crate) struct WriterLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+pub(crate) struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
 
-impl WriterLocks {
-    /// Runs `write` as the only writer of `digest`.
-    pub(crate) async fn exclusive<T>(&self, digest: &str, write: impl Future<Output = T>) -> T {
+impl KeyedLocks {
+    /// Runs `work` as the only holder of `key`, after whoever holds it now.
+    pub(crate) async fn exclusive<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
         let lock = self
             .0
             .lock()
-            .expect("writer map lock")
-            .entry(digest.to_string())
+            .expect("lock map lock")
+            .entry(key.to_string())
             .or_default()
             .clone();
         let guard = lock.lock().await;
-        let result = write.await;
+        let result = work.await;
         drop(guard);
-        let mut writers = self.0.lock().expect("writer map lock");
-        // Forget the lock unless another upload of the same blob is waiting on it.
+        let mut locks = self.0.lock().expect("lock map lock");
+        // Forget the lock unless another holder waits on it (two references: the map's and
+        // this one).
         if Arc::strong_count(&lock) == 2 {
-            writers.remove(digest);
+            locks.remove(key);
         }
         result
     }

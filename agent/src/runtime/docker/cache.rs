@@ -27,7 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::error::Error;
-use crate::runtime::WriterLocks;
+use crate::runtime::KeyedLocks;
 use lade_oci as oci;
 
 /// Chunks queued between the network and the writer thread: a few MiB at most.
@@ -48,7 +48,7 @@ pub struct Written {
 pub struct BlobCache {
     root: PathBuf,
     /// One writer per digest at a time.
-    writers: WriterLocks,
+    writers: KeyedLocks,
 }
 
 impl BlobCache {
@@ -57,7 +57,7 @@ impl BlobCache {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
-            writers: WriterLocks::default(),
+            writers: KeyedLocks::default(),
         }
     }
 
