@@ -639,6 +639,25 @@ pub struct WrittenImage {
     pub layers: Vec<Descriptor>,
 }
 
+impl WrittenImage {
+    /// What a format that stores no manifest (`docker save`, go-containerregistry's
+    /// tarball) wrote for `image`.
+    fn unmanifested(
+        image: &ImageFixture,
+        config_digest: String,
+        diff_ids: Vec<String>,
+        layers: Vec<Descriptor>,
+    ) -> WrittenImage {
+        WrittenImage {
+            reference: image.reference(),
+            config_digest,
+            manifest_digest: None,
+            diff_ids,
+            layers,
+        }
+    }
+}
+
 /// What a writer stored, one [`WrittenImage`] per input image in input order.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct WrittenArchive {
@@ -777,13 +796,12 @@ pub fn write_gcr_archive(
             .collect();
         manifest
             .push(json!({"Config": config_digest, "RepoTags": [image.name], "Layers": members}));
-        written.images.push(WrittenImage {
-            reference: image.reference(),
+        written.images.push(WrittenImage::unmanifested(
+            image,
             config_digest,
-            manifest_digest: None,
             diff_ids,
-            layers: descs,
-        });
+            descs,
+        ));
     }
     tar.json("manifest.json", &json!(manifest))?;
     tar.finish()?;
@@ -875,13 +893,12 @@ pub fn write_docker_save(
             descs.push(desc);
             parent = Some(id);
         }
-        written.images.push(WrittenImage {
-            reference: image.reference(),
+        written.images.push(WrittenImage::unmanifested(
+            image,
             config_digest,
-            manifest_digest: None,
             diff_ids,
-            layers: descs,
-        });
+            descs,
+        ));
     }
     tar.finish()?;
     Ok(written)

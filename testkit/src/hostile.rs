@@ -256,19 +256,27 @@ pub fn nested_json(depth: usize) -> Vec<u8> {
     out
 }
 
-/// A tar holding one GNU sparse file `name` that expands to `real_size` bytes: all hole but
-/// its last 512 bytes, which hold `tail` (padded). The tar is a few KiB whatever `real_size`.
-pub fn sparse_tar(name: &str, real_size: u64, tail: &[u8]) -> Vec<u8> {
-    assert!(real_size >= 512 && tail.len() <= 512);
+/// The GNU sparse header of file `name` holding `stored` bytes of data, owned by root, mode
+/// 0644, mtime 0; its regions, real size and checksum are the caller's.
+fn sparse_header(name: &str, stored: u64) -> tar::Header {
     let mut h = tar::Header::new_gnu();
     h.set_entry_type(tar::EntryType::GNUSparse);
     h.set_mode(0o644);
     h.set_uid(0);
     h.set_gid(0);
     h.set_mtime(0);
-    h.set_size(512);
+    h.set_size(stored);
     let gnu = h.as_gnu_mut().expect("a GNU header");
     gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+    h
+}
+
+/// A tar holding one GNU sparse file `name` that expands to `real_size` bytes: all hole but
+/// its last 512 bytes, which hold `tail` (padded). The tar is a few KiB whatever `real_size`.
+pub fn sparse_tar(name: &str, real_size: u64, tail: &[u8]) -> Vec<u8> {
+    assert!(real_size >= 512 && tail.len() <= 512);
+    let mut h = sparse_header(name, 512);
+    let gnu = h.as_gnu_mut().expect("a GNU header");
     gnu.set_real_size(real_size);
     gnu.sparse[0].set_offset(real_size - 512);
     gnu.sparse[0].set_length(512);
@@ -304,15 +312,8 @@ pub fn long_name_tar(len: usize) -> Vec<u8> {
 pub fn sparse_map_tar(name: &str, extensions: usize) -> Vec<u8> {
     const STRIDE: u64 = 2048;
     let regions = 4 + 21 * extensions as u64;
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNUSparse);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(regions * 512);
+    let mut h = sparse_header(name, regions * 512);
     let gnu = h.as_gnu_mut().expect("a GNU header");
-    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
     // The file ends where its last region does.
     gnu.set_real_size((regions - 1) * STRIDE + 512);
     for (i, region) in gnu.sparse.iter_mut().enumerate() {
