@@ -105,6 +105,29 @@ pub fn write_images_tar(
     Ok((path, written))
 }
 
+/// Writes `images` as an image archive of `format` in `dir` ([`write_images_tar`]), loads it
+/// onto the agent at `agent` and checks that every image loaded; returns the archive.
+pub fn load_archive_form(
+    dir: &Path,
+    images: &[ImageFixture],
+    format: ArchiveFormat,
+    compression: Compression,
+    agent: &str,
+) -> Result<PathBuf> {
+    let (archive, _) = write_images_tar(dir, images, format, compression)?;
+    let (code, reports, stderr) = load_json(&archive, &[agent.to_string()], &[])?;
+    anyhow::ensure!(
+        code == 0,
+        "{format:?}/{compression:?}: {reports:#?}\n{stderr}"
+    );
+    assert_eq!(
+        u64_of(&reports[0], "images_loaded"),
+        images.len() as u64,
+        "{format:?}"
+    );
+    Ok(archive)
+}
+
 /// Writes `images` as an uncompressed `docker save` archive at `dir/images.tar`.
 pub fn docker_save_tar(dir: &Path, images: &[ImageFixture]) -> Result<PathBuf> {
     let (path, _) = write_images_tar(dir, images, ArchiveFormat::DockerSave, Compression::None)?;
