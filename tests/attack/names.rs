@@ -162,28 +162,33 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
     }
     let name = "x.io/attack/cni:v1";
     let node = Node::start("attack-overwrite").await?;
+    // containerd's names point at the manifest.
+    moved_only_when_allowed(
+        &node.addr(),
+        name,
+        |i| &i.manifest,
+        |digest| Ok(listed(&node, name)?.contains(digest)),
+    )
+}
+
+/// Gives the node of the agent at `addr` an image named `name`, then loads a bundle that claims
+/// `name` for other content ([`claim`]): the claimed image fails, saying the name already
+/// points at what it had (`before`, its `digest` as the runtime names images), not at `after`,
+/// and the name stays (`points_at(before)`); loaded again with --allow-overwrite, the name
+/// moves (`points_at(after)`).
+fn moved_only_when_allowed(
+    addr: &str,
+    name: &str,
+    digest: impl Fn(&lade::bundle::Image) -> &String,
+    points_at: impl Fn(&str) -> Result<bool>,
+) -> Result<()> {
     let Claim {
         _dir,
         ours,
         before,
         after,
-    } = claim(&node.addr(), name, &[])?;
-    let (before, after) = (before.manifest, after.manifest);
-    moved_only_when_allowed(&node.addr(), &ours, &before, &after, |digest| {
-        Ok(listed(&node, name)?.contains(digest))
-    })
-}
-
-/// Loads the claiming bundle `ours` onto the agent at `addr`: the claimed image fails, saying
-/// the name already points at `before`, not `after`, and the name stays (`points_at(before)`);
-/// loaded again with --allow-overwrite, the name moves (`points_at(after)`).
-fn moved_only_when_allowed(
-    addr: &str,
-    ours: &std::path::Path,
-    before: &str,
-    after: &str,
-    points_at: impl Fn(&str) -> Result<bool>,
-) -> Result<()> {
+    } = claim(addr, name, &[])?;
+    let (before, after, ours) = (digest(&before).as_str(), digest(&after).as_str(), &ours);
     let (code, reports, stderr) = load_json(ours, &[addr.to_string()], &[])?;
     assert_eq!(code, 1, "{stderr}");
     let reason = reports[0]["failed_images"][0]["reason"]
@@ -265,20 +270,18 @@ async fn a_docker_tag_for_another_image_is_not_moved_unless_allowed() -> Result<
     }
     let name = "x.io/attack/cni:v1";
     let node = DockerNode::start("attack-docker-tag").await?;
-    let Claim {
-        _dir,
-        ours,
-        before,
-        after,
-    } = claim(&node.addr(), name, &[])?;
     // Docker's image ID is the config digest.
-    let (before, after) = (before.config, after.config);
-    moved_only_when_allowed(&node.addr(), &ours, &before, &after, |digest| {
-        let id = node
-            .dockerd
-            .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?;
-        Ok(id.trim() == digest)
-    })
+    moved_only_when_allowed(
+        &node.addr(),
+        name,
+        |i| &i.config,
+        |digest| {
+            let id = node
+                .dockerd
+                .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?;
+            Ok(id.trim() == digest)
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
