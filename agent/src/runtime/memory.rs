@@ -586,15 +586,8 @@ impl Runtime for Memory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::test_chunks as chunks;
     use std::sync::Arc;
-
-    fn chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
-        let parts: Vec<Result<Bytes, Error>> = parts
-            .iter()
-            .map(|p| Ok(Bytes::copy_from_slice(p)))
-            .collect();
-        futures::stream::iter(parts).boxed()
-    }
 
     fn header(data: &[u8], offset: u64) -> BlobHeader {
         BlobHeader {

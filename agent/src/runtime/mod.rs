@@ -118,6 +118,17 @@ impl KeyedLocks {
     }
 }
 
+/// A PutBlob body of `parts`, for the stores' unit tests.
+#[cfg(test)]
+pub(crate) fn test_chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
+    use futures::StreamExt;
+    let parts: Vec<Result<Bytes, Error>> = parts
+        .iter()
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect();
+    futures::stream::iter(parts).boxed()
+}
+
 /// The node's platform in OCI terms (`linux/amd64`), from the architecture this agent was built for.
 pub fn node_platform() -> String {
     let arch = match std::env::consts::ARCH {

@@ -363,17 +363,10 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::test_chunks as chunks;
 
     fn digest_of(bytes: &[u8]) -> String {
         format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-    }
-
-    fn chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
-        let parts: Vec<Result<Bytes, Error>> = parts
-            .iter()
-            .map(|p| Ok(Bytes::copy_from_slice(p)))
-            .collect();
-        futures::stream::iter(parts).boxed()
     }
 
     #[tokio::test]
