@@ -66,14 +66,14 @@ impl Cluster {
         load_json_async(&self.bundle, &nodes, extra).await
     }
 
-    /// The load failed on the bad node alone: non-zero exit, its report not ok and its reason
+    /// The load failed on the bad node alone: exit code 1, its report not ok and its reason
     /// passing `why`; every other node loaded every image, and holds the big image's name.
     fn failed_alone(
         &self,
         (code, reports, stderr): &(i32, Vec<Value>, String),
         why: impl Fn(&Value) -> bool,
     ) -> Result<()> {
-        ensure!(*code != 0, "a failed node must fail the load\n{stderr}");
+        ensure!(*code == 1, "a failed node must fail the load\n{stderr}");
         ensure!(reports.len() == NODES, "{reports:#?}");
         for (i, (node, report)) in self.nodes.iter().zip(reports).enumerate() {
             ensure!(report["agent"] == node.addr().as_str(), "{report:#}");
