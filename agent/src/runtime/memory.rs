@@ -487,22 +487,14 @@ impl Runtime for Memory {
                 .map(|d| BlobState {
                     digest: d.digest.clone(),
                     present: store.content.contains_key(&d.digest),
+                    // A committed blob has no ingest left: its offset is 0.
                     offset: store.ingests.get(&d.digest).map_or(0, |b| b.len() as u64),
                 })
                 .collect()
         };
-        let present = states
-            .iter()
-            .filter(|s| s.present)
-            .map(|s| s.digest.clone());
-        self.hold(session, present.collect::<Vec<_>>());
-        Ok(states
-            .into_iter()
-            .map(|s| BlobState {
-                offset: if s.present { 0 } else { s.offset },
-                ..s
-            })
-            .collect())
+        let present = states.iter().filter(|s| s.present);
+        self.hold(session, present.map(|s| s.digest.clone()));
+        Ok(states)
     }
 
     async fn put_blob(
