@@ -14,7 +14,7 @@ use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::fixtures::{
-    blob_digest, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
+    blob_digest, gnu_header, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
 };
 
 /// OCI media type of a gzip layer.
@@ -88,17 +88,12 @@ impl Member {
 /// A GNU header for `m`, name and link written as bytes (the tar crate's setters refuse `..`
 /// and absolute names, which is the point here).
 fn header(m: &Member) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(m.kind);
-    h.set_mode(m.mode.unwrap_or(if m.kind == tar::EntryType::Directory {
+    let mode = m.mode.unwrap_or(if m.kind == tar::EntryType::Directory {
         0o755
     } else {
         0o644
-    }));
-    h.set_size(m.data.len() as u64);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
+    });
+    let mut h = gnu_header(m.kind, mode, m.data.len() as u64);
     let old = h.as_old_mut();
     assert!(m.name.len() <= old.name.len() && m.link.len() <= old.linkname.len());
     old.name[..m.name.len()].copy_from_slice(m.name.as_bytes());
@@ -256,16 +251,10 @@ pub fn nested_json(depth: usize) -> Vec<u8> {
     out
 }
 
-/// The GNU sparse header of file `name` holding `stored` bytes of data, owned by root, mode
-/// 0644, mtime 0; its regions, real size and checksum are the caller's.
+/// The GNU sparse header of file `name` holding `stored` bytes of data, mode 0644 ([`gnu_header`]);
+/// its regions, real size and checksum are the caller's.
 fn sparse_header(name: &str, stored: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNUSparse);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(stored);
+    let mut h = gnu_header(tar::EntryType::GNUSparse, 0o644, stored);
     let gnu = h.as_gnu_mut().expect("a GNU header");
     gnu.name[..name.len()].copy_from_slice(name.as_bytes());
     h
