@@ -13,7 +13,7 @@ use std::time::SystemTime;
 
 use anyhow::{Context, Result};
 use lade_agent::apply::{lget_xattr, xattr_names};
-use lade_testkit::fixtures::{blob_digest, image_config, MEDIA_TYPE_OCI_CONFIG};
+use lade_testkit::fixtures::{blob_digest, gnu_header, image_config, MEDIA_TYPE_OCI_CONFIG};
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::hostile::{
     oci_layout, OciImage, MEDIA_TYPE_OCI_LAYER, MEDIA_TYPE_OCI_LAYER_GZIP,
@@ -96,13 +96,10 @@ fn layer(entries: &[E]) -> Vec<u8> {
             b.append_pax_extensions(en.pax.iter().map(|(k, v)| (*k, v.as_slice())))
                 .unwrap();
         }
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(en.kind);
-        h.set_mode(en.mode);
+        let mut h = gnu_header(en.kind, en.mode, en.data.len() as u64);
         h.set_uid(en.uid);
         h.set_gid(en.gid);
         h.set_mtime(T);
-        h.set_size(en.data.len() as u64);
         if !en.link.is_empty() {
             h.set_link_name(en.link).unwrap();
         }

@@ -1,8 +1,9 @@
 //! One conformance suite for every runtime behind the agent: the same gRPC-level assertions
-//! run against an agent on containerd and an agent on Docker, so both keep the contract
-//! `agent.proto` documents (verified uploads, resumable uploads, Have after PutBlob,
-//! idempotent Import, names only for complete images, Verify of what is missing).
-//! Needs the same daemons as the other end-to-end tests.
+//! run against an agent on containerd, an agent on Docker and an in-process agent on the
+//! in-memory runtime, so all keep the contract `agent.proto` documents (verified uploads,
+//! resumable uploads, Have after PutBlob, idempotent Import, names only for complete images,
+//! Verify of what is missing). The containerd and Docker runs need the same daemons as the
+//! other end-to-end tests; the in-memory one needs neither root nor a daemon.
 
 use anyhow::{ensure, Result};
 use lade::bundle::Bundle;
@@ -14,6 +15,7 @@ use lade_testkit::cri;
 use lade_testkit::fixtures::Compression;
 use lade_testkit::harness::{daemon_tests_enabled, Containerd};
 use lade_testkit::nodes::{DockerNode, Node};
+use lade_tests::inproc::MemoryNode;
 use lade_tests::{gcr_bundle, images_and_big, load_json};
 
 const MISSING_REF: &str = "docker.io/library/lade-never-loaded:v0";
@@ -33,6 +35,13 @@ async fn docker_runtime_conforms() -> Result<()> {
         return Ok(());
     }
     let node = DockerNode::start("conform-dkr").await?;
+    conformance(&node.addr()).await
+}
+
+/// The in-memory runtime the fault tests use keeps the same contract; served in this process.
+#[tokio::test(flavor = "multi_thread")]
+async fn memory_runtime_conforms() -> Result<()> {
+    let node = MemoryNode::start("conform-mem").await?;
     conformance(&node.addr()).await
 }
 
@@ -233,7 +242,9 @@ async fn conformance(agent: &str) -> Result<()> {
     ensure!(!verify(&mut client, &[MISSING_REF]).await?[0].0);
 
     // A whole load, then Import again: idempotent, and every name verifies.
-    let (code, reports, stderr) = load_json(&bundle_path, &[agent.to_string()], &[])?;
+    // `lade` runs as a child; an agent served in this process goes on meanwhile.
+    let (code, reports, stderr) =
+        tokio::task::block_in_place(|| load_json(&bundle_path, &[agent.to_string()], &[]))?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
     let specs: Vec<ImageSpec> = bundle
         .images

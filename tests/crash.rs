@@ -5,13 +5,13 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use anyhow::{bail, ensure, Result};
+use anyhow::{anyhow, ensure, Result};
 use lade::bundle::Bundle;
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{workspace_bin, Node, TEST_TOKEN};
-use lade_tests::{big_bundle, load_json, metric, u64_of, wait_for};
+use lade_tests::{big_bundle, load_json, metric, u64_of, wait_for, wait_for_unless};
 
 /// A `lade load` running in the background; its stderr goes to a file so a failure can say
 /// what the load printed.
@@ -64,26 +64,12 @@ impl BackgroundLoad {
         &mut self,
         node: &Node,
         what: &str,
-        mut condition: impl FnMut() -> bool,
+        condition: impl FnMut() -> bool,
     ) -> Result<()> {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while !condition() {
-            if let Some(status) = self.child.try_wait()? {
-                // It may have got there just before it ended.
-                if condition() {
-                    break;
-                }
-                bail!(
-                    "the load ended ({status}) before {what}; {}",
-                    self.logs(node)
-                );
-            }
-            if Instant::now() > deadline {
-                bail!("timed out waiting for {what}; {}", self.logs(node));
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(())
+        let child = &mut self.child;
+        let ended = || Ok(child.try_wait()?.map(|s| format!("the load ended ({s})")));
+        wait_for_unless(what, Duration::from_secs(60), condition, ended)
+            .map_err(|e| anyhow!("{e}; {}", self.logs(node)))
     }
 
     /// Waits for the load to end; its exit code.

@@ -18,7 +18,7 @@ use lade_testkit::runtimes::DockerStore;
 use lade_tests::names::{
     APP, APP_RETAGGED, BUSYBOX, BUSYBOX_RETAGGED, RETAG, SIDECAR, SIDECAR_RETAGGED,
 };
-use lade_tests::{docker_save_tar, gcr_bundle, images, load_json, u64_of, write_images_tar};
+use lade_tests::{docker_save_tar, gcr_bundle, images, load_archive_form, load_json, u64_of};
 
 /// The hex part of a digest: the file name of a blob in the agent's cache.
 fn hex(digest: &str) -> &str {
@@ -186,14 +186,8 @@ async fn oci_and_zstd_archives_load_into_docker_and_run() -> Result<()> {
     .enumerate()
     {
         let dir = tempfile::tempdir()?;
-        let (archive, _) = write_images_tar(dir.path(), &imgs, format, compression)?;
         let node = DockerNode::start(&format!("dform-{i}")).await?;
-        let (code, reports, stderr) = load_json(&archive, &[node.addr()], &[])?;
-        ensure!(
-            code == 0,
-            "{format:?}/{compression:?}: {reports:#?}\n{stderr}"
-        );
-        assert_eq!(u64_of(&reports[0], "images_loaded"), 3, "{format:?}");
+        load_archive_form(dir.path(), &imgs, format, compression, &node.addr())?;
         let out = node.docker_run(APP, &["/bin/busybox", "cat", "/app/hello.txt"])?;
         assert_eq!(out.as_bytes(), APP_HELLO, "{format:?}");
     }

@@ -13,6 +13,8 @@ use lade_testkit::fixtures::{
     Compression, ImageFixture, WrittenArchive,
 };
 use lade_testkit::nodes::{run_lade, Node};
+
+pub mod inproc;
 use serde_json::Value;
 
 /// Static busybox from Debian's busybox-static, the one binary the test images run.
@@ -101,6 +103,29 @@ pub fn write_images_tar(
     let written = format.write(images, compression, &mut out)?;
     out.into_inner()?.sync_all()?;
     Ok((path, written))
+}
+
+/// Writes `images` as an image archive of `format` in `dir` ([`write_images_tar`]), loads it
+/// onto the agent at `agent` and checks that every image loaded; returns the archive.
+pub fn load_archive_form(
+    dir: &Path,
+    images: &[ImageFixture],
+    format: ArchiveFormat,
+    compression: Compression,
+    agent: &str,
+) -> Result<PathBuf> {
+    let (archive, _) = write_images_tar(dir, images, format, compression)?;
+    let (code, reports, stderr) = load_json(&archive, &[agent.to_string()], &[])?;
+    anyhow::ensure!(
+        code == 0,
+        "{format:?}/{compression:?}: {reports:#?}\n{stderr}"
+    );
+    assert_eq!(
+        u64_of(&reports[0], "images_loaded"),
+        images.len() as u64,
+        "{format:?}"
+    );
+    Ok(archive)
 }
 
 /// Writes `images` as an uncompressed `docker save` archive at `dir/images.tar`.
@@ -270,9 +295,26 @@ pub fn metric(node: &Node, name: &str) -> f64 {
 }
 
 /// Waits until `condition` holds (polling every 5 ms), at most `limit`.
-pub fn wait_for(what: &str, limit: Duration, mut condition: impl FnMut() -> bool) -> Result<()> {
+pub fn wait_for(what: &str, limit: Duration, condition: impl FnMut() -> bool) -> Result<()> {
+    wait_for_unless(what, limit, condition, || Ok(None))
+}
+
+/// [`wait_for`], but fails at once when `ended` says why `condition` can no longer come (a
+/// process it waits on ended); a condition met just before that still counts.
+pub fn wait_for_unless(
+    what: &str,
+    limit: Duration,
+    mut condition: impl FnMut() -> bool,
+    mut ended: impl FnMut() -> Result<Option<String>>,
+) -> Result<()> {
     let deadline = Instant::now() + limit;
     while !condition() {
+        if let Some(why) = ended()? {
+            if condition() {
+                break;
+            }
+            bail!("{why} before {what}");
+        }
         if Instant::now() > deadline {
             bail!("timed out waiting for {what}");
         }

@@ -28,13 +28,7 @@ pub fn cpu_seconds(pid: u32, waited_children: bool) -> f64 {
 
 /// Peak resident set of a live process, in MiB (0 for a process gone).
 pub fn peak_rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        .map(|kb| kb / 1024.0)
-        .unwrap_or(0.0)
+    lade_testkit::harness::peak_rss(pid).map_or(0.0, |bytes| bytes as f64 / (1 << 20) as f64)
 }
 
 /// The `fields` numbers of the last line GNU time (`/usr/bin/time -f ... -o report`) wrote to

@@ -7,8 +7,6 @@
 //! `cargo test -p lade --test fuzz_corpus -- --ignored write_seeds`) from the testkit's
 //! fixtures, then extended by fuzzing and minimised with `cargo fuzz cmin`.
 
-use std::path::{Path, PathBuf};
-
 #[path = "../../fuzz/src/lib.rs"]
 mod targets;
 
@@ -17,50 +15,28 @@ use lade_testkit::fixtures::{
     Compression, ImageFixture, MEDIA_TYPE_OCI_CONFIG,
 };
 use lade_testkit::hostile::{
-    escaping_layer, gzip_bomb, gzip_image, nested_json, oci_layout, raw_tar, Member, OciImage,
+    escaping_layer, fuzz_corpus_dir, gzip_bomb, gzip_image, nested_json, oci_layout, raw_tar,
+    replay_fuzz_corpus, Member, OciImage,
 };
-
-fn corpus_dir(target: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../fuzz/corpus")
-        .join(target)
-}
-
-/// Runs `target` over every file of its corpus; fails if the corpus is missing or empty, so
-/// a moved directory cannot turn this into a test of nothing.
-fn run_corpus(target: &str, run: fn(&[u8])) {
-    let dir = corpus_dir(target);
-    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
-        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
-        .map(|e| e.unwrap().path())
-        .collect();
-    files.sort();
-    assert!(!files.is_empty(), "{} is empty", dir.display());
-    for file in files {
-        // Printed before the run, so a panic's output names the input that caused it.
-        println!("{target}: {}", file.display());
-        run(&std::fs::read(&file).unwrap());
-    }
-}
 
 #[test]
 fn bundle_open_corpus() {
-    run_corpus("bundle_open", targets::bundle_open);
+    replay_fuzz_corpus("bundle_open", targets::bundle_open);
 }
 
 #[test]
 fn tar_index_corpus() {
-    run_corpus("tar_index", targets::tar_index);
+    replay_fuzz_corpus("tar_index", targets::tar_index);
 }
 
 #[test]
 fn hints_corpus() {
-    run_corpus("hints", targets::hints);
+    replay_fuzz_corpus("hints", targets::hints);
 }
 
 #[test]
 fn reference_corpus() {
-    run_corpus("reference", targets::reference);
+    replay_fuzz_corpus("reference", targets::reference);
 }
 
 fn tiny_images() -> Vec<ImageFixture> {
@@ -74,7 +50,7 @@ fn tiny_images() -> Vec<ImageFixture> {
 #[ignore = "writes fuzz/corpus; run by hand when the archive forms change"]
 fn write_seeds() {
     let write = |target: &str, name: &str, bytes: &[u8]| {
-        let dir = corpus_dir(target);
+        let dir = fuzz_corpus_dir(target);
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join(name), bytes).unwrap();
     };

@@ -488,6 +488,19 @@ struct TarOut<W: Write> {
     builder: tar::Builder<W>,
 }
 
+/// A GNU tar header of an entry of `kind`, `mode` and `size` bytes, owned by root, mtime 0
+/// (deterministic); name, link and checksum are the caller's.
+pub fn gnu_header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_entry_type(kind);
+    h.set_mode(mode);
+    h.set_size(size);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_mtime(0);
+    h
+}
+
 impl<W: Write> TarOut<W> {
     fn new(out: W) -> Self {
         TarOut {
@@ -495,21 +508,10 @@ impl<W: Write> TarOut<W> {
         }
     }
 
-    fn header(kind: tar::EntryType, mode: u32, size: u64) -> tar::Header {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(kind);
-        h.set_mode(mode);
-        h.set_size(size);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h
-    }
-
     /// A regular file of `size` bytes read from `data`; the tar crate copies it through in
     /// blocks, so big members (an inner images.tar) stream.
     fn file_from(&mut self, path: &str, mode: u32, size: u64, data: impl Read) -> io::Result<()> {
-        let mut h = Self::header(tar::EntryType::Regular, mode, size);
+        let mut h = gnu_header(tar::EntryType::Regular, mode, size);
         self.builder.append_data(&mut h, path, data)
     }
 
@@ -559,7 +561,7 @@ impl<W: Write> TarOut<W> {
 
     /// A directory member, named with a trailing `/` as `tar`/`docker save` write them.
     fn dir(&mut self, path: &str, mode: u32) -> io::Result<()> {
-        let mut h = Self::header(tar::EntryType::Directory, mode, 0);
+        let mut h = gnu_header(tar::EntryType::Directory, mode, 0);
         let named = format!("{}/", path.trim_end_matches('/'));
         // Header::set_path drops the trailing slash, so write the name field directly when it
         // fits; longer names go through the tar crate's GNU long-name support without it.
@@ -573,12 +575,12 @@ impl<W: Write> TarOut<W> {
     }
 
     fn symlink(&mut self, path: &str, target: &str) -> io::Result<()> {
-        let mut h = Self::header(tar::EntryType::Symlink, 0o777, 0);
+        let mut h = gnu_header(tar::EntryType::Symlink, 0o777, 0);
         self.builder.append_link(&mut h, path, target)
     }
 
     fn hardlink(&mut self, path: &str, target: &str) -> io::Result<()> {
-        let mut h = Self::header(tar::EntryType::Link, 0o644, 0);
+        let mut h = gnu_header(tar::EntryType::Link, 0o644, 0);
         self.builder.append_link(&mut h, path, target)
     }
 
@@ -637,6 +639,25 @@ pub struct WrittenImage {
     /// The layer blobs as stored (compressed as asked), bottom first. A layer shared between
     /// images has the same descriptor in each.
     pub layers: Vec<Descriptor>,
+}
+
+impl WrittenImage {
+    /// What a format that stores no manifest (`docker save`, go-containerregistry's
+    /// tarball) wrote for `image`.
+    fn unmanifested(
+        image: &ImageFixture,
+        config_digest: String,
+        diff_ids: Vec<String>,
+        layers: Vec<Descriptor>,
+    ) -> WrittenImage {
+        WrittenImage {
+            reference: image.reference(),
+            config_digest,
+            manifest_digest: None,
+            diff_ids,
+            layers,
+        }
+    }
 }
 
 /// What a writer stored, one [`WrittenImage`] per input image in input order.
@@ -777,13 +798,12 @@ pub fn write_gcr_archive(
             .collect();
         manifest
             .push(json!({"Config": config_digest, "RepoTags": [image.name], "Layers": members}));
-        written.images.push(WrittenImage {
-            reference: image.reference(),
+        written.images.push(WrittenImage::unmanifested(
+            image,
             config_digest,
-            manifest_digest: None,
             diff_ids,
-            layers: descs,
-        });
+            descs,
+        ));
     }
     tar.json("manifest.json", &json!(manifest))?;
     tar.finish()?;
@@ -875,13 +895,12 @@ pub fn write_docker_save(
             descs.push(desc);
             parent = Some(id);
         }
-        written.images.push(WrittenImage {
-            reference: image.reference(),
+        written.images.push(WrittenImage::unmanifested(
+            image,
             config_digest,
-            manifest_digest: None,
             diff_ids,
-            layers: descs,
-        });
+            descs,
+        ));
     }
     tar.finish()?;
     Ok(written)

@@ -1058,6 +1058,17 @@ fn processes() -> Vec<(u32, u32, Vec<String>)> {
     out
 }
 
+/// Peak resident memory of live process `pid` in bytes (`VmHWM` of its /proc status).
+pub fn peak_rss(pid: u32) -> Result<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmHWM")?;
+    Ok(kib << 10)
+}
+
 /// Pids of live processes with an argument that is, or lies under, `path` (e.g. containerd
 /// started with a config in a dir, or a shim started with `-address <socket>`). Tests use it to
 /// prove nothing of an instance survived.

@@ -8,12 +8,13 @@
 //! repeated gzip members ([`gzip_bomb`]). Like the fixtures, everything is deterministic.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 
 use serde_json::json;
 use sha2::{Digest, Sha256};
 
 use crate::fixtures::{
-    blob_digest, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
+    blob_digest, gnu_header, MEDIA_TYPE_OCI_CONFIG, MEDIA_TYPE_OCI_INDEX, MEDIA_TYPE_OCI_MANIFEST,
 };
 
 /// OCI media type of a gzip layer.
@@ -87,17 +88,12 @@ impl Member {
 /// A GNU header for `m`, name and link written as bytes (the tar crate's setters refuse `..`
 /// and absolute names, which is the point here).
 fn header(m: &Member) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(m.kind);
-    h.set_mode(m.mode.unwrap_or(if m.kind == tar::EntryType::Directory {
+    let mode = m.mode.unwrap_or(if m.kind == tar::EntryType::Directory {
         0o755
     } else {
         0o644
-    }));
-    h.set_size(m.data.len() as u64);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
+    });
+    let mut h = gnu_header(m.kind, mode, m.data.len() as u64);
     let old = h.as_old_mut();
     assert!(m.name.len() <= old.name.len() && m.link.len() <= old.linkname.len());
     old.name[..m.name.len()].copy_from_slice(m.name.as_bytes());
@@ -255,19 +251,21 @@ pub fn nested_json(depth: usize) -> Vec<u8> {
     out
 }
 
+/// The GNU sparse header of file `name` holding `stored` bytes of data, mode 0644 ([`gnu_header`]);
+/// its regions, real size and checksum are the caller's.
+fn sparse_header(name: &str, stored: u64) -> tar::Header {
+    let mut h = gnu_header(tar::EntryType::GNUSparse, 0o644, stored);
+    let gnu = h.as_gnu_mut().expect("a GNU header");
+    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
+    h
+}
+
 /// A tar holding one GNU sparse file `name` that expands to `real_size` bytes: all hole but
 /// its last 512 bytes, which hold `tail` (padded). The tar is a few KiB whatever `real_size`.
 pub fn sparse_tar(name: &str, real_size: u64, tail: &[u8]) -> Vec<u8> {
     assert!(real_size >= 512 && tail.len() <= 512);
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNUSparse);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(512);
+    let mut h = sparse_header(name, 512);
     let gnu = h.as_gnu_mut().expect("a GNU header");
-    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
     gnu.set_real_size(real_size);
     gnu.sparse[0].set_offset(real_size - 512);
     gnu.sparse[0].set_length(512);
@@ -303,15 +301,8 @@ pub fn long_name_tar(len: usize) -> Vec<u8> {
 pub fn sparse_map_tar(name: &str, extensions: usize) -> Vec<u8> {
     const STRIDE: u64 = 2048;
     let regions = 4 + 21 * extensions as u64;
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(tar::EntryType::GNUSparse);
-    h.set_mode(0o644);
-    h.set_uid(0);
-    h.set_gid(0);
-    h.set_mtime(0);
-    h.set_size(regions * 512);
+    let mut h = sparse_header(name, regions * 512);
     let gnu = h.as_gnu_mut().expect("a GNU header");
-    gnu.name[..name.len()].copy_from_slice(name.as_bytes());
     // The file ends where its last region does.
     gnu.set_real_size((regions - 1) * STRIDE + 512);
     for (i, region) in gnu.sparse.iter_mut().enumerate() {
@@ -333,6 +324,30 @@ pub fn sparse_map_tar(name: &str, extensions: usize) -> Vec<u8> {
     out.resize(out.len() + regions as usize * 512, b'x');
     out.resize(out.len() + 1024, 0);
     out
+}
+
+/// Where fuzz target `target`'s committed corpus lives: `fuzz/corpus/<target>/`.
+pub fn fuzz_corpus_dir(target: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../fuzz/corpus")
+        .join(target)
+}
+
+/// Runs `run` over every file of `target`'s fuzz corpus, in name order; fails if the corpus
+/// is missing or empty, so a moved directory cannot turn a replay into a test of nothing.
+pub fn replay_fuzz_corpus(target: &str, run: impl Fn(&[u8])) {
+    let dir = fuzz_corpus_dir(target);
+    let mut files: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    assert!(!files.is_empty(), "{} is empty", dir.display());
+    for file in files {
+        // Printed before the run, so a panic's output names the input that caused it.
+        println!("{target}: {}", file.display());
+        run(&std::fs::read(&file).unwrap());
+    }
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@ use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use lade_testkit::harness::daemon_tests_enabled;
+use lade_testkit::harness::{daemon_tests_enabled, peak_rss};
 use lade_testkit::hostile::{
     long_name_tar, oci_layout, raw_tar, sparse_map_tar, sparse_tar, Member, OciImage,
 };
@@ -209,17 +209,6 @@ async fn a_sparse_map_of_thousands_of_regions_is_refused_at_its_header() -> Resu
     let (failed, report) = load(&node, &fine)?;
     assert!(failed.is_empty(), "{report}");
     Ok(())
-}
-
-/// Peak resident memory of process `pid`, in bytes.
-fn peak_rss(pid: u32) -> Result<u64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let kib: u64 = status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .context("no VmHWM")?;
-    Ok(kib << 10)
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -162,32 +162,47 @@ async fn a_name_the_node_has_for_other_content_is_not_moved_unless_allowed() -> 
     }
     let name = "x.io/attack/cni:v1";
     let node = Node::start("attack-overwrite").await?;
+    // containerd's names point at the manifest.
+    moved_only_when_allowed(
+        &node.addr(),
+        name,
+        |i| &i.manifest,
+        |digest| Ok(listed(&node, name)?.contains(digest)),
+    )
+}
+
+/// Gives the node of the agent at `addr` an image named `name`, then loads a bundle that claims
+/// `name` for other content ([`claim`]): the claimed image fails, saying the name already
+/// points at what it had (`before`, its `digest` as the runtime names images), not at `after`,
+/// and the name stays (`points_at(before)`); loaded again with --allow-overwrite, the name
+/// moves (`points_at(after)`).
+fn moved_only_when_allowed(
+    addr: &str,
+    name: &str,
+    digest: impl Fn(&lade::bundle::Image) -> &String,
+    points_at: impl Fn(&str) -> Result<bool>,
+) -> Result<()> {
     let Claim {
         _dir,
         ours,
         before,
         after,
-    } = claim(&node.addr(), name, &[])?;
-    let (before, after) = (before.manifest, after.manifest);
-    let target = |node: &Node| listed(node, name);
-
-    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
+    } = claim(addr, name, &[])?;
+    let (before, after, ours) = (digest(&before).as_str(), digest(&after).as_str(), &ours);
+    let (code, reports, stderr) = load_json(ours, &[addr.to_string()], &[])?;
     assert_eq!(code, 1, "{stderr}");
     let reason = reports[0]["failed_images"][0]["reason"]
         .as_str()
         .unwrap_or_default();
     assert!(
-        reason.contains("already points at") && reason.contains(&before),
+        reason.contains("already points at") && reason.contains(before) && reason.contains(after),
         "{reports:#?}"
     );
-    assert!(target(&node)?.contains(&before), "the name was moved");
+    assert!(points_at(before)?, "the name was moved");
 
-    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
+    let (code, _, stderr) = load_json(ours, &[addr.to_string()], &["--allow-overwrite"])?;
     assert_eq!(code, 0, "{stderr}");
-    assert!(
-        target(&node)?.contains(&after),
-        "--allow-overwrite did not move it"
-    );
+    assert!(points_at(after)?, "--allow-overwrite did not move it");
     Ok(())
 }
 
@@ -255,37 +270,18 @@ async fn a_docker_tag_for_another_image_is_not_moved_unless_allowed() -> Result<
     }
     let name = "x.io/attack/cni:v1";
     let node = DockerNode::start("attack-docker-tag").await?;
-    let Claim {
-        _dir,
-        ours,
-        before,
-        after,
-    } = claim(&node.addr(), name, &[])?;
     // Docker's image ID is the config digest.
-    let (before, after) = (before.config, after.config);
-    let target = |node: &DockerNode| -> Result<String> {
-        Ok(node
-            .dockerd
-            .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?
-            .trim()
-            .to_string())
-    };
-
-    let (code, reports, stderr) = load_json(&ours, &[node.addr()], &[])?;
-    assert_eq!(code, 1, "{stderr}");
-    let reason = reports[0]["failed_images"][0]["reason"]
-        .as_str()
-        .unwrap_or_default();
-    assert!(
-        reason.contains("already points at") && reason.contains(&before) && reason.contains(&after),
-        "{reports:#?}"
-    );
-    assert_eq!(target(&node)?, before, "the tag was moved");
-
-    let (code, _, stderr) = load_json(&ours, &[node.addr()], &["--allow-overwrite"])?;
-    assert_eq!(code, 0, "{stderr}");
-    assert_eq!(target(&node)?, after, "--allow-overwrite did not move it");
-    Ok(())
+    moved_only_when_allowed(
+        &node.addr(),
+        name,
+        |i| &i.config,
+        |digest| {
+            let id = node
+                .dockerd
+                .docker_ok(&["image", "inspect", "--format", "{{.Id}}", name])?;
+            Ok(id.trim() == digest)
+        },
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -7,8 +7,9 @@
 //! service has refused bad session ids and digests before it calls one. Which one serves is the binary's
 //! choice, not this module's.
 
+use std::collections::HashMap;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use futures::stream::BoxStream;
@@ -24,6 +25,7 @@ use lade_oci as oci;
 
 pub mod containerd;
 pub mod docker;
+pub mod memory;
 
 /// A node's container runtime, as the agent uses it. All methods are idempotent. Their
 /// arguments come checked by the service: every session id is 1-64 characters of
@@ -93,6 +95,46 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = (session, layer, hint);
         async { false }
     }
+}
+
+/// One holder per key at a time: one writer per blob (two uploads of one blob would
+/// interleave in one ingest; the second waits, then finds the blob stored), one unpack per
+/// chain. The map holds only keys in use.
+#[derive(Default)]
+pub(crate) struct KeyedLocks(Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>);
+
+impl KeyedLocks {
+    /// Runs `work` as the only holder of `key`, after whoever holds it now.
+    pub(crate) async fn exclusive<T>(&self, key: &str, work: impl Future<Output = T>) -> T {
+        let lock = self
+            .0
+            .lock()
+            .expect("lock map lock")
+            .entry(key.to_string())
+            .or_default()
+            .clone();
+        let guard = lock.lock().await;
+        let result = work.await;
+        drop(guard);
+        let mut locks = self.0.lock().expect("lock map lock");
+        // Forget the lock unless another holder waits on it (two references: the map's and
+        // this one).
+        if Arc::strong_count(&lock) == 2 {
+            locks.remove(key);
+        }
+        result
+    }
+}
+
+/// A PutBlob body of `parts`, for the stores' unit tests.
+#[cfg(test)]
+pub(crate) fn test_chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
+    use futures::StreamExt;
+    let parts: Vec<Result<Bytes, Error>> = parts
+        .iter()
+        .map(|p| Ok(Bytes::copy_from_slice(p)))
+        .collect();
+    futures::stream::iter(parts).boxed()
 }
 
 /// The node's platform in OCI terms (`linux/amd64`), from the architecture this agent was built for.

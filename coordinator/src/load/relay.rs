@@ -479,10 +479,16 @@ impl Swarm<'_, '_> {
                     n.free() && n.missing.contains_key(digest) && !n.receiving.contains(digest)
                 })
                 .collect();
+            let root = self.root();
             let pick = if held || seeded {
                 // Only a node peers cannot feed gets it from here.
                 candidates.into_iter().find(|&i| self.nodes[i].direct)
+            } else if let Some(r) = root.filter(|&r| self.nodes[r].missing.contains_key(digest)) {
+                // The root takes every blob it needs from here; while it is busy, the blob
+                // waits (the coordinator's streams are the root's slots).
+                candidates.into_iter().find(|&i| i == r)
             } else {
+                // Nobody the root could feed needs it from the root (another platform's).
                 self.seed_for(candidates)
             };
             if let Some(i) = pick {
@@ -520,6 +526,15 @@ impl Swarm<'_, '_> {
             .values()
             .filter(|t| t.source == Source::Coordinator)
             .count()
+    }
+
+    /// The node the coordinator sends to: the first live one in tree order that serves
+    /// peers and has not proven slow (a root that turns out slow hands the role on).
+    fn root(&self) -> Option<usize> {
+        (0..self.nodes.len()).find(|&i| {
+            let n = &self.nodes[i];
+            n.alive() && !n.done && n.serves && !n.direct && !self.slow(i)
+        })
     }
 
     /// The seed among `candidates` (positions): the first in tree order that serves peers
@@ -661,7 +676,9 @@ impl Swarm<'_, '_> {
             t.held = m.held;
             t.last_progress = Instant::now();
             let elapsed = t.started.elapsed();
-            if elapsed >= RATE_WINDOW {
+            // Rates are compared between peer transfers only: what comes from the
+            // coordinator is paced by the admin's link, not by the node.
+            if elapsed >= RATE_WINDOW && t.source != Source::Coordinator {
                 let rate = (t.held - t.from) as f64 / elapsed.as_secs_f64();
                 self.best_rate = self.best_rate.max(rate);
                 n.rate = Some(match n.rate {
@@ -675,7 +692,8 @@ impl Swarm<'_, '_> {
     /// Whether transfer `t` has run long enough to tell, and moves slowly.
     fn slow_transfer(&self, t: &Transfer) -> bool {
         let elapsed = t.started.elapsed();
-        elapsed >= RATE_WINDOW
+        t.source != Source::Coordinator
+            && elapsed >= RATE_WINDOW
             && ((t.held - t.from) as f64 / elapsed.as_secs_f64()) < self.best_rate * SLOW_SHARE
     }
 
@@ -788,7 +806,7 @@ impl Swarm<'_, '_> {
                     self.run
                         .progress
                         .sent(&n.agent, blob_size.saturating_sub(t.held));
-                    if received >= RATE_SAMPLE {
+                    if received >= RATE_SAMPLE && t.source != Source::Coordinator {
                         let rate = received as f64 / t.started.elapsed().as_secs_f64().max(1e-3);
                         self.best_rate = self.best_rate.max(rate);
                         n.rate = Some(match n.rate {

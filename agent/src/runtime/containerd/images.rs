@@ -15,6 +15,7 @@ use tonic::Code;
 use tracing::{instrument, warn};
 
 use super::info::{major_version, pins_images};
+use super::unpack::LayerUnpack;
 use super::{Containerd, ImageStore, RUNTIME};
 use crate::error::Error;
 use crate::runtime::{canonical_name, manifest_descriptor, Named};
@@ -249,7 +250,14 @@ impl Containerd {
                 let started = std::time::Instant::now();
                 let parent = i.checked_sub(1).map(|p| chains[p].as_str());
                 let phase = self
-                    .unpack_chain(lease, image, layer, &diff_ids[i], parent, &chains[i])
+                    .unpack_chain(&LayerUnpack {
+                        lease,
+                        image,
+                        layer,
+                        diff_id: &diff_ids[i],
+                        parent,
+                        chain_id: &chains[i],
+                    })
                     .await
                     .map(|unpacked| match unpacked {
                         true => ImportPhase::LayerUnpacked,

@@ -15,7 +15,6 @@
 //! whether this agent applies layers itself, and [`apply`], its applier), `images` (import,
 //! names and their checks, labels, pins, Verify, List) and `info` (Info, version, storage).
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -31,7 +30,7 @@ use tonic::transport::Channel;
 use tonic::Request;
 
 use self::unpack::LocalStore;
-use super::{finished_event, Runtime};
+use super::{finished_event, KeyedLocks, Runtime};
 use crate::error::Error;
 
 pub mod apply;
@@ -95,7 +94,7 @@ pub struct Containerd {
     cfg: ContainerdConfig,
     /// One lock per chain ID being unpacked: concurrent imports that share a base layer
     /// unpack it once, the others wait and find it committed.
-    chains: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    chains: KeyedLocks,
     /// Layers applied at once: applying is CPU work (decompression) in containerd, so more
     /// than the cores only adds contention.
     unpack_slots: Arc<Semaphore>,
@@ -118,7 +117,7 @@ impl Containerd {
         Ok(Self {
             channel,
             cfg,
-            chains: std::sync::Mutex::new(HashMap::new()),
+            chains: KeyedLocks::default(),
             unpack_slots: Arc::new(Semaphore::new(cores)),
             local: tokio::sync::OnceCell::new(),
         })

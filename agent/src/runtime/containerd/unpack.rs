@@ -5,7 +5,6 @@
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
@@ -22,6 +21,18 @@ use tracing::{debug, info, instrument, warn};
 use super::{apply, Containerd, UnpackMode, RUNTIME};
 use crate::error::Error;
 use lade_oci as oci;
+
+/// One layer to unpack: `layer` of `image` (named in errors), whose diffID is `diff_id`, as
+/// snapshot `chain_id` on `parent`, held by `lease`.
+#[derive(Clone, Copy)]
+pub(super) struct LayerUnpack<'a> {
+    pub lease: &'a str,
+    pub image: &'a str,
+    pub layer: &'a oci::Descriptor,
+    pub diff_id: &'a str,
+    pub parent: Option<&'a str>,
+    pub chain_id: &'a str,
+}
 
 const LABEL_SNAPSHOT_REF: &str = "containerd.io/snapshot.ref";
 
@@ -243,17 +254,17 @@ impl Containerd {
         }
     }
 
-    /// Applies one layer on top of `parent` and commits it as `chain_id`.
-    #[instrument(skip_all, fields(image = %image, layer = %layer.digest))]
-    pub(super) async fn unpack_layer(
-        &self,
-        lease: &str,
-        image: &str,
-        layer: &oci::Descriptor,
-        diff_id: &str,
-        parent: Option<&str>,
-        chain_id: &str,
-    ) -> Result<(), Error> {
+    /// Applies one layer on top of its parent and commits it under its chain ID.
+    #[instrument(skip_all, fields(image = %unpack.image, layer = %unpack.layer.digest))]
+    async fn unpack_layer(&self, unpack: &LayerUnpack<'_>) -> Result<(), Error> {
+        let LayerUnpack {
+            lease,
+            image,
+            layer,
+            diff_id,
+            parent,
+            chain_id,
+        } = *unpack;
         // Decided before anything is prepared, so refusing leaves no active snapshot.
         let store = self.local_store().await?;
         let mut snapshots = SnapshotsClient::new(self.channel.clone());
@@ -392,21 +403,12 @@ impl Containerd {
             ))
     }
 
-    /// Unpacks `layer` as snapshot `chain_id` on `parent` unless that snapshot exists;
-    /// returns whether it unpacked. One unpack of a chain at a time (the others wait, then
-    /// find it committed), and no more at once than the unpack slots.
-    pub(super) async fn unpack_chain(
-        &self,
-        lease: &str,
-        image: &str,
-        layer: &oci::Descriptor,
-        diff_id: &str,
-        parent: Option<&str>,
-        chain_id: &str,
-    ) -> Result<bool, Error> {
-        let lock = self.chain_lock(chain_id);
-        let held = lock.lock().await;
-        let result = async {
+    /// Unpacks a layer as the snapshot of its chain ID unless that snapshot exists; returns
+    /// whether it unpacked. One unpack of a chain at a time (the others wait, then find it
+    /// committed), and no more at once than the unpack slots.
+    pub(super) async fn unpack_chain(&self, unpack: &LayerUnpack<'_>) -> Result<bool, Error> {
+        let chain_id = unpack.chain_id;
+        let work = async {
             if self.snapshot_exists(chain_id).await? {
                 return Ok(false);
             }
@@ -415,29 +417,10 @@ impl Containerd {
                 .acquire()
                 .await
                 .expect("the unpack semaphore is never closed");
-            self.unpack_layer(lease, image, layer, diff_id, parent, chain_id)
-                .await?;
+            self.unpack_layer(unpack).await?;
             Ok(true)
-        }
-        .await;
-        // Released on failure too, so the map holds only chains being unpacked.
-        drop(held);
-        self.release_chain_lock(chain_id, lock);
-        result
-    }
-
-    pub(super) fn chain_lock(&self, chain_id: &str) -> Arc<tokio::sync::Mutex<()>> {
-        let mut chains = self.chains.lock().expect("chain lock map");
-        chains.entry(chain_id.to_string()).or_default().clone()
-    }
-
-    /// Drops the map's entry once nobody else waits on it, so the map stays small.
-    pub(super) fn release_chain_lock(&self, chain_id: &str, lock: Arc<tokio::sync::Mutex<()>>) {
-        let mut chains = self.chains.lock().expect("chain lock map");
-        // Two references left: the map's and `lock`.
-        if Arc::strong_count(&lock) == 2 {
-            chains.remove(chain_id);
-        }
+        };
+        self.chains.exclusive(chain_id, work).await
     }
 
     /// [`Runtime::unpack_ahead`]: unpacks a layer just stored when its parent chain is
@@ -473,9 +456,7 @@ impl Containerd {
             if let Some(p) = parent {
                 let mut tries = 0;
                 loop {
-                    let lock = self.chain_lock(p);
-                    drop(lock.lock().await);
-                    self.release_chain_lock(p, lock);
+                    self.chains.exclusive(p, async {}).await;
                     if self.snapshot_exists(p).await? {
                         break;
                     }
@@ -487,14 +468,14 @@ impl Containerd {
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
-            self.unpack_chain(
-                &lease,
-                "(ahead of import)",
-                &desc,
-                &hint.diff_id,
+            self.unpack_chain(&LayerUnpack {
+                lease: &lease,
+                image: "(ahead of import)",
+                layer: &desc,
+                diff_id: &hint.diff_id,
                 parent,
-                &chain,
-            )
+                chain_id: &chain,
+            })
             .await
         }
         .await;

@@ -13,12 +13,11 @@
 //!
 //! File work and hashing run on blocking threads, never on the async workers.
 
-use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::io::{ErrorKind, Read, Write};
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -28,6 +27,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, warn};
 
 use crate::error::Error;
+use crate::runtime::KeyedLocks;
 use lade_oci as oci;
 
 /// Chunks queued between the network and the writer thread: a few MiB at most.
@@ -47,9 +47,8 @@ pub struct Written {
 /// A blob directory; see the module documentation for its layout.
 pub struct BlobCache {
     root: PathBuf,
-    /// One writer per digest at a time: two uploads of one blob would interleave in one
-    /// ingest file. The second waits, then finds the blob stored.
-    writers: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+    /// One writer per digest at a time.
+    writers: KeyedLocks,
 }
 
 impl BlobCache {
@@ -58,7 +57,7 @@ impl BlobCache {
     pub fn new(root: PathBuf) -> Self {
         Self {
             root,
-            writers: Mutex::new(HashMap::new()),
+            writers: KeyedLocks::default(),
         }
     }
 
@@ -168,15 +167,7 @@ impl BlobCache {
         mut chunks: BoxStream<'static, Result<Bytes, Error>>,
     ) -> Result<Written, Error> {
         let (ingest, blob) = (self.ingest_path(digest)?, self.blob_path(digest)?);
-        let lock = self
-            .writers
-            .lock()
-            .expect("writer map lock")
-            .entry(digest.to_string())
-            .or_default()
-            .clone();
-        let guard = lock.lock().await;
-        let result = async {
+        let write = async {
             if self.contains(digest).await? {
                 return Ok(Written {
                     received: 0,
@@ -221,15 +212,8 @@ impl BlobCache {
                     already_present: false,
                 }),
             }
-        }
-        .await;
-        drop(guard);
-        let mut writers = self.writers.lock().expect("writer map lock");
-        // Forget the lock unless another upload of the same blob is waiting on it.
-        if Arc::strong_count(&lock) == 2 {
-            writers.remove(digest);
-        }
-        result
+        };
+        self.writers.exclusive(digest, write).await
     }
 
     /// Deletes stored blobs; ones already gone are fine.
@@ -417,17 +401,10 @@ impl Ingest {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::runtime::test_chunks as chunks;
 
     fn digest_of(bytes: &[u8]) -> String {
         format!("sha256:{}", hex::encode(Sha256::digest(bytes)))
-    }
-
-    fn chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
-        let parts: Vec<Result<Bytes, Error>> = parts
-            .iter()
-            .map(|p| Ok(Bytes::copy_from_slice(p)))
-            .collect();
-        futures::stream::iter(parts).boxed()
     }
 
     #[tokio::test]
