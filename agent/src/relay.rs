@@ -78,7 +78,11 @@ impl Default for Peers {
             while_idle: true,
         };
         Peers {
-            config: ClientConfig::new(Duration::from_secs(10), keep_alive),
+            // Peers share a LAN: 2 MiB in flight per call covers its bandwidth-delay product,
+            // and bounds what the calls of one agent buffer (2 fetches of its own, and the
+            // forwarding of older coordinators' trees).
+            config: ClientConfig::new(Duration::from_secs(10), keep_alive)
+                .with_windows(2 << 20, 4 << 20),
             unusable: None,
             plaintext_peers: Vec::new(),
             channels: Mutex::new(HashMap::new()),

@@ -153,6 +153,14 @@ impl ClientConfig {
         self
     }
 
+    /// HTTP/2 receive windows of `stream` bytes per call and `connection` per connection:
+    /// what a slow reader may leave buffered on this side.
+    pub fn with_windows(mut self, stream: u32, connection: u32) -> ClientConfig {
+        self.stream_window = stream;
+        self.connection_window = connection;
+        self
+    }
+
     /// Whether connections use TLS.
     pub fn uses_tls(&self) -> bool {
         self.tls.is_some()
