@@ -151,9 +151,15 @@ pub fn apply_stored_layer(
     let mut stored_bytes = BufReader::with_capacity(1 << 20, blob);
     let head = stored_bytes.fill_buf().map_err(ApplyError::Stream)?;
     let (plain, known): (Box<dyn Read>, Option<&str>) = if head.starts_with(&[0x1f, 0x8b]) {
-        (Box::new(flate2::read::MultiGzDecoder::new(stored_bytes)), None)
+        (
+            Box::new(flate2::read::MultiGzDecoder::new(stored_bytes)),
+            None,
+        )
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        (Box::new(zstd_reader(stored_bytes).map_err(ApplyError::Stream)?), None)
+        (
+            Box::new(zstd_reader(stored_bytes).map_err(ApplyError::Stream)?),
+            None,
+        )
     } else {
         (Box::new(stored_bytes), stored)
     };
