@@ -9,7 +9,6 @@ use lade_proto::AgentServer;
 use prometheus::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::ServerTlsConfig;
 use tracing::{info, warn};
@@ -86,21 +85,21 @@ pub async fn run<R: Runtime>(
     // stream in 1 MiB chunks, so give a stream room for several in flight.
     // Bounds for any caller, authenticated or not: streams per connection, header size, and
     // keep-alive pings so a peer that vanishes is dropped instead of holding its streams.
+    // `tcp_nodelay` and `tcp_keepalive` on the builder apply only to listeners tonic binds
+    // itself; this one is bound by the caller, so its accepted connections get them below.
     let mut builder = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .tcp_keepalive(Some(Duration::from_secs(60)));
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)));
     if let Some(tls) = serve.tls {
         builder = builder.tls_config(tls)?;
     }
     let grpc = builder
         .add_service(service)
-        .serve_with_incoming_shutdown(TcpListenerStream::new(serve.grpc), stopped(stop_rx));
+        .serve_with_incoming_shutdown(incoming(serve.grpc), stopped(stop_rx));
     tokio::pin!(grpc);
     tokio::pin!(shutdown);
     let result = tokio::select! {
@@ -115,4 +114,28 @@ pub async fn run<R: Runtime>(
     result?;
     info!("lade-agent stopped");
     Ok(())
+}
+
+/// The connections `listener` accepts, each with `TCP_NODELAY` (without it, a reply written
+/// just after another small write waits for the peer's delayed ACK: PutBlob answers for
+/// small blobs came 40 ms late) and TCP keep-alive after 60 s idle.
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)))
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    #[tokio::test]
+    async fn accepted_connections_do_not_wait_for_delayed_acks() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = super::incoming(listener);
+        let _client = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let accepted = incoming.next().await.unwrap().unwrap();
+        assert!(accepted.nodelay().unwrap());
+    }
 }

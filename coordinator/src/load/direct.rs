@@ -18,10 +18,11 @@ use super::conn::{identify, import, stream_chunks, verify_and_end, AgentConn};
 use super::error::LoadError;
 use super::plan::{
     check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
-    missing_blobs, node_choices, node_platform, unpack_hints,
+    missing_blobs, node_choices, node_platform, unpack_hints, PlannedImage,
 };
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
+use crate::select::Chosen;
 
 /// Loads every agent of the run, each on its own, up to `parallel` at a time; one report per
 /// agent, in order.
@@ -140,12 +141,21 @@ impl Node<'_> {
             checks.prefetch(order);
         }
 
-        // Pipelined: blobs go in the order the images need them, and each image is imported as
-        // soon as all of its own are on the node, while the next image's blobs stream.
+        // Pipelined: blobs go in the order the images need them, up to `BLOBS_IN_FLIGHT` at
+        // once (the next one streams while the node commits the one before), and each image
+        // is imported as soon as all of its own are on the node, while the next image's blobs
+        // stream.
         let mut imports = tokio::task::JoinSet::new();
         // Blobs of the bundle found bad on the way (digest or layer check), with why: every image
         // using one fails, alone; the others load.
         let mut bad: HashMap<&str, String> = HashMap::new();
+        let mut in_flight = futures::stream::FuturesOrdered::new();
+        // Images whose blobs are all sent or on their way, each with the number of uploads
+        // started before it was: it imports (or fails) once that many have finished.
+        let mut waiting = Waiting::default();
+        let (mut started, mut finished) = (0usize, 0usize);
+        // Told when the latest upload has handed over its last chunk.
+        let mut streaming: Option<tokio::sync::oneshot::Receiver<()>> = None;
         for (chosen, planned) in chosen.iter().zip(plan.iter()) {
             let chosen = match chosen {
                 Ok(chosen) => chosen,
@@ -157,41 +167,66 @@ impl Node<'_> {
                     continue;
                 }
             };
-            let mut failed = None;
             for digest in &chosen.blobs {
-                if let Some(reason) = bad.get(digest.as_str()) {
-                    failed = Some(reason.clone());
-                    break;
+                if bad.contains_key(digest.as_str()) {
+                    break; // The image fails; the rest of it need not be sent.
                 }
-                if let Some(offset) = missing.remove(digest) {
-                    let hint = hints.get(digest.as_str()).cloned();
-                    match self
-                        .put_blob(&mut client, digest, offset, hint, checks)
-                        .await
-                    {
-                        Ok(sent) => {
-                            report.blobs_sent += 1;
-                            report.bytes_sent += sent;
+                let Some(offset) = missing.remove(digest) else {
+                    continue;
+                };
+                // One blob streams at a time, in order: the next starts once the one before
+                // is handed over whole (its upload driven meanwhile), while the node still
+                // commits it; and no more than BLOBS_IN_FLIGHT wait for their answers.
+                loop {
+                    if streaming.is_none() && in_flight.len() < BLOBS_IN_FLIGHT {
+                        break;
+                    }
+                    let streamed = match &mut streaming {
+                        Some(rx) => futures::future::Either::Left(rx),
+                        None => futures::future::Either::Right(futures::future::pending()),
+                    };
+                    let handed_over = tokio::select! {
+                        _ = streamed => true,
+                        // Uploads finish in the order they started.
+                        Some(done) = in_flight.next() => {
+                            finished += 1;
+                            sent_or_bad(done, report, &mut bad)?;
+                            waiting.import_ready(finished, &bad, report, |chosen, planned| {
+                                let spec = import_spec(bundle, chosen, planned);
+                                imports.spawn(import(client.clone(), session.to_string(), spec));
+                            });
+                            in_flight.is_empty()
                         }
-                        Err(e) if e.is_bad_content() => {
-                            let reason = e.to_string();
-                            bad.insert(digest, reason.clone());
-                            failed = Some(reason);
-                            break;
-                        }
-                        Err(e) => return Err(e),
+                    };
+                    if handed_over {
+                        streaming = None;
                     }
                 }
-            }
-            if let Some(reason) = failed {
-                report.failed_images.push(FailedImage {
-                    image: planned.source.clone(),
-                    reason,
+                let (streamed, streaming_now) = tokio::sync::oneshot::channel();
+                streaming = Some(streaming_now);
+                let hint = hints.get(digest.as_str()).cloned();
+                let client = client.clone();
+                in_flight.push_back(async move {
+                    let sent = self
+                        .put_blob(client, digest, offset, hint, checks, streamed)
+                        .await;
+                    (digest.as_str(), sent)
                 });
-                continue;
+                started += 1;
             }
-            let spec = import_spec(bundle, chosen, planned);
-            imports.spawn(import(client.clone(), session.to_string(), spec));
+            waiting.images.push_back((chosen, planned, started));
+            waiting.import_ready(finished, &bad, report, |chosen, planned| {
+                let spec = import_spec(bundle, chosen, planned);
+                imports.spawn(import(client.clone(), session.to_string(), spec));
+            });
+        }
+        while let Some(done) = in_flight.next().await {
+            finished += 1;
+            sent_or_bad(done, report, &mut bad)?;
+            waiting.import_ready(finished, &bad, report, |chosen, planned| {
+                let spec = import_spec(bundle, chosen, planned);
+                imports.spawn(import(client.clone(), session.to_string(), spec));
+            });
         }
         progress.phase(agent, "importing");
         while let Some(joined) = imports.join_next().await {
@@ -211,11 +246,12 @@ impl Node<'_> {
     #[instrument(skip_all, fields(digest = %digest, offset = offset))]
     async fn put_blob(
         &self,
-        client: &mut AgentConn,
+        mut client: AgentConn,
         digest: &str,
         offset: u64,
         unpack: Option<UnpackHint>,
         checks: Option<&Arc<LayerChecks>>,
+        streamed: tokio::sync::oneshot::Sender<()>,
     ) -> Result<u64, LoadError> {
         let (run, agent) = (self.run, self.agent);
         let (bundle, session, progress) = (&run.bundle, &run.session, &run.progress);
@@ -236,6 +272,12 @@ impl Node<'_> {
 
         let (count_tx, mut count_rx) = mpsc::unbounded_channel::<u64>();
         let reader = stream_chunks(bundle, digest, offset, checks, tx, Some(count_tx));
+        // Told as soon as the last chunk is handed over, whether or not anyone polls this.
+        let reader = tokio::spawn(async move {
+            let read = reader.await;
+            let _ = streamed.send(());
+            read
+        });
         let call = client.put_blob(ReceiverStream::new(rx));
         tokio::pin!(call);
         let response = loop {
@@ -247,10 +289,70 @@ impl Node<'_> {
         while let Ok(n) = count_rx.try_recv() {
             progress.sent(agent, n);
         }
-        let read = reader.await.expect("blob reader task panicked");
+        let read = reader
+            .await
+            .expect("blob reader task panicked")
+            .expect("blob reader task panicked");
         // The bundle's own error explains a refused upload better than the agent's view of it.
         let sent = read?;
         response.map_err(LoadError::agent_call(agent, "PutBlob"))?;
         Ok(sent)
+    }
+}
+
+/// Blob uploads to one node at once: while one is committed (containerd syncs it to disk), the
+/// next one streams (only one streams at a time, so blobs still arrive in order).
+const BLOBS_IN_FLIGHT: usize = 2;
+
+/// Counts a finished upload of `digest`: sent, or found bad (recorded in `bad`, failing the
+/// images that use it); any other error ends the attempt at the node.
+fn sent_or_bad<'a>(
+    (digest, sent): (&'a str, Result<u64, LoadError>),
+    report: &mut NodeReport,
+    bad: &mut HashMap<&'a str, String>,
+) -> Result<(), LoadError> {
+    match sent {
+        Ok(sent) => {
+            report.blobs_sent += 1;
+            report.bytes_sent += sent;
+        }
+        Err(e) if e.is_bad_content() => {
+            bad.insert(digest, e.to_string());
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(())
+}
+
+/// Images waiting for their uploads, in order: each with the number of uploads that must
+/// have finished before it imports.
+#[derive(Default)]
+struct Waiting<'a> {
+    images: std::collections::VecDeque<(&'a Chosen, &'a PlannedImage, usize)>,
+}
+
+impl<'a> Waiting<'a> {
+    /// Every image at the front whose uploads have finished: failed if one of its blobs is
+    /// bad, else handed to `import`.
+    fn import_ready(
+        &mut self,
+        finished: usize,
+        bad: &HashMap<&str, String>,
+        report: &mut NodeReport,
+        mut import: impl FnMut(&'a Chosen, &'a PlannedImage),
+    ) {
+        while let Some(&(chosen, planned, needs)) = self.images.front() {
+            if needs > finished {
+                break;
+            }
+            self.images.pop_front();
+            match chosen.blobs.iter().find_map(|d| bad.get(d.as_str())) {
+                Some(reason) => report.failed_images.push(FailedImage {
+                    image: planned.source.clone(),
+                    reason: reason.clone(),
+                }),
+                None => import(chosen, planned),
+            }
+        }
     }
 }

@@ -135,18 +135,37 @@ const SHOWN_NAME_BYTES: usize = 256;
 /// Applies the layer read from `blob` (gzip, zstd or plain tar, sniffed) to `target`,
 /// refusing it once it unpacks to more than `limit` bytes.
 pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Applied, ApplyError> {
-    let mut stored = BufReader::with_capacity(1 << 20, blob);
-    let head = stored.fill_buf().map_err(ApplyError::Stream)?;
-    let plain: Box<dyn Read> = if head.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::MultiGzDecoder::new(stored))
+    apply_stored_layer(blob, target, limit, None)
+}
+
+/// [`apply_layer`] of a blob whose bytes are known to have the digest `stored` (a blob of
+/// containerd's content store, which checked the digest when the blob was committed). When
+/// the blob is not compressed, its decompressed stream is those very bytes, so `stored` is
+/// the diffID and the stream is not hashed a second time.
+pub fn apply_stored_layer(
+    blob: impl Read,
+    target: &Target,
+    limit: u64,
+    stored: Option<&str>,
+) -> Result<Applied, ApplyError> {
+    let mut stored_bytes = BufReader::with_capacity(1 << 20, blob);
+    let head = stored_bytes.fill_buf().map_err(ApplyError::Stream)?;
+    let (plain, known): (Box<dyn Read>, Option<&str>) = if head.starts_with(&[0x1f, 0x8b]) {
+        (
+            Box::new(flate2::read::MultiGzDecoder::new(stored_bytes)),
+            None,
+        )
     } else if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
-        Box::new(zstd_reader(stored).map_err(ApplyError::Stream)?)
+        (
+            Box::new(zstd_reader(stored_bytes).map_err(ApplyError::Stream)?),
+            None,
+        )
     } else {
-        Box::new(stored)
+        (Box::new(stored_bytes), stored)
     };
     let mut counted = Counted {
         inner: plain,
-        hasher: Sha256::new(),
+        hasher: known.is_none().then(Sha256::new),
         count: 0,
         limit,
     };
@@ -159,8 +178,13 @@ pub fn apply_layer(blob: impl Read, target: &Target, limit: u64) -> Result<Appli
         return Err(ApplyError::TooLarge { limit });
     }
     result?;
+    let diff_id = match (known, counted.hasher) {
+        (Some(digest), _) => digest.to_string(),
+        (None, Some(hasher)) => format!("sha256:{}", hex::encode(hasher.finalize())),
+        (None, None) => unreachable!("a stream without a known digest is hashed"),
+    };
     Ok(Applied {
-        diff_id: format!("sha256:{}", hex::encode(counted.hasher.finalize())),
+        diff_id,
         size: counted.count,
     })
 }
@@ -173,10 +197,11 @@ pub fn zstd_reader<R: BufRead>(stored: R) -> io::Result<zstd::stream::read::Deco
     Ok(decoder)
 }
 
-/// The decompressed stream, hashed and counted as it is read; fails one byte past `limit`.
+/// The decompressed stream, hashed (unless its digest is known) and counted as it is read;
+/// fails one byte past `limit`.
 struct Counted<R> {
     inner: R,
-    hasher: Sha256,
+    hasher: Option<Sha256>,
     count: u64,
     limit: u64,
 }
@@ -186,7 +211,9 @@ impl<R: Read> Read for Counted<R> {
         let room = (self.limit - self.count.min(self.limit)).saturating_add(1);
         let want = buf.len().min(usize::try_from(room).unwrap_or(usize::MAX));
         let n = self.inner.read(&mut buf[..want])?;
-        self.hasher.update(&buf[..n]);
+        if let Some(hasher) = &mut self.hasher {
+            hasher.update(&buf[..n]);
+        }
         self.count += n as u64;
         if self.count > self.limit {
             return Err(io::Error::other("the layer unpacks past its size limit"));
@@ -1045,6 +1072,30 @@ mod tests {
             fs::metadata(dir.path().join("etc/hosts")).unwrap().mtime(),
             1_600_000_000
         );
+    }
+
+    #[test]
+    fn a_stored_digest_is_the_diff_id_of_an_uncompressed_layer_only() {
+        let bytes = layer(|b| {
+            entry(b, tar::EntryType::Regular, "a", "", b"some content\n");
+        });
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&bytes)));
+        // Not hashed again: whatever digest the store vouches for is the diffID.
+        let vouched = format!("sha256:{}", "ab".repeat(32));
+        let dir = tempfile::tempdir().unwrap();
+        let applied =
+            apply_stored_layer(&bytes[..], &target(dir.path()), 1 << 20, Some(&vouched)).unwrap();
+        assert_eq!(applied.diff_id, vouched);
+        assert_eq!(applied.size, bytes.len() as u64);
+        assert_eq!(fs::read(dir.path().join("a")).unwrap(), b"some content\n");
+        // Compressed, the diffID is the hash of what it decompresses to, whatever the store says.
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&bytes).unwrap();
+        let gz = gz.finish().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let applied =
+            apply_stored_layer(&gz[..], &target(dir.path()), 1 << 20, Some(&vouched)).unwrap();
+        assert_eq!(applied.diff_id, digest);
     }
 
     #[test]
