@@ -323,35 +323,18 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
         return Ok(());
     }
     let dir = tempfile::tempdir()?;
-    let (bundle, written) = big_bundle(dir.path(), 40 << 20, 21)?;
-    let big_layers: Vec<String> = written.images[3]
-        .layers
-        .iter()
-        .map(|l| l.digest.clone())
-        .collect();
+    let (bundle, _) = big_bundle(dir.path(), 40 << 20, 21)?;
     let index = Bundle::open(&bundle)?;
     let mut nodes = start_nodes(&["kill-a", "kill-b", "kill-c", "kill-d"]).await?;
     let dead = nodes[1].addr();
 
-    let mut cmd = Command::new(workspace_bin("lade")?);
-    cmd.arg("load")
-        .arg(&bundle)
-        .args(["--relay", "chain", "--progress", "none", "-o", "json"])
-        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for a in addrs(&nodes) {
-        cmd.args(["--agent", &a]);
-    }
-    let load = cmd.spawn()?;
+    let load = spawn_load(&bundle, &nodes, &["--relay", "chain"])?;
     // Well into the big layers on b, which it fetches from peers.
     wait_for(
         "b to fetch part of the big layers",
         Duration::from_secs(120),
         || metric(&nodes[1], "lade_agent_fetched_bytes_total") > (12 << 20) as f64,
     )?;
-    let _ = &big_layers;
     nodes[1].agent.kill();
 
     let out = load.wait_with_output()?;
@@ -400,6 +383,27 @@ async fn a_relay_node_killed_mid_transfer_is_named_and_the_nodes_behind_it_compl
     Ok(())
 }
 
+/// `lade load BUNDLE -o json` onto every node with `extra` flags, started in the background.
+fn spawn_load(
+    bundle: &std::path::Path,
+    nodes: &[Node],
+    extra: &[&str],
+) -> Result<std::process::Child> {
+    let mut cmd = Command::new(workspace_bin("lade")?);
+    cmd.arg("load")
+        .arg(bundle)
+        .args(["--progress", "none", "-o", "json"])
+        .args(extra)
+        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
+        .env("RUST_LOG", "warn")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    for a in addrs(nodes) {
+        cmd.args(["--agent", &a]);
+    }
+    Ok(cmd.spawn()?)
+}
+
 /// Sends `signal` (STOP or CONT) to `node`'s agent process.
 fn signal(node: &Node, signal: &str) -> Result<()> {
     let pid = node.agent.pid().context("the agent is not running")?;
@@ -421,18 +425,7 @@ async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Res
     let nodes = start_nodes(&["stop-a", "stop-b", "stop-c", "stop-d"]).await?;
     let frozen = nodes[1].addr();
 
-    let mut cmd = Command::new(workspace_bin("lade")?);
-    cmd.arg("load")
-        .arg(&bundle)
-        .args(["--progress", "none", "-o", "json", "--stall-timeout", "4s"])
-        .env("LADE_AUTH_TOKEN", TEST_TOKEN)
-        .env("RUST_LOG", "warn")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    for a in addrs(&nodes) {
-        cmd.args(["--agent", &a]);
-    }
-    let load = cmd.spawn()?;
+    let load = spawn_load(&bundle, &nodes, &["--stall-timeout", "4s"])?;
     wait_for(
         "b to fetch part of the bundle",
         Duration::from_secs(120),

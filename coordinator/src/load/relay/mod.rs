@@ -1,0 +1,350 @@
+//! Relay fan-out: every missing blob leaves the coordinator once, whatever the number of
+//! nodes, and no node waits for a slower one.
+//!
+//! With relay on, the load's entry hands over to [`load`] here, which runs in two stages:
+//! 1. `Info` and `Have` on every node (retried like a plain load); a node that fails them is
+//!    reported failed and left out.
+//! 2. A scheduler (`swarm::Swarm`) moves blobs until every live node holds what it needs.
+//!    The coordinator sends each blob to one node (the *root*: the first in tree order that
+//!    serves peers and has not proven slow); every other node `Fetch`es it from a peer that
+//!    holds it, at its own pace: its tree parent when that one holds it, else the holder
+//!    serving the fewest (`transfer` runs one transfer either way). Each node takes up to [`PER_NODE`] blobs at a time, each
+//!    holder serves up to `fanout` peers at a time, and a node fetches any blob it needs
+//!    that someone holds, not only the next one. So a slow node slows its own reads only,
+//!    and the others fetch from whoever is ahead. Each node imports an image as soon as it
+//!    holds its blobs, then verifies and ends its session on its own, and its `seconds` in
+//!    the summary are its own.
+//!
+//! Failures: a source that cannot serve (unreachable, stalled, broke off, bad bytes) is
+//! probed; dead, it is reported failed, alive, the fetching node tries another holder, and
+//! after three sources failed it is served by the coordinator directly. A transfer that
+//! makes no progress for the stall timeout is cut off; the node is probed: gone, it fails
+//! (named), alive, it is tried again, up to four times per blob. A node that refuses a blob
+//! (its own store failed) fails alone. `--node-timeout` bounds each node's whole load. A
+//! blob the coordinator finds bad (digest or layer check) reaches no node, and only the
+//! images using it fail. Agents that do not serve peers (older versions) are sent
+//! everything directly.
+
+use std::collections::{HashMap, HashSet};
+use std::time::Instant;
+
+use futures::StreamExt;
+use lade_proto::{HaveRequest, UnpackHint};
+use tracing::info;
+
+use crate::select::Chosen;
+
+use super::conn::AgentConn;
+use super::error::{FailureKind, LoadError};
+use super::plan::{
+    check_space, foreign_platform_warnings, have_descriptors, missing_blobs, node_choices,
+    render_topology, unique_missing, unpack_hints, RelayMode,
+};
+use super::report::NodeReport;
+use super::run::Run;
+
+mod swarm;
+mod transfer;
+
+use swarm::{Swarm, PER_NODE};
+
+/// One node of the load as the scheduler sees it.
+struct Node {
+    /// Position in `opts.agents` and in the reports.
+    idx: usize,
+    agent: String,
+    client: AgentConn,
+    /// Blobs it still lacks, with the bytes of each it already holds.
+    missing: HashMap<String, u64>,
+    /// What it held of each blob it lacked when the load began: every byte past that counts
+    /// as sent to it, over however many attempts and sources.
+    lacked: HashMap<String, u64>,
+    /// Blobs it holds (of those it needs): it may serve them to peers.
+    holds: HashSet<String>,
+    /// Per image of the bundle, the manifest it gets (its platform's), or why none.
+    chosen: Vec<Result<Chosen, String>>,
+    /// How it unpacks each layer as soon as it is stored.
+    hints: HashMap<String, UnpackHint>,
+    /// Peers cannot feed it (its agent does not fetch, or three sources failed it): the
+    /// coordinator sends it what it lacks.
+    direct: bool,
+    /// Its agent serves peers, and it has not failed as a source.
+    serves: bool,
+    /// Why it dropped out, and what kind of failure that was; it gets nothing more.
+    failed: Option<(FailureKind, String)>,
+    /// Transfers into it under way, by blob.
+    receiving: HashSet<String>,
+    /// Peers reading from it right now, slow ones included: at most `fanout` + [`PER_NODE`]
+    /// (room for one slow node beside `fanout` fast ones), which bounds a source's memory.
+    serving: usize,
+    /// Sources that failed it, per blob, and in all.
+    bad_sources: HashMap<String, HashSet<usize>>,
+    sources_failed: usize,
+    /// Attempts per blob.
+    tries: HashMap<String, u32>,
+    /// Bytes per second of its larger transfers, as measured here.
+    rate: Option<f64>,
+    /// Being probed: nothing is started on it until the answer.
+    probing: bool,
+    /// Images imported or given up, and imports under way.
+    settled: Vec<bool>,
+    importing: usize,
+    /// Verify and EndSession started, or the node is done.
+    verifying: bool,
+    done: bool,
+}
+
+impl Node {
+    fn alive(&self) -> bool {
+        self.failed.is_none()
+    }
+
+    /// Whether it can take one more blob now.
+    fn free(&self) -> bool {
+        self.alive() && !self.done && !self.probing && self.receiving.len() < PER_NODE
+    }
+}
+
+/// Loads with relay fan-out of `fanout`; one report per agent, in the order of
+/// `opts.agents`.
+pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
+    let Run {
+        bundle,
+        plan,
+        opts,
+        progress,
+        ..
+    } = run;
+    let started = Instant::now();
+    let mut reports: Vec<NodeReport> = opts
+        .agents
+        .iter()
+        .map(|agent| NodeReport {
+            agent: agent.clone(),
+            images: plan.len(),
+            ..Default::default()
+        })
+        .collect();
+
+    // Stage 1: who is there, which manifests each gets, and what each lacks.
+    let identified: Vec<(usize, Identified, u32)> =
+        futures::stream::iter(opts.agents.iter().enumerate())
+            .map(|(i, agent)| {
+                let report = reports[i].clone();
+                async move {
+                    progress.node_started(agent);
+                    let (result, attempts) = identify(run, agent, report).await;
+                    (i, result, attempts)
+                }
+            })
+            .buffer_unordered(opts.parallel.max(1))
+            .collect()
+            .await;
+    let mut nodes: Vec<Node> = Vec::new();
+    // The layer check runs here only if some node does not check layers itself.
+    let mut all_check_layers = true;
+    for (i, result, attempts) in identified {
+        reports[i].attempts = attempts;
+        match result {
+            Ok((client, report, known)) => {
+                reports[i] = NodeReport { attempts, ..report };
+                let hints = unpack_hints(known.chosen.iter().flatten())
+                    .into_iter()
+                    .map(|(d, h)| (d.to_string(), h))
+                    .collect();
+                all_check_layers &= known.checks_layers;
+                let holds = known
+                    .chosen
+                    .iter()
+                    .flatten()
+                    .flat_map(|c| c.blobs.iter())
+                    .filter(|d| !known.missing.contains_key(*d))
+                    .cloned()
+                    .collect();
+                let images = known.chosen.len();
+                nodes.push(Node {
+                    idx: i,
+                    agent: opts.agents[i].clone(),
+                    client,
+                    lacked: known.missing.clone(),
+                    missing: known.missing,
+                    holds,
+                    chosen: known.chosen,
+                    hints,
+                    direct: !known.fetches,
+                    serves: known.fetches,
+                    failed: None,
+                    receiving: HashSet::new(),
+                    serving: 0,
+                    bad_sources: HashMap::new(),
+                    sources_failed: 0,
+                    tries: HashMap::new(),
+                    rate: None,
+                    probing: false,
+                    settled: vec![false; images],
+                    importing: 0,
+                    verifying: false,
+                    done: false,
+                });
+            }
+            Err(e) => {
+                info!(agent = %opts.agents[i], error = %e, "node failed");
+                reports[i].fail_with(&e);
+            }
+        }
+    }
+    let checks = run.checks.clone().filter(|_| !all_check_layers);
+    nodes.sort_by_key(|n| n.idx);
+    // An address given twice would be a node fetching from itself: keep the first.
+    let mut seen = HashSet::new();
+    nodes.retain(|n| {
+        let first = seen.insert(n.agent.clone());
+        if !first {
+            reports[n.idx].fail(
+                FailureKind::Skipped,
+                format!(
+                    "agent {} is listed more than once; it is loaded once, as the first of them",
+                    n.agent
+                ),
+            );
+        }
+        first
+    });
+    let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
+    let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
+    let unique = unique_missing(bundle, &missing);
+    eprint!(
+        "relay {}: {}\n{}",
+        RelayMode::Tree(fanout).describe(names.len().max(2)),
+        if unique == 0 {
+            "every node holds every blob already".to_string()
+        } else {
+            format!(
+                "{} missing on some node, sent from here once",
+                indicatif::HumanBytes(unique)
+            )
+        },
+        render_topology(&names, fanout)
+    );
+    for n in &nodes {
+        let to_send: u64 = n
+            .missing
+            .iter()
+            .map(|(d, off)| bundle.blobs[d].size - off)
+            .sum();
+        progress.sending(&n.agent, to_send, reports[n.idx].bytes_skipped);
+    }
+
+    // The order blobs go in: as the images need them.
+    let mut order: Vec<String> = Vec::new();
+    for i in 0..plan.len() {
+        for d in image_order(&nodes, i) {
+            if nodes.iter().any(|n| n.missing.contains_key(&d)) && !order.contains(&d) {
+                order.push(d);
+            }
+        }
+    }
+    if let Some(checks) = &checks {
+        checks.prefetch(order.clone());
+    }
+
+    // Stage 2: move blobs until every node holds what it needs, importing as images complete.
+    let mut swarm = Swarm::new(run, nodes, reports, order, fanout, checks, started);
+    swarm.run().await;
+    let (nodes, mut reports, announced) = swarm.into_parts();
+    for n in &nodes {
+        if let Some((kind, e)) = &n.failed {
+            reports[n.idx].fail(*kind, e.clone());
+        }
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    for (idx, report) in reports.iter_mut().enumerate() {
+        if !announced.contains(&idx) {
+            if report.seconds == 0.0 {
+                report.seconds = seconds;
+            }
+            report.settle();
+            progress.node_finished(report);
+        }
+    }
+    reports
+}
+
+fn image_order(nodes: &[Node], i: usize) -> Vec<String> {
+    let mut order: Vec<String> = Vec::new();
+    for n in nodes.iter().filter(|n| n.alive()) {
+        if let Ok(c) = &n.chosen[i] {
+            for d in &c.blobs {
+                if !order.contains(d) {
+                    order.push(d.clone());
+                }
+            }
+        }
+    }
+    order
+}
+
+/// The node's name in messages and `via`, else its address.
+fn label(report: &NodeReport) -> String {
+    if report.node.is_empty() {
+        report.agent.clone()
+    } else {
+        report.node.clone()
+    }
+}
+
+/// A node's client, its report with what it is and holds, and the blobs it lacks.
+type Identified = Result<(AgentConn, NodeReport, Knowledge), LoadError>;
+
+/// What Info and Have told about a node: the manifests it gets and the blobs it lacks.
+struct Knowledge {
+    chosen: Vec<Result<Chosen, String>>,
+    missing: HashMap<String, u64>,
+    /// The node checks layers itself as it unpacks them.
+    checks_layers: bool,
+    /// Its agent fetches from peers and serves them.
+    fetches: bool,
+}
+
+/// Connect, Info and Have on one node, retried as the load's retry policy says. Returns the
+/// client, the report filled with what the node is and holds, and the blobs it lacks.
+async fn identify(run: &Run<'_>, agent: &str, mut report: NodeReport) -> (Identified, u32) {
+    let (bundle, opts, progress, session) = (&*run.bundle, run.opts, &*run.progress, &run.session);
+    let retry = &opts.retry;
+    let mut attempt = 0;
+    loop {
+        let run = async {
+            let (mut client, info) =
+                super::conn::identify(agent, &opts.dial, progress, &mut report).await?;
+            // Which manifest of each image this node gets (as a plain load chooses).
+            let (chosen, _) = node_choices(bundle, &opts.platforms, &info);
+            report.warnings = foreign_platform_warnings(bundle, &chosen, &info);
+            let have = client
+                .have(HaveRequest {
+                    session: session.to_string(),
+                    blobs: have_descriptors(bundle, chosen.iter().flatten()),
+                })
+                .await
+                .map_err(LoadError::agent_call(agent, "Have"))?
+                .into_inner();
+            report.blobs_skipped = 0;
+            report.bytes_skipped = 0;
+            let missing = missing_blobs(bundle, have.blobs, &mut report);
+            check_space(bundle, agent, &info, &missing, run.sizes())?;
+            Ok((
+                client,
+                report.clone(),
+                Knowledge {
+                    chosen,
+                    missing,
+                    checks_layers: info.checks_layers,
+                    fetches: info.fetches_from_peers,
+                },
+            ))
+        };
+        match retry.timed(agent, run).await {
+            Err(e) if retry.again(&e, &mut attempt, agent, progress).await => {}
+            other => return (other, attempt + 1),
+        }
+    }
+}
