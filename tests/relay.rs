@@ -478,6 +478,39 @@ async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Res
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_that_answers_late_joins_the_load_and_fetches_from_peers() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = big_bundle(dir.path(), 24 << 20, 21)?;
+    let unique = Bundle::open(&bundle)?.total_bytes();
+    let mut nodes = start_nodes(&["late-a", "late-b", "late-c"]).await?;
+    // c is down when the load starts; its retries find it up later.
+    nodes[2].agent.kill();
+    let load = spawn_load(&bundle, &nodes, &["--retries", "4"])?;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    nodes[2].agent.restart().await?;
+    let out = load.wait_with_output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
+    assert_eq!(out.status.code(), Some(0), "{reports:#?}\n{stderr}");
+    assert!(u64_of(&reports[2], "attempts") >= 2, "{}", reports[2]);
+    // It joined the load under way and was fed by peers: the bundle left the coordinator once.
+    let from = via(&reports[2]);
+    assert!(
+        !from.is_empty() && !from.contains(&"coordinator".to_string()),
+        "{from:?}"
+    );
+    assert_eq!(from_coordinator(&reports), unique, "{reports:#?}");
+    for node in &nodes {
+        assert_has_every_image(node, 4)?;
+    }
+    Ok(())
+}
+
 #[test]
 fn plan_prints_the_topology_and_contacts_nobody() -> Result<()> {
     let dir = tempfile::tempdir()?;

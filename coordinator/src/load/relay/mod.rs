@@ -70,6 +70,8 @@ struct Node {
     direct: bool,
     /// Its agent serves peers, and it has not failed as a source.
     serves: bool,
+    /// It checks layers itself as it unpacks them.
+    checks_layers: bool,
     /// Why it dropped out, and what kind of failure that was; it gets nothing more.
     failed: Option<(FailureKind, String)>,
     /// Transfers into it under way, by blob.
@@ -95,6 +97,48 @@ struct Node {
 }
 
 impl Node {
+    /// Node `idx` (its position in `opts.agents`) at `agent`, as Info and Have found it.
+    fn new(idx: usize, agent: String, client: AgentConn, known: Knowledge) -> Node {
+        let hints = unpack_hints(known.chosen.iter().flatten())
+            .into_iter()
+            .map(|(d, h)| (d.to_string(), h))
+            .collect();
+        let holds = known
+            .chosen
+            .iter()
+            .flatten()
+            .flat_map(|c| c.blobs.iter())
+            .filter(|d| !known.missing.contains_key(*d))
+            .cloned()
+            .collect();
+        let images = known.chosen.len();
+        Node {
+            idx,
+            agent,
+            client,
+            lacked: known.missing.clone(),
+            missing: known.missing,
+            holds,
+            chosen: known.chosen,
+            hints,
+            direct: !known.fetches,
+            serves: known.fetches,
+            checks_layers: known.checks_layers,
+            failed: None,
+            receiving: HashSet::new(),
+            serving: 0,
+            bad_sources: HashMap::new(),
+            sources_failed: 0,
+            tries: HashMap::new(),
+            rate: None,
+            probing: false,
+            settled: vec![false; images],
+            importing: 0,
+            verifying: false,
+            done: false,
+        }
+    }
+
     fn alive(&self) -> bool {
         self.failed.is_none()
     }
@@ -104,6 +148,13 @@ impl Node {
         self.alive() && !self.done && !self.probing && self.receiving.len() < PER_NODE
     }
 }
+
+/// How long the load waits, after the first node answered Info and Have, for the others
+/// before it starts; the rest join as they answer.
+const JOIN_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// Nodes still being identified: position in `opts.agents`, outcome, attempts.
+type Pending<'r> = futures::stream::BoxStream<'r, (usize, Identified, u32)>;
 
 /// Loads with relay fan-out of `fanout`; one report per agent, in the order of
 /// `opts.agents`.
@@ -126,20 +177,56 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         })
         .collect();
 
-    // Stage 1: who is there, which manifests each gets, and what each lacks.
-    let identified: Vec<(usize, Identified, u32)> =
-        futures::stream::iter(opts.agents.iter().enumerate())
-            .map(|(i, agent)| {
-                let report = reports[i].clone();
-                async move {
-                    progress.node_started(agent);
-                    let (result, attempts) = identify(run, agent, report).await;
-                    (i, result, attempts)
-                }
-            })
-            .buffer_unordered(opts.parallel.max(1))
-            .collect()
-            .await;
+    // Stage 1: who is there, which manifests each gets, and what each lacks. A node that is
+    // slow to answer does not hold the others: JOIN_GRACE after the first node answered,
+    // the load starts, and the nodes still identifying join it when they answer.
+    // An address given twice would be a node fetching from itself: the first is loaded.
+    let mut seen = HashSet::new();
+    let mut firsts = Vec::new();
+    for (i, agent) in opts.agents.iter().enumerate() {
+        if seen.insert(agent.clone()) {
+            firsts.push((i, agent, reports[i].clone()));
+        } else {
+            reports[i].fail(
+                FailureKind::Skipped,
+                format!(
+                    "agent {agent} is listed more than once; it is loaded once, as the first of them"
+                ),
+            );
+        }
+    }
+    let mut pending: Pending<'_> = futures::stream::iter(firsts)
+        .map(|(i, agent, report)| async move {
+            progress.node_started(agent);
+            let (result, attempts) = identify(run, agent, report).await;
+            (i, result, attempts)
+        })
+        .buffer_unordered(opts.parallel.max(1))
+        .boxed();
+    let mut identified = Vec::new();
+    let grace = opts
+        .retry
+        .node_timeout
+        .map_or(JOIN_GRACE, |limit| JOIN_GRACE.min(limit / 4));
+    let mut first_answer: Option<Instant> = None;
+    let mut all_answered = false;
+    loop {
+        let next = match first_answer {
+            Some(t) => match tokio::time::timeout_at((t + grace).into(), pending.next()).await {
+                Ok(next) => next,
+                Err(_) => break,
+            },
+            None => pending.next().await,
+        };
+        let Some(answer) = next else {
+            all_answered = true;
+            break;
+        };
+        if answer.1.is_ok() {
+            first_answer.get_or_insert_with(Instant::now);
+        }
+        identified.push(answer);
+    }
     let mut nodes: Vec<Node> = Vec::new();
     // The layer check runs here only if some node does not check layers itself.
     let mut all_check_layers = true;
@@ -148,44 +235,8 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
         match result {
             Ok((client, report, known)) => {
                 reports[i] = NodeReport { attempts, ..report };
-                let hints = unpack_hints(known.chosen.iter().flatten())
-                    .into_iter()
-                    .map(|(d, h)| (d.to_string(), h))
-                    .collect();
                 all_check_layers &= known.checks_layers;
-                let holds = known
-                    .chosen
-                    .iter()
-                    .flatten()
-                    .flat_map(|c| c.blobs.iter())
-                    .filter(|d| !known.missing.contains_key(*d))
-                    .cloned()
-                    .collect();
-                let images = known.chosen.len();
-                nodes.push(Node {
-                    idx: i,
-                    agent: opts.agents[i].clone(),
-                    client,
-                    lacked: known.missing.clone(),
-                    missing: known.missing,
-                    holds,
-                    chosen: known.chosen,
-                    hints,
-                    direct: !known.fetches,
-                    serves: known.fetches,
-                    failed: None,
-                    receiving: HashSet::new(),
-                    serving: 0,
-                    bad_sources: HashMap::new(),
-                    sources_failed: 0,
-                    tries: HashMap::new(),
-                    rate: None,
-                    probing: false,
-                    settled: vec![false; images],
-                    importing: 0,
-                    verifying: false,
-                    done: false,
-                });
+                nodes.push(Node::new(i, opts.agents[i].clone(), client, known));
             }
             Err(e) => {
                 info!(agent = %opts.agents[i], error = %e, "node failed");
@@ -195,21 +246,6 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
     }
     let checks = run.checks.clone().filter(|_| !all_check_layers);
     nodes.sort_by_key(|n| n.idx);
-    // An address given twice would be a node fetching from itself: keep the first.
-    let mut seen = HashSet::new();
-    nodes.retain(|n| {
-        let first = seen.insert(n.agent.clone());
-        if !first {
-            reports[n.idx].fail(
-                FailureKind::Skipped,
-                format!(
-                    "agent {} is listed more than once; it is loaded once, as the first of them",
-                    n.agent
-                ),
-            );
-        }
-        first
-    });
     let missing: Vec<HashMap<String, u64>> = nodes.iter().map(|n| n.missing.clone()).collect();
     let names: Vec<String> = nodes.iter().map(|n| label(&reports[n.idx])).collect();
     let unique = unique_missing(bundle, &missing);
@@ -249,8 +285,9 @@ pub(crate) async fn load(run: &Run<'_>, fanout: usize) -> Vec<NodeReport> {
     }
 
     // Stage 2: move blobs until every node holds what it needs, importing as images complete.
+    let pending = (!all_answered).then_some(pending);
     let mut swarm = Swarm::new(run, nodes, reports, order, fanout, checks, started);
-    swarm.run().await;
+    swarm.run(pending).await;
     let (nodes, mut reports, announced) = swarm.into_parts();
     for n in &nodes {
         if let Some((kind, e)) = &n.failed {

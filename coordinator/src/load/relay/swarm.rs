@@ -164,8 +164,9 @@ impl<'r, 'a> Swarm<'r, 'a> {
         (self.nodes, self.reports, self.announced)
     }
 
-    /// Moves blobs until every live node is done or failed.
-    pub(super) async fn run(&mut self) {
+    /// Moves blobs until every live node is done or failed; the nodes still being
+    /// identified (`pending`) join as they answer.
+    pub(super) async fn run(&mut self, mut pending: Option<super::Pending<'r>>) {
         let (moved_tx, mut moved_rx) = mpsc::unbounded_channel::<Moved>();
         let mut tick = tokio::time::interval(Duration::from_millis(500));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -174,7 +175,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         }
         loop {
             self.schedule(&moved_tx);
-            if self.tasks.is_empty() && self.node_tasks.is_empty() {
+            if self.tasks.is_empty() && self.node_tasks.is_empty() && pending.is_none() {
                 if self.nodes.iter().all(|n| n.done || !n.alive()) {
                     break;
                 }
@@ -210,9 +211,57 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 Some(joined) = self.node_tasks.join_next() => {
                     self.node_event(joined.expect("node task panicked"));
                 }
+                joined = next_pending(&mut pending), if pending.is_some() => match joined {
+                    Some((i, result, attempts)) => self.join(i, result, attempts),
+                    None => pending = None,
+                },
                 _ = tick.tick() => self.watch(),
             }
         }
+    }
+
+    /// Node `i` answered Info and Have after the load started: it joins (or fails).
+    fn join(&mut self, i: usize, result: super::Identified, attempts: u32) {
+        let (run, bundle) = (self.run, &self.run.bundle);
+        self.reports[i].attempts = attempts;
+        let (client, report, known) = match result {
+            Ok(ok) => ok,
+            Err(e) => {
+                info!(agent = %run.opts.agents[i], error = %e, "node failed");
+                self.reports[i].fail_with(&e);
+                return;
+            }
+        };
+        self.reports[i] = NodeReport { attempts, ..report };
+        let mut node = Node::new(i, run.opts.agents[i].clone(), client, known);
+        if !node.checks_layers && self.checks.is_none() && run.checks.is_some() {
+            // The blobs sent so far went unchecked (every node then checked layers itself):
+            // this node gets its own, checked copies from here.
+            self.checks = run.checks.clone();
+            node.direct = true;
+        }
+        let mut added = Vec::new();
+        for c in node.chosen.iter().flatten() {
+            for d in &c.blobs {
+                if node.missing.contains_key(d) && !self.order.contains(d) && !added.contains(d) {
+                    added.push(d.clone());
+                }
+            }
+        }
+        if let Some(checks) = &self.checks {
+            checks.prefetch(added.clone());
+        }
+        self.order.extend(added);
+        let to_send: u64 = node
+            .missing
+            .iter()
+            .map(|(d, off)| bundle.blobs[d].size - off)
+            .sum();
+        run.progress
+            .sending(&node.agent, to_send, self.reports[i].bytes_skipped);
+        info!(agent = %node.agent, "node joined the load late");
+        self.nodes.push(node);
+        self.settle_images(self.nodes.len() - 1);
     }
 
     /// Starts what can start: the coordinator's sends to seeds, then fetches from peers.
@@ -782,5 +831,16 @@ impl Swarm<'_, '_> {
         report.settle();
         self.run.progress.node_finished(report);
         self.announced.insert(idx);
+    }
+}
+
+/// The next answer of the nodes still being identified (never called without any).
+async fn next_pending<'r>(
+    pending: &mut Option<super::Pending<'r>>,
+) -> Option<(usize, super::Identified, u32)> {
+    use futures::StreamExt;
+    match pending {
+        Some(p) => p.next().await,
+        None => std::future::pending().await,
     }
 }
