@@ -18,4 +18,5 @@ pub mod progress;
 pub mod push;
 pub mod reference;
 pub mod select;
+pub mod status;
 pub mod upgrade;

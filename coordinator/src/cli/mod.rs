@@ -14,11 +14,13 @@ mod connect;
 mod inspect;
 mod load;
 mod push;
+mod status;
 mod upgrade;
 
 use inspect::InspectArgs;
 use load::LoadArgs;
 use push::PushArgs;
+use status::StatusArgs;
 use upgrade::UpgradeArgs;
 
 /// Load an offline bundle's images onto every node of a cluster, then upgrade its helm release.
@@ -67,6 +69,8 @@ pub(crate) enum Command {
     Upgrade(UpgradeArgs),
     /// Push every image of BUNDLE, and its chart, into the registry the cluster pulls from.
     Push(PushArgs),
+    /// Whether every image of BUNDLE is on every agent's node, whole; exit 0 only then.
+    Status(StatusArgs),
     /// Show what BUNDLE holds: images, sizes, shared layers, hints.
     Inspect(InspectArgs),
 }
@@ -107,6 +111,7 @@ pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Load(args) => runtime()?.block_on(load::run(args)),
         Command::Upgrade(args) => upgrade::run(args),
         Command::Push(args) => runtime()?.block_on(push::run(args)),
+        Command::Status(args) => runtime()?.block_on(status::run(args)),
     }
 }
 
