@@ -111,6 +111,37 @@ async fn status_shows_each_image_on_each_node_and_exits_0_only_when_all_are_whol
         "{text}"
     );
 
+    // Where the agent pins (containerd 1.7.3 and newer), a whole image whose pin label is
+    // gone is reported: kubelet's image GC may take it.
+    let pins = lade::load::connect(&nodes[0].addr(), &lade_tests::dial())
+        .await?
+        .info(lade_proto::InfoRequest {})
+        .await?
+        .into_inner()
+        .images_pinned;
+    if pins {
+        nodes[0].containerd.ctr_ok(&[
+            "-n",
+            "k8s.io",
+            "images",
+            "label",
+            "release.daocloud.io/demo/sidecar:v1",
+            "io.cri-containerd.pinned=",
+        ])?;
+        let (code, out) = status(&bundle, &nodes, true)?;
+        let json: Value = serde_json::from_str(&out).context(out.clone())?;
+        assert_eq!(code, 1, "{out}");
+        assert_eq!(
+            state(&json, "release.daocloud.io/demo/sidecar:v1", 0),
+            "not_pinned",
+            "{out}"
+        );
+        assert_eq!(
+            state(&json, "release.daocloud.io/demo/app:v1", 0),
+            "present"
+        );
+    }
+
     // A load again puts back what was removed; status is whole again.
     let (code, reports, stderr) = load_json(&bundle, &addrs, &RETAG)?;
     anyhow::ensure!(code == 0, "{reports:#?}\n{stderr}");

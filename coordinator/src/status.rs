@@ -1,5 +1,5 @@
 //! `lade status BUNDLE`: whether every image of a bundle is on every node, named as `lade
-//! load` names it. It asks each agent what kubelet would find for every name (`Verify`, the
+//! load` names it, and pinned where the agent pins. It asks each agent what kubelet would find for every name (`Verify`, the
 //! upgrade preflight's own check) and sorts the answers per image and node.
 
 use std::fmt::Write as _;
@@ -19,6 +19,8 @@ pub enum State {
     Missing,
     /// Some names are missing, or a name is there without all of its content: why.
     Incomplete(String),
+    /// Whole, but not pinned where the agent pins (kubelet's image GC may take it): which.
+    NotPinned(String),
     /// The node could not be asked.
     Unknown,
 }
@@ -29,6 +31,7 @@ impl State {
             State::Present => "present",
             State::Missing => "MISSING",
             State::Incomplete(_) => "INCOMPLETE",
+            State::NotPinned(_) => "NOT-PINNED",
             State::Unknown => "?",
         }
     }
@@ -102,9 +105,15 @@ impl Status {
         };
         let mut present = 0;
         let mut problems = Vec::new();
+        let mut unpinned = Vec::new();
         for name in &image.names {
             match found.get(name) {
-                Some(s) if s.ok => present += 1,
+                Some(s) if s.ok => {
+                    present += 1;
+                    if node.pins && !s.pinned {
+                        unpinned.push(name.clone());
+                    }
+                }
                 Some(s) if s.problem == "no such image" => {
                     problems.push(format!("{name}: no such image"))
                 }
@@ -112,8 +121,10 @@ impl Status {
                 None => problems.push(format!("{name}: not reported by the agent")),
             }
         }
-        if problems.is_empty() {
+        if problems.is_empty() && unpinned.is_empty() {
             State::Present
+        } else if problems.is_empty() {
+            State::NotPinned(unpinned.join(", "))
         } else if present == 0 && problems.iter().all(|p| p.ends_with(": no such image")) {
             State::Missing
         } else {
@@ -141,8 +152,19 @@ impl Status {
             let mut row = vec![image.source.clone()];
             for node in &self.nodes {
                 let state = self.state(image, node);
-                if let State::Incomplete(why) = &state {
-                    let _ = writeln!(problems, "{}: {}: {why}", label(node), image.source);
+                match &state {
+                    State::Incomplete(why) => {
+                        let _ = writeln!(problems, "{}: {}: {why}", label(node), image.source);
+                    }
+                    State::NotPinned(names) => {
+                        let _ = writeln!(
+                            problems,
+                            "{}: {}: not pinned: {names}",
+                            label(node),
+                            image.source
+                        );
+                    }
+                    _ => {}
                 }
                 row.push(state.word().to_string());
             }
@@ -266,6 +288,7 @@ mod tests {
         NodeAnswer {
             agent: format!("{name}:7700"),
             node: name.into(),
+            pins: false,
             result: Ok(found
                 .iter()
                 .map(|(r, ok, problem)| {
@@ -314,6 +337,7 @@ mod tests {
         let silent = NodeAnswer {
             agent: "n4:7700".into(),
             node: String::new(),
+            pins: false,
             result: Err(LoadError::Connect {
                 agent: "n4:7700".into(),
                 reason: "refused".into(),
@@ -349,5 +373,19 @@ mod tests {
         };
         assert!(done.complete());
         assert!(done.to_text().contains("every node holds all 1 images"));
+
+        // Where the agent pins, a whole image without the pin label is not enough.
+        let mut unpinned = node("n1", &[("r/base:v1", true, "")]);
+        unpinned.pins = true;
+        let status = Status {
+            images: vec![base.clone()],
+            nodes: vec![unpinned],
+        };
+        assert_eq!(
+            status.state(&base, &status.nodes[0]),
+            State::NotPinned("r/base:v1".into())
+        );
+        assert!(!status.complete());
+        assert!(status.to_text().contains("NOT-PINNED"));
     }
 }

@@ -55,6 +55,8 @@ pub struct NodeAnswer {
     pub agent: String,
     /// Node name the agent reported; empty when it could not be reached.
     pub node: String,
+    /// The agent pins the images it loads (Info), so an unpinned one is worth reporting.
+    pub pins: bool,
     /// Status per reference, or why the agent could not answer.
     pub result: Result<HashMap<String, RefStatus>, LoadError>,
 }
@@ -144,6 +146,7 @@ pub async fn check_registry(images: &[String], registry: &Registry) -> Report {
         nodes: vec![NodeAnswer {
             agent: format!("registry {}", registry.host()),
             node: registry.host().to_string(),
+            pins: false,
             result: Ok(found),
         }],
         checked: Checked::Registry(registry.host().to_string()),
@@ -176,6 +179,7 @@ async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
     let mut answer = NodeAnswer {
         agent: agent.to_string(),
         node: String::new(),
+        pins: false,
         result: Ok(HashMap::new()),
     };
     let mut client = match connect(agent, dial).await {
@@ -186,7 +190,11 @@ async fn ask(agent: &str, images: &[String], dial: &Dial) -> NodeAnswer {
         }
     };
     match client.info(InfoRequest {}).await {
-        Ok(info) => answer.node = info.into_inner().node_name,
+        Ok(info) => {
+            let info = info.into_inner();
+            answer.node = info.node_name;
+            answer.pins = info.images_pinned;
+        }
         Err(status) => {
             answer.result = Err(LoadError::agent_call(agent, "Info")(status));
             return answer;
@@ -434,16 +442,19 @@ mod tests {
                 NodeAnswer {
                     agent: "10.0.0.1:7700".into(),
                     node: "node-a".into(),
+                    pins: false,
                     result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
                 },
                 NodeAnswer {
                     agent: "10.0.0.2:7700".into(),
                     node: "node-b".into(),
+                    pins: false,
                     result: Ok([status("r.io/a:1", true), status("r.io/b:1", false)].into()),
                 },
                 NodeAnswer {
                     agent: "10.0.0.3:7700".into(),
                     node: String::new(),
+                    pins: false,
                     result: Err(LoadError::Connect {
                         agent: "10.0.0.3:7700".into(),
                         reason: "refused".into(),
@@ -499,6 +510,7 @@ mod tests {
             nodes: vec![NodeAnswer {
                 agent: "a:1".into(),
                 node: "n".into(),
+                pins: false,
                 result: Ok([status("r.io/a:1", true), status("r.io/b:1", true)].into()),
             }],
             checked: Checked::Nodes { discovered: false },

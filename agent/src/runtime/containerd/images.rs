@@ -530,7 +530,12 @@ impl Containerd {
             Err(s) if s.code() == Code::NotFound => None,
             Err(s) => return Err(Error::runtime(RUNTIME, format!("Images.Get {name}"))(s)),
         };
-        let Some(target) = image.and_then(|i| i.target) else {
+        let Some(image) = image else {
+            status.problem = "no such image".to_string();
+            return Ok(status);
+        };
+        status.pinned = image.labels.get(LABEL_PINNED).map(String::as_str) == Some("pinned");
+        let Some(target) = image.target else {
             status.problem = "no such image".to_string();
             return Ok(status);
         };
