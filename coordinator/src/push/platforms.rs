@@ -1,20 +1,18 @@
-//! Multi-platform images of an OCI archive: `index.json` entries that are image indexes (or
-//! Docker manifest lists).
+//! Multi-platform images of the bundle, as a registry serves them: each one's index and,
+//! for every platform whose blobs the archive carries, its manifest with the config and
+//! layers it names.
 //!
-//! The bundle's index resolves each of them to the manifest of the coordinator's platform,
-//! which is what a node loads. A registry serves every platform, so here the archive's
-//! `index.json` is read again and, for each such entry, the index itself, every manifest it
-//! lists and their configs and layers are located in the archive (byte ranges, nothing
-//! extracted). Every manifest and index is read whole and its digest checked, as the bundle
-//! does for the chosen platform; configs and layers are verified while they stream.
+//! A node loads one platform; a registry serves them all. Everything comes from what the
+//! bundle indexed once (`Image::index`, `Image::platforms`, the blobs' byte ranges): indexes
+//! and manifests are read whole through the bundle's verified reader; configs and layers are
+//! verified while they stream. An index listing platforms the archive does not carry is
+//! pushed as the bundle rewrote it, listing only those it carries.
 
 use std::collections::HashMap;
 
-use lade_oci::{is_index, Index, Manifest, MAX_METADATA_BYTES, MEDIA_TYPE_OCI_INDEX};
+use lade_oci::{Manifest, MAX_METADATA_BYTES};
 
-use crate::bundle::oci::Layout;
-use crate::bundle::tarindex::TarIndex;
-use crate::bundle::{Blob, Bundle, BundleError, BundleKind};
+use crate::bundle::{Blob, Bundle, BundleError};
 
 /// One multi-platform image: its index and every manifest the index lists.
 #[derive(Clone, Debug)]
@@ -32,45 +30,27 @@ pub struct PlatformManifest {
     pub blobs: Vec<Blob>,
 }
 
-/// The multi-platform images of `bundle`, keyed by the manifest digest the bundle chose from
-/// each (an [`crate::bundle::Image::manifest`]). Empty for docker-archives, which hold one
-/// platform per image.
+/// The multi-platform images of `bundle`, keyed by the digest of each manifest they list
+/// (the one the bundle chose for an image among them). Empty for docker-archives, which hold
+/// one platform per image.
 pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleError> {
-    if bundle.format != crate::bundle::ArchiveFormat::OciLayout {
-        return Ok(HashMap::new());
-    }
-    let archive = open_archive(bundle)?;
-    let layout = Layout { archive: &archive };
-    let top: Index = parse(
-        &archive.read_small("index.json", MAX_METADATA_BYTES)?,
-        &archive,
-        "index.json",
-    )?;
     let mut found = HashMap::new();
-    for entry in top.manifests.iter().filter(|d| is_index(&d.media_type)) {
-        let role = format!("index {}", entry.digest);
-        let (index, index_bytes) = layout.read_verified(&entry.descriptor(), &role)?;
-        let nested: Index = parse(&index_bytes, &archive, &role)?;
-        let mut manifests = Vec::with_capacity(nested.manifests.len());
-        for child in &nested.manifests {
-            if is_index(&child.media_type) {
-                return Err(bad(
-                    &archive,
-                    format!(
-                        "{role} lists another index ({}); nested indexes are not supported",
-                        child.digest
-                    ),
-                ));
-            }
-            let role = format!("manifest {} of {role}", child.digest);
-            let (mut manifest, bytes) = layout.read_verified(&child.descriptor(), &role)?;
-            let parsed: Manifest = parse(&bytes, &archive, &role)?;
+    for image in &bundle.images {
+        let Some(index_digest) = &image.index else {
+            continue;
+        };
+        let mut manifests = Vec::with_capacity(image.platforms.len());
+        for variant in &image.platforms {
+            let mut manifest = blob(bundle, &variant.manifest)?;
+            let bytes = whole(bundle, &variant.manifest)?;
             if manifest.media_type.is_empty() {
-                manifest.media_type = parsed.media_type.clone();
+                manifest.media_type = Manifest::parse(&variant.manifest, &bytes)
+                    .map(|m| m.media_type)
+                    .unwrap_or_default();
             }
-            let mut blobs = vec![layout.blob(&parsed.config, &format!("config of {role}"))?];
-            for (i, layer) in parsed.layers.iter().enumerate() {
-                blobs.push(layout.blob(layer, &format!("layer {} of {role}", i + 1))?);
+            let mut blobs = vec![blob(bundle, &variant.config)?];
+            for layer in &variant.layers {
+                blobs.push(blob(bundle, layer)?);
             }
             manifests.push(PlatformManifest {
                 manifest,
@@ -78,16 +58,9 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
                 blobs,
             });
         }
-        let mut index = index;
-        if index.media_type.is_empty() {
-            index.media_type = match nested.media_type.as_str() {
-                "" => MEDIA_TYPE_OCI_INDEX.to_string(),
-                media_type => media_type.to_string(),
-            };
-        }
         let platform_index = PlatformIndex {
-            index,
-            index_bytes,
+            index: blob(bundle, index_digest)?,
+            index_bytes: whole(bundle, index_digest)?,
             manifests,
         };
         for manifest in &platform_index.manifests {
@@ -99,50 +72,30 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
     Ok(found)
 }
 
-/// The image archive's own index: the bundle's `images.tar` member (at the top or one folder
-/// down, as the bundle finds it), or the whole file for a bare archive.
-fn open_archive(bundle: &Bundle) -> Result<TarIndex, BundleError> {
-    let len = std::fs::metadata(&bundle.path)
-        .map_err(|e| BundleError::Io {
-            path: bundle.path.clone(),
-            what: "opening the bundle".into(),
-            source: e,
-        })?
-        .len();
-    let label = bundle.path.display().to_string();
-    let outer = TarIndex::build(&bundle.path, &label, 0, len)?;
-    if bundle.kind == BundleKind::ImageArchive {
-        return Ok(outer);
-    }
-    let name = outer
-        .members()
-        .map(|m| m.name.as_str())
-        .find(|name| {
-            *name == "images.tar"
-                || name.split_once('/').map(|(_, rest)| rest) == Some("images.tar")
+/// The bundle's blob `digest` (every blob an image names is indexed).
+fn blob(bundle: &Bundle, digest: &str) -> Result<Blob, BundleError> {
+    bundle
+        .blobs
+        .get(digest)
+        .cloned()
+        .ok_or_else(|| BundleError::BadArchive {
+            archive: bundle.archive_label.clone(),
+            reason: format!("blob {digest} is named by an image but not in the archive"),
         })
-        .map(str::to_string)
-        .ok_or_else(|| bad(&outer, "no images.tar member".into()))?;
-    let member = outer.resolve(&name)?;
-    TarIndex::build(
-        &bundle.path,
-        &bundle.archive_label,
-        member.offset,
-        member.size,
-    )
 }
 
-fn bad(archive: &TarIndex, reason: String) -> BundleError {
-    BundleError::BadArchive {
-        archive: archive.label.clone(),
-        reason,
+/// Blob `digest` read whole (an index or manifest), its digest verified by the reader.
+fn whole(bundle: &Bundle, digest: &str) -> Result<Vec<u8>, BundleError> {
+    let mut reader = bundle.read_blob(digest, 0)?;
+    let mut out = Vec::new();
+    while let Some(chunk) = reader.next_chunk(lade_proto::CHUNK_SIZE)? {
+        out.extend_from_slice(&chunk);
+        if out.len() as u64 > MAX_METADATA_BYTES {
+            return Err(BundleError::BadArchive {
+                archive: bundle.archive_label.clone(),
+                reason: format!("{digest} is larger than {MAX_METADATA_BYTES} bytes"),
+            });
+        }
     }
-}
-
-fn parse<T: serde::de::DeserializeOwned>(
-    bytes: &[u8],
-    archive: &TarIndex,
-    role: &str,
-) -> Result<T, BundleError> {
-    serde_json::from_slice(bytes).map_err(|e| bad(archive, format!("{role} cannot be read: {e}")))
+    Ok(out)
 }
