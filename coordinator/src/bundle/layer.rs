@@ -180,13 +180,7 @@ impl Bundle {
         diff_id: &str,
         limits: &LayerLimits,
     ) -> Result<u64, BundleError> {
-        let blob = self
-            .blobs
-            .get(digest)
-            .ok_or_else(|| BundleError::BadArchive {
-                archive: self.archive_label.clone(),
-                reason: format!("no blob {digest} in the archive"),
-            })?;
+        let blob = self.blob(digest)?;
         let member = match &blob.source {
             BlobSource::Member { member, .. } => member.clone(),
             BlobSource::Inline(_) => format!("(generated {})", blob.role),

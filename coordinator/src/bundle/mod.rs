@@ -386,14 +386,17 @@ impl Bundle {
     /// Opens a reader over blob `digest` from byte `from`, which verifies the whole blob's
     /// digest (hashing the skipped prefix too) before it reports the end.
     pub fn read_blob(&self, digest: &str, from: u64) -> Result<BlobReader, BundleError> {
-        let blob = self
-            .blobs
+        BlobReader::open(&self.path, &self.archive_label, self.blob(digest)?, from)
+    }
+
+    /// Blob `digest` as indexed, or an error naming it when the archive has no such blob.
+    pub fn blob(&self, digest: &str) -> Result<&Blob, BundleError> {
+        self.blobs
             .get(digest)
             .ok_or_else(|| BundleError::BadArchive {
                 archive: self.archive_label.clone(),
                 reason: format!("no blob {digest} in the archive"),
-            })?;
-        BlobReader::open(&self.path, &self.archive_label, blob, from)
+            })
     }
 
     /// Total bytes of all unique blobs.

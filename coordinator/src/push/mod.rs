@@ -539,16 +539,7 @@ fn content(
     index: Option<&PlatformIndex>,
 ) -> Result<Content, BundleError> {
     let Some(index) = index else {
-        let blob = |digest: &String| {
-            bundle
-                .blobs
-                .get(digest)
-                .cloned()
-                .ok_or_else(|| BundleError::BadArchive {
-                    archive: bundle.archive_label.clone(),
-                    reason: format!("no blob {digest} in the archive"),
-                })
-        };
+        let blob = |digest: &String| bundle.blob(digest).cloned();
         let manifest = blob(&image.manifest)?;
         let bytes = read_whole(bundle, &manifest)?;
         let mut blobs = vec![blob(&image.config)?];
@@ -594,8 +585,18 @@ fn manifest_type(media_type: &str) -> String {
     }
 }
 
-/// A small blob, whole (a manifest).
+/// A small blob, whole (a manifest or an index), its digest verified by the reader.
 fn read_whole(bundle: &Bundle, blob: &Blob) -> Result<Vec<u8>, BundleError> {
+    if blob.size > lade_oci::MAX_METADATA_BYTES {
+        return Err(BundleError::BadArchive {
+            archive: bundle.archive_label.clone(),
+            reason: format!(
+                "{} is larger than {} bytes",
+                blob.digest,
+                lade_oci::MAX_METADATA_BYTES
+            ),
+        });
+    }
     let mut reader = BlobReader::open(&bundle.path, &bundle.archive_label, blob, 0)?;
     let mut bytes = Vec::with_capacity(blob.size as usize);
     while let Some(chunk) = reader.next_chunk(CHUNK)? {

@@ -10,8 +10,9 @@
 
 use std::collections::HashMap;
 
-use lade_oci::{Manifest, MAX_METADATA_BYTES};
+use lade_oci::Manifest;
 
+use super::read_whole;
 use crate::bundle::{Blob, Bundle, BundleError};
 
 /// One multi-platform image: its index and every manifest the index lists.
@@ -41,16 +42,16 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
         };
         let mut manifests = Vec::with_capacity(image.platforms.len());
         for variant in &image.platforms {
-            let mut manifest = blob(bundle, &variant.manifest)?;
-            let bytes = whole(bundle, &variant.manifest)?;
+            let mut manifest = bundle.blob(&variant.manifest)?.clone();
+            let bytes = read_whole(bundle, &manifest)?;
             if manifest.media_type.is_empty() {
                 manifest.media_type = Manifest::parse(&variant.manifest, &bytes)
                     .map(|m| m.media_type)
                     .unwrap_or_default();
             }
-            let mut blobs = vec![blob(bundle, &variant.config)?];
+            let mut blobs = vec![bundle.blob(&variant.config)?.clone()];
             for layer in &variant.layers {
-                blobs.push(blob(bundle, layer)?);
+                blobs.push(bundle.blob(layer)?.clone());
             }
             manifests.push(PlatformManifest {
                 manifest,
@@ -58,9 +59,10 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
                 blobs,
             });
         }
+        let index = bundle.blob(index_digest)?.clone();
         let platform_index = PlatformIndex {
-            index: blob(bundle, index_digest)?,
-            index_bytes: whole(bundle, index_digest)?,
+            index_bytes: read_whole(bundle, &index)?,
+            index,
             manifests,
         };
         for manifest in &platform_index.manifests {
@@ -70,32 +72,4 @@ pub fn read(bundle: &Bundle) -> Result<HashMap<String, PlatformIndex>, BundleErr
         }
     }
     Ok(found)
-}
-
-/// The bundle's blob `digest` (every blob an image names is indexed).
-fn blob(bundle: &Bundle, digest: &str) -> Result<Blob, BundleError> {
-    bundle
-        .blobs
-        .get(digest)
-        .cloned()
-        .ok_or_else(|| BundleError::BadArchive {
-            archive: bundle.archive_label.clone(),
-            reason: format!("blob {digest} is named by an image but not in the archive"),
-        })
-}
-
-/// Blob `digest` read whole (an index or manifest), its digest verified by the reader.
-fn whole(bundle: &Bundle, digest: &str) -> Result<Vec<u8>, BundleError> {
-    let mut reader = bundle.read_blob(digest, 0)?;
-    let mut out = Vec::new();
-    while let Some(chunk) = reader.next_chunk(lade_proto::CHUNK_SIZE)? {
-        out.extend_from_slice(&chunk);
-        if out.len() as u64 > MAX_METADATA_BYTES {
-            return Err(BundleError::BadArchive {
-                archive: bundle.archive_label.clone(),
-                reason: format!("{digest} is larger than {MAX_METADATA_BYTES} bytes"),
-            });
-        }
-    }
-    Ok(out)
 }
