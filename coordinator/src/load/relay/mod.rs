@@ -76,9 +76,6 @@ struct Node {
     failed: Option<(FailureKind, String)>,
     /// Transfers into it under way, by blob.
     receiving: HashSet<String>,
-    /// Peers reading from it right now, slow ones included: at most `fanout` + [`PER_NODE`]
-    /// (room for one slow node beside `fanout` fast ones), which bounds a source's memory.
-    serving: usize,
     /// Sources that failed it, per blob, and in all.
     bad_sources: HashMap<String, HashSet<usize>>,
     sources_failed: usize,
@@ -126,7 +123,6 @@ impl Node {
             checks_layers: known.checks_layers,
             failed: None,
             receiving: HashSet::new(),
-            serving: 0,
             bad_sources: HashMap::new(),
             sources_failed: 0,
             tries: HashMap::new(),

@@ -102,6 +102,15 @@ enum Probe {
     Receiver(String, String),
 }
 
+/// How many peers each node serves right now (by position).
+struct Serving {
+    /// Those not slow: what counts against `fanout`.
+    fast: Vec<usize>,
+    /// All of them, slow ones included: at most `fanout` + [`PER_NODE`] (room for one slow
+    /// node beside `fanout` fast ones), which bounds a source's memory.
+    all: Vec<usize>,
+}
+
 /// A progress report from a transfer task: the node now holds `held` bytes of the blob.
 struct Moved {
     id: tokio::task::Id,
@@ -307,7 +316,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         }
         // Fetches: every node takes what a peer holds, up to PER_NODE at a time; fast nodes
         // choose first.
-        let mut busy = self.busy_serving();
+        let mut serving = self.serving();
         let mut takers: Vec<usize> = (0..self.nodes.len()).collect();
         takers.sort_by_key(|&i| self.slow(i));
         for i in takers {
@@ -319,8 +328,9 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 if !n.missing.contains_key(digest) || n.receiving.contains(digest) {
                     continue;
                 }
-                if let Some(src) = self.source_for(i, digest, &busy) {
-                    busy[src] += 1;
+                if let Some(src) = self.source_for(i, digest, &serving) {
+                    serving.fast[src] += 1;
+                    serving.all[src] += 1;
                     self.start(i, digest, Source::Peer(src), moved);
                 } else if self.all_holders_failed(i, digest) {
                     warn!(agent = %self.nodes[i].agent, %digest, "every peer holding this blob failed to feed this node; sending to it directly");
@@ -359,7 +369,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
 
     /// The peer node `i` fetches `digest` from: among the holders with a free slot, one
     /// that has not proven slow, its tree parent first, else the one serving the fewest.
-    fn source_for(&self, i: usize, digest: &str, busy: &[usize]) -> Option<usize> {
+    fn source_for(&self, i: usize, digest: &str, serving: &Serving) -> Option<usize> {
         let n = &self.nodes[i];
         let excluded = n.bad_sources.get(digest);
         let usable = |j: usize| {
@@ -369,14 +379,14 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 && s.serves
                 && !s.probing
                 && s.holds.contains(digest)
-                && busy[j] < self.fanout
-                && s.serving < self.fanout + PER_NODE
+                && serving.fast[j] < self.fanout
+                && serving.all[j] < self.fanout + PER_NODE
                 && !excluded.is_some_and(|e| e.contains(&j))
         };
         let parent = (i > 0).then(|| (i - 1) / self.fanout);
         (0..self.nodes.len())
             .filter(|&j| usable(j))
-            .min_by_key(|&j| (self.slow(j), Some(j) != parent, busy[j], j))
+            .min_by_key(|&j| (self.slow(j), Some(j) != parent, serving.fast[j], j))
     }
 
     /// Whether node `j` takes bytes at less than [`SLOW_SHARE`] of the best rate seen.
@@ -442,7 +452,6 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 })
             }
             Source::Peer(src) => {
-                self.nodes[src].serving += 1;
                 let req = FetchRequest {
                     session: run.session.clone(),
                     blob: Some(descriptor(&run.bundle.blobs[digest])),
@@ -507,17 +516,21 @@ impl<'r, 'a> Swarm<'r, 'a> {
             && ((t.held - t.from) as f64 / elapsed.as_secs_f64()) < self.best_rate * SLOW_SHARE
     }
 
-    /// Per node, the peers it serves that are not slow: what counts against `fanout`.
-    fn busy_serving(&self) -> Vec<usize> {
-        let mut busy = vec![0; self.nodes.len()];
+    /// Per node, the peers it serves right now.
+    fn serving(&self) -> Serving {
+        let mut serving = Serving {
+            fast: vec![0; self.nodes.len()],
+            all: vec![0; self.nodes.len()],
+        };
         for t in self.transfers.values() {
             if let Source::Peer(j) = t.source {
+                serving.all[j] += 1;
                 if !self.slow_transfer(t) {
-                    busy[j] += 1;
+                    serving.fast[j] += 1;
                 }
             }
         }
-        busy
+        serving
     }
 
     /// Cuts off transfers that stalled and nodes past `--node-timeout`.
@@ -583,9 +596,6 @@ impl Swarm<'_, '_> {
         let i = t.node;
         let digest = t.digest.clone();
         self.nodes[i].receiving.remove(&digest);
-        if let Source::Peer(src) = t.source {
-            self.nodes[src].serving -= 1;
-        }
         let from = match t.source {
             Source::Coordinator => "coordinator".to_string(),
             Source::Peer(src) => label(&self.reports[self.nodes[src].idx]),
