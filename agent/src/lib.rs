@@ -10,6 +10,7 @@
 pub mod auth;
 pub mod error;
 pub mod fetch;
+pub mod holds;
 pub mod http;
 pub mod metrics;
 pub mod relay;

@@ -10,9 +10,11 @@ use std::time::Duration;
 use futures::{Stream, StreamExt};
 use lade_proto::{
     put_blob_request::Msg, BlobHeader, Descriptor, EndSessionRequest, EndSessionResponse,
-    FetchProgress, FetchRequest, HaveRequest, HaveResponse, ImportEvent, ImportPhase,
-    ImportRequest, InfoRequest, InfoResponse, ListRequest, ListResponse, PutBlobRequest,
-    PutBlobResponse, ReadBlobChunk, ReadBlobRequest, UnpackHint, VerifyRequest, VerifyResponse,
+    FetchProgress, FetchRequest, HaveRequest, HaveResponse, HoldRequest, HoldResponse,
+    HoldsRequest, HoldsResponse, ImportEvent, ImportPhase, ImportRequest, InfoRequest,
+    InfoResponse, KeepRequest, KeepResponse, ListRequest, ListResponse, PutBlobRequest,
+    PutBlobResponse, ReadBlobChunk, ReadBlobRequest, ReleaseRequest, ReleaseResponse, UnpackHint,
+    VerifyRequest, VerifyResponse,
 };
 use tokio::sync::{mpsc, Semaphore};
 use tokio_stream::wrappers::ReceiverStream;
@@ -21,6 +23,7 @@ use tracing::instrument;
 
 use crate::error::Error;
 use crate::fetch::{self, Fetcher};
+use crate::holds;
 use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
@@ -403,6 +406,38 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         .await
         .map_err(|e| self.fail(e))?;
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn hold(&self, req: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        let held = req
+            .into_inner()
+            .held
+            .ok_or_else(|| self.fail(Error::InvalidRequest("hold: no record".into())))?;
+        holds::validate(&held).map_err(|e| self.fail(e))?;
+        self.runtime.hold(held).await.map_err(|e| self.fail(e))?;
+        Ok(Response::new(HoldResponse {}))
+    }
+
+    async fn holds(&self, _: Request<HoldsRequest>) -> Result<Response<HoldsResponse>, Status> {
+        let versions = holds::versions(&*self.runtime)
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(HoldsResponse { versions }))
+    }
+
+    async fn release(
+        &self,
+        req: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        let answer = holds::release(&*self.runtime, &req.into_inner())
+            .await
+            .map_err(|e| self.fail(e))?;
+        Ok(Response::new(answer))
+    }
+
+    async fn keep(&self, _: Request<KeepRequest>) -> Result<Response<KeepResponse>, Status> {
+        // CONTRACT PLACEHOLDER: the keep-present pass (agent/src/keep.rs) replaces this.
+        Err(Status::unimplemented("keep: not built yet"))
     }
 }
 

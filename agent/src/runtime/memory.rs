@@ -18,7 +18,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt};
 use lade_proto::{
-    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    BlobHeader, BlobState, Descriptor, Held, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
     InfoResponse, PutBlobResponse, RefStatus, CHUNK_SIZE,
 };
 use tokio::sync::{mpsc, watch};
@@ -63,6 +63,10 @@ struct Store {
     unpacked: HashSet<String>,
     /// What each open session holds.
     sessions: HashMap<String, HashSet<String>>,
+    /// Hold records, by bundle and version.
+    holds: BTreeMap<(String, String), Held>,
+    /// Containers said to use an image name (normalised), by name.
+    containers: BTreeMap<String, Vec<String>>,
 }
 
 impl Store {
@@ -117,6 +121,35 @@ impl Store {
             layers,
             chains: chain_ids(&diff_ids),
         })
+    }
+}
+
+impl Store {
+    /// Every committed blob `target` reaches: itself, an index's manifests, their configs
+    /// and layers (what containerd's garbage collection follows from an image).
+    fn reach(&self, image: &str, target: &oci::Descriptor) -> Result<Vec<String>, Error> {
+        let bytes = self.blob(image, &target.digest)?;
+        let mut reached = vec![target.digest.clone()];
+        let manifests = if oci::is_index(&target.media_type) {
+            let index = oci::Index::parse(&target.digest, bytes)?;
+            index
+                .manifests
+                .iter()
+                .map(|e| e.descriptor().digest.clone())
+                .collect()
+        } else {
+            vec![target.digest.clone()]
+        };
+        for mdigest in manifests {
+            let Ok(mbytes) = self.blob(image, &mdigest) else {
+                continue;
+            };
+            reached.push(mdigest.clone());
+            let manifest = Manifest::parse(&mdigest, mbytes)?;
+            reached.push(manifest.config.digest.clone());
+            reached.extend(manifest.layers.iter().map(|l| l.digest.clone()));
+        }
+        Ok(reached)
     }
 }
 
@@ -192,6 +225,60 @@ impl Memory {
     /// Sessions opened (by Have or PutBlob) and not ended.
     pub fn open_sessions(&self) -> Vec<String> {
         self.store().sessions.keys().cloned().collect()
+    }
+
+    /// Says that `container` uses the image `name` names (as a running pod would).
+    pub fn use_image(&self, name: &str, container: &str) {
+        self.store()
+            .containers
+            .entry(canonical_name(name))
+            .or_default()
+            .push(container.to_string());
+    }
+
+    /// Removes a committed blob whatever references it (what `ctr content rm` does).
+    pub fn remove_blob(&self, digest: &str) {
+        self.store().content.remove(digest);
+    }
+
+    /// Forgets every unpacked layer (snapshots lost, content kept).
+    pub fn forget_unpacked(&self) {
+        self.store().unpacked.clear();
+    }
+
+    /// Garbage collection as containerd's: removes every committed blob that no image name
+    /// reaches (through its index, manifest and config), no hold record lists and no open
+    /// session holds. Returns the digests removed.
+    pub fn collect(&self) -> Vec<String> {
+        let mut store = self.store();
+        let mut keep: HashSet<String> = store.sessions.values().flatten().cloned().collect();
+        for held in store.holds.values() {
+            for image in &held.images {
+                keep.extend(image.blobs.iter().map(|b| b.digest.clone()));
+                keep.extend(image.target.iter().map(|t| t.digest.clone()));
+            }
+        }
+        for (name, target) in &store.images {
+            keep.insert(target.digest.clone());
+            let target = oci::Descriptor {
+                media_type: target.media_type.clone(),
+                digest: target.digest.clone(),
+                size: target.size,
+            };
+            if let Ok(reached) = store.reach(name, &target) {
+                keep.extend(reached);
+            }
+        }
+        let gone: Vec<String> = store
+            .content
+            .keys()
+            .filter(|d| !keep.contains(*d))
+            .cloned()
+            .collect();
+        for digest in &gone {
+            store.content.remove(digest);
+        }
+        gone
     }
 
     /// A committed blob's bytes from `offset`, in chunks (what `Runtime::read_blob` serves).
@@ -579,6 +666,54 @@ impl Runtime for Memory {
                 target: Some(target.clone()),
             })
             .collect())
+    }
+
+    async fn hold(&self, held: Held) -> Result<(), Error> {
+        let key = (held.bundle.clone(), held.version.clone());
+        self.store().holds.insert(key, held);
+        Ok(())
+    }
+
+    async fn holds(&self) -> Result<Vec<Held>, Error> {
+        Ok(self.store().holds.values().cloned().collect())
+    }
+
+    async fn drop_hold(&self, bundle: &str, version: &str) -> Result<(), Error> {
+        self.store()
+            .holds
+            .remove(&(bundle.to_string(), version.to_string()));
+        self.collect();
+        Ok(())
+    }
+
+    async fn present(&self, blobs: &[Descriptor]) -> Result<Vec<bool>, Error> {
+        let store = self.store();
+        Ok(blobs
+            .iter()
+            .map(|b| store.content.contains_key(&b.digest))
+            .collect())
+    }
+
+    async fn containers_using(
+        &self,
+        names: &[String],
+    ) -> Result<HashMap<String, Vec<String>>, Error> {
+        let store = self.store();
+        Ok(names
+            .iter()
+            .filter_map(|n| {
+                let used = store.containers.get(&canonical_name(n))?;
+                (!used.is_empty()).then(|| (n.clone(), used.clone()))
+            })
+            .collect())
+    }
+
+    async fn remove_names(&self, names: &[String]) -> Result<(), Error> {
+        let mut store = self.store();
+        for name in names {
+            store.images.remove(&canonical_name(name));
+        }
+        Ok(())
     }
 }
 

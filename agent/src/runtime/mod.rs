@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use lade_proto::{
-    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    BlobHeader, BlobState, Descriptor, Held, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
     InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::mpsc;
@@ -82,6 +82,42 @@ pub trait Runtime: Send + Sync + 'static {
         digest: &str,
         offset: u64,
     ) -> impl Future<Output = Result<BoxStream<'static, Result<Bytes, Error>>, Error>> + Send;
+
+    /// Records `held` (see the Hold RPC) in the runtime itself, so that it outlives the agent:
+    /// replaces a record of the same bundle and version, and holds the version's blobs (and,
+    /// where the runtime unpacks, its layers' snapshots) against the runtime's garbage
+    /// collection until [`Runtime::drop_hold`].
+    fn hold(&self, held: Held) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Every record [`Runtime::hold`] made on this node and no [`Runtime::drop_hold`] ended,
+    /// in no particular order.
+    fn holds(&self) -> impl Future<Output = Result<Vec<Held>, Error>> + Send;
+
+    /// Drops the record of `bundle` `version` and its hold on content. Content that no name
+    /// and no other hold references is collected before this returns, where the runtime
+    /// collects on request (containerd); otherwise when the runtime next collects.
+    fn drop_hold(
+        &self,
+        bundle: &str,
+        version: &str,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Which of `blobs` the node has committed, in order. Unlike Have it holds nothing.
+    fn present(
+        &self,
+        blobs: &[Descriptor],
+    ) -> impl Future<Output = Result<Vec<bool>, Error>> + Send;
+
+    /// The containers, running or stopped, that use an image `names` point at, by name;
+    /// names no container uses are left out. Released versions keep these names.
+    fn containers_using(
+        &self,
+        names: &[String],
+    ) -> impl Future<Output = Result<HashMap<String, Vec<String>>, Error>> + Send;
+
+    /// Removes these image names (absent ones are fine); their content is left to the
+    /// runtime's garbage collection and to the holds that keep it.
+    fn remove_names(&self, names: &[String]) -> impl Future<Output = Result<(), Error>> + Send;
 
     /// Unpacks a layer blob just stored, ahead of the Import that will need it, when its
     /// parent is unpacked; returns whether it did. Best effort: any failure is left for

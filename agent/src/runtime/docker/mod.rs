@@ -778,6 +778,47 @@ impl Runtime for Docker {
         Ok(out)
     }
 
+    // CONTRACT PLACEHOLDERS (branch holds-contract): the helper building holds on this
+    // runtime replaces every one of these; none may reach main.
+    async fn hold(&self, _held: lade_proto::Held) -> Result<(), Error> {
+        Err(Error::InvalidRequest(
+            "hold: not built for this runtime yet".into(),
+        ))
+    }
+
+    async fn holds(&self) -> Result<Vec<lade_proto::Held>, Error> {
+        Err(Error::InvalidRequest(
+            "holds: not built for this runtime yet".into(),
+        ))
+    }
+
+    async fn drop_hold(&self, _bundle: &str, _version: &str) -> Result<(), Error> {
+        Err(Error::InvalidRequest(
+            "drop_hold: not built for this runtime yet".into(),
+        ))
+    }
+
+    async fn present(&self, _blobs: &[lade_proto::Descriptor]) -> Result<Vec<bool>, Error> {
+        Err(Error::InvalidRequest(
+            "present: not built for this runtime yet".into(),
+        ))
+    }
+
+    async fn containers_using(
+        &self,
+        _names: &[String],
+    ) -> Result<std::collections::HashMap<String, Vec<String>>, Error> {
+        Err(Error::InvalidRequest(
+            "containers_using: not built for this runtime yet".into(),
+        ))
+    }
+
+    async fn remove_names(&self, _names: &[String]) -> Result<(), Error> {
+        Err(Error::InvalidRequest(
+            "remove_names: not built for this runtime yet".into(),
+        ))
+    }
+
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
         let images = self
             .client()
