@@ -14,9 +14,10 @@ use std::sync::{Arc, Mutex};
 use futures::Stream;
 use lade_proto::{
     Agent, AgentServer, EndSessionRequest, EndSessionResponse, FetchProgress, FetchRequest,
-    HaveRequest, HaveResponse, ImportEvent, ImportRequest, InfoRequest, InfoResponse, ListRequest,
-    ListResponse, PutBlobRequest, PutBlobResponse, ReadBlobChunk, ReadBlobRequest, RefStatus,
-    VerifyRequest, VerifyResponse,
+    HaveRequest, HaveResponse, HoldRequest, HoldResponse, HoldsRequest, HoldsResponse, ImportEvent,
+    ImportRequest, InfoRequest, InfoResponse, KeepRequest, KeepResponse, ListRequest, ListResponse,
+    PutBlobRequest, PutBlobResponse, ReadBlobChunk, ReadBlobRequest, RefStatus, ReleaseRequest,
+    ReleaseResponse, VerifyRequest, VerifyResponse,
 };
 use lade_testkit::fixtures::{
     sample_chart, sample_images_from_bytes, write_bundle, ArchiveFormat, Compression,
@@ -110,6 +111,25 @@ impl Agent for FakeAgent {
         &self,
         _: Request<ReadBlobRequest>,
     ) -> Result<Response<Self::ReadBlobStream>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn hold(&self, _: Request<HoldRequest>) -> Result<Response<HoldResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn holds(&self, _: Request<HoldsRequest>) -> Result<Response<HoldsResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn release(
+        &self,
+        _: Request<ReleaseRequest>,
+    ) -> Result<Response<ReleaseResponse>, Status> {
+        Err(Status::unimplemented("fake agent"))
+    }
+
+    async fn keep(&self, _: Request<KeepRequest>) -> Result<Response<KeepResponse>, Status> {
         Err(Status::unimplemented("fake agent"))
     }
 }
