@@ -74,6 +74,7 @@ pub(crate) async fn docker_runtime(
     containerd.snapshotter = store.snapshotter;
     containerd.store = ImageStore::Docker {
         version: store.docker_version,
+        socket: docker.socket().to_path_buf(),
     };
     info!(
         socket = %containerd.socket.display(),

@@ -128,6 +128,8 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("hold record {record}: {reason}")]
+    BadHoldRecord { record: String, reason: String },
     #[error("no container runtime answers: containerd at {containerd}: {containerd_error}; docker at {docker}: {docker_error}")]
     NoRuntime {
         containerd: String,
@@ -223,7 +225,7 @@ impl From<Error> for Status {
             Error::TooManyUploads { .. } | Error::TooManyReads { .. } => Code::ResourceExhausted,
             Error::Stalled { .. } => Code::DeadlineExceeded,
             Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
-            Error::LoadedOtherImage { .. } => Code::Internal,
+            Error::LoadedOtherImage { .. } | Error::BadHoldRecord { .. } => Code::Internal,
             Error::Cache { source, .. } => match source.kind() {
                 std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
                 _ => Code::Internal,

@@ -173,6 +173,33 @@ pub(crate) fn test_chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, E
     futures::stream::iter(parts).boxed()
 }
 
+/// For each of `names`, the containers whose image is that name or another name of the same
+/// target. `targets` maps image names to their target digests; `containers` are (image,
+/// user-facing name) pairs.
+pub(crate) fn users_of(
+    names: &[String],
+    targets: &HashMap<String, String>,
+    containers: &[(String, String)],
+) -> HashMap<String, Vec<String>> {
+    let mut out = HashMap::new();
+    for name in names {
+        let target = targets.get(name);
+        let mut users: Vec<String> = containers
+            .iter()
+            .filter(|(image, _)| {
+                image == name || (target.is_some() && targets.get(image) == target)
+            })
+            .map(|(_, who)| who.clone())
+            .collect();
+        users.sort();
+        users.dedup();
+        if !users.is_empty() {
+            out.insert(name.clone(), users);
+        }
+    }
+    out
+}
+
 /// The node's platform in OCI terms (`linux/amd64`), from the architecture this agent was built for.
 pub fn node_platform() -> String {
     let arch = match std::env::consts::ARCH {

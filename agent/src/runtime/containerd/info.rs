@@ -109,7 +109,7 @@ impl Containerd {
         let runtime_version = version.version;
         let (runtime, shown_version) = match &self.cfg.store {
             ImageStore::Cri => (RUNTIME, runtime_version.clone()),
-            ImageStore::Docker { version } => {
+            ImageStore::Docker { version, .. } => {
                 ("docker", format!("{version} (containerd image store)"))
             }
         };

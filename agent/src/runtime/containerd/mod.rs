@@ -11,10 +11,12 @@
 //! into its mounts, check the diffID, Commit it under its chain ID.
 //!
 //! Here: the connection, its configuration and the [`Runtime`] methods, each handing over to
-//! one part: `content` (leases, Have, PutBlob's writes), `unpack` (snapshots, chain locks,
+//! one part: `content` (leases, Have, PutBlob's writes), `holds` (the records of held bundle
+//! versions, as leases, and what uses or names their images), `unpack` (snapshots, chain locks,
 //! whether this agent applies layers itself, and [`apply`], its applier), `images` (import,
 //! names and their checks, labels, pins, Verify, List) and `info` (Info, version, storage).
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +24,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures::stream::BoxStream;
 use lade_proto::{
-    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, InfoResponse,
+    BlobHeader, BlobState, Descriptor, Held, ImageRecord, ImageSpec, ImportEvent, InfoResponse,
     PutBlobResponse, RefStatus, UnpackHint,
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -35,6 +37,7 @@ use crate::error::Error;
 
 pub mod apply;
 mod content;
+mod holds;
 mod images;
 mod info;
 mod unpack;
@@ -73,8 +76,9 @@ pub enum ImageStore {
     Cri,
     /// dockerd's containerd image store (namespace `moby`): Docker lists every image record
     /// as an image, so a pull's single tag is made and no digest reference; no CRI pin or
-    /// sandbox image. The node reports itself as Docker `version`.
-    Docker { version: String },
+    /// sandbox image. The node reports itself as Docker `version`. Its containers are
+    /// dockerd's (a stopped one has no containerd record), asked of the dockerd at `socket`.
+    Docker { version: String, socket: PathBuf },
 }
 
 /// Who applies layers to snapshots.
@@ -231,45 +235,31 @@ impl Runtime for Containerd {
         self.unpack_ahead_of_import(session, layer, hint).await
     }
 
-    // CONTRACT PLACEHOLDERS (branch holds-contract): the helper building holds on this
-    // runtime replaces every one of these; none may reach main.
-    async fn hold(&self, _held: lade_proto::Held) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "hold: not built for this runtime yet".into(),
-        ))
+    async fn hold(&self, held: Held) -> Result<(), Error> {
+        self.hold_version(held).await
     }
 
-    async fn holds(&self) -> Result<Vec<lade_proto::Held>, Error> {
-        Err(Error::InvalidRequest(
-            "holds: not built for this runtime yet".into(),
-        ))
+    async fn holds(&self) -> Result<Vec<Held>, Error> {
+        self.held_versions().await
     }
 
-    async fn drop_hold(&self, _bundle: &str, _version: &str) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "drop_hold: not built for this runtime yet".into(),
-        ))
+    async fn drop_hold(&self, bundle: &str, version: &str) -> Result<(), Error> {
+        self.drop_version(bundle, version).await
     }
 
-    async fn present(&self, _blobs: &[lade_proto::Descriptor]) -> Result<Vec<bool>, Error> {
-        Err(Error::InvalidRequest(
-            "present: not built for this runtime yet".into(),
-        ))
+    async fn present(&self, blobs: &[Descriptor]) -> Result<Vec<bool>, Error> {
+        self.blobs_present(blobs).await
     }
 
     async fn containers_using(
         &self,
-        _names: &[String],
-    ) -> Result<std::collections::HashMap<String, Vec<String>>, Error> {
-        Err(Error::InvalidRequest(
-            "containers_using: not built for this runtime yet".into(),
-        ))
+        names: &[String],
+    ) -> Result<HashMap<String, Vec<String>>, Error> {
+        self.users(names).await
     }
 
-    async fn remove_names(&self, _names: &[String]) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "remove_names: not built for this runtime yet".into(),
-        ))
+    async fn remove_names(&self, names: &[String]) -> Result<(), Error> {
+        self.delete_names(names).await
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {

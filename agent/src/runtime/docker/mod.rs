@@ -19,6 +19,7 @@
 
 mod archive;
 mod cache;
+pub(crate) mod holds;
 
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -33,7 +34,7 @@ use bollard::query_parameters::{
 use bytes::Bytes;
 use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use lade_proto::{
-    BlobHeader, BlobState, Descriptor, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
+    BlobHeader, BlobState, Descriptor, Held, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
     InfoResponse, PutBlobResponse, RefStatus,
 };
 use tokio::sync::{mpsc, OnceCell};
@@ -76,6 +77,9 @@ pub struct Docker {
     client: OnceCell<bollard::Docker>,
     cache: BlobCache,
     sessions: Mutex<HashMap<String, Session>>,
+    /// Held while a hold record is written or dropped, or the cache cleaned: cleaning reads
+    /// the records, so a blob being held is never cleaned meanwhile.
+    records: tokio::sync::Mutex<()>,
 }
 
 /// Cached blobs a load session was told about or sent, and the layer blobs of the images it
@@ -167,6 +171,7 @@ impl Docker {
             client: OnceCell::new(),
             cache,
             sessions: Mutex::new(HashMap::new()),
+            records: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -313,6 +318,32 @@ impl Docker {
         Ok(needed)
     }
 
+    /// For each blob: in the cache (`cached` says), or what it would give dockerd is there
+    /// already ([`Holdings::covers`]). dockerd is asked only about what the cache cannot
+    /// answer.
+    async fn covered(&self, blobs: &[Descriptor], cached: &[bool]) -> Result<Vec<bool>, Error> {
+        if cached.iter().all(|c| *c) {
+            return Ok(cached.to_vec());
+        }
+        let holdings = self.holdings(self.client().await?).await?;
+        let needed = self.needed_chains(blobs, cached, &holdings).await?;
+        Ok(blobs
+            .iter()
+            .zip(cached)
+            .map(|(d, cached)| *cached || holdings.covers(d, &needed))
+            .collect())
+    }
+
+    /// Every blob a load session in progress was told about or sent.
+    fn session_digests(&self) -> HashSet<String> {
+        let sessions = self.sessions.lock().expect("session map lock");
+        sessions
+            .values()
+            .filter(|s| s.started.elapsed() < self.cfg.lease_ttl)
+            .flat_map(|s| s.digests.iter().cloned())
+            .collect()
+    }
+
     /// Keeps `digests` from cache cleaning while `session` runs (at most the lease TTL).
     fn hold<'a>(&self, session: &str, digests: impl IntoIterator<Item = &'a str>) {
         let mut sessions = self.sessions.lock().expect("session map lock");
@@ -330,8 +361,8 @@ impl Docker {
     }
 
     /// Ends `session` after a successful load and, if configured, deletes the cached layer
-    /// blobs its images used (dockerd holds them now) unless another session still needs
-    /// them, and interrupted uploads older than the lease TTL. Manifests and configs stay:
+    /// blobs its images used (dockerd holds them now) unless another session or a hold
+    /// record still needs them, and interrupted uploads older than the lease TTL. Manifests and configs stay:
     /// they are small, and with them the next load of the same images sends nothing.
     async fn finish(&self, session: &str) {
         let (layers, others): (Vec<String>, HashSet<String>) = {
@@ -349,7 +380,18 @@ impl Docker {
         if !self.cfg.clean_cache {
             return;
         }
-        let unneeded: Vec<String> = layers.into_iter().filter(|d| !others.contains(d)).collect();
+        let _records = self.records.lock().await;
+        let held = match self.held_digests().await {
+            Ok(held) => held,
+            Err(e) => {
+                warn!(error = %e, "cannot read the hold records: the blob cache is not cleaned");
+                return;
+            }
+        };
+        let unneeded: Vec<String> = layers
+            .into_iter()
+            .filter(|d| !others.contains(d) && !held.contains(d))
+            .collect();
         debug!(blobs = unneeded.len(), "cleaning the blob cache");
         self.cache.remove(unneeded).await;
         self.cache.remove_stale_ingests(self.cfg.lease_ttl).await;
@@ -665,17 +707,9 @@ impl Runtime for Docker {
                 .filter(|(_, c)| **c)
                 .map(|(d, _)| d.digest.as_str()),
         );
-        // dockerd is asked only about what the cache cannot answer.
-        let (holdings, needed) = if cached.iter().all(|c| *c) {
-            (Holdings::default(), HashMap::new())
-        } else {
-            let holdings = self.holdings(self.client().await?).await?;
-            let needed = self.needed_chains(blobs, &cached, &holdings).await?;
-            (holdings, needed)
-        };
+        let present = self.covered(blobs, &cached).await?;
         let mut out = Vec::with_capacity(blobs.len());
-        for (d, cached) in blobs.iter().zip(cached) {
-            let present = cached || holdings.covers(d, &needed);
+        for (d, present) in blobs.iter().zip(present) {
             let offset = if present {
                 0
             } else {
@@ -778,45 +812,31 @@ impl Runtime for Docker {
         Ok(out)
     }
 
-    // CONTRACT PLACEHOLDERS (branch holds-contract): the helper building holds on this
-    // runtime replaces every one of these; none may reach main.
-    async fn hold(&self, _held: lade_proto::Held) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "hold: not built for this runtime yet".into(),
-        ))
+    async fn hold(&self, held: Held) -> Result<(), Error> {
+        self.hold_version(held).await
     }
 
-    async fn holds(&self) -> Result<Vec<lade_proto::Held>, Error> {
-        Err(Error::InvalidRequest(
-            "holds: not built for this runtime yet".into(),
-        ))
+    async fn holds(&self) -> Result<Vec<Held>, Error> {
+        self.held_versions().await
     }
 
-    async fn drop_hold(&self, _bundle: &str, _version: &str) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "drop_hold: not built for this runtime yet".into(),
-        ))
+    async fn drop_hold(&self, bundle: &str, version: &str) -> Result<(), Error> {
+        self.drop_version(bundle, version).await
     }
 
-    async fn present(&self, _blobs: &[lade_proto::Descriptor]) -> Result<Vec<bool>, Error> {
-        Err(Error::InvalidRequest(
-            "present: not built for this runtime yet".into(),
-        ))
+    async fn present(&self, blobs: &[Descriptor]) -> Result<Vec<bool>, Error> {
+        self.blobs_present(blobs).await
     }
 
     async fn containers_using(
         &self,
-        _names: &[String],
-    ) -> Result<std::collections::HashMap<String, Vec<String>>, Error> {
-        Err(Error::InvalidRequest(
-            "containers_using: not built for this runtime yet".into(),
-        ))
+        names: &[String],
+    ) -> Result<HashMap<String, Vec<String>>, Error> {
+        self.users(names).await
     }
 
-    async fn remove_names(&self, _names: &[String]) -> Result<(), Error> {
-        Err(Error::InvalidRequest(
-            "remove_names: not built for this runtime yet".into(),
-        ))
+    async fn remove_names(&self, names: &[String]) -> Result<(), Error> {
+        self.untag_names(names).await
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
