@@ -6,9 +6,9 @@ use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use containerd_client::services::v1::{
-    content_client::ContentClient, leases_client::LeasesClient, AbortRequest, AddResourceRequest,
+    content_client::ContentClient, leases_client::LeasesClient, AbortRequest,
     CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, Info as ContentInfo,
-    InfoRequest as ContentInfoRequest, ReadContentRequest, Resource, StatusRequest,
+    InfoRequest as ContentInfoRequest, ReadContentRequest, StatusRequest,
     UpdateRequest as ContentUpdateRequest, WriteAction, WriteContentRequest,
 };
 use futures::stream::{BoxStream, StreamExt};
@@ -95,23 +95,7 @@ impl Containerd {
 
     /// Holds an existing blob for the session, so GC cannot take it before import.
     pub(super) async fn hold(&self, lease: &str, digest: &str) -> Result<(), Error> {
-        LeasesClient::new(self.channel.clone())
-            .add_resource(self.req(
-                AddResourceRequest {
-                    id: lease.to_string(),
-                    resource: Some(Resource {
-                        id: digest.to_string(),
-                        r#type: "content".to_string(),
-                    }),
-                },
-                None,
-            ))
-            .await
-            .map_err(Error::runtime(
-                RUNTIME,
-                format!("Leases.AddResource {digest}"),
-            ))?;
-        Ok(())
+        self.add_resource(lease, "content", digest).await
     }
 
     /// Bytes of an interrupted upload of `digest` still held in containerd's ingest area.

@@ -136,7 +136,13 @@ impl Containerd {
             .collect())
     }
 
-    async fn add_resource(&self, lease: &str, r#type: &str, id: &str) -> Result<(), Error> {
+    /// Adds resource `id` of `type` (`content`, `snapshots/<snapshotter>`) to `lease`.
+    pub(super) async fn add_resource(
+        &self,
+        lease: &str,
+        r#type: &str,
+        id: &str,
+    ) -> Result<(), Error> {
         self.leases()
             .add_resource(self.req(
                 AddResourceRequest {
