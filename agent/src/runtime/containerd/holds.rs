@@ -247,6 +247,14 @@ impl Containerd {
     /// earlier lease of the same version, then the image labels.
     pub(super) async fn hold_version(&self, held: Held) -> Result<(), Error> {
         let bytes = held.encode_to_vec();
+        if bytes.len() as u64 > MAX_METADATA_BYTES {
+            return Err(Error::InvalidRequest(format!(
+                "hold: the record of {} {} is {} bytes, more than {MAX_METADATA_BYTES}",
+                held.bundle,
+                held.version,
+                bytes.len()
+            )));
+        }
         let digest = oci::sha256_digest(&bytes);
         let id = lease_id(&held.bundle, &held.version, &digest);
         let earlier: Vec<HoldLease> = self
