@@ -8,7 +8,7 @@ use std::fmt::Write as _;
 use indicatif::HumanBytes;
 use serde::Serialize;
 
-use crate::bundle::{ArchiveFormat, Bundle, BundleKind};
+use crate::bundle::{ArchiveFormat, Bundle, BundleKind, Identity, IdentitySource};
 use crate::hints::Hints;
 
 #[derive(Debug, Serialize)]
@@ -16,6 +16,9 @@ pub struct Inspection {
     pub path: String,
     pub kind: BundleKind,
     pub format: ArchiveFormat,
+    /// The bundle's name and version, as `lade load` records them on the nodes; `None` when
+    /// neither its chart nor its file name gives them.
+    pub identity: Option<Identity>,
     pub images: Vec<ImageInfo>,
     /// Layers used by more than one image.
     pub shared_layers: Vec<SharedLayer>,
@@ -130,6 +133,7 @@ pub fn inspect(bundle: &Bundle) -> Inspection {
         path: bundle.path.display().to_string(),
         kind: bundle.kind,
         format: bundle.format,
+        identity: bundle.identity.clone(),
         images,
         shared_layers,
         unique_bytes: bundle.total_bytes(),
@@ -156,6 +160,25 @@ impl Inspection {
             self.images.len(),
             HumanBytes(self.unique_bytes)
         );
+        let _ = match &self.identity {
+            Some(id) => writeln!(
+                s,
+                "bundle {} version {} (from {})",
+                id.name,
+                id.version,
+                match id.from {
+                    IdentitySource::Chart => "original-chart/Chart.yaml",
+                    IdentitySource::FileName => "the file name",
+                    IdentitySource::Flags => "--bundle-name/--bundle-version",
+                }
+            ),
+            None => writeln!(
+                s,
+                "bundle name and version unknown (no original-chart/Chart.yaml, and the file is not \
+                 named NAME_VERSION.tar): lade load records it only with --bundle-name and \
+                 --bundle-version"
+            ),
+        };
         for image in &self.images {
             let _ = writeln!(
                 s,

@@ -25,11 +25,13 @@ use std::sync::Arc;
 use lade_oci::{Platform, MAX_METADATA_BYTES};
 
 mod docker;
+pub mod identity;
 mod layer;
 pub(crate) mod oci;
 mod read;
 pub mod tarindex;
 
+pub use identity::{Identity, IdentitySource};
 pub use layer::LayerLimits;
 pub use read::BlobReader;
 use tarindex::TarIndex;
@@ -263,6 +265,9 @@ pub struct Bundle {
     pub hints: Option<String>,
     /// Files under `original-chart/` (names relative to it).
     pub chart_files: Vec<String>,
+    /// The bundle's name and version (see [`identity`]), when its chart or file name gives
+    /// them.
+    pub identity: Option<Identity>,
     pub images: Vec<Image>,
     /// Every blob by digest (manifests, configs, layers), each once.
     pub blobs: BTreeMap<String, Blob>,
@@ -346,7 +351,7 @@ impl Bundle {
             });
         };
 
-        let (hints, chart_files) = match kind {
+        let (hints, chart_files, chart_id) = match kind {
             BundleKind::Bundle => {
                 let hints = match find_part(&outer, "hints.yaml") {
                     Some(m) => {
@@ -366,10 +371,28 @@ impl Bundle {
                     .filter(|rest| !rest.is_empty())
                     .map(str::to_string)
                     .collect();
-                (hints, chart)
+                let chart_id = match outer
+                    .members()
+                    .find(|m| within_part(&m.name, "original-chart") == Some("Chart.yaml"))
+                {
+                    Some(m) => {
+                        let bytes = outer.read_small(&m.name, MAX_METADATA_BYTES)?;
+                        identity::from_chart_yaml(&String::from_utf8_lossy(&bytes))
+                    }
+                    None => None,
+                };
+                (hints, chart, chart_id)
             }
-            BundleKind::ImageArchive => (None, Vec::new()),
+            BundleKind::ImageArchive => (None, Vec::new(), None),
         };
+        let identity = chart_id
+            .map(|id| (id, IdentitySource::Chart))
+            .or_else(|| identity::from_file_name(&label).map(|id| (id, IdentitySource::FileName)))
+            .map(|((name, version), from)| Identity {
+                name,
+                version,
+                from,
+            });
 
         Ok(Bundle {
             path: path.to_path_buf(),
@@ -377,6 +400,7 @@ impl Bundle {
             format: parsed.format,
             hints,
             chart_files,
+            identity,
             images: parsed.images,
             blobs: parsed.blobs,
             archive_label: archive.label.clone(),
@@ -483,6 +507,7 @@ mod tests {
             format: ArchiveFormat::DockerArchive,
             hints: None,
             chart_files: chart.iter().map(|(p, _)| p.clone()).collect(),
+            identity: None,
             images: Vec::new(),
             blobs: BTreeMap::new(),
             archive_label: "b.tar".into(),

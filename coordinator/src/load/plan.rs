@@ -571,6 +571,7 @@ mod tests {
             format: ArchiveFormat::OciLayout,
             hints: None,
             chart_files: Vec::new(),
+            identity: None,
             images: Vec::new(),
             blobs: blobs
                 .iter()
