@@ -175,21 +175,7 @@ impl Status {
                 let _ = writeln!(problems, "{}: not asked: {e}", label(node));
             }
         }
-        let mut widths = vec![0; rows[0].len()];
-        for row in &rows {
-            for (w, cell) in widths.iter_mut().zip(row) {
-                *w = (*w).max(cell.chars().count());
-            }
-        }
-        let mut out = String::new();
-        for row in &rows {
-            let line: Vec<String> = row
-                .iter()
-                .zip(&widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
-                .collect();
-            let _ = writeln!(out, "{}", line.join("  ").trim_end());
-        }
+        let mut out = crate::table::render(&rows);
         if !problems.is_empty() {
             out.push('\n');
             out.push_str(&problems);

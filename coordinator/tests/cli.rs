@@ -76,11 +76,19 @@ fn inspect_lists_images_shared_layers_and_hints() {
         "{paths:?}"
     );
     assert_eq!(doc["chart_files"], 2);
+    // Name and version from the chart (its Chart.yaml), not from the file name.
+    assert_eq!(doc["identity"]["name"], "demo");
+    assert_eq!(doc["identity"]["version"], "0.1.0");
+    assert_eq!(doc["identity"]["from"], "chart");
 
     let text = lade(&["inspect", bundle.to_str().unwrap()]);
     let text = String::from_utf8_lossy(&text.stdout);
     assert!(text.contains("release.daocloud.io/demo/app:v1"), "{text}");
     assert!(text.contains("shared layers:"), "{text}");
+    assert!(
+        text.contains("bundle demo version 0.1.0 (from original-chart/Chart.yaml)"),
+        "{text}"
+    );
     assert!(
         text.contains(
             "used by release.daocloud.io/demo/app:v1, release.daocloud.io/demo/sidecar:v1, busybox"
@@ -144,6 +152,9 @@ fn help_matches_snapshots() {
         (&["upgrade", "--help"][..], "upgrade-help.txt"),
         (&["inspect", "--help"][..], "inspect-help.txt"),
         (&["push", "--help"][..], "push-help.txt"),
+        (&["status", "--help"][..], "status-help.txt"),
+        (&["prune", "--help"][..], "prune-help.txt"),
+        (&["unload", "--help"][..], "unload-help.txt"),
     ] {
         let out = lade(args);
         assert!(out.status.success());

@@ -1,5 +1,7 @@
-//! The flags `load` and `upgrade` share: how to reach the agents and prove who is calling,
-//! how to find them through the Kubernetes API, and which cluster.
+//! The flags the commands that talk to agents share: which agents (`--agent`, or found
+//! through the Kubernetes API with `--discover`), how to reach them and prove who is calling,
+//! and which cluster; [`AskArgs`] bundles them for the commands that only ask nodes
+//! (`status`, `prune`, `unload`).
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -9,6 +11,68 @@ use clap::Args;
 use lade::discover::{discover, DiscoverOptions, Discovery, DEFAULT_NAMESPACE, DEFAULT_SELECTOR};
 use lade::load::{Credentials, Dial};
 use tonic::transport::{Certificate, ClientTlsConfig, Identity};
+
+/// `--agent`: the agents, by address; every command that talks to agents takes it.
+#[derive(Debug, Args)]
+pub(crate) struct AgentArgs {
+    /// Agent address host:port of a node; repeat for every node (or find them with
+    /// --discover).
+    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
+    pub(super) agents: Vec<String>,
+}
+
+impl AgentArgs {
+    /// The agents: those discovered, else those given.
+    pub(super) fn addresses(&self, discovery: Option<&Discovery>) -> Vec<String> {
+        match discovery {
+            Some(d) => d.addresses(),
+            None => self.agents.clone(),
+        }
+    }
+}
+
+/// Which nodes to ask and how: shared by `status`, `prune` and `unload`.
+#[derive(Debug, Args)]
+pub(crate) struct AskArgs {
+    #[command(flatten)]
+    agents: AgentArgs,
+    /// Agents asked at the same time.
+    #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
+    pub(super) parallel: usize,
+    #[command(flatten)]
+    connect: ConnectArgs,
+    #[command(flatten)]
+    discover: DiscoverArgs,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// The nodes [`AskArgs`] name, found.
+pub(crate) struct Asking {
+    pub(super) agents: Vec<String>,
+    pub(super) dial: Dial,
+    /// The agents were found with --discover.
+    pub(super) discovered: bool,
+}
+
+impl AskArgs {
+    /// The agents to ask (discovered with --discover, saying so on stderr) and how to dial
+    /// them; fails when there is none.
+    pub(super) async fn resolve(&self) -> anyhow::Result<Asking> {
+        let dial = self.connect.dial()?;
+        let discovery = self.discover.run(&self.kube).await?;
+        let agents = self.agents.addresses(discovery.as_ref());
+        anyhow::ensure!(
+            !agents.is_empty(),
+            "no agent to ask: pass --agent or --discover"
+        );
+        Ok(Asking {
+            agents,
+            dial,
+            discovered: discovery.is_some(),
+        })
+    }
+}
 
 /// `--discover`: the agents are the lade chart's pods, found through the Kubernetes API;
 /// shared by `load` and `upgrade`. Every flag of it conflicts with --agent itself: a conflict

@@ -6,17 +6,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args};
-use lade::bundle::{Bundle, LayerLimits};
+use lade::bundle::identity::valid_id;
+use lade::bundle::{Bundle, Identity, IdentitySource, LayerLimits};
 use lade::discover::pod_network_hint;
 use lade::load::{
-    load, plan_names, summary_json, summary_table, LoadOptions, RelayMode, Retry, RetryPolicy,
+    all_recorded, load, plan_names, summary_json, summary_table, LoadOptions, RelayMode, Retry,
+    RetryPolicy,
 };
 use lade::push::registry::Access;
 use lade::reference::{check_rules, RetagRule};
 use lade::select::PlatformChoice;
 use lade_oci::Platform;
 
-use super::connect::{ConnectArgs, DiscoverArgs, KubeArgs};
+use super::connect::{AgentArgs, ConnectArgs, DiscoverArgs, KubeArgs};
 use super::upgrade::{run_upgrade, Asked, UpgradeFlags};
 use super::{progress, Output, ProgressMode};
 
@@ -29,9 +31,8 @@ use super::{progress, Output, ProgressMode};
 pub(crate) struct LoadArgs {
     /// Bundle tar (hints.yaml, original-chart/, images.tar) or a bare images archive.
     bundle: PathBuf,
-    /// Agent address host:port; repeat for every node (or find them with --discover).
-    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
-    agents: Vec<String>,
+    #[command(flatten)]
+    agents: AgentArgs,
     /// Rename rule FROM=TO over repository prefixes, e.g.
     /// release.daocloud.io/mspider=10.16.10.111/mspider; repeatable, longest FROM wins.
     #[arg(long = "retag", env = "LADE_RETAG", value_delimiter = ',')]
@@ -39,6 +40,14 @@ pub(crate) struct LoadArgs {
     /// Do not also keep the names the bundle gives (retagged names only).
     #[arg(long)]
     no_keep_original: bool,
+    /// Bundle name the nodes record this load under, instead of its chart's (or its file
+    /// name's); see `lade inspect`.
+    #[arg(long)]
+    bundle_name: Option<String>,
+    /// Bundle version the nodes record this load under, instead of its chart's (or its file
+    /// name's).
+    #[arg(long)]
+    bundle_version: Option<String>,
     /// Move names a node already has for other content (say its CNI or kube-proxy image) to
     /// the bundle's images; without it such an image fails on that node and names nothing.
     /// The CRI pod sandbox (pause) image is never moved.
@@ -122,10 +131,15 @@ const DISCOVER_HEADING: &str = "Find the agents through the Kubernetes API (inst
 const KUBE_HEADING: &str = "Cluster access (with --discover or --then-upgrade)";
 
 /// Loads the bundle onto every agent's node, then upgrades the release with --then-upgrade.
-pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
+pub(super) async fn run(mut args: LoadArgs) -> anyhow::Result<ExitCode> {
     check_rules(&args.retag)?;
     let path = args.bundle.clone();
-    let bundle = tokio::task::spawn_blocking(move || Bundle::open(&path)).await??;
+    let mut bundle = tokio::task::spawn_blocking(move || Bundle::open(&path)).await??;
+    bundle.identity = identity(
+        bundle.identity.take(),
+        args.bundle_name.take(),
+        args.bundle_version.take(),
+    )?;
     let plan = plan_names(
         &bundle,
         &args.retag,
@@ -137,18 +151,12 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
     let images = plan.len();
     let discovery = args.discover.run(&args.kube).await?;
     if args.plan {
-        let agents = match &discovery {
-            Some(discovery) => discovery.addresses(),
-            None => args.agents.clone(),
-        };
+        let agents = args.agents.addresses(discovery.as_ref());
         print!("{}", lade::load::plan_text(&bundle, &agents, args.relay));
         return Ok(ExitCode::SUCCESS);
     }
     let opts = LoadOptions {
-        agents: match &discovery {
-            Some(discovery) => discovery.addresses(),
-            None => args.agents,
-        },
+        agents: args.agents.addresses(discovery.as_ref()),
         rules: args.retag,
         keep_original: !args.no_keep_original,
         parallel: args.parallel,
@@ -188,6 +196,13 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
                 .join(", ")
         );
     }
+    if bundle.identity.is_none() {
+        eprintln!(
+            "note: the nodes keep no record of this load (lade status, prune and unload will \
+             not see it): the bundle has no original-chart/Chart.yaml and its file is not named \
+             NAME_VERSION.tar; pass --bundle-name and --bundle-version"
+        );
+    }
     let bundle = Arc::new(bundle);
     let mut reports = load(bundle.clone(), Arc::new(plan), &opts, progress).await;
     let (retry, unreachable) = match &discovery {
@@ -210,8 +225,15 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         }
         return Ok(ExitCode::FAILURE);
     }
+    // The images are there, which is what an upgrade needs; a missing record still fails the
+    // run once the upgrade is done.
+    let recorded = all_recorded(&reports);
     let (Some(release), Some(namespace)) = (args.release, args.namespace) else {
-        return Ok(ExitCode::SUCCESS);
+        return Ok(if recorded {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
     };
     let asked = Asked {
         agents: opts.agents,
@@ -230,12 +252,49 @@ pub(super) async fn run(args: LoadArgs) -> anyhow::Result<ExitCode> {
         Access::default(),
     );
     // The JSON summary owns stdout; the upgrade's report then goes to stderr.
-    Ok(match args.output {
+    let upgraded = match args.output {
         Output::Text => {
             println!();
             run_upgrade(&bundle, &upgrade, &mut std::io::stdout()).await
         }
         Output::Json => run_upgrade(&bundle, &upgrade, &mut std::io::stderr()).await,
+    };
+    if !recorded {
+        eprintln!("the load's record is missing on some nodes (see the summary)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(upgraded)
+}
+
+/// The bundle's identity with the --bundle-name/--bundle-version overrides: each replaces
+/// its part; a bundle without one needs both.
+fn identity(
+    found: Option<Identity>,
+    name: Option<String>,
+    version: Option<String>,
+) -> anyhow::Result<Option<Identity>> {
+    for value in name.iter().chain(&version) {
+        anyhow::ensure!(
+            valid_id(value),
+            "bundle name or version {value:?}: 1-128 printable characters, no spaces or @"
+        );
+    }
+    Ok(match (found, name, version) {
+        (found, None, None) => found,
+        (Some(found), name, version) => Some(Identity {
+            name: name.unwrap_or(found.name),
+            version: version.unwrap_or(found.version),
+            from: IdentitySource::Flags,
+        }),
+        (None, Some(name), Some(version)) => Some(Identity {
+            name,
+            version,
+            from: IdentitySource::Flags,
+        }),
+        (None, _, _) => anyhow::bail!(
+            "the bundle has no name and version of its own: pass both --bundle-name and \
+             --bundle-version"
+        ),
     })
 }
 

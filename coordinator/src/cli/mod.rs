@@ -1,6 +1,7 @@
 //! The command line: [`Cli`] and its [`Command`]s, each subcommand's arguments and its `run`
-//! (`load.rs`, `upgrade.rs`, `push.rs`, `inspect.rs`), and the connection and discovery
-//! flags `load` and `upgrade` share (`connect.rs`).
+//! (`load.rs`, `upgrade.rs`, `push.rs`, `status.rs`, `inspect.rs`, and `release.rs` for
+//! `prune` and `unload`), and the agent, connection and discovery flags they share
+//! (`connect.rs`).
 
 use std::io::IsTerminal;
 use std::process::ExitCode;
@@ -14,12 +15,14 @@ mod connect;
 mod inspect;
 mod load;
 mod push;
+mod release;
 mod status;
 mod upgrade;
 
 use inspect::InspectArgs;
 use load::LoadArgs;
 use push::PushArgs;
+use release::{PruneArgs, UnloadArgs};
 use status::StatusArgs;
 use upgrade::UpgradeArgs;
 
@@ -70,7 +73,18 @@ pub(crate) enum Command {
     /// Push every image of BUNDLE, and its chart, into the registry the cluster pulls from.
     Push(PushArgs),
     /// Whether every image of BUNDLE is on every agent's node, whole; exit 0 only then.
+    ///
+    /// Without BUNDLE: every bundle version each node holds a record of, and whether it is
+    /// whole there; exit 0 only when every node answered and every one is.
     Status(StatusArgs),
+    /// Release all but the --keep most recently loaded versions of bundle NAME on every node.
+    ///
+    /// Their image names go, except names another held version has or containers use, and
+    /// their content is left to garbage collection. Exit 0 when all went, 3 when only names
+    /// in use were kept, 1 when a node failed or could not be asked.
+    Prune(PruneArgs),
+    /// Release one bundle version (a bundle file, or NAME@VERSION) on every node, as prune does.
+    Unload(UnloadArgs),
     /// Show what BUNDLE holds: images, sizes, shared layers, hints.
     Inspect(InspectArgs),
 }
@@ -112,6 +126,8 @@ pub(crate) fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Upgrade(args) => upgrade::run(args),
         Command::Push(args) => runtime()?.block_on(push::run(args)),
         Command::Status(args) => runtime()?.block_on(status::run(args)),
+        Command::Prune(args) => runtime()?.block_on(release::prune(args)),
+        Command::Unload(args) => runtime()?.block_on(release::unload(args)),
     }
 }
 

@@ -1,4 +1,5 @@
-//! `lade status`: its arguments and a run.
+//! `lade status`: its arguments and a run, with a bundle (its images on every node) or
+//! without (every bundle version every node holds).
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -8,61 +9,75 @@ use lade::bundle::Bundle;
 use lade::load::plan_names;
 use lade::reference::{check_rules, RetagRule};
 
-use super::connect::{ConnectArgs, DiscoverArgs, KubeArgs};
+use super::connect::AskArgs;
 use super::Output;
 
 #[derive(Debug, Args)]
 pub(crate) struct StatusArgs {
-    /// Bundle tar whose images are looked for.
-    bundle: PathBuf,
-    /// Agent address host:port of every node to ask.
-    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
-    agents: Vec<String>,
-    /// The --retag rules the bundle was loaded with: the names looked for.
-    #[arg(long = "retag", env = "LADE_RETAG", value_delimiter = ',')]
+    /// Bundle tar whose images are looked for; without it, every bundle version the nodes
+    /// hold a record of (what `lade load` recorded) is listed.
+    bundle: Option<PathBuf>,
+    /// The --retag rules the bundle was loaded with: the names looked for (with BUNDLE).
+    #[arg(
+        long = "retag",
+        env = "LADE_RETAG",
+        value_delimiter = ',',
+        requires = "bundle"
+    )]
     retag: Vec<RetagRule>,
-    /// The bundle was loaded with --no-keep-original: only the retagged names are looked for.
-    #[arg(long)]
+    /// The bundle was loaded with --no-keep-original: only the retagged names are looked for
+    /// (with BUNDLE).
+    #[arg(long, requires = "bundle")]
     no_keep_original: bool,
-    /// Agents asked at the same time.
-    #[arg(long, env = "LADE_PARALLEL", default_value_t = 8)]
-    parallel: usize,
     /// Table (text) or JSON on stdout.
     #[arg(short, long, value_enum, default_value = "text")]
     output: Output,
     #[command(flatten)]
-    connect: ConnectArgs,
-    #[command(flatten)]
-    discover: DiscoverArgs,
-    #[command(flatten)]
-    kube: KubeArgs,
+    ask: AskArgs,
 }
 
-/// Asks every node about every image of the bundle; exit 0 only when each holds each whole.
+/// With a bundle: asks every node about every image of it; exit 0 only when each holds each
+/// whole. Without: lists every version every node holds; exit 0 only when every node
+/// answered and every version it holds is whole there.
 pub(super) async fn run(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let Some(path) = args.bundle.clone() else {
+        return held(args).await;
+    };
     check_rules(&args.retag)?;
-    let path = args.bundle.clone();
     let bundle = tokio::task::spawn_blocking(move || Bundle::open(&path)).await??;
     let plan = plan_names(&bundle, &args.retag, !args.no_keep_original, false)?;
-    let dial = args.connect.dial()?;
-    let discovery = args.discover.run(&args.kube).await?;
-    let discovered = discovery.is_some();
-    let agents = match discovery {
-        Some(d) => d.addresses(),
-        None => args.agents,
-    };
-    anyhow::ensure!(
-        !agents.is_empty(),
-        "no agent to ask: pass --agent or --discover"
-    );
-    let status = lade::status::status(&plan, &agents, &dial, args.parallel, discovered).await;
+    let asking = args.ask.resolve().await?;
+    let status = lade::status::status(
+        &plan,
+        &asking.agents,
+        &asking.dial,
+        args.ask.parallel,
+        asking.discovered,
+    )
+    .await;
     match args.output {
         Output::Text => print!("{}", status.to_text()),
         Output::Json => println!("{}", status.to_json()?),
     }
-    Ok(if status.complete() {
+    Ok(exit(status.complete()))
+}
+
+/// `lade status` without a bundle.
+async fn held(args: StatusArgs) -> anyhow::Result<ExitCode> {
+    let asking = args.ask.resolve().await?;
+    let nodes = lade::lifecycle::holds(&asking.agents, &asking.dial, args.ask.parallel).await;
+    let holdings = lade::lifecycle::status::holdings(&nodes);
+    match args.output {
+        Output::Text => print!("{}", holdings.to_text()),
+        Output::Json => println!("{}", holdings.to_json()?),
+    }
+    Ok(exit(holdings.complete))
+}
+
+fn exit(complete: bool) -> ExitCode {
+    if complete {
         ExitCode::SUCCESS
     } else {
         ExitCode::from(1)
-    })
+    }
 }

@@ -14,7 +14,7 @@ use lade::upgrade::helm::Helm;
 use lade::upgrade::values::SetValue;
 use lade::upgrade::{upgrade, ChartSource, UpgradeError, UpgradeOptions};
 
-use super::connect::{ConnectArgs, DiscoverArgs, KubeArgs};
+use super::connect::{AgentArgs, ConnectArgs, DiscoverArgs, KubeArgs};
 use super::push::registry_access;
 
 const REGISTRY_HEADING: &str =
@@ -30,10 +30,10 @@ pub(crate) struct UpgradeArgs {
     /// Namespace of the release (created if missing).
     #[arg(short, long)]
     namespace: String,
-    /// Agent address host:port of every node the chart's pods may run on; the preflight asks
-    /// each whether it holds every image.
-    #[arg(long = "agent", env = "LADE_AGENTS", value_delimiter = ',')]
-    agents: Vec<String>,
+    // Every node the chart's pods may run on: the preflight asks each agent whether it holds
+    // every image.
+    #[command(flatten)]
+    agents: AgentArgs,
     /// The --retag rules the images were loaded with; when they all rename to one registry
     /// host, that host is the default --image-registry.
     #[arg(long = "retag", env = "LADE_RETAG", value_delimiter = ',')]
@@ -171,7 +171,7 @@ pub(super) fn run(args: UpgradeArgs) -> anyhow::Result<ExitCode> {
     };
     let discovered = discovery.is_some();
     let (agents, unreachable_hint) = match discovery {
-        None => (args.agents, None),
+        None => (args.agents.agents, None),
         Some(discovery) => {
             if let Some(reason) = unready_nodes(&discovery) {
                 let e = UpgradeError::PreflightCannotCheck { reason };

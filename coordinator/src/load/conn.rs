@@ -6,8 +6,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use lade_proto::{
-    put_blob_request::Msg, BearerAuth, ClientConfig, EndSessionRequest, ImageSpec, ImportEvent,
-    ImportRequest, InfoRequest, InfoResponse, KeepAlive, PutBlobRequest, VerifyRequest, CHUNK_SIZE,
+    put_blob_request::Msg, BearerAuth, ClientConfig, EndSessionRequest, Held, ImageSpec,
+    ImportEvent, ImportRequest, InfoRequest, InfoResponse, KeepAlive, PutBlobRequest,
+    VerifyRequest, CHUNK_SIZE,
 };
 use tokio::sync::mpsc;
 use tonic::transport::ClientTlsConfig;
@@ -155,13 +156,15 @@ pub(crate) async fn identify(
 /// Verifies every planned name on the node, adding a failure for each name that is not
 /// whole (once per image: an image that already failed import keeps the import's reason),
 /// and releases the node's hold on its uploads if nothing failed; after a failure they stay
-/// for the retry until the hold expires.
+/// for the retry until the hold expires. Once the session ended, the node gets `record`, the
+/// load's record (see [`super::record`]), if the bundle has a name and version.
 pub(crate) async fn verify_and_end(
     client: &mut AgentConn,
     plan: &[PlannedImage],
     chosen: &[Result<Chosen, String>],
     session: &str,
     agent: &str,
+    record: Option<Held>,
     report: &mut NodeReport,
 ) -> Result<(), LoadError> {
     let call_err = |call| LoadError::agent_call(agent, call);
@@ -199,6 +202,9 @@ pub(crate) async fn verify_and_end(
             })
             .await
             .map_err(call_err("EndSession"))?;
+        if let Some(held) = record {
+            super::record::hold(client, held, agent, report).await;
+        }
     }
     Ok(())
 }

@@ -20,6 +20,7 @@ use super::plan::{
     check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
     missing_blobs, node_choices, node_platform, unpack_hints, PlannedImage,
 };
+use super::record::held;
 use super::report::{FailedImage, NodeReport};
 use super::run::Run;
 use crate::select::Chosen;
@@ -237,7 +238,8 @@ impl Node<'_> {
         }
 
         progress.phase(agent, "verifying");
-        verify_and_end(&mut client, plan, &chosen, session, agent, report).await
+        let record = held(bundle, plan, &chosen, agent, &run.opts.agents);
+        verify_and_end(&mut client, plan, &chosen, session, agent, record, report).await
     }
 
     /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the

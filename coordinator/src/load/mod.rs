@@ -9,6 +9,8 @@
 //!   coordinator once; the agents pass it on). Both reach agents through [`conn`], check
 //!   layers through [`check`], and read what was set up once for the load from [`run`];
 //!   neither calls the other.
+//! - A node whose session ended gets the load's record ([`record`]: the bundle version, its
+//!   images, names and blobs), which `lade status`, `prune` and `unload` read back.
 //! - Each node's outcome is a [`NodeReport`] ([`report`]), which also renders the summary.
 //!
 //! One node's failure is recorded in its own report and never stops the others. Live
@@ -19,6 +21,7 @@ pub mod conn;
 mod direct;
 pub mod error;
 pub mod plan;
+pub mod record;
 pub mod relay;
 pub mod report;
 pub mod run;
@@ -34,7 +37,9 @@ pub use error::{FailureKind, LoadError};
 pub use plan::{
     plan_names, plan_text, space_needed, PlanError, PlannedImage, RelayMode, SpaceNeed,
 };
-pub use report::{summary_json, summary_table, FailedImage, LoadedImage, NodeReport, Retry};
+pub use report::{
+    all_recorded, summary_json, summary_table, FailedImage, LoadedImage, NodeReport, Retry,
+};
 pub use run::{LoadOptions, RetryPolicy};
 
 /// Loads the bundle onto every agent of `opts` as `plan` names its images, by one delivery:

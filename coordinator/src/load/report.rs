@@ -44,9 +44,16 @@ pub struct NodeReport {
     /// Images named on this node: the digest their names point at there (what a pod pinned
     /// by digest needs) and every name, digest references included.
     pub loaded_images: Vec<LoadedImage>,
-    /// What loaded but deserves a look: images whose only manifest is for another platform.
+    /// What loaded but deserves a look: images whose only manifest is for another platform,
+    /// an agent that keeps no bundle records.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub warnings: Vec<String>,
+    /// The node holds a record of this load (bundle, version, images; see
+    /// [`super::record`]), which `lade status`, `prune` and `unload` read.
+    pub recorded: bool,
+    /// Why the record could not be made on a node that loaded every image.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub record_error: Option<String>,
 }
 
 impl NodeReport {
@@ -220,17 +227,29 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
         }
     }
     for r in reports.iter().filter(|r| !r.ok) {
-        let who = if r.node.is_empty() {
-            r.agent.clone()
-        } else {
-            format!("{} ({})", r.node, r.agent)
-        };
+        let who = who(r);
         if let Some(e) = &r.error {
             out.push_str(&format!("\n{who}: {e}"));
         }
         for f in &r.failed_images {
             out.push_str(&format!("\n{who}: image {}: {}", f.image, f.reason));
         }
+    }
+    let unrecorded: Vec<&NodeReport> = reports
+        .iter()
+        .filter(|r| r.record_error.is_some())
+        .collect();
+    for r in &unrecorded {
+        let e = r.record_error.as_deref().unwrap_or_default();
+        out.push_str(&format!("\n{}: {e}", who(r)));
+    }
+    if !unrecorded.is_empty() {
+        out.push_str(&format!(
+            "\n{} of {} nodes hold the images but no record of the load (lade status, prune \
+             and unload will not see it there); load the bundle again onto them to record it\n",
+            unrecorded.len(),
+            reports.len()
+        ));
     }
     let failed: Vec<String> = reports
         .iter()
@@ -254,6 +273,21 @@ pub fn summary_table(reports: &[NodeReport], retry: Retry) -> String {
         ));
     }
     out
+}
+
+/// A node in the summary's messages: its name and agent, or only the agent.
+fn who(r: &NodeReport) -> String {
+    if r.node.is_empty() {
+        r.agent.clone()
+    } else {
+        format!("{} ({})", r.node, r.agent)
+    }
+}
+
+/// Whether every node that loaded every image also holds the load's record (a node whose
+/// agent keeps no records aside): the load's exit is non-zero otherwise.
+pub fn all_recorded(reports: &[NodeReport]) -> bool {
+    reports.iter().all(|r| r.record_error.is_none())
 }
 
 /// The summary as JSON: the reports, one object per node.
@@ -315,6 +349,35 @@ mod tests {
             table.contains("re-run with only those to retry (what they already hold is not sent again): --discover --node node-b --node node-c\n"),
             "{table}"
         );
+    }
+
+    #[test]
+    fn table_names_nodes_that_hold_no_record_of_the_load() {
+        let recorded = NodeReport {
+            agent: "10.0.0.1:7700".into(),
+            node: "node-a".into(),
+            ok: true,
+            recorded: true,
+            ..Default::default()
+        };
+        let unrecorded = NodeReport {
+            agent: "10.0.0.2:7700".into(),
+            node: "node-b".into(),
+            ok: true,
+            record_error: Some("the record of the load is missing: disk full".into()),
+            ..Default::default()
+        };
+        let table = summary_table(&[recorded.clone(), unrecorded.clone()], Retry::ByAgent);
+        assert!(
+            table.contains("node-b (10.0.0.2:7700): the record of the load is missing: disk full"),
+            "{table}"
+        );
+        assert!(
+            table.contains("1 of 2 nodes hold the images but no record"),
+            "{table}"
+        );
+        assert!(!all_recorded(&[recorded.clone(), unrecorded]));
+        assert!(all_recorded(&[recorded]));
     }
 
     #[test]

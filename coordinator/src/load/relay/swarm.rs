@@ -15,6 +15,7 @@ use super::super::check::LayerChecks;
 use super::super::conn::{import, verify_and_end};
 use super::super::error::{FailureKind, LoadError};
 use super::super::plan::{descriptor, import_spec};
+use super::super::record::held;
 use super::super::report::{FailedImage, NodeReport};
 use super::super::run::Run;
 use super::transfer::{fetch, probe, Send};
@@ -822,13 +823,22 @@ impl Swarm<'_, '_> {
         {
             n.verifying = true;
             let mut report = report.clone();
+            let record = held(bundle, plan, &n.chosen, &n.agent, &self.run.opts.agents);
             let (plan, session, progress) =
                 (plan.clone(), session.clone(), self.run.progress.clone());
             let (mut client, agent, chosen) = (n.client.clone(), n.agent.clone(), n.chosen.clone());
             self.node_tasks.spawn(async move {
                 progress.phase(&agent, "verifying");
-                let r = verify_and_end(&mut client, &plan, &chosen, &session, &agent, &mut report)
-                    .await;
+                let r = verify_and_end(
+                    &mut client,
+                    &plan,
+                    &chosen,
+                    &session,
+                    &agent,
+                    record,
+                    &mut report,
+                )
+                .await;
                 NodeEvent::Verified(i, Box::new(report), r)
             });
         }
