@@ -241,6 +241,50 @@ async fn inproc_two_versions_are_listed_pruned_and_unloaded() -> Result<()> {
     Ok(())
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inproc_a_bare_archive_is_recorded_under_the_name_it_is_given() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (archive, _) = write_images_tar(
+        dir.path(),
+        &images()?,
+        ArchiveFormat::Gcr,
+        Compression::None,
+    )?;
+    let nodes = MemoryNode::start_all(&["bare-a"]).await?;
+    let all: Vec<&MemoryNode> = nodes.iter().collect();
+
+    // images.tar names no version: loaded, not recorded, and the load says how to record it.
+    let (code, reports, stderr) = load_json_async(&archive, &all, &[]).await?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["recorded"], false);
+    assert!(
+        stderr.contains("pass --bundle-name and --bundle-version"),
+        "{stderr}"
+    );
+    assert!(records(&nodes[0]).await.is_empty());
+
+    // One of the two is not enough: refused before any node is contacted.
+    let path = archive.display().to_string();
+    let (code, _, stderr) = lade(&["load", &path, "--bundle-name", "base"], &all).await?;
+    assert_eq!(code, 2, "{stderr}");
+    assert!(
+        stderr.contains("pass both --bundle-name and --bundle-version"),
+        "{stderr}"
+    );
+
+    let named = ["--bundle-name", "base", "--bundle-version", "2026.12"];
+    let (code, reports, stderr) = load_json_async(&archive, &all, &named).await?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(reports[0]["recorded"], true);
+    let held = records(&nodes[0]).await;
+    assert_eq!(held.len(), 1);
+    assert_eq!(
+        (held[0].0.as_str(), held[0].1.as_str()),
+        ("base", "2026.12")
+    );
+    Ok(())
+}
+
 /// `lade ARGS --agent …` against containerd nodes: exit code, stdout (and stderr in errors).
 fn lade_on(args: &[&str], nodes: &[&Node]) -> Result<(i32, String)> {
     let mut argv: Vec<String> = args.iter().map(|s| s.to_string()).collect();
