@@ -301,18 +301,18 @@ mod tests {
     }
 
     #[test]
-    fn versions_sort_by_bundle_then_latest_load_and_states_follow_the_refs() {
+    fn versions_sort_by_bundle_then_latest_load_on_any_node() {
         let a = node(
             "a",
             vec![
                 version("mod", "v2", 200, &[("r/app:2", true)]),
+                version("mod", "v10", 100, &[("r/app:10", true)]),
                 version("mod", "v1", 100, &[("r/app:1", true)]),
                 version("base", "1", 300, &[("r/base:1", true)]),
             ],
         );
-        let mut gone = version("mod", "v1", 150, &[("r/app:1", false)]);
-        gone.bytes_present = 40;
-        let b = node("b", vec![gone]);
+        // Loaded again on b, later: v1 counts from then.
+        let b = node("b", vec![version("mod", "v1", 150, &[("r/app:1", true)])]);
         let all = versions(&[a, b]);
         let order: Vec<(&str, &str, u64)> = all
             .iter()
@@ -320,7 +320,12 @@ mod tests {
             .collect();
         assert_eq!(
             order,
-            [("base", "1", 300), ("mod", "v1", 150), ("mod", "v2", 200)]
+            [
+                ("base", "1", 300),
+                ("mod", "v10", 100),
+                ("mod", "v1", 150),
+                ("mod", "v2", 200)
+            ]
         );
     }
 
