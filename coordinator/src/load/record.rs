@@ -18,7 +18,7 @@ use crate::select::Chosen;
 
 use super::conn::AgentConn;
 use super::plan::{descriptor, layer_diff_ids, node_names, PlannedImage};
-use super::report::NodeReport;
+use super::report::{LoadedImage, NodeReport};
 
 /// The record of a load on the node at `agent`, whose images got `chosen`, without its time
 /// (set when it is made); `None` when the bundle has no name and version. `agents` are every
@@ -69,6 +69,22 @@ pub(crate) fn held(
     })
 }
 
+/// `held` with every name the node's imports reported for each image added to the names
+/// the plan gave it: the node may make more (a containerd node adds a `repo@sha256:`
+/// digest reference beside each tag, as a registry pull does), and a release must find them.
+fn with_names_made(mut held: Held, loaded: &[LoadedImage]) -> Held {
+    for image in &mut held.images {
+        for made in loaded.iter().filter(|l| l.image == image.source) {
+            for name in &made.names {
+                if !image.names.contains(name) {
+                    image.names.push(name.clone());
+                }
+            }
+        }
+    }
+    held
+}
+
 /// Seconds since the Unix epoch, now.
 pub(crate) fn now() -> u64 {
     std::time::SystemTime::now()
@@ -82,7 +98,7 @@ pub(crate) fn now() -> u64 {
 pub(crate) async fn hold(client: &mut AgentConn, held: Held, agent: &str, report: &mut NodeReport) {
     let held = Held {
         loaded_at: now(),
-        ..held
+        ..with_names_made(held, &report.loaded_images)
     };
     match client.hold(HoldRequest { held: Some(held) }).await {
         Ok(_) => report.recorded = true,
@@ -182,6 +198,32 @@ mod tests {
         let none = held_without(&b, &plan);
         assert!(none.images.is_empty());
         assert!(super::held(&bundle(None), &plan, &chosen, "a:1", &agents).is_none());
+    }
+
+    #[test]
+    fn the_names_a_node_made_join_the_record() {
+        let held = Held {
+            images: vec![HeldImage {
+                source: "x.io/a:1".into(),
+                names: vec!["x.io/a:1".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let loaded = [
+            LoadedImage {
+                image: "x.io/a:1".into(),
+                digest: "sha256:m".into(),
+                names: vec!["x.io/a:1".into(), "x.io/a@sha256:m".into()],
+            },
+            LoadedImage {
+                image: "x.io/b:1".into(),
+                digest: "sha256:n".into(),
+                names: vec!["x.io/b:1".into()],
+            },
+        ];
+        let held = with_names_made(held, &loaded);
+        assert_eq!(held.images[0].names, ["x.io/a:1", "x.io/a@sha256:m"]);
     }
 
     fn held_without(b: &Bundle, plan: &[PlannedImage]) -> Held {
