@@ -134,9 +134,15 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
             node.containerd.version(),
             node.name
         );
-        // The load's lease was released: the image records hold everything now.
+        // The load's session lease was released: the image records and the load's record of
+        // the bundle version (a lade-hold lease, see docs/lifecycle.md) hold everything now.
         let leases = node.containerd.ctr_ok(&["-n", "k8s.io", "leases", "ls"])?;
-        assert!(!leases.contains("lade-"), "{}: {leases}", node.name);
+        assert!(!leases.contains("lade-load-"), "{}: {leases}", node.name);
+        assert!(
+            leases.contains("lade-hold.") && leases.contains("lade.io/hold.bundle=demo"),
+            "{}: {leases}",
+            node.name
+        );
         // containerd itself finds all content of every image present.
         let check = node
             .containerd
