@@ -15,7 +15,7 @@ use lade_testkit::fixtures::{
 };
 use lade_testkit::harness::daemon_tests_enabled;
 use lade_testkit::nodes::{run_lade, Node};
-use lade_tests::inproc::{load_json_async, MemoryNode};
+use lade_tests::inproc::{load_json_async, Fault, MemoryNode};
 use lade_tests::{images, load, names, start_nodes, write_images_tar};
 use serde_json::Value;
 
@@ -282,6 +282,46 @@ async fn inproc_a_bare_archive_is_recorded_under_the_name_it_is_given() -> Resul
         (held[0].0.as_str(), held[0].1.as_str()),
         ("base", "2026.12")
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn inproc_a_node_that_fails_to_record_is_named_and_the_load_exits_1() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (v1, _) = versions()?;
+    let (b1, _) = bundle(dir.path(), "demo-1.bundle.tar", "0.1.0", &v1)?;
+    let nodes = MemoryNode::start_all(&["rec-a", "rec-b"]).await?;
+    nodes[1].runtime.inject(Fault::FailHold);
+    let all: Vec<&MemoryNode> = nodes.iter().collect();
+
+    let (code, reports, stderr) = load_json_async(&b1, &all, &[]).await?;
+    assert_eq!(code, 1, "{reports:#?}\n{stderr}");
+    // Both nodes hold every image; only rec-b lacks the record, and says so.
+    for r in &reports {
+        assert_eq!(r["ok"], true, "{r}");
+    }
+    assert_eq!(reports[0]["recorded"], true);
+    assert_eq!(reports[1]["recorded"], false);
+    let why = reports[1]["record_error"].as_str().unwrap_or_default();
+    assert!(
+        why.contains("the images are loaded, but the record of the load is missing")
+            && why.contains("injected fault"),
+        "{why}"
+    );
+    assert!(records(&nodes[1]).await.is_empty());
+
+    // The text summary names the node; a load once the fault is gone records it.
+    let path = b1.display().to_string();
+    let (code, out, _) = lade(&["load", &path, "--progress", "none"], &all).await?;
+    assert_eq!(code, 1, "{out}");
+    assert!(
+        out.contains("1 of 2 nodes hold the images but no record"),
+        "{out}"
+    );
+    nodes[1].runtime.clear_faults();
+    let (code, reports, stderr) = load_json_async(&b1, &all, &[]).await?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    assert_eq!(records(&nodes[1]).await.len(), 1);
     Ok(())
 }
 

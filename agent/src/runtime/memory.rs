@@ -48,6 +48,8 @@ pub enum Fault {
     LoseAfter(u64),
     /// The Import of the image with this source (or one of these names) fails.
     FailImport(String),
+    /// Every Hold fails; nothing is recorded.
+    FailHold,
 }
 
 /// Everything the runtime holds.
@@ -669,6 +671,13 @@ impl Runtime for Memory {
     }
 
     async fn hold(&self, held: Held) -> Result<(), Error> {
+        if self.has_fault(|f| matches!(f, Fault::FailHold)) {
+            return Err(Error::Runtime {
+                runtime: RUNTIME,
+                op: format!("hold {} {}", held.bundle, held.version),
+                status: tonic::Status::internal("injected fault"),
+            });
+        }
         let key = (held.bundle.clone(), held.version.clone());
         self.store().holds.insert(key, held);
         Ok(())
