@@ -249,3 +249,38 @@ async fn a_node_whose_import_fails_names_the_image_and_the_others_load() -> Resu
 async fn a_relay_node_whose_import_fails_names_the_image_and_the_others_load() -> Result<()> {
     failed_import("import-relay", RELAY).await
 }
+
+/// A slow node's link: bytes per second it stores and serves.
+const SLOW_RATE: u64 = CHUNK_SIZE as u64;
+
+/// The relay's first node (its first root) takes and serves bytes at [`SLOW_RATE`], far below
+/// the others: once its transfers prove it slow, the coordinator feeds another node and the
+/// fast nodes stop waiting for it. They finish in well under half the slow node's time
+/// (which its link bounds: the big image alone is 12 chunks at one chunk a second); before,
+/// every blob went through the first node and everyone finished with it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_slow_first_node_does_not_hold_the_others_back() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let imgs = images_and_big(41, &[6 * CHUNK_SIZE, 6 * CHUNK_SIZE])?;
+    let (bundle, _) = gcr_bundle(dir.path(), "slow.bundle.tar", &imgs, Compression::None)?;
+    let names = ["slow-0", "slow-1", "slow-2", "slow-3"];
+    let nodes = MemoryNode::start_all(&names).await?;
+    nodes[0].runtime.inject(Fault::Throttle(SLOW_RATE));
+    let refs: Vec<&MemoryNode> = nodes.iter().collect();
+    let (code, reports, stderr) = load_json_async(&bundle, &refs, RELAY).await?;
+    ensure!(code == 0, "every node loads, the slow one too\n{stderr}");
+    let seconds = |r: &Value| r["seconds"].as_f64().unwrap_or(f64::MAX);
+    let slow = seconds(&reports[0]);
+    ensure!(
+        slow >= 12.0,
+        "the slow node took {slow} s, less than its link allows: {reports:#?}"
+    );
+    for report in &reports[1..] {
+        ensure!(
+            seconds(report) * 2.0 < slow,
+            "a fast node waited for the slow first node ({} s vs {slow} s): {report:#}",
+            seconds(report)
+        );
+    }
+    Ok(())
+}

@@ -50,6 +50,9 @@ pub enum Fault {
     FailImport(String),
     /// Every Hold fails; nothing is recorded.
     FailHold,
+    /// The node takes and serves blob bytes at this many bytes per second (a slow link or
+    /// disk): every chunk it stores or sends a peer waits its share.
+    Throttle(u64),
 }
 
 /// Everything the runtime holds.
@@ -315,6 +318,20 @@ impl Memory {
         self.store.lock().expect("store lock")
     }
 
+    /// How long `bytes` take on this node under a [`Fault::Throttle`]; zero without one.
+    fn throttled(&self, bytes: usize) -> std::time::Duration {
+        let faults = self.faults.lock().expect("fault lock");
+        faults
+            .iter()
+            .find_map(|f| match f {
+                Fault::Throttle(rate) if *rate > 0 => Some(std::time::Duration::from_secs_f64(
+                    bytes as f64 / *rate as f64,
+                )),
+                _ => None,
+            })
+            .unwrap_or_default()
+    }
+
     fn has_fault(&self, wanted: impl Fn(&Fault) -> bool) -> bool {
         self.faults.lock().expect("fault lock").iter().any(wanted)
     }
@@ -393,6 +410,10 @@ impl Memory {
                     return Err(e);
                 }
             };
+            let pause = self.throttled(chunk.len());
+            if !pause.is_zero() {
+                tokio::time::sleep(pause).await;
+            }
             let (chunk, lost) = self.arrive(chunk);
             let end = (bytes.len() + chunk.len()) as u64;
             if end > blob.size {
@@ -655,7 +676,17 @@ impl Runtime for Memory {
         digest: &str,
         offset: u64,
     ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
-        self.read_committed(digest, offset)
+        let chunks = self.read_committed(digest, offset)?;
+        let pause = self.throttled(CHUNK_SIZE);
+        if pause.is_zero() {
+            return Ok(chunks);
+        }
+        Ok(chunks
+            .then(move |chunk| async move {
+                tokio::time::sleep(pause).await;
+                chunk
+            })
+            .boxed())
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {

@@ -83,6 +83,15 @@ struct Node {
     tries: HashMap<String, u32>,
     /// Bytes per second of its larger transfers, as measured here.
     rate: Option<f64>,
+    /// Bytes per second of the best transfer it served to a peer: a slow link shows here
+    /// for a node that otherwise receives only from the coordinator (a root).
+    serve_rate: Option<f64>,
+    /// Bytes per second of the best send from the coordinator into it (a root's), compared
+    /// only with other such sends: they share the admin's link.
+    coord_rate: Option<f64>,
+    /// A transfer it took part in (either end) has run for [`swarm::PROOF_TIME`]: its rates
+    /// are steady enough to act on at a cost (see `Swarm::proven_slow`).
+    steady: bool,
     /// Being probed: nothing is started on it until the answer.
     probing: bool,
     /// Images imported or given up, and imports under way.
@@ -127,6 +136,9 @@ impl Node {
             sources_failed: 0,
             tries: HashMap::new(),
             rate: None,
+            serve_rate: None,
+            coord_rate: None,
+            steady: false,
             probing: false,
             settled: vec![false; images],
             importing: 0,

@@ -45,6 +45,11 @@ const SLOW_SHARE: f64 = 0.25;
 /// A transfer's rate is judged once it has run this long.
 const RATE_WINDOW: Duration = Duration::from_millis(700);
 
+/// How long a transfer must have run before the rates of its two ends are steady enough to
+/// act on at a cost (bytes sent again by the coordinator, a send cut off): short transfers
+/// on a busy machine show passing dips that are no property of a node.
+pub(super) const PROOF_TIME: Duration = Duration::from_secs(2);
+
 /// Where a transfer's bytes come from: the coordinator, or the node at this position.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -63,6 +68,8 @@ struct Transfer {
     from: u64,
     held: u64,
     stalled: bool,
+    /// Cut off because its node proved slow: not a failure, the blob goes elsewhere.
+    demoted: bool,
     abort: tokio::task::AbortHandle,
 }
 
@@ -82,6 +89,8 @@ pub(super) enum Ended {
     Bad(String),
     /// Reading the bundle failed otherwise.
     Bundle(FailureKind, String),
+    /// Cut off because its node proved slow (the coordinator's send only).
+    Demoted,
 }
 
 /// What the scheduler waits for besides transfers.
@@ -138,6 +147,8 @@ pub(super) struct Swarm<'r, 'a> {
     announced: HashSet<usize>,
     /// The best rate any transfer reached, bytes per second: what "slow" is measured against.
     best_rate: f64,
+    /// The best rate of a send from the coordinator into a node.
+    best_coord_rate: f64,
 }
 
 impl<'r, 'a> Swarm<'r, 'a> {
@@ -166,6 +177,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
             stall: run.opts.stall_timeout,
             announced: HashSet::new(),
             best_rate: 0.0,
+            best_coord_rate: 0.0,
         }
     }
 
@@ -204,6 +216,9 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 Some(joined) = self.tasks.join_next_with_id() => {
                     let (id, ended) = match joined {
                         Ok((id, ended)) => (id, ended),
+                        Err(e) if self.transfers.get(&e.id()).is_some_and(|t| t.demoted) => {
+                            (e.id(), Ended::Demoted)
+                        }
                         Err(e) => {
                             let stalled = self.transfers.get(&e.id()).is_some_and(|t| t.stalled);
                             let why = if stalled {
@@ -286,12 +301,17 @@ impl<'r, 'a> Swarm<'r, 'a> {
             if self.bad.contains_key(digest) {
                 continue;
             }
-            let held = self
-                .nodes
-                .iter()
-                .any(|n| n.alive() && n.serves && n.holds.contains(digest));
+            // Held where peers can fetch it at speed: a blob only slow nodes hold is sent
+            // again, to a node that is not.
+            let held = (0..self.nodes.len()).any(|j| {
+                let n = &self.nodes[j];
+                n.alive() && n.serves && n.holds.contains(digest) && !self.proven_slow(j)
+            });
             let seeded = self.transfers.values().any(|t| {
-                t.source == Source::Coordinator && &t.digest == digest && self.nodes[t.node].serves
+                t.source == Source::Coordinator
+                    && &t.digest == digest
+                    && self.nodes[t.node].serves
+                    && !t.demoted
             });
             let candidates: Vec<usize> = (0..self.nodes.len())
                 .filter(|&i| {
@@ -299,14 +319,26 @@ impl<'r, 'a> Swarm<'r, 'a> {
                     n.free() && n.missing.contains_key(digest) && !n.receiving.contains(digest)
                 })
                 .collect();
-            let root = self.root();
+            let roots = self.roots();
+            let needing: Vec<usize> = roots
+                .iter()
+                .copied()
+                .filter(|&r| self.nodes[r].missing.contains_key(digest))
+                .collect();
             let pick = if held || seeded {
                 // Only a node peers cannot feed gets it from here.
                 candidates.into_iter().find(|&i| self.nodes[i].direct)
-            } else if let Some(r) = root.filter(|&r| self.nodes[r].missing.contains_key(digest)) {
-                // The root takes every blob it needs from here; while it is busy, the blob
-                // waits (the coordinator's streams are the root's slots).
-                candidates.into_iter().find(|&i| i == r)
+            } else if !needing.is_empty() {
+                // The two roots take turns, one coordinator stream each, so that there is
+                // always a second copy to measure the first against; while both are busy,
+                // the blob waits.
+                needing.into_iter().find(|&r| {
+                    candidates.contains(&r)
+                        && !self
+                            .transfers
+                            .values()
+                            .any(|t| t.node == r && t.source == Source::Coordinator && !t.demoted)
+                })
             } else {
                 // Nobody the root could feed needs it from the root (another platform's).
                 self.seed_for(candidates)
@@ -352,10 +384,20 @@ impl<'r, 'a> Swarm<'r, 'a> {
     /// The node the coordinator sends to: the first live one in tree order that serves
     /// peers and has not proven slow (a root that turns out slow hands the role on).
     fn root(&self) -> Option<usize> {
-        (0..self.nodes.len()).find(|&i| {
-            let n = &self.nodes[i];
-            n.alive() && !n.done && n.serves && !n.direct && !self.slow(i)
-        })
+        self.roots().first().copied()
+    }
+
+    /// The two nodes the coordinator sends to, in turn: the first two live ones in tree order
+    /// that serve peers and have not proven slow (a root that turns out slow hands the role
+    /// on).
+    fn roots(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| {
+                let n = &self.nodes[i];
+                n.alive() && !n.done && n.serves && !n.direct && !self.slow(i)
+            })
+            .take(2)
+            .collect()
     }
 
     /// The seed among `candidates` (positions): the first in tree order that serves peers
@@ -390,11 +432,49 @@ impl<'r, 'a> Swarm<'r, 'a> {
             .min_by_key(|&j| (self.slow(j), Some(j) != parent, serving.fast[j], j))
     }
 
-    /// Whether node `j` takes bytes at less than [`SLOW_SHARE`] of the best rate seen.
+    /// Whether node `j` looks slow: its peer transfers (either end) under [`SLOW_SHARE`] of
+    /// the typical rate, or, for a root, the coordinator's sends into it under that share of
+    /// the best such send. This steers only choices that cost nothing (which node is a root,
+    /// a source, takes a source's slot).
     fn slow(&self, j: usize) -> bool {
-        self.nodes[j]
-            .rate
-            .is_some_and(|r| r < self.best_rate * SLOW_SHARE)
+        let n = &self.nodes[j];
+        self.slow_among_peers(j)
+            || n
+                .coord_rate
+                .is_some_and(|r| r < self.best_coord_rate * SLOW_SHARE)
+    }
+
+    fn slow_among_peers(&self, j: usize) -> bool {
+        let n = &self.nodes[j];
+        let reference = self.typical_rate();
+        let below = |r: f64| r < reference * SLOW_SHARE;
+        n.rate.is_some_and(below) || n.serve_rate.is_some_and(below)
+    }
+
+    /// Whether node `j` is slow on steady evidence (peer transfers, one of which ran
+    /// [`PROOF_TIME`]): what the costly remedies (the coordinator sending a blob again, a
+    /// send into the node cut off) wait for.
+    fn proven_slow(&self, j: usize) -> bool {
+        self.nodes[j].steady && self.slow_among_peers(j)
+    }
+
+    /// The median of the nodes' best rates (receiving or serving), the upper one of an even
+    /// count: what "slow" is measured against, so that one fast outlier does not make every
+    /// other node look slow.
+    fn typical_rate(&self) -> f64 {
+        let mut rates: Vec<f64> = self
+            .nodes
+            .iter()
+            .filter_map(|n| match (n.rate, n.serve_rate) {
+                (Some(a), Some(b)) => Some(a.max(b)),
+                (a, b) => a.or(b),
+            })
+            .collect();
+        if rates.is_empty() {
+            return 0.0;
+        }
+        rates.sort_by(f64::total_cmp);
+        rates[rates.len() / 2]
     }
 
     /// Whether peers hold `digest` but every one of them failed to feed it to node `i`.
@@ -481,6 +561,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 from: offset,
                 held: offset,
                 stalled: false,
+                demoted: false,
                 abort,
             },
         );
@@ -496,16 +577,36 @@ impl<'r, 'a> Swarm<'r, 'a> {
             t.held = m.held;
             t.last_progress = Instant::now();
             let elapsed = t.started.elapsed();
-            // Rates are compared between peer transfers only: what comes from the
-            // coordinator is paced by the admin's link, not by the node.
-            if elapsed >= RATE_WINDOW && t.source != Source::Coordinator {
+            // Peer transfers are compared with each other; the coordinator's sends only
+            // with each other (the admin's link paces them all).
+            if elapsed >= RATE_WINDOW {
                 let rate = (t.held - t.from) as f64 / elapsed.as_secs_f64();
-                self.best_rate = self.best_rate.max(rate);
-                n.rate = Some(match n.rate {
-                    Some(r) => (r + rate) / 2.0,
-                    None => rate,
-                });
+                let (node, source) = (t.node, t.source);
+                if source == Source::Coordinator {
+                    self.best_coord_rate = self.best_coord_rate.max(rate);
+                    let n = &mut self.nodes[node];
+                    n.coord_rate = Some(n.coord_rate.map_or(rate, |r| r.max(rate)));
+                } else {
+                    self.observe(node, source, rate, elapsed);
+                }
             }
+        }
+    }
+
+    /// A peer transfer from `source` into node `node` ran at `rate`. A transfer is as slow
+    /// as the slower of its two ends, so each end keeps the best rate it reached: a node is
+    /// slow only when every transfer it took part in was. A transfer that has run
+    /// [`PROOF_TIME`] makes both ends' rates steady.
+    fn observe(&mut self, node: usize, source: Source, rate: f64, elapsed: Duration) {
+        self.best_rate = self.best_rate.max(rate);
+        let steady = elapsed >= PROOF_TIME;
+        let n = &mut self.nodes[node];
+        n.rate = Some(n.rate.map_or(rate, |r| r.max(rate)));
+        n.steady |= steady;
+        if let Source::Peer(src) = source {
+            let s = &mut self.nodes[src];
+            s.serve_rate = Some(s.serve_rate.map_or(rate, |r| r.max(rate)));
+            s.steady |= steady;
         }
     }
 
@@ -545,6 +646,28 @@ impl<'r, 'a> Swarm<'r, 'a> {
             .filter(|(_, t)| !t.stalled && t.last_progress.elapsed() > limit)
             .map(|(id, _)| *id)
             .collect();
+        // The coordinator's sends into a node that proved slow stop (what arrived stays for a
+        // resume) while another node can take them: the blobs go to a root instead.
+        let demoted: Vec<tokio::task::Id> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| {
+                t.source == Source::Coordinator
+                    && !t.demoted
+                    && self.nodes[t.node].serves
+                    && !self.nodes[t.node].direct
+                    && self.proven_slow(t.node)
+                    && self.root().is_some_and(|r| r != t.node)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in demoted {
+            if let Some(t) = self.transfers.get_mut(&id) {
+                t.demoted = true;
+                info!(node = %self.nodes[t.node].agent, digest = %t.digest, "node proved slow; its blob goes to another node");
+            }
+            self.abort(id);
+        }
         for id in stalled {
             if let Some(t) = self.transfers.get_mut(&id) {
                 t.stalled = true;
@@ -628,12 +751,9 @@ impl Swarm<'_, '_> {
                         .progress
                         .sent(&n.agent, blob_size.saturating_sub(t.held));
                     if received >= RATE_SAMPLE && t.source != Source::Coordinator {
-                        let rate = received as f64 / t.started.elapsed().as_secs_f64().max(1e-3);
-                        self.best_rate = self.best_rate.max(rate);
-                        n.rate = Some(match n.rate {
-                            Some(r) => (r + rate) / 2.0,
-                            None => rate,
-                        });
+                        let elapsed = t.started.elapsed();
+                        let rate = received as f64 / elapsed.as_secs_f64().max(1e-3);
+                        self.observe(i, t.source, rate, elapsed);
                     }
                 }
                 self.settle_images(i);
@@ -689,6 +809,7 @@ impl Swarm<'_, '_> {
                     self.settle_images(n);
                 }
             }
+            Ended::Demoted => {}
             Ended::Bundle(kind, e) => {
                 for n in 0..self.nodes.len() {
                     if self.nodes[n].alive() && self.nodes[n].missing.contains_key(&digest) {
