@@ -251,13 +251,13 @@ async fn a_relay_node_whose_import_fails_names_the_image_and_the_others_load() -
 }
 
 /// A slow node's link: bytes per second it stores and serves.
-const SLOW_RATE: u64 = CHUNK_SIZE as u64;
+const SLOW_RATE: u64 = CHUNK_SIZE as u64 / 2;
 
 /// The relay's first node (its first root) takes and serves bytes at [`SLOW_RATE`], far below
 /// the others: once its transfers prove it slow, the coordinator feeds another node and the
 /// fast nodes stop waiting for it. They finish in well under half the slow node's time
-/// (which its link bounds: the big image alone is 12 chunks at one chunk a second); before,
-/// every blob went through the first node and everyone finished with it.
+/// (the big image alone is 12 chunks, at half a chunk a second on the slow node); before, every
+/// blob went through the first node and everyone finished with it.
 #[tokio::test(flavor = "multi_thread")]
 async fn a_slow_first_node_does_not_hold_the_others_back() -> Result<()> {
     let dir = tempfile::tempdir()?;
@@ -272,13 +272,13 @@ async fn a_slow_first_node_does_not_hold_the_others_back() -> Result<()> {
     let seconds = |r: &Value| r["seconds"].as_f64().unwrap_or(f64::MAX);
     let slow = seconds(&reports[0]);
     ensure!(
-        slow >= 12.0,
-        "the slow node took {slow} s, less than its link allows: {reports:#?}"
+        slow >= 10.0,
+        "the slow node took {slow} s: not slow, the test shows nothing: {reports:#?}"
     );
     for report in &reports[1..] {
         ensure!(
             seconds(report) * 2.0 < slow,
-            "a fast node waited for the slow first node ({} s vs {slow} s): {report:#}",
+            "a fast node waited for the slow first node ({} s vs {slow} s): {report:#}\n{stderr}",
             seconds(report)
         );
     }

@@ -89,6 +89,8 @@ struct Node {
     /// Bytes per second of the best send from the coordinator into it (a root's), compared
     /// only with other such sends: they share the admin's link.
     coord_rate: Option<f64>,
+    /// A send from the coordinator into it has run for [`swarm::PROOF_TIME`].
+    coord_steady: bool,
     /// A transfer it took part in (either end) has run for [`swarm::PROOF_TIME`]: its rates
     /// are steady enough to act on at a cost (see `Swarm::proven_slow`).
     steady: bool,
@@ -138,6 +140,7 @@ impl Node {
             rate: None,
             serve_rate: None,
             coord_rate: None,
+            coord_steady: false,
             steady: false,
             probing: false,
             settled: vec![false; images],

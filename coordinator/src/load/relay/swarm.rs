@@ -437,11 +437,13 @@ impl<'r, 'a> Swarm<'r, 'a> {
     /// the best such send. This steers only choices that cost nothing (which node is a root,
     /// a source, takes a source's slot).
     fn slow(&self, j: usize) -> bool {
-        let n = &self.nodes[j];
-        self.slow_among_peers(j)
-            || n
-                .coord_rate
-                .is_some_and(|r| r < self.best_coord_rate * SLOW_SHARE)
+        self.slow_among_peers(j) || self.slow_from_coordinator(j)
+    }
+
+    fn slow_from_coordinator(&self, j: usize) -> bool {
+        self.nodes[j]
+            .coord_rate
+            .is_some_and(|r| r < self.best_coord_rate * SLOW_SHARE)
     }
 
     fn slow_among_peers(&self, j: usize) -> bool {
@@ -451,11 +453,12 @@ impl<'r, 'a> Swarm<'r, 'a> {
         n.rate.is_some_and(below) || n.serve_rate.is_some_and(below)
     }
 
-    /// Whether node `j` is slow on steady evidence (peer transfers, one of which ran
-    /// [`PROOF_TIME`]): what the costly remedies (the coordinator sending a blob again, a
-    /// send into the node cut off) wait for.
+    /// Whether node `j` is slow on steady evidence (among peer transfers, or among the
+    /// coordinator's sends, one of which ran [`PROOF_TIME`]): what the costly remedies (the
+    /// coordinator sending a blob again, a send into the node cut off) wait for.
     fn proven_slow(&self, j: usize) -> bool {
-        self.nodes[j].steady && self.slow_among_peers(j)
+        let n = &self.nodes[j];
+        (n.steady && self.slow_among_peers(j)) || (n.coord_steady && self.slow_from_coordinator(j))
     }
 
     /// The median of the nodes' best rates (receiving or serving), the upper one of an even
@@ -586,6 +589,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
                     self.best_coord_rate = self.best_coord_rate.max(rate);
                     let n = &mut self.nodes[node];
                     n.coord_rate = Some(n.coord_rate.map_or(rate, |r| r.max(rate)));
+                    n.coord_steady |= elapsed >= PROOF_TIME;
                 } else {
                     self.observe(node, source, rate, elapsed);
                 }
