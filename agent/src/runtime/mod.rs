@@ -12,7 +12,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
-use futures::stream::BoxStream;
+use futures::stream::{BoxStream, StreamExt};
 use lade_proto::{
     BlobHeader, BlobState, Descriptor, Held, ImageRecord, ImageSpec, ImportEvent, ImportPhase,
     InfoResponse, PutBlobResponse, RefStatus, UnpackHint,
@@ -119,6 +119,15 @@ pub trait Runtime: Send + Sync + 'static {
     /// runtime's garbage collection and to the holds that keep it.
     fn remove_names(&self, names: &[String]) -> impl Future<Output = Result<(), Error>> + Send;
 
+    /// Signals that what the runtime holds may have changed under the agent: the runtime came
+    /// back after it went away (a restart may have lost what was not committed, and a pass
+    /// of the keep-present loop should look at once), or an image name was removed. The
+    /// stream reconnects by itself and never ends while the runtime can be watched. Default:
+    /// no signal ever (the loop then relies on its interval).
+    fn changes(&self) -> BoxStream<'static, Change> {
+        futures::stream::pending().boxed()
+    }
+
     /// Unpacks a layer blob just stored, ahead of the Import that will need it, when its
     /// parent is unpacked; returns whether it did. Best effort: any failure is left for
     /// Import to meet and report. Runtimes that load whole images (Docker) do nothing.
@@ -131,6 +140,17 @@ pub trait Runtime: Send + Sync + 'static {
         let _ = (session, layer, hint);
         async { false }
     }
+}
+
+/// What [`Runtime::changes`] signals.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Change {
+    /// The runtime answers again after it went away (restarted, or the agent reconnected).
+    Restarted,
+    /// This image name was removed (normalised, as the runtime names it).
+    ImageRemoved(String),
+    /// Content was removed from the runtime's store.
+    ContentRemoved,
 }
 
 /// One holder per key at a time: one writer per blob (two uploads of one blob would
@@ -165,7 +185,6 @@ impl KeyedLocks {
 /// A PutBlob body of `parts`, for the stores' unit tests.
 #[cfg(test)]
 pub(crate) fn test_chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {
-    use futures::StreamExt;
     let parts: Vec<Result<Bytes, Error>> = parts
         .iter()
         .map(|p| Ok(Bytes::copy_from_slice(p)))

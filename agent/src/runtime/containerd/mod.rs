@@ -37,6 +37,7 @@ use crate::error::Error;
 
 pub mod apply;
 mod content;
+mod events;
 mod holds;
 mod images;
 mod info;
@@ -264,5 +265,9 @@ impl Runtime for Containerd {
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
         self.list_images().await
+    }
+
+    fn changes(&self) -> BoxStream<'static, super::Change> {
+        events::watch(self.channel.clone(), self.cfg.namespace.clone())
     }
 }

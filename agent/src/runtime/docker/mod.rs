@@ -19,6 +19,7 @@
 
 mod archive;
 mod cache;
+mod events;
 pub(crate) mod holds;
 
 use std::collections::{HashMap, HashSet};
@@ -837,6 +838,14 @@ impl Runtime for Docker {
 
     async fn remove_names(&self, names: &[String]) -> Result<(), Error> {
         self.untag_names(names).await
+    }
+
+    fn changes(&self) -> BoxStream<'static, super::Change> {
+        match self.cfg.socket.to_str() {
+            Some(socket) => events::watch(socket.to_string()),
+            // Every call says so (see `client`); there is nothing to watch.
+            None => futures::stream::pending().boxed(),
+        }
     }
 
     async fn list(&self) -> Result<Vec<ImageRecord>, Error> {
