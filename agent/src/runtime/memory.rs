@@ -5,7 +5,9 @@
 //! uploads kept for a resume from where they stopped; blobs held per session; images named
 //! only when their manifest (or their platform's manifest of an index), config and every layer
 //! are present; Verify by reference with the same short-name normalisation as the others.
-//! Layers are not unpacked: a layer counts as unpacked once an Import used it.
+//! Layers are not unpacked: a layer counts as unpacked once an Import used it. Made
+//! [`Memory::pinning`], Import pins the names it creates and Verify reports each name's pin,
+//! as containerd's CRI store does.
 //!
 //! On top of that it plays [`Fault`]s on request, so that the coordinator's handling of a
 //! node that refuses a blob, stalls, is lost mid-stream or fails an import can be tested with
@@ -72,6 +74,8 @@ struct Store {
     holds: BTreeMap<(String, String), Held>,
     /// Containers said to use an image name (normalised), by name.
     containers: BTreeMap<String, Vec<String>>,
+    /// Names (normalised) whose record carries the pin, where the runtime pins.
+    pinned: HashSet<String>,
 }
 
 impl Store {
@@ -174,6 +178,8 @@ pub struct Memory {
     /// One writer per digest at a time, as in the real stores.
     writers: KeyedLocks,
     lost: watch::Sender<bool>,
+    /// Whether Import pins the names it creates, as containerd's CRI store does.
+    pins: bool,
 }
 
 impl Memory {
@@ -186,7 +192,20 @@ impl Memory {
             faults: Mutex::default(),
             writers: KeyedLocks::default(),
             lost: watch::channel(false).0,
+            pins: false,
         }
+    }
+
+    /// The same node, whose Import pins the names it creates (Info says so, Verify reports
+    /// each name's pin), as containerd 1.7.3+ with the CRI pin label.
+    pub fn pinning(mut self) -> Self {
+        self.pins = true;
+        self
+    }
+
+    /// Takes the pin off image `name` (what removing the CRI pin label does).
+    pub fn unpin(&self, name: &str) {
+        self.store().pinned.remove(&canonical_name(name));
     }
 
     /// Plays `fault` from now on.
@@ -516,6 +535,9 @@ impl Memory {
             ..Default::default()
         };
         for name in names {
+            if self.pins {
+                store.pinned.insert(name.clone());
+            }
             store.images.insert(name, record.clone());
         }
         Ok((
@@ -533,10 +555,12 @@ impl Memory {
             ..Default::default()
         };
         let store = self.store();
-        let Some(target) = store.images.get(&canonical_name(reference)) else {
+        let name = canonical_name(reference);
+        let Some(target) = store.images.get(&name) else {
             status.problem = "no such image".to_string();
             return status;
         };
+        status.pinned = store.pinned.contains(&name);
         status.manifest_digest = target.digest.clone();
         let target = oci::Descriptor {
             media_type: target.media_type.clone(),
@@ -580,6 +604,7 @@ impl Runtime for Memory {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             // It unpacks nothing: the coordinator checks layers before it sends them.
             checks_layers: false,
+            images_pinned: self.pins,
             ..Default::default()
         })
     }
@@ -751,7 +776,9 @@ impl Runtime for Memory {
     async fn remove_names(&self, names: &[String]) -> Result<(), Error> {
         let mut store = self.store();
         for name in names {
-            store.images.remove(&canonical_name(name));
+            let name = canonical_name(name);
+            store.images.remove(&name);
+            store.pinned.remove(&name);
         }
         Ok(())
     }
