@@ -14,6 +14,7 @@ use std::sync::{Arc, Mutex};
 
 use anyhow::{Context, Result};
 use lade_agent::auth::Auth;
+use lade_agent::keep::KeepConfig;
 use lade_agent::relay::Peers;
 pub use lade_agent::runtime::memory::Fault;
 use lade_agent::runtime::memory::Memory;
@@ -32,6 +33,8 @@ pub struct MemoryNode {
     addr: SocketAddr,
     /// The agent's own listener, behind the proxy.
     backend: SocketAddr,
+    /// The agent's plain-HTTP port (/metrics).
+    pub metrics_port: u16,
     server: JoinHandle<()>,
     proxy: Mutex<JoinHandle<()>>,
 }
@@ -39,18 +42,26 @@ pub struct MemoryNode {
 impl MemoryNode {
     /// Starts an agent named `name` on an empty in-memory node.
     pub async fn start(name: &str) -> Result<MemoryNode> {
-        let runtime = Arc::new(Memory::new(name));
+        MemoryNode::start_with(Memory::new(name), KeepConfig::default()).await
+    }
+
+    /// Starts an agent on `runtime`, its keep-present loop as `keep` says.
+    pub async fn start_with(runtime: Memory, keep: KeepConfig) -> Result<MemoryNode> {
+        let runtime = Arc::new(runtime);
         let grpc = TcpListener::bind("127.0.0.1:0").await?;
         let backend = grpc.local_addr()?;
+        let http = TcpListener::bind("127.0.0.1:0").await?;
+        let metrics_port = http.local_addr()?.port();
         let serve = Serve {
             grpc,
-            http: TcpListener::bind("127.0.0.1:0").await?,
+            http,
             auth: Auth::Token(TEST_TOKEN.to_string()),
             tls: None,
             peers: Peers::default()
                 .with_token(TEST_TOKEN)?
                 .with_plaintext_peers(vec!["127.0.0.1/32".parse()?]),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            keep,
         };
         let server = tokio::spawn({
             let runtime = runtime.clone();
@@ -67,6 +78,7 @@ impl MemoryNode {
             runtime,
             addr,
             backend,
+            metrics_port,
             server,
             proxy: Mutex::new(proxy),
         })

@@ -277,9 +277,14 @@ pub fn http_get(port: u16, path: &str) -> Result<(u16, String)> {
 
 /// A counter of the agent's /metrics (0 when not exported yet or the agent is gone).
 pub fn metric(node: &Node, name: &str) -> f64 {
+    metric_at(node.agent.metrics_port(), name)
+}
+
+/// A counter of the /metrics served on 127.0.0.1:`port`, labels included in `name`
+/// (`lade_agent_repairs_total{kind="name"}`); 0 when not exported yet or the agent is gone.
+pub fn metric_at(port: u16, name: &str) -> f64 {
     use std::io::{Read, Write};
-    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", node.agent.metrics_port()))
-    else {
+    let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", port)) else {
         return 0.0;
     };
     let _ = write!(

@@ -12,6 +12,7 @@ pub mod error;
 pub mod fetch;
 pub mod holds;
 pub mod http;
+pub mod keep;
 pub mod metrics;
 pub mod relay;
 pub mod runtime;

@@ -8,6 +8,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::{ArgAction, Parser, ValueEnum};
 use lade_agent::auth::Auth;
+use lade_agent::keep::KeepConfig;
 use lade_agent::relay::Peers;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, ImageStore, UnpackMode};
 use lade_agent::runtime::docker::{Docker, DockerConfig};
@@ -143,6 +144,21 @@ struct Config {
     /// holds no upload slot or memory.
     #[arg(long, env = "LADE_UPLOAD_STALL_TIMEOUT", default_value = "2m", value_parser = humantime::parse_duration)]
     upload_stall_timeout: Duration,
+    /// How often the agent checks that every bundle version it holds is still present
+    /// (names, pins, snapshots, content) and puts back what is missing, fetching content
+    /// from peer agents. `0` turns the loop off (a Keep call still runs a pass). The agent
+    /// also checks at once when the runtime restarts or a held image is removed.
+    #[arg(long, env = "LADE_KEEP_INTERVAL", default_value = "5m", value_parser = humantime::parse_duration)]
+    keep_interval: Duration,
+    /// Other agents (`host:port`, comma-separated or repeated) the keep-present loop fetches
+    /// missing content from, besides the agents each held version's load names.
+    #[arg(long, env = "LADE_PEERS", value_delimiter = ',')]
+    peers: Vec<String>,
+    /// `name:port` whose DNS A/AAAA records are the other agents (the chart's headless
+    /// Service), resolved each time the keep-present loop needs a peer. Without TLS their
+    /// addresses must be in --peer-cidr.
+    #[arg(long, env = "LADE_PEERS_DNS")]
+    peers_dns: Option<String>,
     /// Log format.
     #[arg(long, env = "LADE_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
@@ -229,6 +245,11 @@ async fn main() -> anyhow::Result<()> {
         tls: tls(cfg.tls_cert, cfg.tls_key, cfg.tls_client_ca)?,
         peers,
         stall_timeout: cfg.upload_stall_timeout,
+        keep: KeepConfig {
+            interval: (!cfg.keep_interval.is_zero()).then_some(cfg.keep_interval),
+            peers: cfg.peers,
+            peers_dns: cfg.peers_dns,
+        },
     };
     match runtime {
         Chosen::Containerd(runtime) => run(serve, runtime).await,

@@ -32,6 +32,11 @@ pub struct Metrics {
     pub fetched_bytes: IntCounter,
     /// Blob bytes peers read from this agent (ReadBlob).
     pub served_bytes: IntCounter,
+    /// Images of held bundle versions by state after the last keep-present pass:
+    /// `present`, `incomplete`, `missing`.
+    pub held_images: IntGaugeVec,
+    /// What keep-present passes put back, by kind (`name`, `pin`, `unpack`, `content`).
+    pub repairs: IntCounterVec,
 }
 
 impl Metrics {
@@ -90,6 +95,20 @@ impl Metrics {
                 "lade_agent_served_bytes_total",
                 "Blob bytes peer agents read from this agent.",
             )?,
+            held_images: IntGaugeVec::new(
+                Opts::new(
+                    "lade_agent_held_images",
+                    "Images of held bundle versions after the last keep-present pass, by state.",
+                ),
+                &["state"],
+            )?,
+            repairs: IntCounterVec::new(
+                Opts::new(
+                    "lade_agent_repairs_total",
+                    "What keep-present passes put back, by kind.",
+                ),
+                &["kind"],
+            )?,
         };
         registry.register(Box::new(m.received_bytes.clone()))?;
         registry.register(Box::new(m.blobs_committed.clone()))?;
@@ -102,6 +121,8 @@ impl Metrics {
         registry.register(Box::new(m.relay_bytes.clone()))?;
         registry.register(Box::new(m.fetched_bytes.clone()))?;
         registry.register(Box::new(m.served_bytes.clone()))?;
+        registry.register(Box::new(m.held_images.clone()))?;
+        registry.register(Box::new(m.repairs.clone()))?;
         Ok(m)
     }
 

@@ -14,6 +14,7 @@ use tonic::transport::ServerTlsConfig;
 use tracing::{info, warn};
 
 use crate::auth::Auth;
+use crate::keep::{self, KeepConfig};
 use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
@@ -38,6 +39,8 @@ pub struct Serve {
     pub peers: Peers,
     /// How long an upload may go without a message before it is dropped.
     pub stall_timeout: std::time::Duration,
+    /// The keep-present loop: its interval and the peers it fetches from.
+    pub keep: KeepConfig,
 }
 
 /// Serves `runtime` until `shutdown` completes.
@@ -71,14 +74,26 @@ pub async fn run<R: Runtime>(
 
     info!(addr = %serve.grpc.local_addr()?, runtime = R::NAME, "lade-agent listening");
     let auth = serve.auth;
+    let interval = serve.keep.interval;
+    let agent = AgentService::new(runtime, metrics)
+        .with_peers(serve.peers)
+        .with_stall_timeout(serve.stall_timeout)
+        .with_keep(serve.keep);
+    let keeper = match interval {
+        Some(every) => {
+            info!(interval = ?every, "keep-present loop on");
+            Some(tokio::spawn(keep::run_loop(
+                agent.keeper(),
+                every,
+                stopped(stop_rx.clone()),
+            )))
+        }
+        None => None,
+    };
     let service = InterceptedService::new(
-        AgentServer::new(
-            AgentService::new(runtime, metrics)
-                .with_peers(serve.peers)
-                .with_stall_timeout(serve.stall_timeout),
-        )
-        .max_decoding_message_size(8 << 20)
-        .max_encoding_message_size(8 << 20),
+        AgentServer::new(agent)
+            .max_decoding_message_size(8 << 20)
+            .max_encoding_message_size(8 << 20),
         move |req| auth.check(req),
     );
     // HTTP/2's default 64 KiB windows hold an upload to one window per round trip; blobs
@@ -110,6 +125,9 @@ pub async fn run<R: Runtime>(
         }
     };
     let _ = stop_tx.send(true);
+    if let Some(keeper) = keeper {
+        let _ = keeper.await;
+    }
     http.await??;
     result?;
     info!("lade-agent stopped");

@@ -24,6 +24,7 @@ use tracing::instrument;
 use crate::error::Error;
 use crate::fetch::{self, Fetcher};
 use crate::holds;
+use crate::keep::{KeepConfig, Keeper};
 use crate::metrics::Metrics;
 use crate::relay::Peers;
 use crate::runtime::Runtime;
@@ -46,9 +47,12 @@ pub struct AgentService<R> {
     uploads: Arc<Semaphore>,
     serves: Arc<Semaphore>,
     stall_timeout: Duration,
+    keep: KeepConfig,
+    /// Made on first use, from the settings above.
+    keeper: std::sync::OnceLock<Arc<Keeper<R>>>,
 }
 
-impl<R> AgentService<R> {
+impl<R: Runtime> AgentService<R> {
     pub fn new(runtime: Arc<R>, metrics: Metrics) -> Self {
         Self {
             runtime,
@@ -57,19 +61,45 @@ impl<R> AgentService<R> {
             uploads: Arc::new(Semaphore::new(MAX_UPLOADS)),
             serves: Arc::new(Semaphore::new(MAX_SERVES)),
             stall_timeout: DEFAULT_STALL_TIMEOUT,
+            keep: KeepConfig::default(),
+            keeper: std::sync::OnceLock::new(),
         }
     }
 
     /// Drops an upload that sends no message for `timeout`.
     pub fn with_stall_timeout(mut self, timeout: Duration) -> Self {
         self.stall_timeout = timeout;
+        self.keeper = std::sync::OnceLock::new();
         self
     }
 
-    /// How this agent reaches the agents it relays blobs to.
+    /// How this agent reaches the agents it relays blobs to (and fetches from).
     pub fn with_peers(mut self, peers: Peers) -> Self {
         self.peers = Arc::new(peers);
+        self.keeper = std::sync::OnceLock::new();
         self
+    }
+
+    /// Where the keep-present pass finds peers besides each record's.
+    pub fn with_keep(mut self, keep: KeepConfig) -> Self {
+        self.keep = keep;
+        self.keeper = std::sync::OnceLock::new();
+        self
+    }
+
+    /// The keep-present passes' runner, which the Keep call and the loop share.
+    pub fn keeper(&self) -> Arc<Keeper<R>> {
+        self.keeper
+            .get_or_init(|| {
+                let fetcher = Fetcher {
+                    runtime: self.runtime.clone(),
+                    peers: self.peers.clone(),
+                    metrics: self.metrics.clone(),
+                    stall: self.stall_timeout,
+                };
+                Arc::new(Keeper::new(fetcher, self.keep.clone()))
+            })
+            .clone()
     }
 
     /// Counts a failed call, then hands its status on.
@@ -436,8 +466,8 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
     }
 
     async fn keep(&self, _: Request<KeepRequest>) -> Result<Response<KeepResponse>, Status> {
-        // CONTRACT PLACEHOLDER: the keep-present pass (agent/src/keep.rs) replaces this.
-        Err(Status::unimplemented("keep: not built yet"))
+        let done = self.keeper().pass().await.map_err(|s| self.fail(s))?;
+        Ok(Response::new(done))
     }
 }
 

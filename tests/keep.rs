@@ -1,0 +1,379 @@
+//! The keep-present pass: an agent puts back the names, pins, snapshots and content of the
+//! bundle versions it holds, fetching missing blobs from a peer agent.
+//!
+//! The first tests run agents over the in-memory runtime in this process (no daemon): two
+//! nodes load the sample bundle and hold it, then one loses names, blobs, pins or snapshots
+//! and a Keep call (or the loop) repairs it. They run on a multi-threaded runtime: reading
+//! an agent's /metrics blocks a thread while the agents are served in this process.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use lade_agent::keep::KeepConfig;
+use lade_agent::runtime::memory::Memory;
+use lade_agent::runtime::Runtime;
+use lade_proto::{
+    AgentConn, Descriptor, Held, HeldImage, HoldRequest, ImageSpec, KeepRequest, KeepResponse,
+    ListRequest, ReadBlobRequest, VerifyRequest,
+};
+use lade_tests::inproc::{load_json_async, MemoryNode};
+use lade_tests::{metric_at, names, sample_bundle};
+
+const BUNDLE: &str = "demo";
+const VERSION: &str = "1";
+
+async fn client(addr: &str) -> Result<AgentConn> {
+    lade::load::connect(addr, &lade_tests::dial())
+        .await
+        .with_context(|| format!("connecting to {addr}"))
+}
+
+/// The whole of blob `digest` as the agent at `client` serves it.
+async fn read_blob(client: &mut AgentConn, digest: &str) -> Result<Vec<u8>> {
+    let mut stream = client
+        .read_blob(ReadBlobRequest {
+            digest: digest.to_string(),
+            offset: 0,
+        })
+        .await?
+        .into_inner();
+    let mut bytes = Vec::new();
+    while let Some(chunk) = stream.message().await? {
+        bytes.extend_from_slice(&chunk.data);
+    }
+    Ok(bytes)
+}
+
+fn descriptor(json: &serde_json::Value) -> Result<Descriptor> {
+    Ok(Descriptor {
+        media_type: json["mediaType"].as_str().unwrap_or_default().to_string(),
+        digest: json["digest"]
+            .as_str()
+            .context("descriptor without digest")?
+            .to_string(),
+        size: json["size"].as_u64().context("descriptor without size")?,
+        ..Default::default()
+    })
+}
+
+/// The record a load of every image on the node at `client` would make: each image (by
+/// target) with its names and blobs, read through the agent (List, ReadBlob).
+async fn held_on(client: &mut AgentConn, peers: Vec<String>) -> Result<Held> {
+    let records = client.list(ListRequest {}).await?.into_inner().images;
+    let mut by_target: BTreeMap<String, (Descriptor, Vec<String>)> = BTreeMap::new();
+    for record in records {
+        let target = record.target.context("image record without target")?;
+        by_target
+            .entry(target.digest.clone())
+            .or_insert_with(|| (target, Vec::new()))
+            .1
+            .push(record.name);
+    }
+    let mut images = Vec::new();
+    for (_, (target, names)) in by_target {
+        let manifest: serde_json::Value =
+            serde_json::from_slice(&read_blob(client, &target.digest).await?)?;
+        let mut blobs = vec![descriptor(&manifest["config"])?];
+        for layer in manifest["layers"]
+            .as_array()
+            .context("manifest without layers")?
+        {
+            blobs.push(descriptor(layer)?);
+        }
+        let source = names
+            .iter()
+            .find(|n| !n.contains('@'))
+            .unwrap_or(&names[0])
+            .clone();
+        images.push(HeldImage {
+            source,
+            target: Some(target),
+            names,
+            blobs,
+        });
+    }
+    Ok(Held {
+        bundle: BUNDLE.into(),
+        version: VERSION.into(),
+        loaded_at: 1,
+        images,
+        peers,
+    })
+}
+
+async fn keep(addr: &str) -> Result<KeepResponse> {
+    Ok(client(addr).await?.keep(KeepRequest {}).await?.into_inner())
+}
+
+/// The (image, kind) of every repair, sorted.
+fn repairs(done: &KeepResponse) -> Vec<(String, String)> {
+    let mut all: Vec<(String, String)> = done
+        .repairs
+        .iter()
+        .map(|r| (r.image.clone(), r.kind.clone()))
+        .collect();
+    all.sort();
+    all.dedup();
+    all
+}
+
+/// Two pinning in-memory nodes that loaded the sample bundle and hold it, each naming the
+/// other as peer.
+struct Pair {
+    _dir: tempfile::TempDir,
+    a: MemoryNode,
+    b: MemoryNode,
+    held: Held,
+}
+
+impl Pair {
+    async fn start(name: &str, keep_a: KeepConfig) -> Result<Pair> {
+        let dir = tempfile::tempdir()?;
+        let (bundle, _) = sample_bundle(dir.path())?;
+        let a = MemoryNode::start_with(Memory::new(&format!("{name}-a")).pinning(), keep_a).await?;
+        let b = MemoryNode::start_with(
+            Memory::new(&format!("{name}-b")).pinning(),
+            KeepConfig::default(),
+        )
+        .await?;
+        let (code, _, stderr) = load_json_async(&bundle, &[&a, &b], &[]).await?;
+        ensure!(code == 0, "load failed: {stderr}");
+        let mut held = None;
+        for (node, peer) in [(&a, &b), (&b, &a)] {
+            let mut client = client(&node.addr()).await?;
+            let record = held_on(&mut client, vec![peer.addr()]).await?;
+            client
+                .hold(HoldRequest {
+                    held: Some(record.clone()),
+                })
+                .await?;
+            held.get_or_insert(record);
+        }
+        let held = held.expect("two nodes");
+        ensure!(held.images.len() == 3, "{held:?}");
+        Ok(Pair {
+            _dir: dir,
+            a,
+            b,
+            held,
+        })
+    }
+
+    fn image(&self, name: &str) -> &HeldImage {
+        self.held
+            .images
+            .iter()
+            .find(|i| i.names.iter().any(|n| n == name))
+            .unwrap_or_else(|| panic!("{name} is not in {:?}", self.held))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_and_content_come_back_from_a_peer() -> Result<()> {
+    let pair = Pair::start("keep-content", KeepConfig::default()).await?;
+    let before = pair.a.runtime.image_names();
+    let served = || metric_at(pair.b.metrics_port, "lade_agent_served_bytes_total");
+    let served_before = served();
+    let (app, sidecar) = (pair.image(names::APP), pair.image(names::SIDECAR));
+    for image in [app, sidecar] {
+        pair.a.runtime.remove_names(&image.names).await?;
+        for blob in image.target.iter().chain(&image.blobs) {
+            pair.a.runtime.remove_blob(&blob.digest);
+        }
+    }
+    pair.a.runtime.collect();
+    ensure!(pair.a.runtime.image_names() != before);
+
+    let done = keep(&pair.a.addr()).await?;
+    ensure!(done.failures.is_empty(), "{:?}", done.failures);
+    let got = repairs(&done);
+    for image in [app, sidecar] {
+        for kind in ["name", "content"] {
+            ensure!(
+                got.contains(&(image.source.clone(), kind.to_string())),
+                "no {kind} repair of {}: {got:?}",
+                image.source
+            );
+        }
+    }
+    ensure!(pair.a.runtime.image_names() == before, "names not put back");
+    for blob in pair.held.images.iter().flat_map(|i| &i.blobs) {
+        ensure!(
+            pair.a.runtime.has_blob(&blob.digest),
+            "{} missing",
+            blob.digest
+        );
+    }
+    ensure!(served() > served_before, "B served no bytes");
+    let port = pair.a.metrics_port;
+    ensure!(metric_at(port, r#"lade_agent_repairs_total{kind="content"}"#) >= 2.0);
+    ensure!(metric_at(port, r#"lade_agent_held_images{state="present"}"#) == 3.0);
+
+    // Nothing is left to put back.
+    let again = keep(&pair.a.addr()).await?;
+    ensure!(
+        again.repairs.is_empty() && again.failures.is_empty(),
+        "{again:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_pin_and_lost_snapshots_are_put_back() -> Result<()> {
+    let pair = Pair::start("keep-pin", KeepConfig::default()).await?;
+    let app = pair.image(names::APP);
+    pair.a.runtime.unpin(names::APP);
+    async fn pinned(client: &mut AgentConn) -> Result<bool> {
+        let refs = client
+            .verify(VerifyRequest {
+                refs: vec![names::APP.to_string()],
+            })
+            .await?
+            .into_inner()
+            .refs;
+        Ok(refs[0].pinned)
+    }
+    let mut a = client(&pair.a.addr()).await?;
+    ensure!(!pinned(&mut a).await?, "still pinned");
+    let done = keep(&pair.a.addr()).await?;
+    ensure!(
+        repairs(&done) == vec![(app.source.clone(), "pin".to_string())],
+        "{done:?}"
+    );
+    ensure!(pinned(&mut a).await?, "pin not put back");
+
+    // Unpacking one image may unpack another's shared layers: the pass unpacks what is
+    // still missing when it comes to each image.
+    pair.a.runtime.forget_unpacked();
+    let done = keep(&pair.a.addr()).await?;
+    let got = repairs(&done);
+    ensure!(
+        !got.is_empty() && got.iter().all(|(_, kind)| kind == "unpack"),
+        "{done:?}"
+    );
+    let names: Vec<String> = pair
+        .held
+        .images
+        .iter()
+        .flat_map(|i| i.names.clone())
+        .collect();
+    let refs = a
+        .verify(VerifyRequest { refs: names })
+        .await?
+        .into_inner()
+        .refs;
+    ensure!(refs.iter().all(|r| r.ok), "{refs:?}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_name_moved_to_other_content_is_reported_not_taken_back() -> Result<()> {
+    let pair = Pair::start("keep-moved", KeepConfig::default()).await?;
+    let (app, sidecar) = (pair.image(names::APP), pair.image(names::SIDECAR));
+    let (tx, _rx) = tokio::sync::mpsc::channel(64);
+    pair.a
+        .runtime
+        .import(
+            "operator",
+            vec![ImageSpec {
+                manifest: sidecar.target.clone(),
+                names: vec![names::APP.to_string()],
+                source: "operator's retag".into(),
+                allow_overwrite: true,
+            }],
+            tx,
+        )
+        .await?;
+    let sidecar_digest = sidecar.target.as_ref().unwrap().digest.clone();
+    let points_at = |node: &MemoryNode| node.runtime.image_names().get(names::APP).cloned();
+    ensure!(points_at(&pair.a) == Some(sidecar_digest.clone()));
+
+    let done = keep(&pair.a.addr()).await?;
+    ensure!(done.repairs.is_empty(), "{done:?}");
+    ensure!(done.failures.len() == 1, "{done:?}");
+    let failure = &done.failures[0];
+    for part in [
+        names::APP,
+        &sidecar_digest,
+        &app.source,
+        BUNDLE,
+        "not taken back",
+    ] {
+        ensure!(failure.contains(part), "{failure:?} does not name {part}");
+    }
+    ensure!(
+        points_at(&pair.a) == Some(sidecar_digest),
+        "the moved name was taken back"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_blob_no_peer_holds_is_a_failure_naming_blob_and_peers() -> Result<()> {
+    let pair = Pair::start("keep-nopeer", KeepConfig::default()).await?;
+    let app = pair.image(names::APP);
+    let layer = app.blobs.last().unwrap().digest.clone();
+    for node in [&pair.a, &pair.b] {
+        node.runtime.remove_blob(&layer);
+    }
+    // A's record also names A itself, which is never asked.
+    let mut a = client(&pair.a.addr()).await?;
+    let mut record = pair.held.clone();
+    record.peers = vec![pair.a.addr(), pair.b.addr()];
+    a.hold(HoldRequest { held: Some(record) }).await?;
+
+    let done = keep(&pair.a.addr()).await?;
+    let failure = done
+        .failures
+        .iter()
+        .find(|f| f.contains(&layer))
+        .with_context(|| format!("no failure names {layer}: {done:?}"))?;
+    ensure!(failure.contains(&pair.b.addr()), "{failure}");
+    ensure!(
+        !failure.contains(&pair.a.addr()),
+        "A asked itself: {failure}"
+    );
+    ensure!(
+        metric_at(
+            pair.a.metrics_port,
+            r#"lade_agent_failures_total{reason="keep"}"#
+        ) >= 1.0
+    );
+    ensure!(
+        metric_at(
+            pair.a.metrics_port,
+            r#"lade_agent_held_images{state="incomplete"}"#
+        ) >= 1.0
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_loop_puts_back_a_removed_image_by_itself() -> Result<()> {
+    let every = KeepConfig {
+        interval: Some(Duration::from_millis(200)),
+        ..Default::default()
+    };
+    let pair = Pair::start("keep-loop", every).await?;
+    let app = pair.image(names::APP);
+    pair.a.runtime.remove_names(&app.names).await?;
+    for blob in &app.blobs {
+        pair.a.runtime.remove_blob(&blob.digest);
+    }
+    let node = &pair.a;
+    let back = || {
+        node.runtime.image_names().contains_key(names::APP)
+            && app.blobs.iter().all(|b| node.runtime.has_blob(&b.digest))
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !back() {
+        ensure!(
+            tokio::time::Instant::now() < deadline,
+            "the loop did not put {} back",
+            names::APP
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Ok(())
+}
