@@ -49,6 +49,7 @@ VALUES_SETS: dict[str, dict[str, Any]] = {
     "peer-cidrs": {"peerCIDRs": ["10.244.0.0/16", "fd00:10:244::/56"]},
     "policy-without-relay": {"networkPolicy": {"enabled": True, "allowedCIDRs": ["10.6.0.5/32"], "relay": False}},
     "host-network": {"hostNetwork": True},
+    "keep-off": {"keep": {"interval": "0", "peersFromService": False}},
     "everything-set": {
         "image": {"digest": "sha256:" + "ab" * 32},
         "imagePullSecrets": [{"name": "regcred"}],
@@ -587,6 +588,24 @@ def test_network_policy_without_admin_cidrs_is_refused() -> None:
 
 # ----------------------------------------------------------------------------------------------
 # Other values
+
+
+def test_agents_keep_held_bundles_and_find_each_other_through_the_headless_service() -> None:
+    r = render()
+    assert r.flag("keep-interval") == "5m"
+    service = r.one("Service")
+    assert service["spec"]["clusterIP"] == "None"
+    name, port = service["metadata"]["name"], service["spec"]["ports"][0]["port"]
+    assert r.flag("peers-dns") == f"{name}.{NAMESPACE}.svc:{port}"
+    r = render({"keep": {"interval": "30s"}, "ports": {"grpc": 7800}})
+    assert r.flag("keep-interval") == "30s"
+    assert r.flag("peers-dns") == f"{name}.{NAMESPACE}.svc:7800"
+
+
+def test_the_keep_loop_and_peer_discovery_can_be_turned_off() -> None:
+    r = render(VALUES_SETS["keep-off"])
+    assert r.flag("keep-interval") == "0"
+    assert r.flag("peers-dns") is None
 
 
 def test_host_network() -> None:
