@@ -1,11 +1,13 @@
 //! What [`Runtime::changes`](crate::runtime::Runtime::changes) signals on containerd: its
-//! Events service. A Subscribe stream breaks when containerd goes away; once a new one is
-//! taken, containerd is back ([`Change::Restarted`]). Image and content deletions in the
+//! Events service. A Subscribe stream breaks when containerd goes away; once containerd
+//! answers again it is back ([`Change::Restarted`]) and is subscribed to anew. Image and content deletions in the
 //! agent's namespace come as [`Change::ImageRemoved`] and [`Change::ContentRemoved`].
 
 use std::time::Duration;
 
-use containerd_client::services::v1::{events_client::EventsClient, ImageDelete, SubscribeRequest};
+use containerd_client::services::v1::{
+    events_client::EventsClient, version_client::VersionClient, ImageDelete, SubscribeRequest,
+};
 use containerd_client::types::Envelope;
 use futures::stream::{BoxStream, StreamExt};
 use prost::Message;
@@ -16,7 +18,7 @@ use tracing::debug;
 
 use crate::runtime::Change;
 
-/// How long to wait before subscribing again after containerd went away.
+/// How long to wait before asking again whether containerd is back.
 const RESUBSCRIBE: Duration = Duration::from_secs(1);
 
 /// The changes `channel`'s containerd reports for `namespace`, for as long as the stream is
@@ -24,48 +26,60 @@ const RESUBSCRIBE: Duration = Duration::from_secs(1);
 pub(super) fn watch(channel: Channel, namespace: String) -> BoxStream<'static, Change> {
     let (tx, rx) = mpsc::channel(16);
     tokio::spawn(async move {
-        // The first subscription finds containerd up, which is no restart; one after a
-        // failure or a broken stream is.
+        // containerd answers Subscribe only with its first event, so whether it is up is
+        // asked of its Version service. The first time it answers is no restart; any time
+        // after it went away (or the subscription ended) is.
         let mut lost = false;
         loop {
+            let up = VersionClient::new(channel.clone()).version(()).await;
+            if let Err(status) = up {
+                debug!(error = ?status, "containerd does not answer; watching for its return");
+                lost = true;
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(RESUBSCRIBE) => {}
+                }
+                continue;
+            }
+            if lost && tx.send(Change::Restarted).await.is_err() {
+                return;
+            }
             let filters = ["/images/delete", "/content/delete"]
                 .iter()
                 .map(|topic| format!(r#"namespace=="{namespace}",topic=="{topic}""#))
                 .collect();
-            let subscribed = EventsClient::new(channel.clone())
-                .subscribe(SubscribeRequest { filters })
-                .await;
-            match subscribed {
-                Ok(stream) => {
-                    if lost && tx.send(Change::Restarted).await.is_err() {
-                        return;
-                    }
-                    let mut stream = stream.into_inner();
-                    loop {
-                        let envelope = tokio::select! {
-                            () = tx.closed() => return,
-                            message = stream.message() => message,
-                        };
-                        let Ok(Some(envelope)) = envelope else {
-                            debug!("containerd's event stream ended; resubscribing");
-                            break;
-                        };
+            let mut events = EventsClient::new(channel.clone());
+            let subscribed = tokio::select! {
+                () = tx.closed() => return,
+                s = events.subscribe(SubscribeRequest { filters }) => s,
+            };
+            let mut stream = match subscribed {
+                Ok(stream) => stream.into_inner(),
+                Err(status) => {
+                    debug!(error = ?status, "containerd's event subscription failed");
+                    lost = true;
+                    continue;
+                }
+            };
+            loop {
+                let envelope = tokio::select! {
+                    () = tx.closed() => return,
+                    message = stream.message() => message,
+                };
+                match envelope {
+                    Ok(Some(envelope)) => {
                         if let Some(change) = change_of(&envelope) {
                             if tx.send(change).await.is_err() {
                                 return;
                             }
                         }
                     }
-                    lost = true;
+                    end => {
+                        debug!(?end, "containerd's event stream ended");
+                        lost = true;
+                        break;
+                    }
                 }
-                Err(status) => {
-                    debug!(error = %status.message(), "cannot subscribe to containerd's events");
-                    lost = true;
-                }
-            }
-            tokio::select! {
-                () = tx.closed() => return,
-                () = tokio::time::sleep(RESUBSCRIBE) => {}
             }
         }
     });
