@@ -318,8 +318,20 @@ struct Pass<'a, R> {
 impl<R: Runtime> Pass<'_, R> {
     async fn repair_all(&mut self, held: &[Held]) -> Result<(), Error> {
         for record in held {
+            let before = self.response.repairs.len();
             for image in &record.images {
                 self.repair(record, image).await?;
+            }
+            if self.response.repairs.len() > before {
+                // The same record again: the runtime holds what was put back (containerd:
+                // the snapshots re-created, the labels of the names re-created).
+                if let Err(e) = self.keeper.runtime.hold(record.clone()).await {
+                    let message = format!(
+                        "bundle {} version {}: recording what was put back: {e}",
+                        record.bundle, record.version
+                    );
+                    self.fail(message);
+                }
             }
         }
         Ok(())
@@ -549,10 +561,13 @@ impl<R: Runtime> Pass<'_, R> {
     }
 
     fn failure(&mut self, record: &Held, image: &HeldImage, why: String) {
-        let message = format!(
+        self.fail(format!(
             "bundle {} version {} image {}: {why}",
             record.bundle, record.version, image.source
-        );
+        ));
+    }
+
+    fn fail(&mut self, message: String) {
         warn!(%message, "keep-present: could not put back");
         self.keeper
             .fetcher
