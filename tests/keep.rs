@@ -5,6 +5,10 @@
 //! nodes load the sample bundle and hold it, then one loses names, blobs, pins or snapshots
 //! and a Keep call (or the loop) repairs it. They run on a multi-threaded runtime: reading
 //! an agent's /metrics blocks a thread while the agents are served in this process.
+//!
+//! The `containerd_` tests run the real agent on private containerd nodes: images and
+//! content removed with `ctr` come back from a peer by the loop, and a containerd restart
+//! or the removal of a held name starts a pass at once.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -17,8 +21,9 @@ use lade_proto::{
     AgentConn, Descriptor, Held, HeldImage, HoldRequest, ImageSpec, KeepRequest, KeepResponse,
     ListRequest, ReadBlobRequest, VerifyRequest,
 };
+use lade_testkit::nodes::Node;
 use lade_tests::inproc::{load_json_async, MemoryNode};
-use lade_tests::{metric_at, names, sample_bundle};
+use lade_tests::{metric, metric_at, names, sample_bundle, wait_for};
 
 const BUNDLE: &str = "demo";
 const VERSION: &str = "1";
@@ -69,6 +74,10 @@ async fn held_on(client: &mut AgentConn, peers: Vec<String>) -> Result<Held> {
             .or_insert_with(|| (target, Vec::new()))
             .1
             .push(record.name);
+    }
+    // CRI's own records by image ID are not names lade made.
+    for (_, names) in by_target.values_mut() {
+        names.retain(|n| !n.starts_with("sha256:"));
     }
     let mut images = Vec::new();
     for (_, (target, names)) in by_target {
@@ -375,5 +384,171 @@ async fn the_loop_puts_back_a_removed_image_by_itself() -> Result<()> {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Ok(())
+}
+
+/// Loads the sample bundle onto `nodes` and records it on each, naming the others as peers.
+async fn load_and_hold(dir: &std::path::Path, nodes: &[&Node]) -> Result<Held> {
+    let (bundle, _) = sample_bundle(dir)?;
+    let (code, reports, stderr) = lade_tests::load(&bundle, nodes, &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let mut held = None;
+    for node in nodes {
+        let peers = nodes
+            .iter()
+            .filter(|n| n.name != node.name)
+            .map(|n| n.addr())
+            .collect();
+        let mut client = client(&node.addr()).await?;
+        let record = held_on(&mut client, peers).await?;
+        client
+            .hold(HoldRequest {
+                held: Some(record.clone()),
+            })
+            .await?;
+        held.get_or_insert(record);
+    }
+    held.context("no node")
+}
+
+/// The digests in node's content store.
+fn content(node: &Node) -> Result<Vec<String>> {
+    let out = node
+        .containerd
+        .ctr_ok(&["-n", "k8s.io", "content", "ls", "-q"])?;
+    Ok(out.lines().map(str::to_string).collect())
+}
+
+/// Whether every name of `held` verifies on `node` (and carries the pin where it pins).
+async fn all_ok(node: &Node, held: &Held) -> Result<bool> {
+    let mut client = client(&node.addr()).await?;
+    let pins = client
+        .info(lade_proto::InfoRequest {})
+        .await?
+        .into_inner()
+        .images_pinned;
+    let names: Vec<String> = held.images.iter().flat_map(|i| i.names.clone()).collect();
+    let refs = client
+        .verify(VerifyRequest { refs: names })
+        .await?
+        .into_inner()
+        .refs;
+    Ok(refs.iter().all(|r| r.ok && (r.pinned || !pins)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_nodes_put_back_removed_images_and_content_from_each_other() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let every = ["--keep-interval", "2s"];
+    let nodes = [
+        Node::start_with("keep-ctr-0", &every).await?,
+        Node::start_with("keep-ctr-1", &every).await?,
+    ];
+    let held = load_and_hold(dir.path(), &[&nodes[0], &nodes[1]]).await?;
+    let (lost, peer) = (&nodes[0], &nodes[1]);
+    let names_before = lost.all_image_names()?;
+    let served_before = metric(peer, "lade_agent_served_bytes_total");
+
+    let gone: Vec<&HeldImage> = held
+        .images
+        .iter()
+        .filter(|i| {
+            i.names
+                .iter()
+                .any(|n| n == names::APP || n == names::SIDECAR)
+        })
+        .collect();
+    ensure!(gone.len() == 2, "{held:?}");
+    let mut rm = vec!["-n", "k8s.io", "images", "rm"];
+    rm.extend(gone.iter().flat_map(|i| i.names.iter().map(String::as_str)));
+    lost.containerd.ctr_ok(&rm)?;
+    let blobs: Vec<&str> = gone
+        .iter()
+        .flat_map(|i| i.target.iter().chain(&i.blobs))
+        .map(|b| b.digest.as_str())
+        .collect();
+    let mut rm = vec!["-n", "k8s.io", "content", "rm"];
+    rm.extend(&blobs);
+    lost.containerd.ctr_ok(&rm)?;
+    let left = content(lost)?;
+    ensure!(
+        blobs.iter().all(|b| !left.iter().any(|l| l == b)),
+        "ctr content rm left blobs"
+    );
+
+    wait_for(
+        "the removed names and content back on keep-ctr-0",
+        Duration::from_secs(60),
+        || {
+            let names = lost.all_image_names().unwrap_or_default();
+            let content = content(lost).unwrap_or_default();
+            names == names_before && blobs.iter().all(|b| content.iter().any(|c| c == b))
+        },
+    )?;
+    ensure!(all_ok(lost, &held).await?, "names do not verify");
+    ensure!(
+        metric(peer, "lade_agent_served_bytes_total") > served_before,
+        "keep-ctr-1 served nothing"
+    );
+    ensure!(metric(lost, r#"lade_agent_repairs_total{kind="content"}"#) >= 2.0);
+    ensure!(metric(lost, r#"lade_agent_repairs_total{kind="name"}"#) >= 2.0);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerd_restart_or_a_removed_held_name_starts_a_pass_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    // No pass comes from the interval during the test.
+    let mut node = Node::start_with("keep-restart", &["--keep-interval", "1h"]).await?;
+    let held = load_and_hold(dir.path(), &[&node]).await?;
+    let present = r#"lade_agent_held_images{state="present"}"#;
+    // The pass at the agent's start found nothing held.
+    ensure!(metric(&node, present) == 0.0);
+    let pins = client(&node.addr())
+        .await?
+        .info(lade_proto::InfoRequest {})
+        .await?
+        .into_inner()
+        .images_pinned;
+    if pins {
+        node.containerd.ctr_ok(&[
+            "-n",
+            "k8s.io",
+            "images",
+            "label",
+            names::SIDECAR,
+            "io.cri-containerd.pinned=",
+        ])?;
+        ensure!(!all_ok(&node, &held).await?, "the pin is still there");
+    }
+
+    node.containerd.restart().await?;
+    wait_for(
+        "a pass after containerd's restart",
+        Duration::from_secs(30),
+        || metric(&node, present) == 3.0,
+    )
+    .with_context(|| {
+        let log = std::fs::read_to_string(node.agent.log()).unwrap_or_default();
+        format!("agent log:\n{log}")
+    })?;
+    ensure!(
+        all_ok(&node, &held).await?,
+        "not all put back after the restart"
+    );
+    if pins {
+        ensure!(metric(&node, r#"lade_agent_repairs_total{kind="pin"}"#) == 1.0);
+    }
+
+    node.containerd
+        .ctr_ok(&["-n", "k8s.io", "images", "rm", names::SIDECAR])?;
+    wait_for(
+        "the removed held name back",
+        Duration::from_secs(30),
+        || {
+            node.all_image_names()
+                .is_ok_and(|n| n.iter().any(|n| n == names::SIDECAR))
+        },
+    )?;
     Ok(())
 }
