@@ -134,6 +134,8 @@ pub struct Keeper<R> {
     fetcher: Fetcher<R>,
     config: KeepConfig,
     running: Mutex<Option<PassFuture>>,
+    /// Held by a pass, and by whatever must not run beside one ([`Keeper::without_pass`]).
+    quiet: tokio::sync::Mutex<()>,
     sessions: AtomicU64,
 }
 
@@ -145,6 +147,7 @@ impl<R: Runtime> Keeper<R> {
             fetcher,
             config,
             running: Mutex::new(None),
+            quiet: tokio::sync::Mutex::new(()),
             sessions: AtomicU64::new(0),
         }
     }
@@ -185,7 +188,15 @@ impl<R: Runtime> Keeper<R> {
         pass.await
     }
 
+    /// Runs `work` while no pass runs (a Release, whose removed names a pass would otherwise
+    /// put back while the record is still there).
+    pub async fn without_pass<T>(&self, work: impl Future<Output = T>) -> T {
+        let _quiet = self.quiet.lock().await;
+        work.await
+    }
+
     async fn run_pass(&self) -> Result<KeepResponse, Error> {
+        let _quiet = self.quiet.lock().await;
         let mut held = self.runtime.holds().await?;
         held.sort_by(|a, b| (&a.bundle, &a.version).cmp(&(&b.bundle, &b.version)));
         let mut pass = Pass {

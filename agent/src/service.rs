@@ -459,7 +459,10 @@ impl<R: Runtime> lade_proto::Agent for AgentService<R> {
         &self,
         req: Request<ReleaseRequest>,
     ) -> Result<Response<ReleaseResponse>, Status> {
-        let answer = holds::release(&*self.runtime, &req.into_inner())
+        let req = req.into_inner();
+        let answer = self
+            .keeper()
+            .without_pass(holds::release(&*self.runtime, &req))
             .await
             .map_err(|e| self.fail(e))?;
         Ok(Response::new(answer))

@@ -291,7 +291,10 @@ pub async fn spawn_agent(
         .args(args)
         .arg("--node-name")
         .arg(name)
-        .env("RUST_LOG", "info,lade_agent=debug");
+        .env("RUST_LOG", "info,lade_agent=debug")
+        // No keep-present loop unless a test asks for one (`--keep-interval`, which wins over
+        // the environment): it would put back what tests remove to see it reported.
+        .env("LADE_KEEP_INTERVAL", "0");
     let mut child = ChildGuard::spawn(cmd, log)?;
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
