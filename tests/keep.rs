@@ -419,14 +419,19 @@ fn content(node: &Node) -> Result<Vec<String>> {
     Ok(out.lines().map(str::to_string).collect())
 }
 
+/// Whether the agent of `node` pins the images it names.
+async fn pins(node: &Node) -> Result<bool> {
+    let info = client(&node.addr())
+        .await?
+        .info(lade_proto::InfoRequest {})
+        .await?;
+    Ok(info.into_inner().images_pinned)
+}
+
 /// Whether every name of `held` verifies on `node` (and carries the pin where it pins).
 async fn all_ok(node: &Node, held: &Held) -> Result<bool> {
+    let pins = pins(node).await?;
     let mut client = client(&node.addr()).await?;
-    let pins = client
-        .info(lade_proto::InfoRequest {})
-        .await?
-        .into_inner()
-        .images_pinned;
     let names: Vec<String> = held.images.iter().flat_map(|i| i.names.clone()).collect();
     let refs = client
         .verify(VerifyRequest { refs: names })
@@ -504,12 +509,7 @@ async fn containerd_restart_or_a_removed_held_name_starts_a_pass_at_once() -> Re
     let present = r#"lade_agent_held_images{state="present"}"#;
     // The pass at the agent's start found nothing held.
     ensure!(metric(&node, present) == 0.0);
-    let pins = client(&node.addr())
-        .await?
-        .info(lade_proto::InfoRequest {})
-        .await?
-        .into_inner()
-        .images_pinned;
+    let pins = pins(&node).await?;
     if pins {
         node.containerd.ctr_ok(&[
             "-n",
