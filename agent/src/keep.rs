@@ -622,3 +622,56 @@ impl<R: Runtime> Keeper<R> {
         matches!(answer, Ok(Ok(info)) if info.get_ref().node_name == own)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn need(names: usize) -> Need {
+        Need {
+            names,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_image_is_missing_when_no_name_points_at_it_and_incomplete_when_anything_lacks() {
+        assert_eq!(need(2).state(), State::Present);
+        let absent = Need {
+            absent: vec!["a".into()],
+            ..need(2)
+        };
+        assert_eq!(absent.state(), State::Incomplete);
+        let gone = Need {
+            absent: vec!["a".into()],
+            moved: vec![("b".into(), "sha256:other".into())],
+            ..need(2)
+        };
+        assert_eq!(gone.state(), State::Missing);
+        assert!(!gone.moved.is_empty() && gone.repairable());
+        let moved_only = Need {
+            moved: vec![("b".into(), "sha256:other".into())],
+            ..need(2)
+        };
+        // Reported, never repaired, and the image is not whole.
+        assert!(!moved_only.repairable());
+        assert_eq!(moved_only.state(), State::Incomplete);
+        for lacking in [
+            Need {
+                unpinned: vec!["a".into()],
+                ..need(1)
+            },
+            Need {
+                broken: true,
+                ..need(1)
+            },
+            Need {
+                missing: vec![Descriptor::default()],
+                ..need(1)
+            },
+        ] {
+            assert!(lacking.repairable(), "{lacking:?}");
+            assert_eq!(lacking.state(), State::Incomplete, "{lacking:?}");
+        }
+    }
+}
