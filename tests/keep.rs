@@ -8,7 +8,8 @@
 //!
 //! The `containerd_` tests run the real agent on private containerd nodes: images and
 //! content removed with `ctr` come back from a peer by the loop, and a containerd restart
-//! or the removal of a held name starts a pass at once.
+//! or the removal of a held name starts a pass at once. On Docker, a tag removed with
+//! `docker rmi` comes back at once (dockerd's image events).
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,7 +22,7 @@ use lade_proto::{
     AgentConn, Descriptor, Held, HeldImage, HoldRequest, ImageSpec, KeepRequest, KeepResponse,
     ListRequest, ReadBlobRequest, VerifyRequest,
 };
-use lade_testkit::nodes::Node;
+use lade_testkit::nodes::{DockerNode, Node};
 use lade_tests::inproc::{load_json_async, MemoryNode};
 use lade_tests::{metric, metric_at, names, sample_bundle, wait_for};
 
@@ -550,5 +551,55 @@ async fn containerd_restart_or_a_removed_held_name_starts_a_pass_at_once() -> Re
                 .is_ok_and(|n| n.iter().any(|n| n == names::SIDECAR))
         },
     )?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tag_removed_from_docker_comes_back_at_once() -> Result<()> {
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = sample_bundle(dir.path())?;
+    let source = Node::start("keep-docker-src").await?;
+    // No pass comes from the interval during the test: only dockerd's untag event.
+    let docker = DockerNode::start_with("keep-docker", &["--keep-interval", "1h"]).await?;
+    let agents = [source.addr(), docker.addr()];
+    let (code, reports, stderr) = lade_tests::load_json(&bundle, &agents, &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    // The record of the load, as the containerd node knows its images, held on Docker with
+    // the containerd node as its peer.
+    let mut record = held_on(&mut client(&source.addr()).await?, vec![source.addr()]).await?;
+    for image in &mut record.images {
+        image.names.retain(|n| !n.contains('@'));
+    }
+    client(&docker.addr())
+        .await?
+        .hold(HoldRequest { held: Some(record) })
+        .await?;
+    let before = docker.docker_image_names()?;
+    ensure!(before.iter().any(|n| n == names::SIDECAR), "{before:?}");
+
+    docker.dockerd.docker_ok(&["rmi", names::SIDECAR])?;
+    ensure!(!docker
+        .docker_image_names()?
+        .iter()
+        .any(|n| n == names::SIDECAR));
+    wait_for(
+        "the removed tag back on Docker",
+        Duration::from_secs(30),
+        || docker.docker_image_names().is_ok_and(|n| n == before),
+    )
+    .with_context(|| {
+        let log = std::fs::read_to_string(docker.agent.log()).unwrap_or_default();
+        format!("agent log:\n{log}")
+    })?;
+    let repaired = metric_at(
+        docker.agent.metrics_port(),
+        r#"lade_agent_repairs_total{kind="name"}"#,
+    );
+    ensure!(repaired == 1.0, "{repaired} name repairs");
+    let failed = metric_at(
+        docker.agent.metrics_port(),
+        r#"lade_agent_failures_total{reason="keep"}"#,
+    );
+    ensure!(failed == 0.0, "{failed} failures");
     Ok(())
 }

@@ -356,11 +356,25 @@ impl<R: Runtime> Pass<'_, R> {
             names: image.names.len(),
             ..Default::default()
         };
+        // What a name points at: its manifest (or index) where the runtime keeps one, else
+        // (Docker) its image ID, the config digest.
+        let config = image
+            .blobs
+            .iter()
+            .find(|b| lade_oci::is_config(&b.media_type))
+            .map(|b| b.digest.as_str());
         for status in runtime.verify(&image.names).await? {
-            if status.manifest_digest.is_empty() {
+            let (points_at, ours) = if !status.manifest_digest.is_empty() {
+                let ours = status.manifest_digest == target.digest;
+                (status.manifest_digest, ours)
+            } else {
+                let ours = config.is_none_or(|c| c == status.image_id);
+                (status.image_id, ours)
+            };
+            if points_at.is_empty() {
                 need.absent.push(status.r#ref);
-            } else if status.manifest_digest != target.digest {
-                need.moved.push((status.r#ref, status.manifest_digest));
+            } else if !ours {
+                need.moved.push((status.r#ref, points_at));
             } else {
                 need.broken |= !status.ok;
                 if self.pins && !status.pinned {

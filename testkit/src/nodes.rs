@@ -142,11 +142,16 @@ pub struct DockerNode {
 impl DockerNode {
     /// Starts dockerd and an agent for it; returns once the agent accepts connections.
     pub async fn start(name: &str) -> Result<DockerNode> {
+        DockerNode::start_with(name, &[]).await
+    }
+
+    /// As [`DockerNode::start`], with extra agent flags (e.g. `--keep-interval 1h`).
+    pub async fn start_with(name: &str, agent_args: &[&str]) -> Result<DockerNode> {
         let dockerd = Dockerd::start(name).await?;
         let cache = dockerd.dir().join("lade-cache");
         // `--containerd-socket` is used only when dockerd keeps images in containerd (the
         // containerd image store): dockerd 26 does not report its containerd's address.
-        let args = vec![
+        let mut args = vec![
             OsString::from("--runtime"),
             OsString::from("docker"),
             OsString::from("--docker-socket"),
@@ -156,6 +161,7 @@ impl DockerNode {
             OsString::from("--containerd-socket"),
             dockerd.containerd().socket().into_os_string(),
         ];
+        args.extend(agent_args.iter().map(OsString::from));
         let agent = AgentProcess::start(name, dockerd.dir().join("agent.log"), args).await?;
         Ok(DockerNode {
             name: name.to_string(),
