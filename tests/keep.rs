@@ -11,7 +11,6 @@
 //! or the removal of a held name starts a pass at once. On Docker, a tag removed with
 //! `docker rmi` comes back at once (dockerd's image events).
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
@@ -19,15 +18,12 @@ use lade_agent::keep::KeepConfig;
 use lade_agent::runtime::memory::Memory;
 use lade_agent::runtime::Runtime;
 use lade_proto::{
-    AgentConn, Descriptor, Held, HeldImage, HoldRequest, ImageSpec, KeepRequest, KeepResponse,
-    ListRequest, ReadBlobRequest, VerifyRequest,
+    AgentConn, Held, HeldImage, HoldRequest, HoldsRequest, ImageSpec, KeepRequest, KeepResponse,
+    VerifyRequest,
 };
 use lade_testkit::nodes::{DockerNode, Node};
 use lade_tests::inproc::{load_json_async, MemoryNode};
 use lade_tests::{metric, metric_at, names, sample_bundle, wait_for};
-
-const BUNDLE: &str = "demo";
-const VERSION: &str = "1";
 
 async fn client(addr: &str) -> Result<AgentConn> {
     lade::load::connect(addr, &lade_tests::dial())
@@ -35,81 +31,19 @@ async fn client(addr: &str) -> Result<AgentConn> {
         .with_context(|| format!("connecting to {addr}"))
 }
 
-/// The whole of blob `digest` as the agent at `client` serves it.
-async fn read_blob(client: &mut AgentConn, digest: &str) -> Result<Vec<u8>> {
-    let mut stream = client
-        .read_blob(ReadBlobRequest {
-            digest: digest.to_string(),
-            offset: 0,
-        })
+/// The one bundle version the agent at `addr` holds: the record the load made.
+async fn record(addr: &str) -> Result<Held> {
+    let versions = client(addr)
         .await?
-        .into_inner();
-    let mut bytes = Vec::new();
-    while let Some(chunk) = stream.message().await? {
-        bytes.extend_from_slice(&chunk.data);
-    }
-    Ok(bytes)
-}
-
-fn descriptor(json: &serde_json::Value) -> Result<Descriptor> {
-    Ok(Descriptor {
-        media_type: json["mediaType"].as_str().unwrap_or_default().to_string(),
-        digest: json["digest"]
-            .as_str()
-            .context("descriptor without digest")?
-            .to_string(),
-        size: json["size"].as_u64().context("descriptor without size")?,
-        ..Default::default()
-    })
-}
-
-/// The record a load of every image on the node at `client` would make: each image (by
-/// target) with its names and blobs, read through the agent (List, ReadBlob).
-async fn held_on(client: &mut AgentConn, peers: Vec<String>) -> Result<Held> {
-    let records = client.list(ListRequest {}).await?.into_inner().images;
-    let mut by_target: BTreeMap<String, (Descriptor, Vec<String>)> = BTreeMap::new();
-    for record in records {
-        let target = record.target.context("image record without target")?;
-        by_target
-            .entry(target.digest.clone())
-            .or_insert_with(|| (target, Vec::new()))
-            .1
-            .push(record.name);
-    }
-    // CRI's own records by image ID are not names lade made.
-    for (_, names) in by_target.values_mut() {
-        names.retain(|n| !n.starts_with("sha256:"));
-    }
-    let mut images = Vec::new();
-    for (_, (target, names)) in by_target {
-        let manifest: serde_json::Value =
-            serde_json::from_slice(&read_blob(client, &target.digest).await?)?;
-        let mut blobs = vec![descriptor(&manifest["config"])?];
-        for layer in manifest["layers"]
-            .as_array()
-            .context("manifest without layers")?
-        {
-            blobs.push(descriptor(layer)?);
-        }
-        let source = names
-            .iter()
-            .find(|n| !n.contains('@'))
-            .unwrap_or(&names[0])
-            .clone();
-        images.push(HeldImage {
-            source,
-            target: Some(target),
-            names,
-            blobs,
-        });
-    }
-    Ok(Held {
-        bundle: BUNDLE.into(),
-        version: VERSION.into(),
-        loaded_at: 1,
-        images,
-        peers,
-    })
+        .holds(HoldsRequest {})
+        .await?
+        .into_inner()
+        .versions;
+    ensure!(versions.len() == 1, "{addr} holds {versions:?}");
+    versions[0]
+        .held
+        .clone()
+        .with_context(|| format!("{addr}: a version without its record"))
 }
 
 async fn keep(addr: &str) -> Result<KeepResponse> {
@@ -128,8 +62,8 @@ fn repairs(done: &KeepResponse) -> Vec<(String, String)> {
     all
 }
 
-/// Two pinning in-memory nodes that loaded the sample bundle and hold it, each naming the
-/// other as peer.
+/// Two pinning in-memory nodes that loaded the sample bundle, whose load recorded it on
+/// each, naming the other as peer.
 struct Pair {
     _dir: tempfile::TempDir,
     a: MemoryNode,
@@ -149,18 +83,8 @@ impl Pair {
         .await?;
         let (code, _, stderr) = load_json_async(&bundle, &[&a, &b], &[]).await?;
         ensure!(code == 0, "load failed: {stderr}");
-        let mut held = None;
-        for (node, peer) in [(&a, &b), (&b, &a)] {
-            let mut client = client(&node.addr()).await?;
-            let record = held_on(&mut client, vec![peer.addr()]).await?;
-            client
-                .hold(HoldRequest {
-                    held: Some(record.clone()),
-                })
-                .await?;
-            held.get_or_insert(record);
-        }
-        let held = held.expect("two nodes");
+        let held = record(&a.addr()).await?;
+        ensure!(held.peers.contains(&b.addr()), "{held:?}");
         ensure!(held.images.len() == 3, "{held:?}");
         Ok(Pair {
             _dir: dir,
@@ -303,11 +227,12 @@ async fn a_name_moved_to_other_content_is_reported_not_taken_back() -> Result<()
     ensure!(done.repairs.is_empty(), "{done:?}");
     ensure!(done.failures.len() == 1, "{done:?}");
     let failure = &done.failures[0];
+    let bundle = pair.held.bundle.as_str();
     for part in [
         names::APP,
         &sidecar_digest,
         &app.source,
-        BUNDLE,
+        bundle,
         "not taken back",
     ] {
         ensure!(failure.contains(part), "{failure:?} does not name {part}");
@@ -388,28 +313,17 @@ async fn the_loop_puts_back_a_removed_image_by_itself() -> Result<()> {
     Ok(())
 }
 
-/// Loads the sample bundle onto `nodes` and records it on each, naming the others as peers.
+/// Loads the sample bundle onto `nodes` (which records it on each, naming the others as
+/// peers); returns the first node's record.
 async fn load_and_hold(dir: &std::path::Path, nodes: &[&Node]) -> Result<Held> {
     let (bundle, _) = sample_bundle(dir)?;
     let (code, reports, stderr) = lade_tests::load(&bundle, nodes, &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
-    let mut held = None;
-    for node in nodes {
-        let peers = nodes
-            .iter()
-            .filter(|n| n.name != node.name)
-            .map(|n| n.addr())
-            .collect();
-        let mut client = client(&node.addr()).await?;
-        let record = held_on(&mut client, peers).await?;
-        client
-            .hold(HoldRequest {
-                held: Some(record.clone()),
-            })
-            .await?;
-        held.get_or_insert(record);
+    let held = record(&nodes[0].addr()).await?;
+    for peer in &nodes[1..] {
+        ensure!(held.peers.contains(&peer.addr()), "{held:?}");
     }
-    held.context("no node")
+    Ok(held)
 }
 
 /// The digests in node's content store.
@@ -564,16 +478,8 @@ async fn a_tag_removed_from_docker_comes_back_at_once() -> Result<()> {
     let agents = [source.addr(), docker.addr()];
     let (code, reports, stderr) = lade_tests::load_json(&bundle, &agents, &[])?;
     ensure!(code == 0, "{reports:#?}\n{stderr}");
-    // The record of the load, as the containerd node knows its images, held on Docker with
-    // the containerd node as its peer.
-    let mut record = held_on(&mut client(&source.addr()).await?, vec![source.addr()]).await?;
-    for image in &mut record.images {
-        image.names.retain(|n| !n.contains('@'));
-    }
-    client(&docker.addr())
-        .await?
-        .hold(HoldRequest { held: Some(record) })
-        .await?;
+    let held = record(&docker.addr()).await?;
+    ensure!(held.peers.contains(&source.addr()), "{held:?}");
     let before = docker.docker_image_names()?;
     ensure!(before.iter().any(|n| n == names::SIDECAR), "{before:?}");
 
