@@ -238,9 +238,27 @@ async fn a_name_moved_to_other_content_is_reported_not_taken_back() -> Result<()
         ensure!(failure.contains(part), "{failure:?} does not name {part}");
     }
     ensure!(
-        points_at(&pair.a) == Some(sidecar_digest),
+        points_at(&pair.a) == Some(sidecar_digest.clone()),
         "the moved name was taken back"
     );
+
+    // A later version holds the name at that content: it is that version's now, no failure.
+    let mut later = pair.held.clone();
+    later.version = format!("{}-later", later.version);
+    later.images = vec![HeldImage {
+        names: vec![names::APP.to_string()],
+        ..sidecar.clone()
+    }];
+    client(&pair.a.addr())
+        .await?
+        .hold(HoldRequest { held: Some(later) })
+        .await?;
+    let done = keep(&pair.a.addr()).await?;
+    ensure!(
+        done.repairs.is_empty() && done.failures.is_empty(),
+        "{done:?}"
+    );
+    ensure!(points_at(&pair.a) == Some(sidecar_digest));
     Ok(())
 }
 

@@ -18,7 +18,7 @@
 //!
 //! One pass runs at a time: a Keep call or a loop tick that comes while one runs shares it.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -96,6 +96,9 @@ struct Need {
     absent: Vec<String>,
     /// Names that point at other content: (name, the digest they point at).
     moved: Vec<(String, String)>,
+    /// Names that point at another held version's image of that name (a later load moved
+    /// them there): that version's to keep, not this one's.
+    superseded: Vec<String>,
     /// Names that point at the target without the pin, where the agent pins.
     unpinned: Vec<String>,
     /// A name points at the target but does not verify (content or snapshots missing).
@@ -116,7 +119,8 @@ impl Need {
     }
 
     fn state(&self) -> State {
-        if self.absent.len() + self.moved.len() >= self.names {
+        let own = self.names - self.superseded.len();
+        if own > 0 && self.absent.len() + self.moved.len() >= own {
             State::Missing
         } else if self.repairable() || !self.moved.is_empty() {
             State::Incomplete
@@ -210,6 +214,7 @@ impl<R: Runtime> Keeper<R> {
             response: KeepResponse::default(),
             peers: None,
             selves: HashMap::new(),
+            owners: owners(&held),
         };
         if !held.is_empty() {
             pass.pins = self.runtime.info().await?.images_pinned;
@@ -258,6 +263,31 @@ impl<R: Runtime> Keeper<R> {
             Err(_) => true,
         }
     }
+}
+
+/// For each name (normalised) of the records `held`, the targets and configs of the images
+/// that have it.
+fn owners(held: &[Held]) -> HashMap<String, HashSet<String>> {
+    let mut owners: HashMap<String, HashSet<String>> = HashMap::new();
+    for image in held.iter().flat_map(|h| &h.images) {
+        let digests = image
+            .target
+            .iter()
+            .chain(
+                image
+                    .blobs
+                    .iter()
+                    .filter(|b| lade_oci::is_config(&b.media_type)),
+            )
+            .map(|d| d.digest.clone());
+        for name in &image.names {
+            owners
+                .entry(canonical_name(name))
+                .or_default()
+                .extend(digests.clone());
+        }
+    }
+    owners
 }
 
 /// Runs a pass every `interval`, at once when it starts, and soon after the runtime
@@ -324,6 +354,9 @@ struct Pass<'a, R> {
     peers: Option<(Vec<String>, Option<String>)>,
     /// Whether each peer asked in this pass is this agent.
     selves: HashMap<String, bool>,
+    /// For each name (normalised) a held version has, what its images of that name are:
+    /// their targets and configs.
+    owners: HashMap<String, HashSet<String>>,
 }
 
 impl<R: Runtime> Pass<'_, R> {
@@ -374,7 +407,16 @@ impl<R: Runtime> Pass<'_, R> {
             if points_at.is_empty() {
                 need.absent.push(status.r#ref);
             } else if !ours {
-                need.moved.push((status.r#ref, points_at));
+                let name = canonical_name(&status.r#ref);
+                if self
+                    .owners
+                    .get(&name)
+                    .is_some_and(|d| d.contains(&points_at))
+                {
+                    need.superseded.push(status.r#ref);
+                } else {
+                    need.moved.push((status.r#ref, points_at));
+                }
             } else {
                 need.broken |= !status.ok;
                 if self.pins && !status.pinned {
@@ -417,11 +459,16 @@ impl<R: Runtime> Pass<'_, R> {
         if !need.repairable() {
             return Ok(());
         }
-        let moved: Vec<&String> = need.moved.iter().map(|(n, _)| n).collect();
+        let taken: Vec<&String> = need
+            .moved
+            .iter()
+            .map(|(n, _)| n)
+            .chain(&need.superseded)
+            .collect();
         let names: Vec<String> = image
             .names
             .iter()
-            .filter(|n| !moved.contains(n))
+            .filter(|n| !taken.contains(n))
             .cloned()
             .collect();
         if !need.missing.is_empty() {
@@ -432,6 +479,10 @@ impl<R: Runtime> Pass<'_, R> {
                     return Ok(());
                 }
             }
+        }
+        if names.is_empty() {
+            // Every name is another's now: the content stays held, there is nothing to name.
+            return Ok(());
         }
         let spec = ImageSpec {
             manifest: Some(target),
