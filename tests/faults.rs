@@ -16,8 +16,10 @@ use serde_json::Value;
 /// Nodes per cluster: with the default relay, a tree of three has a root and two children.
 const NODES: usize = 3;
 
-/// The node the faults strike: a child of the root when the relay builds a tree.
-const BAD: usize = 1;
+/// The node the faults strike: not one of the relay's two roots (the first two nodes), a
+/// child of the first. A stalled root still holds the others until `--stall-timeout` cuts
+/// it off (known, not handled yet; see docs/load.md).
+const BAD: usize = 2;
 
 /// `--relay off`.
 const DIRECT: &[&str] = &["--relay", "off"];
