@@ -17,9 +17,11 @@ use serde_json::Value;
 const NODES: usize = 3;
 
 /// The node the faults strike: not one of the relay's two roots (the first two nodes), a
-/// child of the first. A stalled root still holds the others until `--stall-timeout` cuts
-/// it off (known, not handled yet; see docs/load.md).
+/// child of the first. [`a_relay_root_that_stops_reading_fails_alone`] strikes a root.
 const BAD: usize = 2;
+
+/// The relay's second root: the coordinator's second send goes to it.
+const SECOND_ROOT: usize = 1;
 
 /// `--relay off`.
 const DIRECT: &[&str] = &["--relay", "off"];
@@ -34,10 +36,17 @@ struct Cluster {
     bundle: PathBuf,
     written: WrittenArchive,
     nodes: Vec<MemoryNode>,
+    /// The node the fault strikes.
+    bad: usize,
 }
 
 impl Cluster {
     async fn start(name: &str) -> Result<Cluster> {
+        Cluster::start_with(name, BAD).await
+    }
+
+    /// As [`Cluster::start`], the fault striking node `bad`.
+    async fn start_with(name: &str, bad: usize) -> Result<Cluster> {
         let dir = tempfile::tempdir()?;
         let imgs = images_and_big(31, &[3 * CHUNK_SIZE])?;
         let (bundle, written) =
@@ -50,6 +59,7 @@ impl Cluster {
             bundle,
             written,
             nodes,
+            bad,
         })
     }
 
@@ -59,7 +69,7 @@ impl Cluster {
     }
 
     fn bad(&self) -> &MemoryNode {
-        &self.nodes[BAD]
+        &self.nodes[self.bad]
     }
 
     /// `lade load -o json` onto every node with `extra` flags: (exit code, reports, stderr).
@@ -79,7 +89,7 @@ impl Cluster {
         ensure!(reports.len() == NODES, "{reports:#?}");
         for (i, (node, report)) in self.nodes.iter().zip(reports).enumerate() {
             ensure!(report["agent"] == node.addr().as_str(), "{report:#}");
-            if i == BAD {
+            if i == self.bad {
                 ensure!(
                     report["ok"] == false,
                     "the bad node counts as loaded: {report:#}"
@@ -114,14 +124,14 @@ impl Cluster {
                 "node {i}: {report:#}"
             );
             ensure!(node.runtime.image_names().contains_key(BIG_IMAGE));
-            if i != BAD {
+            if i != self.bad {
                 ensure!(
                     report["blobs_sent"] == 0,
                     "node {i} was sent blobs again: {report:#}"
                 );
             }
         }
-        let bad = &reports[BAD];
+        let bad = &reports[self.bad];
         ensure!(
             (bad["blobs_sent"].as_u64() > Some(0)) == resend,
             "the bad node was sent {} blobs: {bad:#}",
@@ -222,6 +232,37 @@ async fn a_node_that_stalls_is_given_up_and_the_others_load() -> Result<()> {
 #[tokio::test(flavor = "multi_thread")]
 async fn a_relay_node_that_stalls_is_given_up_and_the_others_load() -> Result<()> {
     stalled("stall-relay", RELAY).await
+}
+
+/// The relay's second root takes the coordinator's send of its first blob and never reads
+/// another byte (every upload into it stalls). Its blob goes to the first root once the
+/// others move bytes without it, so the other nodes load everything well before the stalled
+/// one is given up at `--node-timeout` (before, they waited with it until `--stall-timeout`,
+/// here 60 s, and timed out with it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_relay_root_that_stops_reading_fails_alone() -> Result<()> {
+    let cluster = Cluster::start_with("stopped-root", SECOND_ROOT).await?;
+    cluster.bad().runtime.inject(Fault::Stall(None));
+    let flags = [
+        "--node-timeout",
+        "15s",
+        "--retries",
+        "0",
+        "--stall-timeout",
+        "60s",
+    ];
+    let outcome = cluster.load(&flags).await?;
+    cluster.failed_alone(&outcome, |r| r["error_kind"] == "timeout")?;
+    for (i, report) in outcome.1.iter().enumerate() {
+        let seconds = report["seconds"].as_f64().unwrap_or(f64::MAX);
+        ensure!(
+            i == SECOND_ROOT || seconds < 12.0,
+            "node {i} finished only after {seconds} s, waiting for the stopped root: {report:#}\n{}",
+            outcome.2
+        );
+    }
+    cluster.rerun(RELAY, true).await?;
+    Ok(())
 }
 
 async fn failed_import(name: &str, relay: &[&str]) -> Result<()> {

@@ -1,8 +1,8 @@
 //! Relay fan-out end to end: the real `lade` and `lade-agent` binaries against
 //! private containerd instances; the coordinator sends each blob to one of two root nodes
 //! (the first two, in turn) and the other agents fetch it from peers over their gRPC ports.
-//! The killed and frozen nodes are not roots: a root lost mid-send costs a second send of its
-//! blob under way, which the docs say. Fails when containerd, runc or busybox-static is missing, unless
+//! The killed and frozen nodes are not roots, except in the test of a root that stops
+//! reading: a root lost mid-send costs a second send of its blob under way, which the docs say. Fails when containerd, runc or busybox-static is missing, unless
 //! LADE_SKIP_DAEMON_TESTS=1 says to skip.
 
 use std::process::{Command, Stdio};
@@ -476,6 +476,70 @@ async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Res
         again[2]
     );
     assert_has_every_image(&nodes[2], 4)?;
+    Ok(())
+}
+
+/// The second root (b) stops reading in the middle of the coordinator's send of a big layer.
+/// Once that send has moved nothing for a few seconds while nothing else is stuck, the
+/// coordinator sends the layer to another root, so the others finish while b is still
+/// being waited for (before, they waited with it for `--stall-timeout` and finished after
+/// it was given up). b fails alone, named, and a re-run completes it.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_root_that_stops_reading_does_not_hold_the_others() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (bundle, _) = big_bundle(dir.path(), 40 << 20, 23)?;
+    let index = Bundle::open(&bundle)?;
+    let nodes = start_nodes(&["halt-a", "halt-b", "halt-c", "halt-d"]).await?;
+    let frozen = nodes[1].addr();
+
+    let load = spawn_load(&bundle, &nodes, &["--stall-timeout", "20s"])?;
+    wait_for(
+        "b to take part of a big layer from the coordinator",
+        Duration::from_secs(120),
+        || metric(&nodes[1], "lade_agent_received_bytes_total") > (4 << 20) as f64,
+    )?;
+    signal(&nodes[1], "STOP")?;
+    let out = load.wait_with_output();
+    signal(&nodes[1], "CONT")?;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
+    assert_eq!(out.status.code(), Some(1), "{reports:#?}\n{stderr}");
+    assert_eq!(reports[1]["ok"], false, "{}", reports[1]);
+    let error = reports[1]["error"].as_str().unwrap_or_default();
+    assert!(error.contains(&frozen), "{error}");
+    let seconds = |r: &Value| r["seconds"].as_f64().unwrap_or_default();
+    for i in [0, 2, 3] {
+        assert_eq!(reports[i]["ok"], true, "{}\n{stderr}", reports[i]);
+        assert_has_every_image(&nodes[i], 4)?;
+        // Before, the layer b held up came only once --stall-timeout (20 s) had cut its
+        // send off.
+        assert!(
+            seconds(&reports[i]) < 20.0 && seconds(&reports[i]) < seconds(&reports[1]),
+            "node {i} waited for the stopped root: {reports:#?}\n{stderr}"
+        );
+    }
+    assert!(
+        stderr.contains("stopped reading"),
+        "the coordinator did not see b stop: {stderr}"
+    );
+
+    let (code, again, stderr) = load_json(&bundle, &addrs(&nodes), &[])?;
+    ensure!(code == 0, "{again:#?}\n{stderr}");
+    for i in [0, 2, 3] {
+        assert_eq!(u64_of(&again[i], "bytes_sent"), 0, "{}", again[i]);
+    }
+    assert_eq!(
+        u64_of(&again[1], "bytes_sent") + u64_of(&again[1], "bytes_skipped"),
+        index.total_bytes(),
+        "{}",
+        again[1]
+    );
+    assert_has_every_image(&nodes[1], 4)?;
     Ok(())
 }
 

@@ -321,7 +321,11 @@ pub async fn spawn_agent(
 pub fn run_lade(args: &[&str]) -> Result<Output> {
     let out = Command::new(workspace_bin("lade")?)
         .args(args)
-        .env("RUST_LOG", "warn")
+        // LADE_TEST_LOG sets lade's RUST_LOG for a failing test's diagnosis.
+        .env(
+            "RUST_LOG",
+            std::env::var("LADE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        )
         .env("LADE_AUTH_TOKEN", TEST_TOKEN)
         .output()
         .context("running lade")?;

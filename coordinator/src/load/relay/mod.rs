@@ -91,6 +91,10 @@ struct Node {
     coord_rate: Option<f64>,
     /// A send from the coordinator into it has run for [`swarm::PROOF_TIME`].
     coord_steady: bool,
+    /// It took a send from the coordinator and then moved nothing for
+    /// [`swarm::STOP_EVIDENCE`] while other transfers moved bytes: it stopped reading (frozen,
+    /// or its disk hangs). Cleared as soon as bytes move into it again.
+    stopped: bool,
     /// A transfer it took part in (either end) has run for [`swarm::PROOF_TIME`]: its rates
     /// are steady enough to act on at a cost (see `Swarm::proven_slow`).
     steady: bool,
@@ -141,6 +145,7 @@ impl Node {
             serve_rate: None,
             coord_rate: None,
             coord_steady: false,
+            stopped: false,
             steady: false,
             probing: false,
             settled: vec![false; images],

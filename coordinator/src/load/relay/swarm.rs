@@ -50,6 +50,17 @@ const RATE_WINDOW: Duration = Duration::from_millis(700);
 /// on a busy machine show passing dips that are no property of a node.
 pub(super) const PROOF_TIME: Duration = Duration::from_secs(2);
 
+/// A send from the coordinator into a root that moves nothing for this long, while no other
+/// send is stuck (so the coordinator's link is not at fault), shows a node that stopped
+/// reading (frozen, a hung disk): its blob goes to another root instead of waiting for
+/// `--stall-timeout`.
+pub(super) const STOP_EVIDENCE: Duration = Duration::from_secs(4);
+
+/// Once every byte of a blob is out, its root commits it (containerd syncs the file) before
+/// it answers: it is given [`STOP_EVIDENCE`] plus a second per this many bytes, so that a
+/// healthy root syncing a large blob is not taken for a stopped one.
+const COMMIT_RATE: u64 = 64 << 20;
+
 /// Where a transfer's bytes come from: the coordinator, or the node at this position.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Source {
@@ -68,7 +79,8 @@ struct Transfer {
     from: u64,
     held: u64,
     stalled: bool,
-    /// Cut off because its node proved slow: not a failure, the blob goes elsewhere.
+    /// Cut off because its node proved slow or stopped reading, or its source stopped: not a
+    /// failure, the blob comes another way.
     demoted: bool,
     abort: tokio::task::AbortHandle,
 }
@@ -89,7 +101,8 @@ pub(super) enum Ended {
     Bad(String),
     /// Reading the bundle failed otherwise.
     Bundle(FailureKind, String),
-    /// Cut off because its node proved slow (the coordinator's send only).
+    /// Cut off because its node proved slow or stopped (the coordinator's send), or its
+    /// source stopped (a fetch).
     Demoted,
 }
 
@@ -421,6 +434,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 && s.alive()
                 && s.serves
                 && !s.probing
+                && !s.stopped
                 && s.holds.contains(digest)
                 && serving.fast[j] < self.fanout
                 && serving.all[j] < self.fanout + PER_NODE
@@ -437,7 +451,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
     /// the best such send. This steers only choices that cost nothing (which node is a root,
     /// a source, takes a source's slot).
     fn slow(&self, j: usize) -> bool {
-        self.slow_among_peers(j) || self.slow_from_coordinator(j)
+        self.nodes[j].stopped || self.slow_among_peers(j) || self.slow_from_coordinator(j)
     }
 
     fn slow_from_coordinator(&self, j: usize) -> bool {
@@ -454,11 +468,14 @@ impl<'r, 'a> Swarm<'r, 'a> {
     }
 
     /// Whether node `j` is slow on steady evidence (among peer transfers, or among the
-    /// coordinator's sends, one of which ran [`PROOF_TIME`]): what the costly remedies (the
-    /// coordinator sending a blob again, a send into the node cut off) wait for.
+    /// coordinator's sends, one of which ran [`PROOF_TIME`]), or stopped reading: what the
+    /// costly remedies (the coordinator sending a blob again, a send into the node cut off)
+    /// wait for.
     fn proven_slow(&self, j: usize) -> bool {
         let n = &self.nodes[j];
-        (n.steady && self.slow_among_peers(j)) || (n.coord_steady && self.slow_from_coordinator(j))
+        n.stopped
+            || (n.steady && self.slow_among_peers(j))
+            || (n.coord_steady && self.slow_from_coordinator(j))
     }
 
     /// The median of the nodes' best rates (receiving or serving), the upper one of an even
@@ -576,6 +593,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         };
         if m.held > t.held {
             let n = &mut self.nodes[t.node];
+            n.stopped = false;
             self.run.progress.sent(&n.agent, m.held - t.held);
             t.held = m.held;
             t.last_progress = Instant::now();
@@ -650,6 +668,39 @@ impl<'r, 'a> Swarm<'r, 'a> {
             .filter(|(_, t)| !t.stalled && t.last_progress.elapsed() > limit)
             .map(|(id, _)| *id)
             .collect();
+        // A root that took the coordinator's send and then moved nothing, while no other
+        // send is stuck, has stopped reading (two stuck at once point at the coordinator's
+        // own link, which another root would not help).
+        let stuck: Vec<usize> = self
+            .transfers
+            .values()
+            .filter(|t| self.stuck(t))
+            .map(|t| t.node)
+            .collect();
+        if let [i] = stuck[..] {
+            if !self.nodes[i].stopped {
+                warn!(node = %self.nodes[i].agent, "node took the coordinator's send and stopped reading; its blob goes to another node, its readers to other sources");
+                self.nodes[i].stopped = true;
+            }
+        }
+        // Peers reading from a stopped node get the blob elsewhere (from another holder, or
+        // from the coordinator if the stopped node was its only one) instead of waiting for
+        // `--stall-timeout`.
+        let readers: Vec<tokio::task::Id> = self
+            .transfers
+            .iter()
+            .filter(|(_, t)| {
+                !t.demoted && matches!(t.source, Source::Peer(j) if self.nodes[j].stopped)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        for id in readers {
+            if let Some(t) = self.transfers.get_mut(&id) {
+                t.demoted = true;
+                debug!(node = %self.nodes[t.node].agent, digest = %t.digest, "its source stopped reading; fetching elsewhere");
+            }
+            self.abort(id);
+        }
         // The coordinator's sends into a node that proved slow stop (what arrived stays for a
         // resume) while another node can take them: the blobs go to a root instead.
         let demoted: Vec<tokio::task::Id> = self
@@ -694,6 +745,21 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 }
             }
         }
+    }
+
+    /// Whether `t` is a send from the coordinator into a root that has moved nothing for
+    /// [`STOP_EVIDENCE`] (plus the time to commit the blob once every byte is out).
+    fn stuck(&self, t: &Transfer) -> bool {
+        let size = self.run.bundle.blobs[&t.digest].size;
+        let mut quiet = STOP_EVIDENCE;
+        if t.held >= size {
+            quiet += Duration::from_secs_f64(size as f64 / COMMIT_RATE as f64);
+        }
+        t.source == Source::Coordinator
+            && !t.demoted
+            && self.nodes[t.node].serves
+            && !self.nodes[t.node].direct
+            && t.last_progress.elapsed() >= quiet
     }
 
     fn abort(&mut self, id: tokio::task::Id) {
