@@ -209,6 +209,49 @@ fn altered_layer_bytes_are_refused_naming_member_and_image() {
     );
 }
 
+/// What `lade load` streams to agents (`send_blob`, not hashed: the agent checks the digest)
+/// is the blob's bytes from the offset asked; the altered copy streams as it is, and
+/// `check_blob`, which the coordinator runs when an agent refuses it, names the member.
+#[test]
+fn blobs_sent_unhashed_resume_at_the_offset_and_a_refusal_is_traced_to_the_member() {
+    let dir = tempfile::tempdir().unwrap();
+    let (path, written) = write_archive(
+        dir.path(),
+        &fixtures(),
+        ArchiveFormat::Gcr,
+        Compression::Gzip,
+    );
+    let layer = &written.images[0].layers[1];
+    let read_sent = |bundle: &Bundle, from: u64| {
+        let mut reader = bundle.send_blob(&layer.digest, from).unwrap();
+        let mut out = Vec::new();
+        while let Some(chunk) = reader.next_chunk(1000).unwrap() {
+            out.extend_from_slice(&chunk);
+        }
+        out
+    };
+    let bundle = Bundle::open(&path).unwrap();
+    let whole = read_whole(&bundle, &layer.digest, 0).unwrap();
+    let from = layer.size / 3;
+    assert_eq!(read_sent(&bundle, 0), whole);
+    assert_eq!(read_sent(&bundle, from), whole[from as usize..]);
+    bundle.check_blob(&layer.digest).unwrap();
+
+    let BlobSource::Member { member, offset } = bundle.blobs[&layer.digest].source.clone() else {
+        panic!("layers are members")
+    };
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[(offset + layer.size / 2) as usize] ^= 0xff;
+    std::fs::write(&path, bytes).unwrap();
+    let bundle = Bundle::open(&path).unwrap();
+    let sent = read_sent(&bundle, 0);
+    assert_eq!(sent.len(), whole.len());
+    assert_ne!(sent, whole);
+    let err = bundle.check_blob(&layer.digest).unwrap_err();
+    assert!(matches!(err, BundleError::DigestMismatch { .. }), "{err}");
+    assert!(err.to_string().contains(&member), "{err}");
+}
+
 #[test]
 fn not_an_archive_says_what_it_expected() {
     let dir = tempfile::tempdir().unwrap();

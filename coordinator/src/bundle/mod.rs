@@ -410,7 +410,34 @@ impl Bundle {
     /// Opens a reader over blob `digest` from byte `from`, which verifies the whole blob's
     /// digest (hashing the skipped prefix too) before it reports the end.
     pub fn read_blob(&self, digest: &str, from: u64) -> Result<BlobReader, BundleError> {
-        BlobReader::open(&self.path, &self.archive_label, self.blob(digest)?, from)
+        BlobReader::open(
+            &self.path,
+            &self.archive_label,
+            self.blob(digest)?,
+            from,
+            true,
+        )
+    }
+
+    /// Opens a reader over blob `digest` from byte `from` for a receiver that checks the
+    /// digest itself before it keeps the blob (an agent): the bytes are not hashed here. When
+    /// the receiver refuses them, [`Bundle::check_blob`] tells whether the bundle is at fault.
+    pub fn send_blob(&self, digest: &str, from: u64) -> Result<BlobReader, BundleError> {
+        BlobReader::open(
+            &self.path,
+            &self.archive_label,
+            self.blob(digest)?,
+            from,
+            false,
+        )
+    }
+
+    /// Reads blob `digest` whole and checks its digest: the error names the member and the
+    /// images using it when the bundle's bytes are not what its index says.
+    pub fn check_blob(&self, digest: &str) -> Result<(), BundleError> {
+        let mut reader = self.read_blob(digest, 0)?;
+        while reader.next_chunk(1 << 20)?.is_some() {}
+        Ok(())
     }
 
     /// Blob `digest` as indexed, or an error naming it when the archive has no such blob.

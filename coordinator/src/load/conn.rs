@@ -230,9 +230,10 @@ pub(crate) async fn import(
 }
 
 /// Streams blob `digest` from `offset` into `tx` as chunk messages, on a blocking thread
-/// (reading and hashing are blocking file work), counting each chunk on `count`; returns the
-/// bytes sent. The last chunk is withheld when the blob's digest does not match or its layer
-/// check fails (the check starts here, if it has not yet), so no node commits it.
+/// (reading is blocking file work), counting each chunk on `count`; returns the bytes sent.
+/// The digest is not hashed here: the node checks it before it commits the blob, and a
+/// refusal is traced back to the bundle by [`bundle_fault`]. The last chunk is withheld when
+/// the layer check fails (the check starts here, if it has not yet), so no node commits it.
 pub(crate) fn stream_chunks(
     bundle: &Arc<Bundle>,
     digest: &str,
@@ -246,7 +247,7 @@ pub(crate) fn stream_chunks(
     }
     let (bundle, digest, checks) = (bundle.clone(), digest.to_string(), checks.cloned());
     tokio::task::spawn_blocking(move || -> Result<u64, LoadError> {
-        let mut reader = bundle.read_blob(&digest, offset)?;
+        let mut reader = bundle.send_blob(&digest, offset)?;
         if let (0, Some(checks)) = (reader.remaining(), &checks) {
             // The node holds every byte already; it commits when this call ends.
             checks.wait(&digest).map_err(LoadError::Layer)?;
@@ -270,6 +271,24 @@ pub(crate) fn stream_chunks(
         }
         Ok(sent)
     })
+}
+
+/// After a node refused blob `digest` as not matching its digest or size (`DataLoss`): the
+/// bundle's own error naming the member and images when the bundle's bytes are at fault (the
+/// images using the blob then fail, the rest load), else `None` and the node's refusal stands.
+pub(crate) async fn bundle_fault(
+    bundle: &Arc<Bundle>,
+    digest: &str,
+    status: &tonic::Status,
+) -> Option<LoadError> {
+    if status.code() != tonic::Code::DataLoss {
+        return None;
+    }
+    let (bundle, digest) = (bundle.clone(), digest.to_string());
+    match tokio::task::spawn_blocking(move || bundle.check_blob(&digest)).await {
+        Ok(Err(e)) => Some(LoadError::Bundle(e)),
+        _ => None,
+    }
 }
 
 #[cfg(test)]

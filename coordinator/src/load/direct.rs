@@ -14,7 +14,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tracing::{info, instrument};
 
 use super::check::LayerChecks;
-use super::conn::{identify, import, stream_chunks, verify_and_end, AgentConn};
+use super::conn::{bundle_fault, identify, import, stream_chunks, verify_and_end, AgentConn};
 use super::error::LoadError;
 use super::plan::{
     check_space, descriptor, foreign_platform_warnings, have_descriptors, import_spec,
@@ -242,9 +242,9 @@ impl Node<'_> {
         verify_and_end(&mut client, plan, &chosen, session, agent, record, report).await
     }
 
-    /// Streams one blob from `offset`; returns the bytes sent. A digest mismatch in the
-    /// bundle, or a layer that fails its check, withholds the last chunk, so the node never
-    /// commits it.
+    /// Streams one blob from `offset`; returns the bytes sent. The node commits it only if
+    /// its digest matches (a refusal is traced back to the bundle's member); a layer that
+    /// fails its check withholds the last chunk.
     #[instrument(skip_all, fields(digest = %digest, offset = offset))]
     async fn put_blob(
         &self,
@@ -297,7 +297,12 @@ impl Node<'_> {
             .expect("blob reader task panicked");
         // The bundle's own error explains a refused upload better than the agent's view of it.
         let sent = read?;
-        response.map_err(LoadError::agent_call(agent, "PutBlob"))?;
+        if let Err(status) = response {
+            if let Some(e) = bundle_fault(bundle, digest, &status).await {
+                return Err(e);
+            }
+            return Err(LoadError::agent_call(agent, "PutBlob")(status));
+        }
         Ok(sent)
     }
 }

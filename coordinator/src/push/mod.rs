@@ -597,7 +597,7 @@ fn read_whole(bundle: &Bundle, blob: &Blob) -> Result<Vec<u8>, BundleError> {
             ),
         });
     }
-    let mut reader = BlobReader::open(&bundle.path, &bundle.archive_label, blob, 0)?;
+    let mut reader = BlobReader::open(&bundle.path, &bundle.archive_label, blob, 0, true)?;
     let mut bytes = Vec::with_capacity(blob.size as usize);
     while let Some(chunk) = reader.next_chunk(CHUNK)? {
         bytes.extend_from_slice(&chunk);
@@ -791,7 +791,8 @@ fn blob_body(
             *failure.lock().expect("failure slot") = Some(e);
             let _ = tx.blocking_send(Err(std::io::Error::other("the bundle could not be read")));
         };
-        let mut reader = match BlobReader::open(&bundle.path, &bundle.archive_label, &blob, 0) {
+        let mut reader = match BlobReader::open(&bundle.path, &bundle.archive_label, &blob, 0, true)
+        {
             Ok(reader) => reader,
             Err(e) => return fail(e),
         };

@@ -12,7 +12,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use super::super::check::LayerChecks;
-use super::super::conn::{stream_chunks, AgentConn};
+use super::super::conn::{bundle_fault, stream_chunks, AgentConn};
 use super::super::error::LoadError;
 use super::super::plan::descriptor;
 use super::swarm::Ended;
@@ -32,8 +32,9 @@ pub(super) struct Send {
 
 impl Send {
     /// Streams the blob from the node's offset, calling `moved` with the bytes the node
-    /// holds as chunks go out. A digest mismatch in the bundle, or a layer that fails its
-    /// check, withholds the last chunk, so the node never commits it.
+    /// holds as chunks go out. The node commits it only if its digest matches (a refusal is
+    /// traced back to the bundle's member); a layer that fails its check withholds the last
+    /// chunk.
     pub(super) async fn run(mut self, mut client: AgentConn, moved: impl Fn(u64)) -> Ended {
         let blob = &self.bundle.blobs[&self.digest];
         if self.refresh {
@@ -106,7 +107,11 @@ impl Send {
                     already: r.already_present,
                 }
             }
-            Err(status) => classify(&self.agent, "PutBlob", status),
+            Err(status) => match bundle_fault(&self.bundle, &self.digest, &status).await {
+                Some(e) if e.is_bad_content() => Ended::Bad(e.to_string()),
+                Some(e) => Ended::Bundle(e.kind(), e.to_string()),
+                None => classify(&self.agent, "PutBlob", status),
+            },
         }
     }
 }
