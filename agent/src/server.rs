@@ -105,6 +105,7 @@ pub async fn run<R: Runtime>(
     let mut builder = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(16 << 20))
+        .max_frame_size(Some(lade_proto::MAX_FRAME_SIZE))
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
         .http2_max_header_list_size(Some(MAX_HEADER_LIST))
         .http2_keepalive_interval(Some(Duration::from_secs(30)))

@@ -175,6 +175,7 @@ impl ClientConfig {
             .tcp_nodelay(true)
             .initial_stream_window_size(self.stream_window)
             .initial_connection_window_size(self.connection_window)
+            .max_frame_size(crate::MAX_FRAME_SIZE)
             .http2_keep_alive_interval(self.keep_alive.interval)
             .keep_alive_while_idle(self.keep_alive.while_idle);
         if let Some(timeout) = self.keep_alive.timeout {
