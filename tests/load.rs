@@ -197,6 +197,48 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
     Ok(())
 }
 
+/// A CRI runtime handler may name a snapshotter of its own (containerd 1.7 and later, the
+/// handler's `snapshotter`). CRI then makes the pod's containers there, and when the image
+/// is not unpacked on that snapshotter it unpacks it first from the content store
+/// (`WithNewSnapshot` in CRI's container options falls back to `Image.Unpack`, as `ctr run`
+/// does). The agent unpacks into `--snapshotter` only, so what it loaded must be whole in the
+/// content store for that: containerd itself unpacks each image lade loaded into `native`
+/// and runs it. The matrix runs this on every containerd version, and with
+/// `discard_unpacked_layers` (where CRI's own pulls drop the blobs after unpacking them).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_runtime_handler_snapshotter_unpacks_what_lade_loaded() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle, _) = gcr_bundle(dir.path(), "handler.bundle.tar", &imgs, Compression::Gzip)?;
+    let node = Node::start("handler").await?;
+    let (code, reports, stderr) = load(&bundle, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let native = |node: &Node| {
+        node.containerd
+            .ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", "native", "ls"])
+    };
+    let before = native(&node)?;
+    ensure!(
+        before.lines().count() <= 1,
+        "the agent unpacked into native, which it was not asked to: {before}"
+    );
+    let out = node.run_container_on("native", BUSYBOX, "on-native", &["/bin/echo", "ok"])?;
+    assert_eq!(out.trim(), "ok");
+    // The app's own layer, unpacked there on top of the base.
+    let cat = ["/bin/busybox", "cat", "/app/hello.txt"];
+    let out = node.run_container_on("native", APP, "app-on-native", &cat)?;
+    assert_eq!(out.as_bytes(), APP_HELLO);
+    let after = native(&node)?;
+    ensure!(
+        after.lines().count() > 1,
+        "containerd unpacked nothing into native: {after}"
+    );
+    Ok(())
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn every_archive_form_loads_and_runs() -> Result<()> {
     if !daemon_tests_enabled() {

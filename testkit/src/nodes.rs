@@ -106,7 +106,36 @@ impl Node {
         self.run_container_once(image, &format!("{id}-again"), cmd)
     }
 
+    /// Like [`Node::run_container`], on containerd's `snapshotter` instead of its default:
+    /// `ctr run` unpacks the image there first when it is not unpacked there yet, with
+    /// containerd's own unpacker, as CRI does for a runtime handler with a snapshotter of its
+    /// own.
+    pub fn run_container_on(
+        &self,
+        snapshotter: &str,
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
+        let flag = format!("--snapshotter={snapshotter}");
+        let out = self.run_container_with(&[&flag], image, id, cmd)?;
+        if !out.is_empty() {
+            return Ok(out);
+        }
+        self.run_container_with(&[&flag], image, &format!("{id}-again"), cmd)
+    }
+
     fn run_container_once(&self, image: &str, id: &str, cmd: &[&str]) -> Result<String> {
+        self.run_container_with(&[], image, id, cmd)
+    }
+
+    fn run_container_with(
+        &self,
+        flags: &[&str],
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
         let runc_root = self.containerd.runc_root();
         let fifo = self.containerd.dir().join("fifo");
         let cgroup = format!("{}/{id}", self.containerd.cgroup_parent());
@@ -122,9 +151,9 @@ impl Node {
             fifo.to_str().expect("utf-8 path"),
             "--cgroup",
             &cgroup,
-            image,
-            id,
         ];
+        args.extend_from_slice(flags);
+        args.extend_from_slice(&[image, id]);
         args.extend_from_slice(cmd);
         self.containerd.ctr_ok(&args)
     }

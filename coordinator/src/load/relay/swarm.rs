@@ -56,9 +56,13 @@ pub(super) const PROOF_TIME: Duration = Duration::from_secs(2);
 /// `--stall-timeout`.
 pub(super) const STOP_EVIDENCE: Duration = Duration::from_secs(4);
 
-/// Once every byte of a blob is out, its root commits it (containerd syncs the file) before
-/// it answers: it is given [`STOP_EVIDENCE`] plus a second per this many bytes, so that a
-/// healthy root syncing a large blob is not taken for a stopped one.
+/// Once every byte of a blob is handed to the connection, up to this many may still be on
+/// their way to the root (the HTTP/2 stream window, the chunks queued before it, the
+/// kernel's socket buffers): it drains them before it commits.
+const IN_FLIGHT: u64 = 16 << 20;
+
+/// A root commits a blob (containerd syncs the file) before it answers: a second per this
+/// many bytes of the blob is allowed for that.
 const COMMIT_RATE: u64 = 64 << 20;
 
 /// Where a transfer's bytes come from: the coordinator, or the node at this position.
@@ -748,12 +752,20 @@ impl<'r, 'a> Swarm<'r, 'a> {
     }
 
     /// Whether `t` is a send from the coordinator into a root that has moved nothing for
-    /// [`STOP_EVIDENCE`] (plus the time to commit the blob once every byte is out).
+    /// [`STOP_EVIDENCE`]; once every byte is out, plus the time to drain what may be in flight
+    /// at a quarter of the best send's rate (a node slower than that is slow anyway) and to
+    /// commit the blob, so that a healthy root on a slow link or a busy machine is not taken
+    /// for a stopped one.
     fn stuck(&self, t: &Transfer) -> bool {
         let size = self.run.bundle.blobs[&t.digest].size;
         let mut quiet = STOP_EVIDENCE;
         if t.held >= size {
-            quiet += Duration::from_secs_f64(size as f64 / COMMIT_RATE as f64);
+            let in_flight = (size - t.from).min(IN_FLIGHT) as f64;
+            let drain = match self.best_coord_rate * SLOW_SHARE {
+                r if r > 0.0 => in_flight / r,
+                _ => 0.0,
+            };
+            quiet += Duration::from_secs_f64(drain + size as f64 / COMMIT_RATE as f64);
         }
         t.source == Source::Coordinator
             && !t.demoted
