@@ -197,6 +197,58 @@ async fn three_nodes_get_every_image_and_retag_then_nothing_is_resent() -> Resul
     Ok(())
 }
 
+/// The agent unpacks into the snapshotter CRI keeps images in by default (`--snapshotter
+/// auto` asks CRI's image filesystem): with CRI on `native`, what lade loads is unpacked there
+/// and nothing into overlayfs; an agent told `--snapshotter overlayfs` on that node says in
+/// its log that CRI uses another one.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_agent_unpacks_into_the_snapshotter_cri_uses() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let imgs = images()?;
+    let (bundle, _) = gcr_bundle(dir.path(), "cri-sn.bundle.tar", &imgs, Compression::Gzip)?;
+    let containerd =
+        lade_testkit::harness::Containerd::start_with_cri_snapshotter("cri-sn", "native").await?;
+    let node = Node::start_on("cri-sn", containerd, &[]).await?;
+    let (code, reports, stderr) = load(&bundle, &[&node], &[])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+    let snapshots = |sn: &str| -> Result<usize> {
+        let out =
+            node.containerd
+                .ctr_ok(&["-n", "k8s.io", "snapshots", "--snapshotter", sn, "ls"])?;
+        Ok(out.lines().skip(1).count())
+    };
+    ensure!(
+        snapshots("native")? > 0,
+        "nothing unpacked into CRI's native"
+    );
+    ensure!(
+        snapshots("overlayfs")? == 0,
+        "layers unpacked into overlayfs"
+    );
+    let log = std::fs::read_to_string(node.containerd.dir().join("agent.log"))?;
+    ensure!(
+        log.contains("unpacking into the snapshotter CRI keeps images in")
+            && log.contains("native"),
+        "{log}"
+    );
+    let out = node.run_container_on("native", BUSYBOX, "cri-sn-run", &["/bin/echo", "ok"])?;
+    assert_eq!(out.trim(), "ok");
+    drop(node);
+
+    let containerd =
+        lade_testkit::harness::Containerd::start_with_cri_snapshotter("cri-sn2", "native").await?;
+    let told = Node::start_on("cri-sn2", containerd, &["--snapshotter", "overlayfs"]).await?;
+    let log = std::fs::read_to_string(told.containerd.dir().join("agent.log"))?;
+    ensure!(
+        log.contains("differs from the snapshotter CRI keeps images in"),
+        "{log}"
+    );
+    Ok(())
+}
+
 /// A CRI runtime handler may name a snapshotter of its own (containerd 1.7 and later, the
 /// handler's `snapshotter`). CRI then makes the pod's containers there, and when the image
 /// is not unpacked on that snapshotter it unpacks it first from the content store

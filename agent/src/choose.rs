@@ -7,7 +7,7 @@ use lade_agent::error::Error;
 use lade_agent::runtime::containerd::{Containerd, ContainerdConfig, ImageStore};
 use lade_agent::runtime::docker::Docker;
 use lade_agent::runtime::Runtime;
-use tracing::info;
+use tracing::{info, warn};
 
 /// Which runtime the agent serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -42,6 +42,40 @@ pub(crate) async fn detect(containerd: &Containerd, docker: &Docker) -> Result<R
         }),
     }
 }
+
+/// Serves CRI's images on containerd, unpacking into the snapshotter CRI keeps them in:
+/// `--snapshotter auto` asks CRI (its image filesystem) and falls back to overlayfs when CRI
+/// does not say; a snapshotter named that differs from CRI's is used, with a warning (kubelet
+/// would find every image lade loads not unpacked where it looks, and containerd would unpack
+/// it again at the first container start).
+pub(crate) async fn cri_runtime(mut cfg: ContainerdConfig) -> anyhow::Result<Containerd> {
+    let asked = Containerd::new(cfg.clone())?.cri_snapshotter().await;
+    match (cfg.snapshotter.as_str(), asked) {
+        (AUTO, Ok(Some(cri))) => {
+            info!(snapshotter = %cri, "unpacking into the snapshotter CRI keeps images in");
+            cfg.snapshotter = cri;
+        }
+        (AUTO, asked) => {
+            let why = match asked {
+                Ok(_) => "CRI names no snapshotter directory".to_string(),
+                Err(e) => e.to_string(),
+            };
+            warn!(%why, "--snapshotter auto: CRI did not say which snapshotter it uses; unpacking into {FALLBACK_SNAPSHOTTER}");
+            cfg.snapshotter = FALLBACK_SNAPSHOTTER.to_string();
+        }
+        (named, Ok(Some(cri))) if named != cri => {
+            warn!(snapshotter = %named, cri = %cri, "--snapshotter differs from the snapshotter CRI keeps images in: kubelet will not find what this agent unpacks, and containerd will unpack each image again at its first container start (use --snapshotter auto)");
+        }
+        _ => {}
+    }
+    Ok(Containerd::new(cfg)?)
+}
+
+/// `--snapshotter auto`.
+pub(crate) const AUTO: &str = "auto";
+
+/// The snapshotter of `--snapshotter auto` when CRI does not say (containerd's default).
+const FALLBACK_SNAPSHOTTER: &str = "overlayfs";
 
 /// The runtime the agent serves.
 pub(crate) enum Chosen {

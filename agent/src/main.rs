@@ -16,7 +16,7 @@ use lade_agent::runtime::{node_platform, Runtime};
 use lade_agent::server::Serve;
 use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
 
-use crate::choose::{detect, docker_runtime, Chosen, RuntimeKind};
+use crate::choose::{cri_runtime, detect, docker_runtime, Chosen, RuntimeKind};
 
 mod choose;
 
@@ -89,8 +89,10 @@ struct Config {
     /// containerd namespace to load into; kubelet's CRI uses k8s.io.
     #[arg(long, env = "LADE_NAMESPACE", default_value = "k8s.io")]
     namespace: String,
-    /// Snapshotter to unpack into; must be the one the CRI plugin uses.
-    #[arg(long, env = "LADE_SNAPSHOTTER", default_value = "overlayfs")]
+    /// Snapshotter to unpack into; must be the one the CRI plugin keeps images in. `auto`:
+    /// ask CRI (its image filesystem), overlayfs if it does not say. Docker's containerd
+    /// store uses dockerd's, whatever this says.
+    #[arg(long, env = "LADE_SNAPSHOTTER", default_value = "auto")]
     snapshotter: String,
     /// Do not put the CRI pin label on loaded images (containerd 1.7.3+): kubelet's image
     /// garbage collection may then delete them under disk pressure.
@@ -228,12 +230,12 @@ async fn main() -> anyhow::Result<()> {
     // The runtime is settled before the ports open, so an agent that cannot serve it exits
     // (saying why) without ever accepting a call.
     let runtime = match cfg.runtime {
-        RuntimeChoice::Containerd => Chosen::Containerd(Containerd::new(containerd)?),
+        RuntimeChoice::Containerd => Chosen::Containerd(cri_runtime(containerd).await?),
         RuntimeChoice::Docker => docker_runtime(Docker::new(docker), containerd).await?,
         RuntimeChoice::Auto => {
             let (cri, docker) = (Containerd::new(containerd.clone())?, Docker::new(docker));
             match detect(&cri, &docker).await? {
-                RuntimeKind::Containerd => Chosen::Containerd(cri),
+                RuntimeKind::Containerd => Chosen::Containerd(cri_runtime(containerd).await?),
                 RuntimeKind::Docker => docker_runtime(docker, containerd).await?,
             }
         }

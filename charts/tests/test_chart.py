@@ -223,7 +223,7 @@ def test_default_mounts_the_containerd_socket_and_its_root_for_the_agent_to_unpa
     assert r.flag("runtime") == "containerd"
     assert r.flag("containerd-socket") == socket
     assert r.flag("namespace") == "k8s.io"
-    assert r.flag("snapshotter") == "overlayfs"
+    assert r.flag("snapshotter") == "auto"
     assert r.flag("unpack") == "agent"
     host = r.host_paths()
     assert list(host) == [socket, root], "containerd needs its socket, and its root to unpack into"

@@ -54,6 +54,12 @@ impl Node {
     /// As [`Node::start`], with extra agent flags (e.g. `--platform linux/arm64`).
     pub async fn start_with(name: &str, agent_args: &[&str]) -> Result<Node> {
         let containerd = Containerd::start(name).await?;
+        Node::start_on(name, containerd, agent_args).await
+    }
+
+    /// An agent with `agent_args` for `containerd`, started by the caller (e.g. with CRI on
+    /// another snapshotter).
+    pub async fn start_on(name: &str, containerd: Containerd, agent_args: &[&str]) -> Result<Node> {
         let mut args = vec![
             OsString::from("--containerd-socket"),
             containerd.socket().into_os_string(),

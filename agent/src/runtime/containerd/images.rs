@@ -434,6 +434,24 @@ impl Containerd {
         Ok(())
     }
 
+    /// The snapshotter CRI keeps images in, from its image filesystem
+    /// (`ImageService.ImageFsInfo`: `<root>/io.containerd.snapshotter.v1.<name>`); `None`
+    /// when containerd serves no CRI or names no such directory.
+    pub async fn cri_snapshotter(&self) -> Result<Option<String>, Error> {
+        let info = cri::image_service_client::ImageServiceClient::new(self.channel.clone())
+            .image_fs_info(cri::ImageFsInfoRequest {})
+            .await;
+        let filesystems = match info {
+            Ok(r) => r.into_inner().image_filesystems,
+            Err(s) if s.code() == Code::Unimplemented => return Ok(None),
+            Err(s) => return Err(Error::runtime(RUNTIME, "CRI ImageService.ImageFsInfo")(s)),
+        };
+        Ok(filesystems
+            .iter()
+            .filter_map(|fs| fs.fs_id.as_ref())
+            .find_map(|id| snapshotter_of(&id.mountpoint)))
+    }
+
     /// The CRI pod sandbox image in its full form: `--sandbox-image`; else what CRI's
     /// configuration says (RuntimeService.Status, verbose: containerd 1.x); else, on
     /// containerd 2.x, whose CRI status leaves the image configuration out, its built-in
@@ -622,8 +640,30 @@ impl Containerd {
     }
 }
 
+/// The snapshotter whose root directory is `mountpoint` (`.../io.containerd.snapshotter.v1.<name>`).
+fn snapshotter_of(mountpoint: &str) -> Option<String> {
+    let dir = mountpoint.trim_end_matches('/').rsplit('/').next()?;
+    let name = dir.strip_prefix("io.containerd.snapshotter.v1.")?;
+    (!name.is_empty()).then(|| name.to_string())
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_snapshotter_is_read_from_cris_image_filesystem() {
+        use super::snapshotter_of;
+        let root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs";
+        assert_eq!(snapshotter_of(root).as_deref(), Some("overlayfs"));
+        assert_eq!(
+            snapshotter_of(&format!("{root}/")).as_deref(),
+            Some("overlayfs")
+        );
+        let native = "/tmp/x/root/io.containerd.snapshotter.v1.native";
+        assert_eq!(snapshotter_of(native).as_deref(), Some("native"));
+        assert_eq!(snapshotter_of("/var/lib/containerd"), None);
+        assert_eq!(snapshotter_of("/x/io.containerd.snapshotter.v1."), None);
+    }
+
     use super::*;
 
     #[test]
