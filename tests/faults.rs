@@ -293,6 +293,34 @@ async fn a_relay_node_whose_import_fails_names_the_image_and_the_others_load() -
     failed_import("import-relay", RELAY).await
 }
 
+/// The relay's first root stores every blob it is sent but serves its peers nothing (their
+/// reads of it hang). Fetches from it into both other nodes stall, so it serves no more in
+/// this load: the blobs only it holds go to another root, and every node loads well before
+/// `--stall-timeout` (60 s here; before, the others waited that long for it).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_source_that_serves_nothing_is_given_up_as_a_source() -> Result<()> {
+    let cluster = Cluster::start_with("silent-source", 0).await?;
+    cluster.bad().runtime.inject(Fault::StallServe);
+    let (code, reports, stderr) = cluster.load(&["--stall-timeout", "60s"]).await?;
+    ensure!(code == 0, "every node loads\n{reports:#?}\n{stderr}");
+    for (i, report) in reports.iter().enumerate() {
+        ensure!(
+            report["ok"] == true && report["images_loaded"] == report["images"],
+            "node {i}: {report:#}\n{stderr}"
+        );
+        let seconds = report["seconds"].as_f64().unwrap_or(f64::MAX);
+        ensure!(
+            seconds < 20.0,
+            "node {i} took {seconds} s: it waited for the silent source\n{stderr}"
+        );
+    }
+    ensure!(
+        stderr.contains("peers reading from this node get nothing"),
+        "the silent source was never read from, so this shows nothing: {stderr}"
+    );
+    Ok(())
+}
+
 /// A slow node's link: bytes per second it stores and serves.
 const SLOW_RATE: u64 = CHUNK_SIZE as u64 / 2;
 

@@ -55,6 +55,9 @@ pub enum Fault {
     /// The node takes and serves blob bytes at this many bytes per second (a slow link or
     /// disk): every chunk it stores or sends a peer waits its share.
     Throttle(u64),
+    /// A peer reading a blob from this node gets the call answered and then not one byte (a
+    /// hung disk under the serving side); the node stores blobs as usual.
+    StallServe,
 }
 
 /// Everything the runtime holds.
@@ -702,6 +705,9 @@ impl Runtime for Memory {
         offset: u64,
     ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
         let chunks = self.read_committed(digest, offset)?;
+        if self.has_fault(|f| *f == Fault::StallServe) {
+            return Ok(futures::stream::pending().boxed());
+        }
         let pause = self.throttled(CHUNK_SIZE);
         if pause.is_zero() {
             return Ok(chunks);

@@ -95,6 +95,8 @@ struct Node {
     /// [`swarm::STOP_EVIDENCE`] while other transfers moved bytes: it stopped reading (frozen,
     /// or its disk hangs). Cleared as soon as bytes move into it again.
     stopped: bool,
+    /// When bytes last moved into it (progress or a stored blob), from any source.
+    last_received: Option<std::time::Instant>,
     /// A transfer it took part in (either end) has run for [`swarm::PROOF_TIME`]: its rates
     /// are steady enough to act on at a cost (see `Swarm::proven_slow`).
     steady: bool,
@@ -146,6 +148,7 @@ impl Node {
             coord_rate: None,
             coord_steady: false,
             stopped: false,
+            last_received: None,
             steady: false,
             probing: false,
             settled: vec![false; images],

@@ -598,6 +598,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         if m.held > t.held {
             let n = &mut self.nodes[t.node];
             n.stopped = false;
+            n.last_received = Some(Instant::now());
             self.run.progress.sent(&n.agent, m.held - t.held);
             t.held = m.held;
             t.last_progress = Instant::now();
@@ -687,14 +688,40 @@ impl<'r, 'a> Swarm<'r, 'a> {
                 self.nodes[i].stopped = true;
             }
         }
-        // Peers reading from a stopped node get the blob elsewhere (from another holder, or
-        // from the coordinator if the stopped node was its only one) instead of waiting for
-        // `--stall-timeout`.
+        // A source that serves nothing: fetches from it into two nodes have both moved
+        // nothing for STOP_EVIDENCE (one slow receiver does not stall two), or one has while
+        // its receiver took bytes from elsewhere since. It serves no more in this load.
+        let mut silent: HashMap<usize, (HashSet<usize>, bool)> = HashMap::new();
+        for t in self.transfers.values() {
+            let Source::Peer(src) = t.source else {
+                continue;
+            };
+            let size = self.run.bundle.blobs[&t.digest].size;
+            if t.demoted || t.held >= size || t.last_progress.elapsed() < STOP_EVIDENCE {
+                continue;
+            }
+            let (receivers, receiver_moved) = silent.entry(src).or_default();
+            receivers.insert(t.node);
+            *receiver_moved |= self.nodes[t.node]
+                .last_received
+                .is_some_and(|at| at > t.last_progress + STOP_EVIDENCE / 4);
+        }
+        for (src, (receivers, receiver_moved)) in silent {
+            if self.nodes[src].serves && (receivers.len() >= 2 || receiver_moved) {
+                warn!(node = %self.nodes[src].agent, "peers reading from this node get nothing; they fetch elsewhere and it serves no more in this load");
+                self.nodes[src].serves = false;
+            }
+        }
+        // Peers reading from a stopped node, or one that serves no more, get the blob
+        // elsewhere (from another holder, or from the coordinator if that node was its only
+        // one) instead of waiting for `--stall-timeout`.
         let readers: Vec<tokio::task::Id> = self
             .transfers
             .iter()
             .filter(|(_, t)| {
-                !t.demoted && matches!(t.source, Source::Peer(j) if self.nodes[j].stopped)
+                !t.demoted
+                    && matches!(t.source, Source::Peer(j)
+                        if self.nodes[j].stopped || !self.nodes[j].serves)
             })
             .map(|(id, _)| *id)
             .collect();
@@ -816,6 +843,7 @@ impl Swarm<'_, '_> {
                 }
                 let offset = n.lacked.get(&digest).copied().unwrap_or(0);
                 n.holds.insert(digest.clone());
+                n.last_received = Some(Instant::now());
                 let report = &mut self.reports[n.idx];
                 if already {
                     report.blobs_skipped += 1;
