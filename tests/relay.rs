@@ -414,6 +414,35 @@ fn signal(node: &Node, signal: &str) -> Result<()> {
     Ok(())
 }
 
+/// Loads `bundle` onto `nodes` with `flags`, freezing node `frozen`'s agent (SIGSTOP) once its
+/// counter `metric` passes `bytes` and thawing it when the load has ended: the exit code, the
+/// JSON reports and lade's stderr.
+fn load_freezing(
+    bundle: &std::path::Path,
+    nodes: &[Node],
+    flags: &[&str],
+    frozen: usize,
+    metric_name: &str,
+    bytes: f64,
+) -> Result<(Option<i32>, Vec<Value>, String)> {
+    let load = spawn_load(bundle, nodes, flags)?;
+    wait_for(
+        &format!("node {frozen}'s {metric_name} to pass {bytes} bytes"),
+        Duration::from_secs(120),
+        || metric(&nodes[frozen], metric_name) > bytes,
+    )?;
+    // The agent stops reading anything (its connections stay open: the kernel still takes
+    // the bytes it has room for), whether it receives or serves a peer.
+    signal(&nodes[frozen], "STOP")?;
+    let out = load.wait_with_output();
+    signal(&nodes[frozen], "CONT")?;
+    let out = out?;
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
+    Ok((out.status.code(), reports, stderr))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Result<()> {
     if !daemon_tests_enabled() {
@@ -426,22 +455,12 @@ async fn a_node_that_stops_reading_fails_alone_and_a_rerun_completes_it() -> Res
     // c: not a root (a and b are), so the bundle still leaves the coordinator once.
     let frozen = nodes[2].addr();
 
-    let load = spawn_load(&bundle, &nodes, &["--stall-timeout", "4s"])?;
-    wait_for(
-        "c to fetch part of the bundle",
-        Duration::from_secs(120),
-        || metric(&nodes[2], "lade_agent_fetched_bytes_total") > (4 << 20) as f64,
-    )?;
-    // c's agent stops reading anything (its connections stay open: the kernel still takes
-    // the bytes it has room for), whether it fetches or serves a peer.
-    signal(&nodes[2], "STOP")?;
-    let out = load.wait_with_output();
-    signal(&nodes[2], "CONT")?;
-    let out = out?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
-    assert_eq!(out.status.code(), Some(1), "{reports:#?}\n{stderr}");
+    // c stops once it has fetched part of the bundle.
+    let flags = ["--stall-timeout", "4s"];
+    let fetched = "lade_agent_fetched_bytes_total";
+    let (code, reports, stderr) =
+        load_freezing(&bundle, &nodes, &flags, 2, fetched, (4 << 20) as f64)?;
+    assert_eq!(code, Some(1), "{reports:#?}\n{stderr}");
     // c failed alone, named, saying why.
     assert_eq!(reports[2]["ok"], false, "{}", reports[2]);
     let error = reports[2]["error"].as_str().unwrap_or_default();
@@ -495,20 +514,12 @@ async fn a_root_that_stops_reading_does_not_hold_the_others() -> Result<()> {
     let nodes = start_nodes(&["halt-a", "halt-b", "halt-c", "halt-d"]).await?;
     let frozen = nodes[1].addr();
 
-    let load = spawn_load(&bundle, &nodes, &["--stall-timeout", "20s"])?;
-    wait_for(
-        "b to take part of a big layer from the coordinator",
-        Duration::from_secs(120),
-        || metric(&nodes[1], "lade_agent_received_bytes_total") > (4 << 20) as f64,
-    )?;
-    signal(&nodes[1], "STOP")?;
-    let out = load.wait_with_output();
-    signal(&nodes[1], "CONT")?;
-    let out = out?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    let reports: Vec<Value> = serde_json::from_slice(&out.stdout)
-        .with_context(|| format!("no JSON report; stderr: {stderr}"))?;
-    assert_eq!(out.status.code(), Some(1), "{reports:#?}\n{stderr}");
+    // b stops once it has taken part of a big layer from the coordinator.
+    let flags = ["--stall-timeout", "20s"];
+    let received = "lade_agent_received_bytes_total";
+    let (code, reports, stderr) =
+        load_freezing(&bundle, &nodes, &flags, 1, received, (4 << 20) as f64)?;
+    assert_eq!(code, Some(1), "{reports:#?}\n{stderr}");
     assert_eq!(reports[1]["ok"], false, "{}", reports[1]);
     let error = reports[1]["error"].as_str().unwrap_or_default();
     assert!(error.contains(&frozen), "{error}");

@@ -110,6 +110,15 @@ pub(super) enum Ended {
     Demoted,
 }
 
+/// How a transfer is cut off.
+#[derive(Clone, Copy)]
+enum Cut {
+    /// Not a failure: the blob comes another way.
+    Demoted,
+    /// It moved nothing for the stall timeout.
+    Stalled,
+}
+
 /// What the scheduler waits for besides transfers.
 enum NodeEvent {
     Imported(
@@ -667,12 +676,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         // The agent gives up on a stalled source after the stall timeout; the coordinator
         // waits a little longer, so that the agent's finer verdict comes first.
         let limit = self.stall + (self.stall / 4).max(Duration::from_secs(2));
-        let stalled: Vec<tokio::task::Id> = self
-            .transfers
-            .iter()
-            .filter(|(_, t)| !t.stalled && t.last_progress.elapsed() > limit)
-            .map(|(id, _)| *id)
-            .collect();
+        let stalled = self.transfers_where(|_, t| !t.stalled && t.last_progress.elapsed() > limit);
         // A root that took the coordinator's send and then moved nothing, while no other
         // send is stuck, has stopped reading (two stuck at once point at the coordinator's
         // own link, which another root would not help).
@@ -715,52 +719,36 @@ impl<'r, 'a> Swarm<'r, 'a> {
         // Peers reading from a stopped node, or one that serves no more, get the blob
         // elsewhere (from another holder, or from the coordinator if that node was its only
         // one) instead of waiting for `--stall-timeout`.
-        let readers: Vec<tokio::task::Id> = self
-            .transfers
-            .iter()
-            .filter(|(_, t)| {
-                !t.demoted
-                    && matches!(t.source, Source::Peer(j)
-                        if self.nodes[j].stopped || !self.nodes[j].serves)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in readers {
-            if let Some(t) = self.transfers.get_mut(&id) {
-                t.demoted = true;
-                debug!(node = %self.nodes[t.node].agent, digest = %t.digest, "its source stopped reading; fetching elsewhere");
-            }
-            self.abort(id);
-        }
+        let readers = self.transfers_where(|swarm, t| {
+            !t.demoted
+                && matches!(t.source, Source::Peer(j)
+                    if swarm.nodes[j].stopped || !swarm.nodes[j].serves)
+        });
+        self.cut_off(
+            readers,
+            Cut::Demoted,
+            "its source serves nothing; fetching elsewhere",
+        );
         // The coordinator's sends into a node that proved slow stop (what arrived stays for a
         // resume) while another node can take them: the blobs go to a root instead.
-        let demoted: Vec<tokio::task::Id> = self
-            .transfers
-            .iter()
-            .filter(|(_, t)| {
-                t.source == Source::Coordinator
-                    && !t.demoted
-                    && self.nodes[t.node].serves
-                    && !self.nodes[t.node].direct
-                    && self.proven_slow(t.node)
-                    && self.root().is_some_and(|r| r != t.node)
-            })
-            .map(|(id, _)| *id)
-            .collect();
-        for id in demoted {
-            if let Some(t) = self.transfers.get_mut(&id) {
-                t.demoted = true;
-                info!(node = %self.nodes[t.node].agent, digest = %t.digest, "node proved slow; its blob goes to another node");
-            }
-            self.abort(id);
-        }
-        for id in stalled {
-            if let Some(t) = self.transfers.get_mut(&id) {
-                t.stalled = true;
-                warn!(node = %self.nodes[t.node].agent, digest = %t.digest, "no progress; cutting the transfer off");
-            }
-            self.abort(id);
-        }
+        let demoted = self.transfers_where(|swarm, t| {
+            t.source == Source::Coordinator
+                && !t.demoted
+                && swarm.nodes[t.node].serves
+                && !swarm.nodes[t.node].direct
+                && swarm.proven_slow(t.node)
+                && swarm.root().is_some_and(|r| r != t.node)
+        });
+        self.cut_off(
+            demoted,
+            Cut::Demoted,
+            "node proved slow; its blob goes to another node",
+        );
+        self.cut_off(
+            stalled,
+            Cut::Stalled,
+            "no progress; cutting the transfer off",
+        );
         if let Some(limit) = self.run.opts.retry.node_timeout {
             if self.started.elapsed() > limit {
                 for i in 0..self.nodes.len() {
@@ -801,6 +789,36 @@ impl<'r, 'a> Swarm<'r, 'a> {
             && t.last_progress.elapsed() >= quiet
     }
 
+    /// The transfers `which` picks.
+    fn transfers_where(&self, which: impl Fn(&Self, &Transfer) -> bool) -> Vec<tokio::task::Id> {
+        self.transfers
+            .iter()
+            .filter(|(_, t)| which(self, t))
+            .map(|(id, _)| *id)
+            .collect()
+    }
+
+    /// Cuts transfers `ids` off, saying `why`: demoted (the blob comes another way) or
+    /// stalled (a failure of the transfer).
+    fn cut_off(&mut self, ids: Vec<tokio::task::Id>, cut: Cut, why: &str) {
+        for id in ids {
+            if let Some(t) = self.transfers.get_mut(&id) {
+                let node = &self.nodes[t.node].agent;
+                match cut {
+                    Cut::Demoted => {
+                        t.demoted = true;
+                        info!(%node, digest = %t.digest, "{why}");
+                    }
+                    Cut::Stalled => {
+                        t.stalled = true;
+                        warn!(%node, digest = %t.digest, "{why}");
+                    }
+                }
+            }
+            self.abort(id);
+        }
+    }
+
     fn abort(&mut self, id: tokio::task::Id) {
         if let Some(t) = self.transfers.get(&id) {
             t.abort.abort();
@@ -809,13 +827,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
 
     /// Node `i` failed: what moves into it stops.
     fn drop_node(&mut self, i: usize) {
-        let ids: Vec<tokio::task::Id> = self
-            .transfers
-            .iter()
-            .filter(|(_, t)| t.node == i)
-            .map(|(id, _)| *id)
-            .collect();
-        for id in ids {
+        for id in self.transfers_where(|_, t| t.node == i) {
             self.abort(id);
         }
         let idx = self.nodes[i].idx;
