@@ -392,7 +392,12 @@ async fn run_one(args: &Args, run: Run<'_>) -> Result<Sample> {
     // The simulated nodes' bridge is this machine's own network.
     .arg("--insecure-plaintext")
     .env("LADE_AUTH_TOKEN", TEST_TOKEN)
-    .env("RUST_LOG", "warn");
+    // LADE_BENCH_LOG: lade's RUST_LOG, e.g. `warn,lade::load::relay=info` to see the relay's
+    // choices.
+    .env(
+        "RUST_LOG",
+        std::env::var("LADE_BENCH_LOG").unwrap_or_else(|_| "warn".into()),
+    );
     for i in 0..n {
         cmd.args(["--agent", &format!("{}:7700", node_ip(i))]);
     }
@@ -410,6 +415,11 @@ async fn run_one(args: &Args, run: Run<'_>) -> Result<Sample> {
         out.status.success(),
         "lade load failed: {reports:#}\n{stderr}"
     );
+    // What the relay decided on the way (a node taken for slow or stopped, a blob sent
+    // again) is logged at warn: kept in the bench's output to explain a row.
+    if !stderr.trim().is_empty() {
+        eprintln!("lade's warnings ({mode}, {n} nodes):\n{}", stderr.trim());
+    }
     let reports = reports.as_array().context("a report per node")?;
     let sum = |key: &str| -> u64 { reports.iter().filter_map(|r| r[key].as_u64()).sum() };
     for r in reports {
