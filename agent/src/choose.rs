@@ -48,12 +48,12 @@ pub(crate) async fn detect(containerd: &Containerd, docker: &Docker) -> Result<R
 /// does not say; a snapshotter named that differs from CRI's is used, with a warning (kubelet
 /// would find every image lade loads not unpacked where it looks, and containerd would unpack
 /// it again at the first container start).
-pub(crate) async fn cri_runtime(mut cfg: ContainerdConfig) -> anyhow::Result<Containerd> {
-    let asked = Containerd::new(cfg.clone())?.cri_snapshotter().await;
-    match (cfg.snapshotter.as_str(), asked) {
+pub(crate) async fn cri_runtime(containerd: Containerd) -> Containerd {
+    let asked = containerd.cri_snapshotter().await;
+    match (containerd.snapshotter(), asked) {
         (AUTO, Ok(Some(cri))) => {
             info!(snapshotter = %cri, "unpacking into the snapshotter CRI keeps images in");
-            cfg.snapshotter = cri;
+            containerd.with_snapshotter(cri)
         }
         (AUTO, asked) => {
             let why = match asked {
@@ -61,14 +61,14 @@ pub(crate) async fn cri_runtime(mut cfg: ContainerdConfig) -> anyhow::Result<Con
                 Err(e) => e.to_string(),
             };
             warn!(%why, "--snapshotter auto: CRI did not say which snapshotter it uses; unpacking into {FALLBACK_SNAPSHOTTER}");
-            cfg.snapshotter = FALLBACK_SNAPSHOTTER.to_string();
+            containerd.with_snapshotter(FALLBACK_SNAPSHOTTER.to_string())
         }
         (named, Ok(Some(cri))) if named != cri => {
             warn!(snapshotter = %named, cri = %cri, "--snapshotter differs from the snapshotter CRI keeps images in: kubelet will not find what this agent unpacks, and containerd will unpack each image again at its first container start (use --snapshotter auto)");
+            containerd
         }
-        _ => {}
+        _ => containerd,
     }
-    Ok(Containerd::new(cfg)?)
 }
 
 /// `--snapshotter auto`.

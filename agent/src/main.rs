@@ -230,12 +230,14 @@ async fn main() -> anyhow::Result<()> {
     // The runtime is settled before the ports open, so an agent that cannot serve it exits
     // (saying why) without ever accepting a call.
     let runtime = match cfg.runtime {
-        RuntimeChoice::Containerd => Chosen::Containerd(cri_runtime(containerd).await?),
+        RuntimeChoice::Containerd => {
+            Chosen::Containerd(cri_runtime(Containerd::new(containerd)?).await)
+        }
         RuntimeChoice::Docker => docker_runtime(Docker::new(docker), containerd).await?,
         RuntimeChoice::Auto => {
             let (cri, docker) = (Containerd::new(containerd.clone())?, Docker::new(docker));
             match detect(&cri, &docker).await? {
-                RuntimeKind::Containerd => Chosen::Containerd(cri_runtime(containerd).await?),
+                RuntimeKind::Containerd => Chosen::Containerd(cri_runtime(cri).await),
                 RuntimeKind::Docker => docker_runtime(docker, containerd).await?,
             }
         }

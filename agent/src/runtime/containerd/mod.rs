@@ -133,6 +133,18 @@ impl Containerd {
         &self.cfg.socket
     }
 
+    /// The snapshotter layers are unpacked into (`auto` until settled by the caller).
+    pub fn snapshotter(&self) -> &str {
+        &self.cfg.snapshotter
+    }
+
+    /// The same connection, unpacking into `snapshotter`; only before its first use (which
+    /// layers it applies itself is decided at the first layer, by snapshotter).
+    pub fn with_snapshotter(mut self, snapshotter: String) -> Self {
+        self.cfg.snapshotter = snapshotter;
+        self
+    }
+
     /// A request in this runtime's namespace, optionally on behalf of a lease.
     fn req<T>(&self, msg: T, lease: Option<&str>) -> Request<T> {
         let mut req = Request::new(msg);
