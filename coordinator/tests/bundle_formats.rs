@@ -31,7 +31,11 @@ fn write_archive(
 }
 
 fn read_whole(bundle: &Bundle, digest: &str, from: u64) -> Result<Vec<u8>, BundleError> {
-    let mut reader = bundle.read_blob(digest, from)?;
+    drain(bundle.read_blob(digest, from)?)
+}
+
+/// Everything `reader` yields, in chunks of 4096 bytes.
+fn drain(mut reader: lade::bundle::BlobReader) -> Result<Vec<u8>, BundleError> {
     let mut out = Vec::new();
     while let Some(chunk) = reader.next_chunk(4096)? {
         out.extend_from_slice(&chunk);
@@ -179,6 +183,20 @@ fn bundle_parts_are_found_in_any_order() {
     }
 }
 
+/// Flips one byte in the middle of blob `digest` in the archive at `path`, as a damaged copy
+/// would; returns the member that holds it.
+fn damage(path: &std::path::Path, digest: &str) -> String {
+    let bundle = Bundle::open(path).unwrap();
+    let blob = &bundle.blobs[digest];
+    let BlobSource::Member { member, offset } = blob.source.clone() else {
+        panic!("layers are members")
+    };
+    let mut bytes = std::fs::read(path).unwrap();
+    bytes[(offset + blob.size / 2) as usize] ^= 0xff;
+    std::fs::write(path, bytes).unwrap();
+    member
+}
+
 #[test]
 fn altered_layer_bytes_are_refused_naming_member_and_image() {
     let dir = tempfile::tempdir().unwrap();
@@ -188,15 +206,8 @@ fn altered_layer_bytes_are_refused_naming_member_and_image() {
         ArchiveFormat::Gcr,
         Compression::Gzip,
     );
-    let bundle = Bundle::open(&path).unwrap();
     let layer = &written.images[0].layers[1];
-    let BlobSource::Member { member, offset } = bundle.blobs[&layer.digest].source.clone() else {
-        panic!("layers are members")
-    };
-    // Flip one byte in the middle of the layer, as a damaged copy would.
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[(offset + layer.size / 2) as usize] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    let member = damage(&path, &layer.digest);
 
     let bundle = Bundle::open(&path).unwrap();
     let err = read_whole(&bundle, &layer.digest, 0).unwrap_err();
@@ -222,14 +233,8 @@ fn blobs_sent_unhashed_resume_at_the_offset_and_a_refusal_is_traced_to_the_membe
         Compression::Gzip,
     );
     let layer = &written.images[0].layers[1];
-    let read_sent = |bundle: &Bundle, from: u64| {
-        let mut reader = bundle.send_blob(&layer.digest, from).unwrap();
-        let mut out = Vec::new();
-        while let Some(chunk) = reader.next_chunk(1000).unwrap() {
-            out.extend_from_slice(&chunk);
-        }
-        out
-    };
+    let read_sent =
+        |bundle: &Bundle, from: u64| drain(bundle.send_blob(&layer.digest, from).unwrap()).unwrap();
     let bundle = Bundle::open(&path).unwrap();
     let whole = read_whole(&bundle, &layer.digest, 0).unwrap();
     let from = layer.size / 3;
@@ -237,12 +242,7 @@ fn blobs_sent_unhashed_resume_at_the_offset_and_a_refusal_is_traced_to_the_membe
     assert_eq!(read_sent(&bundle, from), whole[from as usize..]);
     bundle.check_blob(&layer.digest).unwrap();
 
-    let BlobSource::Member { member, offset } = bundle.blobs[&layer.digest].source.clone() else {
-        panic!("layers are members")
-    };
-    let mut bytes = std::fs::read(&path).unwrap();
-    bytes[(offset + layer.size / 2) as usize] ^= 0xff;
-    std::fs::write(&path, bytes).unwrap();
+    let member = damage(&path, &layer.digest);
     let bundle = Bundle::open(&path).unwrap();
     let sent = read_sent(&bundle, 0);
     assert_eq!(sent.len(), whole.len());

@@ -105,11 +105,7 @@ impl Node {
     /// exits having copied none of it; an empty output is therefore run once more (as
     /// `<id>-again`) before it is returned.
     pub fn run_container(&self, image: &str, id: &str, cmd: &[&str]) -> Result<String> {
-        let out = self.run_container_once(image, id, cmd)?;
-        if !out.is_empty() {
-            return Ok(out);
-        }
-        self.run_container_once(image, &format!("{id}-again"), cmd)
+        self.run_container_retrying(&[], image, id, cmd)
     }
 
     /// Like [`Node::run_container`], on containerd's `snapshotter` instead of its default:
@@ -124,15 +120,22 @@ impl Node {
         cmd: &[&str],
     ) -> Result<String> {
         let flag = format!("--snapshotter={snapshotter}");
-        let out = self.run_container_with(&[&flag], image, id, cmd)?;
+        self.run_container_retrying(&[&flag], image, id, cmd)
+    }
+
+    /// `ctr run` with `flags`, once more (as `<id>-again`) when it printed nothing.
+    fn run_container_retrying(
+        &self,
+        flags: &[&str],
+        image: &str,
+        id: &str,
+        cmd: &[&str],
+    ) -> Result<String> {
+        let out = self.run_container_with(flags, image, id, cmd)?;
         if !out.is_empty() {
             return Ok(out);
         }
-        self.run_container_with(&[&flag], image, &format!("{id}-again"), cmd)
-    }
-
-    fn run_container_once(&self, image: &str, id: &str, cmd: &[&str]) -> Result<String> {
-        self.run_container_with(&[], image, id, cmd)
+        self.run_container_with(flags, image, &format!("{id}-again"), cmd)
     }
 
     fn run_container_with(

@@ -677,45 +677,8 @@ impl<'r, 'a> Swarm<'r, 'a> {
         // waits a little longer, so that the agent's finer verdict comes first.
         let limit = self.stall + (self.stall / 4).max(Duration::from_secs(2));
         let stalled = self.transfers_where(|_, t| !t.stalled && t.last_progress.elapsed() > limit);
-        // A root that took the coordinator's send and then moved nothing, while no other
-        // send is stuck, has stopped reading (two stuck at once point at the coordinator's
-        // own link, which another root would not help).
-        let stuck: Vec<usize> = self
-            .transfers
-            .values()
-            .filter(|t| self.stuck(t))
-            .map(|t| t.node)
-            .collect();
-        if let [i] = stuck[..] {
-            if !self.nodes[i].stopped {
-                warn!(node = %self.nodes[i].agent, "node took the coordinator's send and stopped reading; its blob goes to another node, its readers to other sources");
-                self.nodes[i].stopped = true;
-            }
-        }
-        // A source that serves nothing: fetches from it into two nodes have both moved
-        // nothing for STOP_EVIDENCE (one slow receiver does not stall two), or one has while
-        // its receiver took bytes from elsewhere since. It serves no more in this load.
-        let mut silent: HashMap<usize, (HashSet<usize>, bool)> = HashMap::new();
-        for t in self.transfers.values() {
-            let Source::Peer(src) = t.source else {
-                continue;
-            };
-            let size = self.run.bundle.blobs[&t.digest].size;
-            if t.demoted || t.held >= size || t.last_progress.elapsed() < STOP_EVIDENCE {
-                continue;
-            }
-            let (receivers, receiver_moved) = silent.entry(src).or_default();
-            receivers.insert(t.node);
-            *receiver_moved |= self.nodes[t.node]
-                .last_received
-                .is_some_and(|at| at > t.last_progress + STOP_EVIDENCE / 4);
-        }
-        for (src, (receivers, receiver_moved)) in silent {
-            if self.nodes[src].serves && (receivers.len() >= 2 || receiver_moved) {
-                warn!(node = %self.nodes[src].agent, "peers reading from this node get nothing; they fetch elsewhere and it serves no more in this load");
-                self.nodes[src].serves = false;
-            }
-        }
+        self.mark_stopped_root();
+        self.mark_silent_sources();
         // Peers reading from a stopped node, or one that serves no more, get the blob
         // elsewhere (from another holder, or from the coordinator if that node was its only
         // one) instead of waiting for `--stall-timeout`.
@@ -732,10 +695,7 @@ impl<'r, 'a> Swarm<'r, 'a> {
         // The coordinator's sends into a node that proved slow stop (what arrived stays for a
         // resume) while another node can take them: the blobs go to a root instead.
         let demoted = self.transfers_where(|swarm, t| {
-            t.source == Source::Coordinator
-                && !t.demoted
-                && swarm.nodes[t.node].serves
-                && !swarm.nodes[t.node].direct
+            swarm.root_send(t)
                 && swarm.proven_slow(t.node)
                 && swarm.root().is_some_and(|r| r != t.node)
         });
@@ -772,6 +732,9 @@ impl<'r, 'a> Swarm<'r, 'a> {
     /// commit the blob, so that a healthy root on a slow link or a busy machine is not taken
     /// for a stopped one.
     fn stuck(&self, t: &Transfer) -> bool {
+        if !self.root_send(t) {
+            return false;
+        }
         let size = self.run.bundle.blobs[&t.digest].size;
         let mut quiet = STOP_EVIDENCE;
         if t.held >= size {
@@ -782,11 +745,61 @@ impl<'r, 'a> Swarm<'r, 'a> {
             };
             quiet += Duration::from_secs_f64(drain + size as f64 / COMMIT_RATE as f64);
         }
+        t.last_progress.elapsed() >= quiet
+    }
+
+    /// Whether `t` is a send from the coordinator, still under way, into a node that serves
+    /// peers (a root).
+    fn root_send(&self, t: &Transfer) -> bool {
         t.source == Source::Coordinator
             && !t.demoted
             && self.nodes[t.node].serves
             && !self.nodes[t.node].direct
-            && t.last_progress.elapsed() >= quiet
+    }
+
+    /// A root that took the coordinator's send and then moved nothing, while no other send
+    /// is stuck, has stopped reading (two stuck at once point at the coordinator's own link,
+    /// which another root would not help).
+    fn mark_stopped_root(&mut self) {
+        let stuck: Vec<usize> = self
+            .transfers
+            .values()
+            .filter(|t| self.stuck(t))
+            .map(|t| t.node)
+            .collect();
+        if let [i] = stuck[..] {
+            if !self.nodes[i].stopped {
+                warn!(node = %self.nodes[i].agent, "node took the coordinator's send and stopped reading; its blob goes to another node, its readers to other sources");
+                self.nodes[i].stopped = true;
+            }
+        }
+    }
+
+    /// A source that serves nothing: fetches from it into two nodes have both moved nothing
+    /// for [`STOP_EVIDENCE`] (one slow receiver does not stall two), or one has while its
+    /// receiver took bytes from elsewhere since. It serves no more in this load.
+    fn mark_silent_sources(&mut self) {
+        let mut silent: HashMap<usize, (HashSet<usize>, bool)> = HashMap::new();
+        for t in self.transfers.values() {
+            let Source::Peer(src) = t.source else {
+                continue;
+            };
+            let size = self.run.bundle.blobs[&t.digest].size;
+            if t.demoted || t.held >= size || t.last_progress.elapsed() < STOP_EVIDENCE {
+                continue;
+            }
+            let (receivers, receiver_moved) = silent.entry(src).or_default();
+            receivers.insert(t.node);
+            *receiver_moved |= self.nodes[t.node]
+                .last_received
+                .is_some_and(|at| at > t.last_progress + STOP_EVIDENCE / 4);
+        }
+        for (src, (receivers, receiver_moved)) in silent {
+            if self.nodes[src].serves && (receivers.len() >= 2 || receiver_moved) {
+                warn!(node = %self.nodes[src].agent, "peers reading from this node get nothing; they fetch elsewhere and it serves no more in this load");
+                self.nodes[src].serves = false;
+            }
+        }
     }
 
     /// The transfers `which` picks.
