@@ -329,6 +329,10 @@ struct Sample {
     /// CPU of the agents alone, summed, and the largest agent's peak RSS.
     agent_cpu_s: f64,
     agent_peak_rss_mib: f64,
+    /// Each agent's peak RSS, in node order (which role holds the memory).
+    agent_peak_rss_each_mib: Vec<f64>,
+    /// CPU of the containerds alone, summed.
+    containerd_cpu_s: f64,
 }
 
 struct Run<'a> {
@@ -435,10 +439,8 @@ async fn run_one(args: &Args, run: Run<'_>) -> Result<Sample> {
         .map(|&p| cpu_seconds(p, false))
         .sum::<f64>()
         - agent_cpu_before;
-    let agent_rss = agent_pids
-        .iter()
-        .map(|&p| peak_rss_mib(p))
-        .fold(0.0, f64::max);
+    let agent_rss_each: Vec<f64> = agent_pids.iter().map(|&p| peak_rss_mib(p)).collect();
+    let agent_rss = agent_rss_each.iter().copied().fold(0.0, f64::max);
     let seconds = |r: &serde_json::Value| r["seconds"].as_f64().unwrap_or(0.0);
     let slow = straggler.map(|(i, _)| i);
     let fast_finish = reports
@@ -461,6 +463,8 @@ async fn run_one(args: &Args, run: Run<'_>) -> Result<Sample> {
         straggler_link_s: straggler_link,
         agent_cpu_s: agent_cpu,
         agent_peak_rss_mib: agent_rss,
+        agent_peak_rss_each_mib: agent_rss_each,
+        containerd_cpu_s: cpu_nodes - agent_cpu,
         nodes: n,
         relay: mode.to_string(),
         round,
@@ -497,8 +501,8 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
             .unwrap_or(0),
         args.rounds
     );
-    s.push_str("| scenario | nodes | relay | wall s | vs 1 node | fast nodes finish s | straggler finish s | straggler link time s | coordinator tx / unique | counted / unique | CPU s (all) | agent CPU s (sum) | agent peak RSS MiB (max) |\n");
-    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
+    s.push_str("| scenario | nodes | relay | wall s | vs 1 node | fast nodes finish s | straggler finish s | straggler link time s | coordinator tx / unique | counted / unique | CPU s (all) | agent CPU s (sum) | containerd CPU s (sum) | agent peak RSS MiB (max) |\n");
+    s.push_str("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n");
     let rows_of = |scenario: &str, mode: &str, n: usize| -> Vec<&Sample> {
         samples
             .iter()
@@ -537,7 +541,7 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
                     .max()
                     .unwrap_or(0);
                 s.push_str(&format!(
-                    "| {scenario} | {n} | {} | {wall:.2} | {} | {:.2} | {} | {} | **{:.3}** | {:.3} | {:.1} | {:.1} | {:.0} |\n",
+                    "| {scenario} | {n} | {} | {wall:.2} | {} | {:.2} | {} | {} | **{:.3}** | {:.3} | {:.1} | {:.1} | {:.1} | {:.0} |\n",
                     if n == 1 { "-" } else { mode.as_str() },
                     base_wall.map(|b| format!("{:.2}x", wall / b)).unwrap_or_else(|| "-".into()),
                     med(&rows, &|x| x.fast_finish_s),
@@ -547,6 +551,7 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
                     counted as f64 / unique as f64,
                     med(&rows, &|x| x.cpu_s),
                     med(&rows, &|x| x.agent_cpu_s),
+                    med(&rows, &|x| x.containerd_cpu_s),
                     med(&rows, &|x| x.agent_peak_rss_mib),
                 ));
             }
@@ -659,7 +664,7 @@ async fn main() -> Result<()> {
                     };
                     let sample = run_one(&args, run).await?;
                     eprintln!(
-                        "round {round} {scenario:9} nodes {n:2} relay {mode:5} {:6.2} s wall (fast nodes {:.2} s{}) {:6.1} s cpu, coordinator tx {:.3}x unique, agent peak RSS {:.0} MiB",
+                        "round {round} {scenario:9} nodes {n:2} relay {mode:5} {:6.2} s wall (fast nodes {:.2} s{}) {:6.1} s cpu, coordinator tx {:.3}x unique, agent peak RSS {:.0} MiB (each: {}), containerd CPU {:.1} s",
                         sample.wall_s,
                         sample.fast_finish_s,
                         match (sample.straggler_finish_s, sample.straggler_link_s) {
@@ -669,6 +674,13 @@ async fn main() -> Result<()> {
                         sample.cpu_s,
                         sample.coordinator_tx_bytes as f64 / unique as f64,
                         sample.agent_peak_rss_mib,
+                        sample
+                            .agent_peak_rss_each_mib
+                            .iter()
+                            .map(|m| format!("{m:.0}"))
+                            .collect::<Vec<_>>()
+                            .join(" "),
+                        sample.containerd_cpu_s,
                     );
                     samples.push(sample);
                 }
