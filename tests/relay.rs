@@ -834,3 +834,119 @@ async fn an_altered_layer_reaches_no_node_of_the_tree_and_only_its_image_fails()
     }
     Ok(())
 }
+
+/// All of `digest` from `offset` as `node`'s agent serves it to a peer (`ReadBlob`).
+async fn read_from_peer(node: &Node, digest: &str, offset: u64) -> Result<Vec<u8>, tonic::Status> {
+    let mut client = lade::load::connect(&node.addr(), &lade_tests::dial())
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let mut chunks = client
+        .read_blob(lade_proto::ReadBlobRequest {
+            digest: digest.to_string(),
+            offset,
+        })
+        .await?
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(chunk) = chunks.message().await? {
+        out.extend_from_slice(&chunk.data);
+    }
+    Ok(out)
+}
+
+/// What a peer reads from a node on containerd: a committed blob's bytes from any offset,
+/// whether the agent reads containerd's blob file itself (it sees the content store) or has
+/// containerd stream them (`--unpack containerd`); never a blob committed only in another
+/// containerd namespace (its file is in the same directory), one nobody holds, or bytes past
+/// the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_peer_reads_committed_blobs_from_any_offset_and_nothing_else() -> Result<()> {
+    if !daemon_tests_enabled() {
+        return Ok(());
+    }
+    let dir = tempfile::tempdir()?;
+    let (path, _) = big_bundle(dir.path(), 3 << 20, 31)?;
+    let bundle = Bundle::open(&path)?;
+    let nodes = vec![
+        Node::start("serve-file").await?,
+        Node::start_with("serve-ctr", &["--unpack", "containerd"]).await?,
+    ];
+    let (code, reports, stderr) = load_json(&path, &addrs(&nodes), &["--relay", "off"])?;
+    ensure!(code == 0, "{reports:#?}\n{stderr}");
+
+    let layer = bundle
+        .images
+        .iter()
+        .flat_map(|i| &i.layers)
+        .map(|d| &bundle.blobs[d])
+        .max_by_key(|b| b.size)
+        .context("a layer")?;
+    ensure!(
+        layer.size > 2 * lade_proto::SERVE_CHUNK_SIZE as u64,
+        "{}",
+        layer.size
+    );
+    let mut reader = bundle.read_blob(&layer.digest, 0)?;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = reader.next_chunk(lade_proto::CHUNK_SIZE)? {
+        bytes.extend_from_slice(&chunk);
+    }
+    assert_eq!(bytes.len() as u64, layer.size);
+
+    // A blob committed in another namespace only: containerd keeps its file beside the others.
+    let other = dir.path().join("other-blob");
+    std::fs::write(&other, b"committed in another namespace only")?;
+    let other_digest = format!(
+        "sha256:{}",
+        lade_testkit::fixtures::sha256_hex(&std::fs::read(&other)?)
+    );
+    for node in &nodes {
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(format!(
+                "ctr --address {} -n elsewhere content ingest --expected-digest {other_digest} other < {}",
+                node.containerd.socket().display(),
+                other.display()
+            ))
+            .output()?;
+        ensure!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let file = node
+            .containerd
+            .root()
+            .join("io.containerd.content.v1.content/blobs/sha256")
+            .join(other_digest.trim_start_matches("sha256:"));
+        ensure!(file.is_file(), "{} is not there", file.display());
+
+        let whole = read_from_peer(node, &layer.digest, 0).await?;
+        assert!(whole == bytes, "{}: the blob read back differs", node.name);
+        let from = lade_proto::SERVE_CHUNK_SIZE as u64 + 7;
+        let tail = read_from_peer(node, &layer.digest, from).await?;
+        assert!(
+            tail == bytes[from as usize..],
+            "{}: the tail differs",
+            node.name
+        );
+        assert!(read_from_peer(node, &layer.digest, layer.size)
+            .await?
+            .is_empty());
+
+        let past = read_from_peer(node, &layer.digest, layer.size + 1).await;
+        assert!(past.is_err(), "{}: read past the end: {past:?}", node.name);
+        for missing in [other_digest.clone(), format!("sha256:{}", "0".repeat(64))] {
+            let status = read_from_peer(node, &missing, 0)
+                .await
+                .expect_err("not served");
+            assert_eq!(
+                status.code(),
+                tonic::Code::NotFound,
+                "{}: {status}",
+                node.name
+            );
+        }
+    }
+    Ok(())
+}

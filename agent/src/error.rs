@@ -128,6 +128,12 @@ pub enum Error {
         #[source]
         source: std::io::Error,
     },
+    #[error("containerd's blob file {path}: {source}")]
+    StoredBlob {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("hold record {record}: {reason}")]
     BadHoldRecord { record: String, reason: String },
     #[error("no container runtime answers: containerd at {containerd}: {containerd_error}; docker at {docker}: {docker_error}")]
@@ -225,7 +231,9 @@ impl From<Error> for Status {
             Error::TooManyUploads { .. } | Error::TooManyReads { .. } => Code::ResourceExhausted,
             Error::Stalled { .. } => Code::DeadlineExceeded,
             Error::Docker { source, .. } | Error::DockerImage { source, .. } => docker_code(source),
-            Error::LoadedOtherImage { .. } | Error::BadHoldRecord { .. } => Code::Internal,
+            Error::LoadedOtherImage { .. }
+            | Error::BadHoldRecord { .. }
+            | Error::StoredBlob { .. } => Code::Internal,
             Error::Cache { source, .. } => match source.kind() {
                 std::io::ErrorKind::StorageFull => Code::ResourceExhausted,
                 _ => Code::Internal,

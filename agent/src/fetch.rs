@@ -29,7 +29,7 @@ use crate::runtime::Runtime;
 
 /// Chunks queued for one reader of `ReadBlob`; a reader that takes none for the stall
 /// timeout is dropped.
-const SERVE_DEPTH: usize = 2;
+const SERVE_DEPTH: usize = 1;
 
 /// Progress is reported each time this many more bytes are held.
 const PROGRESS_STEP: u64 = 1 << 20;

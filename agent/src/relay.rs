@@ -78,11 +78,12 @@ impl Default for Peers {
             while_idle: true,
         };
         Peers {
-            // Peers share a LAN: 2 MiB in flight per call covers its bandwidth-delay product,
-            // and bounds what the calls of one agent buffer (2 fetches of its own, and the
+            // Peers share a LAN: 1 MiB in flight per call covers its bandwidth-delay product
+            // (1 GB/s at a millisecond), and bounds what the calls of one agent buffer while
+            // its runtime writes slower than the peer sends (2 fetches of its own, and the
             // forwarding of older coordinators' trees).
             config: ClientConfig::new(Duration::from_secs(10), keep_alive)
-                .with_windows(2 << 20, 4 << 20),
+                .with_windows(1 << 20, 2 << 20),
             unusable: None,
             plaintext_peers: Vec::new(),
             channels: Mutex::new(HashMap::new()),

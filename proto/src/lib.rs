@@ -41,6 +41,13 @@ pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
 /// Size of the data chunks PutBlob streams carry.
 pub const CHUNK_SIZE: usize = 1 << 20;
 
+/// Size of the chunks an agent reads from its store for a peer's `ReadBlob`. Every chunk is
+/// held about three times on its way out (the serving queue, tonic's encoding buffer, h2's
+/// send buffer) for each of the peers a node serves at once, so a node that serves peers
+/// would hold some 16 MiB more than one that only loads with 1 MiB chunks; a quarter of that
+/// keeps its peak memory within a few MiB of a node's that serves nobody.
+pub const SERVE_CHUNK_SIZE: usize = 256 << 10;
+
 /// The largest HTTP/2 frame agents and their clients accept (HTTP/2's default is 16 KiB): a
 /// chunk crosses in four DATA frames instead of 64, which cut the agent's CPU per load by a
 /// sixth (`scripts/bench-docker`). h2 holds a whole frame before passing it on, so larger

@@ -19,6 +19,7 @@ use tonic::transport::Channel;
 use tonic::Code;
 use tracing::{debug, info, instrument, warn};
 
+use super::unpack::LocalStore;
 use super::{Containerd, RUNTIME};
 use crate::error::Error;
 use lade_oci::{self as oci, MAX_METADATA_BYTES};
@@ -208,6 +209,72 @@ impl Containerd {
                     .map_err(|s| Error::runtime(RUNTIME, op.clone())(s))
             })
             .boxed())
+    }
+
+    /// A committed blob's bytes from `offset`, read from containerd's blob file when this agent
+    /// sees the content store (`store`), one chunk per poll: no stream through containerd's
+    /// gRPC server, and at most the chunk being read is held here. Presence is still asked of
+    /// containerd, so only blobs committed in this namespace are served. `None` when the file
+    /// is not there as containerd describes it (then containerd streams it).
+    pub(super) async fn read_stored(
+        &self,
+        store: &LocalStore,
+        digest: &str,
+        offset: u64,
+    ) -> Result<Option<BoxStream<'static, Result<Bytes, Error>>>, Error> {
+        let Some(info) = self.content_info(digest).await? else {
+            return Err(Error::NotHeld {
+                digest: digest.to_string(),
+            });
+        };
+        let size = info.size.max(0) as u64;
+        if offset > size {
+            return Err(Error::InvalidRequest(format!(
+                "blob {digest} has {size} bytes; offset {offset} is past its end"
+            )));
+        }
+        let Some(path) = store.blob_path(digest) else {
+            return Ok(None);
+        };
+        let name = path.display().to_string();
+        let opened = tokio::task::spawn_blocking(move || open_blob(&path, size, offset)).await;
+        let Ok(Ok(file)) = opened else {
+            debug!(%digest, "blob file not readable here; containerd streams it");
+            return Ok(None);
+        };
+        let fail = move |source| Error::StoredBlob {
+            path: name.clone(),
+            source,
+        };
+        let chunks = futures::stream::try_unfold((file, size - offset), move |(file, left)| {
+            let fail = fail.clone();
+            async move {
+                if left == 0 {
+                    return Ok(None);
+                }
+                let want = left.min(lade_proto::SERVE_CHUNK_SIZE as u64);
+                let (file, chunk) = tokio::task::spawn_blocking(move || {
+                    let mut chunk = Vec::with_capacity(want as usize);
+                    // `take` + `read_to_end` fill the spare capacity without zeroing it.
+                    let got = std::io::Read::read_to_end(
+                        &mut std::io::Read::take(&file, want),
+                        &mut chunk,
+                    );
+                    (file, got.map(|_| chunk))
+                })
+                .await
+                .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+                let chunk = chunk.map_err(fail.clone())?;
+                if chunk.len() as u64 != want {
+                    return Err(fail(std::io::Error::new(
+                        std::io::ErrorKind::UnexpectedEof,
+                        "the file ended before the blob's size",
+                    )));
+                }
+                Ok(Some((Bytes::from(chunk), (file, left - want))))
+            }
+        });
+        Ok(Some(chunks.boxed()))
     }
 
     /// Sets labels on a blob, touching only the named keys.
@@ -490,4 +557,24 @@ impl Containerd {
             Err(s) => Err(Error::runtime(RUNTIME, "Leases.Delete")(s)),
         }
     }
+}
+
+/// Opens containerd's file of a blob (never through a symlink), checks it has the size
+/// containerd records, and positions it at `offset`.
+fn open_blob(path: &std::path::Path, size: u64, offset: u64) -> std::io::Result<std::fs::File> {
+    use std::io::{Seek, SeekFrom};
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(path)?;
+    let meta = file.metadata()?;
+    if !meta.is_file() || meta.len() != size {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidData,
+            "not the blob containerd records",
+        ));
+    }
+    file.seek(SeekFrom::Start(offset))?;
+    Ok(file)
 }

@@ -236,6 +236,11 @@ impl Runtime for Containerd {
         digest: &str,
         offset: u64,
     ) -> Result<BoxStream<'static, Result<Bytes, Error>>, Error> {
+        if let Ok(Some(store)) = self.local_store().await {
+            if let Some(chunks) = self.read_stored(&store, digest, offset).await? {
+                return Ok(chunks);
+            }
+        }
         self.read_from(digest, offset).await
     }
 

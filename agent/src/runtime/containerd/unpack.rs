@@ -56,6 +56,15 @@ pub(super) struct LocalStore {
     blobs: PathBuf,
 }
 
+impl LocalStore {
+    /// The file of a committed `sha256:` blob; `None` for any other digest.
+    pub(super) fn blob_path(&self, digest: &str) -> Option<PathBuf> {
+        let hex = digest.strip_prefix("sha256:")?;
+        let ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
+        ok.then(|| self.blobs.join("sha256").join(hex))
+    }
+}
+
 /// Where [`apply`] writes a layer prepared with `mounts`, the way containerd's own
 /// applier picks it: an overlay's `upperdir` (its `lowerdir`s are the layers below, nearest
 /// first) with overlay whiteouts, or the source of a read-write bind mount (a first layer, or
@@ -206,8 +215,7 @@ impl Containerd {
         mounts: &[containerd_client::types::Mount],
     ) -> Option<Result<String, Error>> {
         let target = apply_target(mounts)?;
-        let hex = layer.digest.strip_prefix("sha256:")?;
-        let blob = store.blobs.join("sha256").join(hex);
+        let blob = store.blob_path(&layer.digest)?;
         let limit = layer
             .size
             .saturating_mul(self.cfg.max_layer_ratio)
