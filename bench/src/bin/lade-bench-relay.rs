@@ -580,6 +580,15 @@ fn markdown(samples: &[Sample], args: &Args, unique: u64) -> String {
                     "; wall(N={top}) / wall(N=1) = {r:.2} (target 2: {})",
                     verdict(r <= 2.0)
                 ));
+                // What the runtimes alone cost, spread over every core of this machine: a
+                // floor on the wall time no fan-out can go below here.
+                let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+                let runtimes = med(&rows, &|x| x.containerd_cpu_s);
+                let floor = runtimes / cores as f64;
+                s.push_str(&format!(
+                    "; the {top} containerds alone used {runtimes:.1} CPU-s, at least {floor:.1} s on this machine's {cores} cores ({:.2}x wall(N=1))",
+                    floor / one
+                ));
                 if let Some(rss) = base_rss {
                     let big = med(&rows, &|x| x.agent_peak_rss_mib);
                     s.push_str(&format!(
