@@ -7,8 +7,7 @@
 ARG RUST_VERSION=1
 
 FROM rust:${RUST_VERSION}-bookworm AS build
-# protoc compiles the gRPC contract (proto/build.rs), the agent's CRI status client (agent/build.rs)
-# and the CRI test client (testkit/build.rs).
+# protoc compiles the gRPC contract and the CRI client of the agent and the tests (proto/build.rs).
 RUN apt-get update \
  && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends protobuf-compiler \
  && rm -rf /var/lib/apt/lists/*

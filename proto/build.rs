@@ -9,5 +9,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .bytes(".lade.agent.v1.PutBlobRequest.chunk")
         .bytes(".lade.agent.v1.ReadBlobChunk.data")
         .compile_protos(&["proto/lade/agent/v1/agent.proto"], &["proto"])?;
+    // The CRI calls lade makes on containerd's CRI plugin: a client only, lade serves no CRI.
+    tonic_prost_build::configure()
+        .build_server(false)
+        .compile_protos(&["proto/cri/runtime/v1/api.proto"], &["proto"])?;
     Ok(())
 }

@@ -11,6 +11,14 @@ mod generated {
 
 pub use generated::*;
 
+/// The subset of the Kubernetes CRI API (`runtime.v1`) lade calls on containerd's CRI plugin:
+/// RuntimeService.Status and ImageService.ImageFsInfo (the agent), ImageService.ListImages and
+/// ImageStatus (the tests). Clients only; `proto/cri/runtime/v1/api.proto` says why each.
+#[allow(clippy::all, missing_docs)]
+pub mod cri {
+    tonic::include_proto!("runtime.v1");
+}
+
 mod client;
 pub use client::{AgentConn, BearerAuth, ClientConfig, DialError, InvalidToken, KeepAlive};
 

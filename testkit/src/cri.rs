@@ -3,8 +3,8 @@
 //! API. An image lade imported is only useful to Kubernetes if CRI reports it (right namespace,
 //! tags, digests), so tests assert on this view. No crictl needed.
 //!
-//! The schema is a hand-written subset of the upstream CRI api.proto (`proto/cri_image.proto`,
-//! same package, names and field numbers), compiled client-only by `build.rs`.
+//! The schema is the subset of the upstream CRI api.proto that lade uses (`lade_proto::cri`,
+//! the same the agent asks CRI with).
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,10 +13,7 @@ use anyhow::{Context, Result};
 use hyper_util::rt::TokioIo;
 use tonic::transport::{Channel, Endpoint, Uri};
 
-#[allow(clippy::all, missing_docs)]
-mod pb {
-    tonic::include_proto!("runtime.v1");
-}
+use lade_proto::cri as pb;
 
 use pb::image_service_client::ImageServiceClient;
 

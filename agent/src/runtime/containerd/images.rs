@@ -20,11 +20,7 @@ use super::{Containerd, ImageStore, RUNTIME};
 use crate::error::Error;
 use crate::runtime::{canonical_name, manifest_descriptor, Named};
 use lade_oci::{self as oci, chain_ids, ImageConfig, Manifest};
-
-#[allow(clippy::all, missing_docs)]
-mod cri {
-    tonic::include_proto!("runtime.v1");
-}
+use lade_proto::cri;
 
 /// Label containerd's unpacker sets on a layer blob once its diffID was verified by applying it.
 const LABEL_UNCOMPRESSED: &str = "containerd.io/uncompressed";
