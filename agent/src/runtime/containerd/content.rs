@@ -578,3 +578,38 @@ fn open_blob(path: &std::path::Path, size: u64, offset: u64) -> std::io::Result<
     file.seek(SeekFrom::Start(offset))?;
     Ok(file)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::Read;
+
+    use super::*;
+
+    #[test]
+    fn a_blob_file_is_opened_at_the_offset_only_as_itself_and_at_its_recorded_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let blob = dir.path().join("blob");
+        std::fs::write(&blob, b"0123456789").unwrap();
+
+        let mut rest = String::new();
+        open_blob(&blob, 10, 4)
+            .unwrap()
+            .read_to_string(&mut rest)
+            .unwrap();
+        assert_eq!(rest, "456789");
+
+        // A size other than containerd's record: not the blob containerd committed.
+        let err = open_blob(&blob, 11, 0).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+
+        // A symlink in the blob's place is not followed, whatever it points at.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&blob, &link).unwrap();
+        let err = open_blob(&link, 10, 0).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ELOOP), "{err}");
+
+        // Nor is a directory read as a blob.
+        let err = open_blob(dir.path(), 0, 0).unwrap_err();
+        assert_eq!(err.kind(), std::io::ErrorKind::InvalidData);
+    }
+}

@@ -505,6 +505,27 @@ mod tests {
     use super::*;
 
     #[test]
+    fn only_a_sha256_digest_of_64_lowercase_hex_digits_names_a_blob_file() {
+        let store = LocalStore {
+            blobs: PathBuf::from("/var/lib/containerd/io.containerd.content.v1.content/blobs"),
+        };
+        let hex = "ab".repeat(32);
+        assert_eq!(
+            store.blob_path(&format!("sha256:{hex}")),
+            Some(store.blobs.join("sha256").join(&hex))
+        );
+        for bad in [
+            format!("sha512:{hex}"),
+            format!("sha256:{}", "AB".repeat(32)),
+            format!("sha256:{}", &hex[..63]),
+            format!("sha256:../{}", &hex[..61]),
+            "sha256:".to_string(),
+        ] {
+            assert_eq!(store.blob_path(&bad), None, "{bad}");
+        }
+    }
+
+    #[test]
     fn only_a_numbered_snapshot_directory_named_by_a_failed_rename_is_an_orphan() {
         let root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs/snapshots";
         let msg = |from: &str, to: &str, why: &str| {
