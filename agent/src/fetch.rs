@@ -35,9 +35,9 @@ const SERVE_DEPTH: usize = 1;
 const PROGRESS_STEP: u64 = 1 << 20;
 
 /// Streams the blob `digest` from `offset` out of `runtime` to a peer. The bytes go through
-/// a queue of [`SERVE_DEPTH`] chunks; when the reader takes nothing for `stall`, the stream
-/// ends early (the reader's verification then refuses the short blob) and the runtime's
-/// read is released.
+/// a queue of [`SERVE_DEPTH`] chunks, and a chunk is read only when the queue has room for
+/// it; when the reader takes nothing for `stall`, the stream ends early (the reader's
+/// verification then refuses the short blob) and the runtime's read is released.
 pub async fn serve<R: Runtime>(
     runtime: &R,
     metrics: &Metrics,
@@ -51,20 +51,25 @@ pub async fn serve<R: Runtime>(
     let digest = req.digest;
     tokio::spawn(async move {
         let _permit = permit;
-        while let Some(item) = bytes.next().await {
-            let (msg, last) = match item {
-                Ok(data) => {
-                    served.inc_by(data.len() as u64);
-                    (Ok(ReadBlobChunk { data }), false)
-                }
-                Err(e) => (Err(Status::from(e)), true),
-            };
-            if tx.send_timeout(msg, stall).await.is_err() {
+        loop {
+            // Room in the queue first, then the next chunk: a reader that is behind holds
+            // no chunk read for it beyond the one queued.
+            let Ok(Ok(slot)) = tokio::time::timeout(stall, tx.reserve()).await else {
                 debug!(%digest, "peer stopped reading a blob; dropped");
                 return;
-            }
-            if last {
+            };
+            let Some(item) = bytes.next().await else {
                 return;
+            };
+            match item {
+                Ok(data) => {
+                    served.inc_by(data.len() as u64);
+                    slot.send(Ok(ReadBlobChunk { data }));
+                }
+                Err(e) => {
+                    slot.send(Err(Status::from(e)));
+                    return;
+                }
             }
         }
     });
