@@ -182,6 +182,47 @@ impl KeyedLocks {
     }
 }
 
+/// The next `left` bytes of a blob file as a peer reads them (`Runtime::read_blob`): one
+/// chunk of [`lade_proto::SERVE_CHUNK_SIZE`] per poll, read on a blocking thread only when
+/// the stream is polled, into memory that is not zeroed first. A file that ends early is an
+/// error, made by `fail` like any failed read.
+pub(crate) fn file_chunks<F>(
+    file: std::fs::File,
+    left: u64,
+    fail: F,
+) -> BoxStream<'static, Result<Bytes, Error>>
+where
+    F: Fn(std::io::Error) -> Error + Clone + Send + Sync + 'static,
+{
+    futures::stream::try_unfold((file, left), move |(file, left)| {
+        let fail = fail.clone();
+        async move {
+            if left == 0 {
+                return Ok(None);
+            }
+            let want = left.min(lade_proto::SERVE_CHUNK_SIZE as u64);
+            let (file, chunk) = tokio::task::spawn_blocking(move || {
+                let mut chunk = Vec::with_capacity(want as usize);
+                // `take` + `read_to_end` fill the spare capacity without zeroing it.
+                let got =
+                    std::io::Read::read_to_end(&mut std::io::Read::take(&file, want), &mut chunk);
+                (file, got.map(|_| chunk))
+            })
+            .await
+            .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
+            let chunk = chunk.map_err(fail.clone())?;
+            if chunk.len() as u64 != want {
+                return Err(fail(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the file ended before the blob's size",
+                )));
+            }
+            Ok(Some((Bytes::from(chunk), (file, left - want))))
+        }
+    })
+    .boxed()
+}
+
 /// A PutBlob body of `parts`, for the stores' unit tests.
 #[cfg(test)]
 pub(crate) fn test_chunks(parts: &[&[u8]]) -> BoxStream<'static, Result<Bytes, Error>> {

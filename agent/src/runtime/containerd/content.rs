@@ -22,6 +22,7 @@ use tracing::{debug, info, instrument, warn};
 use super::unpack::LocalStore;
 use super::{Containerd, RUNTIME};
 use crate::error::Error;
+use crate::runtime::file_chunks;
 use lade_oci::{self as oci, MAX_METADATA_BYTES};
 
 /// Lease label after which containerd's GC drops the lease and what only it held.
@@ -212,7 +213,7 @@ impl Containerd {
     }
 
     /// A committed blob's bytes from `offset`, read from containerd's blob file when this agent
-    /// sees the content store (`store`), one chunk per poll: no stream through containerd's
+    /// sees the content store (`store`), by [`file_chunks`]: no stream through containerd's
     /// gRPC server, and at most the chunk being read is held here. Presence is still asked of
     /// containerd, so only blobs committed in this namespace are served. `None` when the file
     /// is not there as containerd describes it (then containerd streams it).
@@ -246,35 +247,7 @@ impl Containerd {
             path: name.clone(),
             source,
         };
-        let chunks = futures::stream::try_unfold((file, size - offset), move |(file, left)| {
-            let fail = fail.clone();
-            async move {
-                if left == 0 {
-                    return Ok(None);
-                }
-                let want = left.min(lade_proto::SERVE_CHUNK_SIZE as u64);
-                let (file, chunk) = tokio::task::spawn_blocking(move || {
-                    let mut chunk = Vec::with_capacity(want as usize);
-                    // `take` + `read_to_end` fill the spare capacity without zeroing it.
-                    let got = std::io::Read::read_to_end(
-                        &mut std::io::Read::take(&file, want),
-                        &mut chunk,
-                    );
-                    (file, got.map(|_| chunk))
-                })
-                .await
-                .map_err(|e| fail(std::io::Error::other(e.to_string())))?;
-                let chunk = chunk.map_err(fail.clone())?;
-                if chunk.len() as u64 != want {
-                    return Err(fail(std::io::Error::new(
-                        std::io::ErrorKind::UnexpectedEof,
-                        "the file ended before the blob's size",
-                    )));
-                }
-                Ok(Some((Bytes::from(chunk), (file, left - want))))
-            }
-        });
-        Ok(Some(chunks.boxed()))
+        Ok(Some(file_chunks(file, size - offset, fail)))
     }
 
     /// Sets labels on a blob, touching only the named keys.

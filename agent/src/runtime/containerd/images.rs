@@ -645,9 +645,10 @@ fn snapshotter_of(mountpoint: &str) -> Option<String> {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
     #[test]
     fn the_snapshotter_is_read_from_cris_image_filesystem() {
-        use super::snapshotter_of;
         let root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs";
         assert_eq!(snapshotter_of(root).as_deref(), Some("overlayfs"));
         assert_eq!(
@@ -659,8 +660,6 @@ mod tests {
         assert_eq!(snapshotter_of("/var/lib/containerd"), None);
         assert_eq!(snapshotter_of("/x/io.containerd.snapshotter.v1."), None);
     }
-
-    use super::*;
 
     #[test]
     fn the_sandbox_image_is_read_from_cri_status_info() {

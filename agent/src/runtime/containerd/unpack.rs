@@ -60,8 +60,7 @@ impl LocalStore {
     /// The file of a committed `sha256:` blob; `None` for any other digest.
     pub(super) fn blob_path(&self, digest: &str) -> Option<PathBuf> {
         let hex = digest.strip_prefix("sha256:")?;
-        let ok = hex.len() == 64 && hex.bytes().all(|b| matches!(b, b'0'..=b'9' | b'a'..=b'f'));
-        ok.then(|| self.blobs.join("sha256").join(hex))
+        oci::is_hex64(hex).then(|| self.blobs.join("sha256").join(hex))
     }
 }
 

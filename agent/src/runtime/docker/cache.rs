@@ -117,14 +117,14 @@ impl BlobCache {
         Ok(bytes)
     }
 
-    /// A verified blob's bytes from `offset`, in chunks of [`lade_proto::CHUNK_SIZE`].
+    /// A verified blob's bytes from `offset` (none past its end), by
+    /// [`file_chunks`](crate::runtime::file_chunks).
     pub async fn read_from(
         &self,
         digest: &str,
         offset: u64,
     ) -> Result<futures::stream::BoxStream<'static, Result<bytes::Bytes, Error>>, Error> {
-        use futures::StreamExt;
-        use tokio::io::{AsyncReadExt, AsyncSeekExt};
+        use tokio::io::AsyncSeekExt;
         let path = self.blob_path(digest)?;
         let mut file = match tokio::fs::File::open(&path).await {
             Ok(f) => f,
@@ -135,24 +135,20 @@ impl BlobCache {
             }
             Err(e) => return Err(Error::cache(&path, "open")(e)),
         };
+        let size = file
+            .metadata()
+            .await
+            .map_err(Error::cache(&path, "stat"))?
+            .len();
         file.seek(std::io::SeekFrom::Start(offset))
             .await
             .map_err(Error::cache(&path, "seek"))?;
-        Ok(
-            futures::stream::unfold(Some((file, path)), |state| async move {
-                let (mut file, path) = state?;
-                let mut buf = vec![0u8; lade_proto::CHUNK_SIZE];
-                match file.read(&mut buf).await {
-                    Ok(0) => None,
-                    Ok(n) => {
-                        buf.truncate(n);
-                        Some((Ok(bytes::Bytes::from(buf)), Some((file, path))))
-                    }
-                    Err(e) => Some((Err(Error::cache(&path, "read")(e)), None)),
-                }
-            })
-            .boxed(),
-        )
+        let fail = move |e| Error::cache(&path, "read")(e);
+        Ok(crate::runtime::file_chunks(
+            file.into_std().await,
+            size.saturating_sub(offset),
+            fail,
+        ))
     }
 
     /// Stores blob `digest` of `size` bytes from `chunks`, which start at `offset` (0, or
@@ -426,6 +422,43 @@ mod tests {
             .await
             .unwrap();
         assert!(again.already_present);
+    }
+
+    #[tokio::test]
+    async fn a_peer_reads_a_stored_blob_from_any_offset_and_nothing_else() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let cache = BlobCache::new(dir.path().to_path_buf());
+        let data: Vec<u8> = (0..lade_proto::SERVE_CHUNK_SIZE * 2 + 9)
+            .map(|i| (i % 251) as u8)
+            .collect();
+        let digest = digest_of(&data);
+        cache
+            .write(&digest, data.len() as u64, 0, chunks(&[&data]))
+            .await
+            .unwrap();
+        let read = |offset: u64| {
+            let cache = &cache;
+            let digest = &digest;
+            async move {
+                let mut out = Vec::new();
+                let mut stream = cache.read_from(digest, offset).await?;
+                while let Some(chunk) = stream.next().await {
+                    out.extend_from_slice(&chunk?);
+                }
+                Ok::<_, Error>(out)
+            }
+        };
+        assert!(read(0).await.unwrap() == data);
+        let from = lade_proto::SERVE_CHUNK_SIZE + 3;
+        assert!(read(from as u64).await.unwrap() == data[from..]);
+        assert!(read(data.len() as u64).await.unwrap().is_empty());
+        assert!(read(data.len() as u64 + 1).await.unwrap().is_empty());
+        let absent = digest_of(b"never stored");
+        assert!(matches!(
+            cache.read_from(&absent, 0).await,
+            Err(Error::NotHeld { .. })
+        ));
     }
 
     #[tokio::test]
